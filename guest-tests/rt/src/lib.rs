@@ -1,0 +1,2 @@
+//! EL1 runtime for test guests.
+#![no_std]

@@ -1,0 +1,2 @@
+//! Test runner.
+fn main() {}

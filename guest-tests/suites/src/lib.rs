@@ -1,0 +1,2 @@
+//! Shared helpers for the suites.
+#![no_std]

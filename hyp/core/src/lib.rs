@@ -1,0 +1,7 @@
+//! The portable core of the hypervisor: stage-2 tables, guest image parsing, configuration,
+//! PSCI and hypercall decoding. Nothing here touches hardware; the aarch64 layer in `hyp`
+//! calls into it, and `cargo test` runs it on the host.
+
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
