@@ -3,6 +3,7 @@
 //! Only this module holds inline assembly; everything above it is safe. On a non-aarch64 host
 //! the client is absent, so host tests of other crates never execute an `hvc`.
 
+#[cfg(target_arch = "aarch64")]
 use crate::Regs;
 
 /// Issues the SMCCC fast call `function` with arguments x1-x6 and returns x0-x3.

@@ -1,8 +1,102 @@
-//! stagehand: an EL2 hypervisor booted as QEMU `virt` firmware.
+//! stagehand: an EL2 hypervisor booted as QEMU `virt` firmware (`-bios`). It owns the stage-2
+//! memory attributes of one guest, which it loads through fw_cfg and runs at EL1.
+//!
+//! Boot: `arch::entry` copies the image from flash to RAM; [`boot_cpu_main`] maps the
+//! hypervisor's reserved RAM, turns the MMU on, reads the board from QEMU's device tree, builds
+//! the VM ([`vm`]) and enters it. Traps come back through `arch::vectors` to [`trap`].
+
 #![no_std]
 #![no_main]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+mod arch;
+mod console;
+mod exit;
+mod fw_cfg;
+mod heap;
+mod shim;
+mod trap;
+mod vm;
+
+use arch::mmu::{self, BootTables};
+use core::fmt::Write;
+use hyp_core::layout::HYP_RESERVED;
+use stagehand_platform::board::Board;
+
+/// QEMU places its device tree at the start of RAM when booting firmware; no register points at
+/// it (the `-bios` boot contract of the `virt` machine).
+const QEMU_DTB: u64 = 0x4000_0000;
+
+unsafe extern "C" {
+    static __image_start: u8;
+}
+
+/// The boot CPU's Rust entry, with the MMU off and a stack.
+#[unsafe(no_mangle)]
+extern "C" fn boot_cpu_main(cpu: u64) -> ! {
+    // SAFETY: taking a linker symbol's address reads nothing.
+    let image = unsafe { &__image_start as *const u8 as u64 };
+    // The reserved region is the aligned block the image is linked into: QEMU's DTB, the
+    // image, stacks, boot tables and the heap.
+    let reserved = image & !(HYP_RESERVED - 1);
+    let mut tables = BootTables::new();
+    let Ok(mut map) = mmu::build(&mut tables, &[(reserved, HYP_RESERVED)], &[]) else {
+        exit::system_off();
+    };
+    // SAFETY: the map covers the whole reserved region, which holds all code, data and stacks.
+    unsafe { mmu::enable(&map) };
+    // SAFETY: the heap follows the image inside the reserved region, now mapped write-back.
+    unsafe { heap::init(reserved + HYP_RESERVED) };
+
+    let dtb = dtb_slice(QEMU_DTB);
+    let board = match Board::from_fdt(dtb) {
+        Ok(board) => board,
+        Err(_) => exit::system_off(), // No UART known yet: nothing to print on.
+    };
+    let Some(log_uart) = board.hypervisor_uart().or(board.console_uart()) else {
+        exit::system_off();
+    };
+    if mmu::extend(&mut tables, &mut map, &board, (reserved, HYP_RESERVED)).is_err() {
+        exit::system_off(); // The UART may be unmapped: nothing to print on.
+    }
+    // SAFETY: the UART was just mapped as Device memory and stays mapped.
+    unsafe { console::init(log_uart.region.base, board.hypervisor_uart().is_none()) };
+    // SAFETY: the vector table is part of the image.
+    unsafe { trap::install_vectors() };
+    log::info!("stagehand {} on CPU {cpu}: EL2 MMU on, {} CPUs, RAM {:?}", env!("CARGO_PKG_VERSION"), board.cpus.len(), board.memory);
+
+    match vm::build(&board, cpu as usize) {
+        Ok(boot) => vm::enter_boot_cpu(boot),
+        Err(error) => exit::fatal(format_args!("{error}")),
+    }
+}
+
+/// A secondary CPU's Rust entry, MMU on (set up in assembly from the published configuration).
+#[unsafe(no_mangle)]
+extern "C" fn secondary_cpu_main(cpu: u64) -> ! {
+    // SAFETY: the vector table is part of the image.
+    unsafe { trap::install_vectors() };
+    vm::enter_secondary(cpu as usize)
+}
+
+/// The device tree at `pa`, as long as its header says.
+fn dtb_slice(pa: u64) -> &'static [u8] {
+    // SAFETY: QEMU wrote a device tree here (the `-bios` contract); its header is 40 bytes and
+    // the reserved region is mapped.
+    let header = unsafe { core::slice::from_raw_parts(pa as *const u8, 8) };
+    let total = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    // SAFETY: the blob lies in the first megabytes of the mapped reserved region; a corrupt
+    // size is bounded to 1 MiB, QEMU's allocation.
+    unsafe { core::slice::from_raw_parts(pa as *const u8, total.min(1 << 20)) }
+}
 
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    // No allocation here: the panic may have happened with the heap lock held.
+    let mut line = console::LineBuffer::new();
+    let _ = write!(line, "\n[stagehand FATAL] panic on CPU {:#x}: {info}\n", arch::mpidr() & 0xff_ffff);
+    console::emergency_write(line.as_str());
+    exit::exit(2)
 }

@@ -1,0 +1,6 @@
+//! Passes the firmware linker script to the linker.
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rustc-link-arg=-T{dir}/linker.ld");
+    println!("cargo:rerun-if-changed=linker.ld");
+}

@@ -1,0 +1,169 @@
+//! Decoding of SMCCC calls (HVC #0 or a trapped SMC) into typed requests. Guest integers
+//! become a [`Call`] here, once; handlers never see raw register values.
+
+use smccc::arch::{SMCCC_ARCH_FEATURES, SMCCC_VERSION};
+use smccc::psci::*;
+use stagehand_abi::function;
+
+/// A decoded call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Call {
+    /// SMCCC_VERSION.
+    SmcccVersion,
+    /// SMCCC_ARCH_FEATURES for one function ID.
+    SmcccArchFeatures {
+        /// The function asked about.
+        function: u32,
+    },
+    /// PSCI_VERSION.
+    PsciVersion,
+    /// PSCI_FEATURES for one function ID.
+    PsciFeatures {
+        /// The function asked about.
+        function: u32,
+    },
+    /// CPU_SUSPEND (32 or 64-bit): treated as a standby that returns at once.
+    CpuSuspend,
+    /// CPU_OFF.
+    CpuOff,
+    /// CPU_ON (32 or 64-bit).
+    CpuOn {
+        /// MPIDR of the CPU to start.
+        target: u64,
+        /// IPA where it starts.
+        entry: u64,
+        /// Value it receives in x0.
+        context: u64,
+    },
+    /// AFFINITY_INFO (32 or 64-bit).
+    AffinityInfo {
+        /// MPIDR asked about.
+        target: u64,
+        /// Affinity level (only 0 is supported).
+        level: u64,
+    },
+    /// MIGRATE_INFO_TYPE.
+    MigrateInfoType,
+    /// SYSTEM_OFF.
+    SystemOff,
+    /// SYSTEM_RESET.
+    SystemReset,
+    /// CALL_UID of the vendor hypervisor service.
+    CallUid,
+    /// REVISION of the vendor hypervisor service.
+    Revision,
+    /// FEATURES of this ABI.
+    Features,
+    /// A function of this ABI that this build does not implement yet.
+    Unimplemented(u32),
+    /// Anything else.
+    Unknown(u32),
+}
+
+/// PSCI functions this hypervisor implements (PSCI_FEATURES answers SUCCESS for these).
+pub const PSCI_IMPLEMENTED: [u32; 12] = [
+    PSCI_VERSION,
+    PSCI_CPU_SUSPEND_32,
+    PSCI_CPU_SUSPEND_64,
+    PSCI_CPU_OFF,
+    PSCI_CPU_ON_32,
+    PSCI_CPU_ON_64,
+    PSCI_AFFINITY_INFO_32,
+    PSCI_AFFINITY_INFO_64,
+    PSCI_MIGRATE_INFO_TYPE,
+    PSCI_SYSTEM_OFF,
+    PSCI_SYSTEM_RESET,
+    PSCI_FEATURES,
+];
+
+/// Decodes the function ID in w0 and the arguments in x1-x6. SMC32/HVC32 calls take 32-bit
+/// arguments, so their upper halves are ignored, as SMCCC requires.
+pub fn decode(x0: u64, args: &[u64; 6]) -> Call {
+    let id = x0 as u32;
+    let narrow = |v: u64| v & 0xffff_ffff;
+    match id {
+        SMCCC_VERSION => Call::SmcccVersion,
+        SMCCC_ARCH_FEATURES => Call::SmcccArchFeatures { function: args[0] as u32 },
+        PSCI_VERSION => Call::PsciVersion,
+        PSCI_FEATURES => Call::PsciFeatures { function: args[0] as u32 },
+        PSCI_CPU_SUSPEND_32 | PSCI_CPU_SUSPEND_64 => Call::CpuSuspend,
+        PSCI_CPU_OFF => Call::CpuOff,
+        PSCI_CPU_ON_64 => Call::CpuOn { target: args[0], entry: args[1], context: args[2] },
+        PSCI_CPU_ON_32 => Call::CpuOn {
+            target: narrow(args[0]),
+            entry: narrow(args[1]),
+            context: narrow(args[2]),
+        },
+        PSCI_AFFINITY_INFO_64 => Call::AffinityInfo { target: args[0], level: args[1] },
+        PSCI_AFFINITY_INFO_32 => Call::AffinityInfo { target: narrow(args[0]), level: narrow(args[1]) },
+        PSCI_MIGRATE_INFO_TYPE => Call::MigrateInfoType,
+        PSCI_SYSTEM_OFF => Call::SystemOff,
+        PSCI_SYSTEM_RESET => Call::SystemReset,
+        function::CALL_UID => Call::CallUid,
+        function::REVISION => Call::Revision,
+        function::FEATURES => Call::Features,
+        function::MEM_SET_ATTR
+        | function::MEM_GET_ATTR
+        | function::MEM_QUERY_VA
+        | function::CACHE_OP
+        | function::CACHE_OP_BATCH
+        | function::DEV_INFO
+        | function::DMA_MAP
+        | function::DMA_UNMAP
+        | function::DMA_SYNC
+        | function::AUDIT_READ
+        | function::AUDIT_MARK => Call::Unimplemented(id),
+        other => Call::Unknown(other),
+    }
+}
+
+/// SMCCC_ARCH_FEATURES: which architecture calls exist (0) and which do not (-1).
+pub fn arch_feature(function: u32) -> i64 {
+    match function {
+        SMCCC_VERSION | SMCCC_ARCH_FEATURES => 0,
+        _ => -1,
+    }
+}
+
+/// PSCI_FEATURES: 0 for an implemented function (no optional feature flags), -1 otherwise.
+pub fn psci_feature(function: u32) -> i64 {
+    if PSCI_IMPLEMENTED.contains(&function) {
+        0
+    } else {
+        -1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_psci_with_32_bit_arguments_narrowed() {
+        let args = [0xffff_0000_0000_0001, 0xffff_0000_4008_0000, 7, 0, 0, 0];
+        assert_eq!(
+            decode(PSCI_CPU_ON_32 as u64, &args),
+            Call::CpuOn { target: 1, entry: 0x4008_0000, context: 7 }
+        );
+        assert_eq!(
+            decode(PSCI_CPU_ON_64 as u64, &args),
+            Call::CpuOn { target: args[0], entry: args[1], context: 7 }
+        );
+    }
+
+    #[test]
+    fn function_id_is_w0_only() {
+        assert_eq!(decode(0xdead_beef_0000_0000 | PSCI_VERSION as u64, &[0; 6]), Call::PsciVersion);
+    }
+
+    #[test]
+    fn abi_calls_and_unknown_ids() {
+        assert_eq!(decode(function::CALL_UID as u64, &[0; 6]), Call::CallUid);
+        assert_eq!(decode(function::DMA_MAP as u64, &[0; 6]), Call::Unimplemented(function::DMA_MAP));
+        assert_eq!(decode(0xC600_0FFF, &[0; 6]), Call::Unknown(0xC600_0FFF));
+        assert_eq!(psci_feature(PSCI_CPU_ON_64), 0);
+        assert_eq!(psci_feature(PSCI_SYSTEM_RESET2_64), -1);
+        assert_eq!(arch_feature(SMCCC_VERSION), 0);
+        assert_eq!(arch_feature(0x8000_8000), -1);
+    }
+}

@@ -1,0 +1,525 @@
+//! Translation tables with a 4 KiB granule: one walker for the guest's stage 2 and for the
+//! hypervisor's own EL2 stage-1 map. The two differ only in how a leaf descriptor encodes
+//! memory type and permissions, which a [`Format`] supplies.
+//!
+//! Tables live in memory the caller provides through [`TableMemory`]; on the target that is
+//! identity-mapped RAM, in host tests a vector. Building a table never needs TLB maintenance:
+//! the tables built here are not live yet. Edits of live tables (break-before-make) belong to
+//! the stage-2 engine, which drives the barriers and TLBIs through the arch layer.
+
+use core::fmt;
+
+/// Entries per table.
+pub const ENTRIES: usize = 512;
+/// One translation table.
+pub type Table = [u64; ENTRIES];
+/// Size of the smallest mapping, and of a table.
+pub const PAGE_SIZE: u64 = 4096;
+
+const VALID: u64 = 1 << 0;
+const TABLE_OR_PAGE: u64 = 1 << 1;
+/// Output-address bits of a descriptor (bits 47:12).
+const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
+
+/// Memory the tables are built in.
+pub trait TableMemory {
+    /// Allocates a zeroed, 4 KiB-aligned table and returns its physical address, or `None`
+    /// when no memory is left.
+    fn allocate(&mut self) -> Option<u64>;
+    /// The table at physical address `pa` (one returned by `allocate`).
+    fn table(&mut self, pa: u64) -> &mut Table;
+}
+
+/// What a mapping is: the memory type every access through it gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryType {
+    /// Normal memory, inner and outer write-back, inner shareable.
+    NormalWriteBack,
+    /// Normal memory, non-cacheable.
+    NormalNonCacheable,
+    /// Device-nGnRE memory (MMIO).
+    Device,
+}
+
+/// Access rights of a mapping (reads are always allowed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Permissions {
+    /// Writes allowed.
+    pub write: bool,
+    /// Instruction fetches allowed.
+    pub execute: bool,
+}
+
+impl Permissions {
+    /// Read, write and execute: guest RAM, the hypervisor's own image.
+    pub const RWX: Permissions = Permissions { write: true, execute: true };
+    /// Read and write, never execute: MMIO and data.
+    pub const RW: Permissions = Permissions { write: true, execute: false };
+}
+
+/// How a translation regime encodes a leaf descriptor.
+pub trait Format {
+    /// The leaf (block or page) descriptor mapping `pa` at `level`, without the valid and
+    /// type bits, which the walker adds.
+    fn leaf_attributes(&self, memory: MemoryType, permissions: Permissions) -> u64;
+    /// Decodes the memory type and permissions of a leaf descriptor; `None` for an
+    /// encoding this format never writes.
+    fn decode(&self, descriptor: u64) -> Option<(MemoryType, Permissions)>;
+}
+
+/// Why a mapping could not be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapError {
+    /// No memory was left for another table.
+    OutOfTableMemory,
+    /// Part of the range is already mapped; nothing is ever silently replaced.
+    AlreadyMapped {
+        /// First input address found mapped.
+        address: u64,
+    },
+    /// Input address, output address or size is not 4 KiB-aligned.
+    Misaligned,
+    /// The range wraps or exceeds the input-address size of the table.
+    OutOfRange,
+}
+
+impl fmt::Display for MapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MapError::OutOfTableMemory => write!(f, "out of memory for translation tables"),
+            MapError::AlreadyMapped { address } => write!(f, "address {address:#x} is already mapped"),
+            MapError::Misaligned => write!(f, "range is not 4 KiB-aligned"),
+            MapError::OutOfRange => write!(f, "range exceeds the input-address size"),
+        }
+    }
+}
+
+/// Where one input address leads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Output address of the input address looked up.
+    pub output: u64,
+    /// Level of the leaf descriptor (1 = 1 GiB block, 2 = 2 MiB block, 3 = page).
+    pub level: usize,
+    /// The leaf descriptor itself.
+    pub descriptor: u64,
+}
+
+/// Number of input-address bits one entry at `level` covers.
+pub const fn level_shift(level: usize) -> u32 {
+    12 + 9 * (3 - level as u32)
+}
+
+/// Bytes one entry at `level` maps.
+pub const fn level_size(level: usize) -> u64 {
+    1 << level_shift(level)
+}
+
+fn index(address: u64, level: usize) -> usize {
+    ((address >> level_shift(level)) as usize) & (ENTRIES - 1)
+}
+
+/// A translation table tree: its root and the shape of its input-address space.
+pub struct PageTable<F: Format> {
+    root: u64,
+    start_level: usize,
+    input_bits: u32,
+    format: F,
+}
+
+impl<F: Format> PageTable<F> {
+    /// Creates an empty tree whose walk starts at `start_level` (0-2) over `input_bits` bits of
+    /// input address.
+    ///
+    /// # Errors
+    /// [`MapError::OutOfTableMemory`] when no root table can be allocated.
+    pub fn new(
+        memory: &mut impl TableMemory,
+        format: F,
+        start_level: usize,
+        input_bits: u32,
+    ) -> Result<Self, MapError> {
+        debug_assert!(start_level <= 2);
+        debug_assert!(input_bits <= level_shift(start_level) + 9);
+        let root = memory.allocate().ok_or(MapError::OutOfTableMemory)?;
+        Ok(Self { root, start_level, input_bits, format })
+    }
+
+    /// Physical address of the root table (for TTBR/VTTBR).
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// The descriptor format.
+    pub fn format(&self) -> &F {
+        &self.format
+    }
+
+    /// Maps `[input, input + size)` to `[output, output + size)` with the largest blocks that
+    /// alignment allows (1 GiB, 2 MiB, else 4 KiB pages).
+    ///
+    /// # Errors
+    /// A [`MapError`]; on error the mappings made before the failing address stay in place
+    /// (the tables are not live yet, so the caller drops the whole tree).
+    pub fn map(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        output: u64,
+        size: u64,
+        memory_type: MemoryType,
+        permissions: Permissions,
+    ) -> Result<(), MapError> {
+        if input % PAGE_SIZE != 0 || output % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+            return Err(MapError::Misaligned);
+        }
+        let end = input.checked_add(size).ok_or(MapError::OutOfRange)?;
+        output.checked_add(size).ok_or(MapError::OutOfRange)?;
+        if end > 1u64 << self.input_bits || output.checked_add(size).map_or(true, |e| e > ADDRESS_MASK + PAGE_SIZE) {
+            return Err(MapError::OutOfRange);
+        }
+        let attributes = self.format.leaf_attributes(memory_type, permissions);
+        let mut at = input;
+        while at < end {
+            let out = output + (at - input);
+            let level = (1..=3)
+                .find(|&level| {
+                    let block = level_size(level);
+                    level >= self.start_level.max(1)
+                        && at % block == 0
+                        && out % block == 0
+                        && end - at >= block
+                })
+                .unwrap_or(3);
+            self.set_leaf(memory, at, out, level, attributes)?;
+            at += level_size(level);
+        }
+        Ok(())
+    }
+
+    fn set_leaf(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        output: u64,
+        leaf_level: usize,
+        attributes: u64,
+    ) -> Result<(), MapError> {
+        let mut table = self.root;
+        for level in self.start_level..leaf_level {
+            let slot = index(input, level);
+            let entry = memory.table(table)[slot];
+            table = if entry & VALID == 0 {
+                let next = memory.allocate().ok_or(MapError::OutOfTableMemory)?;
+                memory.table(table)[slot] = next | TABLE_OR_PAGE | VALID;
+                next
+            } else if entry & TABLE_OR_PAGE == 0 {
+                return Err(MapError::AlreadyMapped { address: input });
+            } else {
+                entry & ADDRESS_MASK
+            };
+        }
+        let slot = index(input, leaf_level);
+        let entry = &mut memory.table(table)[slot];
+        if *entry & VALID != 0 {
+            return Err(MapError::AlreadyMapped { address: input });
+        }
+        let page_bit = if leaf_level == 3 { TABLE_OR_PAGE } else { 0 };
+        *entry = output | attributes | page_bit | VALID;
+        Ok(())
+    }
+
+    /// Looks up one input address.
+    pub fn translate(&self, memory: &mut impl TableMemory, input: u64) -> Option<Translation> {
+        if input >= 1u64 << self.input_bits {
+            return None;
+        }
+        let mut table = self.root;
+        for level in self.start_level..=3 {
+            let entry = memory.table(table)[index(input, level)];
+            if entry & VALID == 0 {
+                return None;
+            }
+            let is_table = level < 3 && entry & TABLE_OR_PAGE != 0;
+            if !is_table {
+                let offset = input & (level_size(level) - 1);
+                return Some(Translation {
+                    output: (entry & ADDRESS_MASK & !(level_size(level) - 1)) + offset,
+                    level,
+                    descriptor: entry,
+                });
+            }
+            table = entry & ADDRESS_MASK;
+        }
+        None
+    }
+
+    /// Calls `visit(input, output, size, descriptor)` for every leaf, in input-address order.
+    pub fn for_each_leaf(
+        &self,
+        memory: &mut impl TableMemory,
+        visit: &mut impl FnMut(u64, u64, u64, u64),
+    ) {
+        self.walk(memory, self.root, self.start_level, 0, visit);
+    }
+
+    fn walk(
+        &self,
+        memory: &mut impl TableMemory,
+        table: u64,
+        level: usize,
+        base: u64,
+        visit: &mut impl FnMut(u64, u64, u64, u64),
+    ) {
+        let entries = if level == self.start_level {
+            1usize << (self.input_bits - level_shift(level)).min(9)
+        } else {
+            ENTRIES
+        };
+        for slot in 0..entries {
+            let entry = memory.table(table)[slot];
+            if entry & VALID == 0 {
+                continue;
+            }
+            let input = base + (slot as u64) * level_size(level);
+            if level < 3 && entry & TABLE_OR_PAGE != 0 {
+                self.walk(memory, entry & ADDRESS_MASK, level + 1, input, visit);
+            } else {
+                visit(input, entry & ADDRESS_MASK, level_size(level), entry);
+            }
+        }
+    }
+}
+
+/// Stage-2 descriptors (guest IPA to PA), with or without FEAT_S2FWB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stage2 {
+    /// HCR_EL2.FWB is set: MemAttr uses the forced-write-back encodings.
+    pub fwb: bool,
+}
+
+impl Stage2 {
+    /// MemAttr[3:0] (descriptor bits 5:2) for a memory type. With FWB, 0b0110 forces
+    /// write-back whatever stage 1 says; without it, 0b1111 is Normal WB (and would mean
+    /// Device-nGnRnE under FWB, hence two tables).
+    pub const fn mem_attr(&self, memory: MemoryType) -> u64 {
+        match (memory, self.fwb) {
+            (MemoryType::NormalWriteBack, true) => 0b0110,
+            (MemoryType::NormalWriteBack, false) => 0b1111,
+            (MemoryType::NormalNonCacheable, _) => 0b0101,
+            (MemoryType::Device, _) => 0b0001,
+        }
+    }
+}
+
+const S2AP_READ: u64 = 1 << 6;
+const S2AP_WRITE: u64 = 1 << 7;
+const SH_INNER: u64 = 0b11 << 8;
+const ACCESS_FLAG: u64 = 1 << 10;
+const S2_XN: u64 = 0b10 << 53;
+const EL2_AP_READ_ONLY: u64 = 1 << 7;
+const EL2_XN: u64 = 1 << 54;
+
+impl Format for Stage2 {
+    fn leaf_attributes(&self, memory: MemoryType, permissions: Permissions) -> u64 {
+        let shareability = if memory == MemoryType::Device { 0 } else { SH_INNER };
+        let write = if permissions.write { S2AP_WRITE } else { 0 };
+        let execute = if permissions.execute && memory != MemoryType::Device { 0 } else { S2_XN };
+        self.mem_attr(memory) << 2 | S2AP_READ | write | shareability | ACCESS_FLAG | execute
+    }
+
+    fn decode(&self, descriptor: u64) -> Option<(MemoryType, Permissions)> {
+        let attr = (descriptor >> 2) & 0xf;
+        let memory = [MemoryType::NormalWriteBack, MemoryType::NormalNonCacheable, MemoryType::Device]
+            .into_iter()
+            .find(|&m| self.mem_attr(m) == attr)?;
+        Some((
+            memory,
+            Permissions {
+                write: descriptor & S2AP_WRITE != 0,
+                execute: descriptor & S2_XN == 0,
+            },
+        ))
+    }
+}
+
+/// The hypervisor's own EL2 stage-1 descriptors. MAIR_EL2 must hold [`El2::MAIR`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct El2;
+
+impl El2 {
+    /// MAIR_EL2: index 0 Device-nGnRE, 1 Normal WB read/write-allocate, 2 Normal NC.
+    pub const MAIR: u64 = 0x04 | 0xff << 8 | 0x44 << 16;
+
+    const fn attr_index(memory: MemoryType) -> u64 {
+        match memory {
+            MemoryType::Device => 0,
+            MemoryType::NormalWriteBack => 1,
+            MemoryType::NormalNonCacheable => 2,
+        }
+    }
+}
+
+impl Format for El2 {
+    fn leaf_attributes(&self, memory: MemoryType, permissions: Permissions) -> u64 {
+        let shareability = if memory == MemoryType::Device { 0 } else { SH_INNER };
+        let read_only = if permissions.write { 0 } else { EL2_AP_READ_ONLY };
+        let execute = if permissions.execute && memory != MemoryType::Device { 0 } else { EL2_XN };
+        Self::attr_index(memory) << 2 | read_only | shareability | ACCESS_FLAG | execute
+    }
+
+    fn decode(&self, descriptor: u64) -> Option<(MemoryType, Permissions)> {
+        let memory = match (descriptor >> 2) & 0b111 {
+            0 => MemoryType::Device,
+            1 => MemoryType::NormalWriteBack,
+            2 => MemoryType::NormalNonCacheable,
+            _ => return None,
+        };
+        Some((
+            memory,
+            Permissions {
+                write: descriptor & EL2_AP_READ_ONLY == 0,
+                execute: descriptor & EL2_XN == 0,
+            },
+        ))
+    }
+}
+
+/// Table memory backed by a vector, for host tests; physical addresses are fake but aligned.
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use alloc::vec::Vec;
+
+    pub struct VecMemory {
+        pub tables: Vec<Table>,
+        pub limit: usize,
+    }
+
+    pub const BASE: u64 = 0x8000_0000;
+
+    impl VecMemory {
+        pub fn new(limit: usize) -> Self {
+            Self { tables: Vec::new(), limit }
+        }
+    }
+
+    impl TableMemory for VecMemory {
+        fn allocate(&mut self) -> Option<u64> {
+            if self.tables.len() >= self.limit {
+                return None;
+            }
+            self.tables.push([0; ENTRIES]);
+            Some(BASE + (self.tables.len() as u64 - 1) * PAGE_SIZE)
+        }
+        fn table(&mut self, pa: u64) -> &mut Table {
+            &mut self.tables[((pa - BASE) / PAGE_SIZE) as usize]
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::VecMemory;
+    use super::*;
+    use alloc::vec::Vec;
+
+    const GIB: u64 = 1 << 30;
+    const MIB2: u64 = 2 << 20;
+
+    fn stage2(fwb: bool, memory: &mut VecMemory) -> PageTable<Stage2> {
+        PageTable::new(memory, Stage2 { fwb }, 0, 44).unwrap()
+    }
+
+    #[test]
+    fn aligned_ram_uses_2mib_blocks_and_offsets_output() {
+        let mut mem = VecMemory::new(64);
+        let mut s2 = stage2(true, &mut mem);
+        s2.map(&mut mem, 0x4000_0000, 0x4400_0000, 64 << 20, MemoryType::NormalWriteBack, Permissions::RWX)
+            .unwrap();
+        let t = s2.translate(&mut mem, 0x4000_1234).unwrap();
+        assert_eq!(t.output, 0x4400_1234);
+        assert_eq!(t.level, 2);
+        assert_eq!(s2.translate(&mut mem, 0x4400_0000), None, "end of range is unmapped");
+        assert_eq!(s2.translate(&mut mem, 0x3fff_f000), None);
+        let mut leaves = Vec::new();
+        s2.for_each_leaf(&mut mem, &mut |i, o, s, _| leaves.push((i, o, s)));
+        assert_eq!(leaves.len(), 32);
+        assert!(leaves.iter().all(|&(_, _, s)| s == MIB2));
+    }
+
+    #[test]
+    fn gib_aligned_ranges_use_1gib_blocks_and_ragged_edges_use_pages() {
+        let mut mem = VecMemory::new(64);
+        let mut s2 = stage2(false, &mut mem);
+        s2.map(&mut mem, 0x80_0000_0000, 0x80_0000_0000, 2 * GIB, MemoryType::Device, Permissions::RW).unwrap();
+        assert_eq!(s2.translate(&mut mem, 0x80_4000_0000).unwrap().level, 1);
+        s2.map(&mut mem, 0x0900_0000, 0x0900_0000, 0x1000, MemoryType::Device, Permissions::RW).unwrap();
+        assert_eq!(s2.translate(&mut mem, 0x0900_0fff).unwrap().level, 3);
+        s2.map(&mut mem, 0x4000_1000, 0x5000_1000, MIB2 + 0x1000, MemoryType::NormalWriteBack, Permissions::RWX)
+            .unwrap();
+        assert_eq!(s2.translate(&mut mem, 0x4000_1000).unwrap().level, 3);
+    }
+
+    #[test]
+    fn refuses_overlap_misalignment_and_out_of_range() {
+        let mut mem = VecMemory::new(64);
+        let mut s2 = stage2(true, &mut mem);
+        s2.map(&mut mem, 0x4000_0000, 0x4000_0000, MIB2, MemoryType::NormalWriteBack, Permissions::RWX).unwrap();
+        assert_eq!(
+            s2.map(&mut mem, 0x4010_0000, 0x0, 0x1000, MemoryType::Device, Permissions::RW),
+            Err(MapError::AlreadyMapped { address: 0x4010_0000 })
+        );
+        assert_eq!(
+            s2.map(&mut mem, 0x123, 0, 0x1000, MemoryType::Device, Permissions::RW),
+            Err(MapError::Misaligned)
+        );
+        assert_eq!(
+            s2.map(&mut mem, (1 << 44) - 0x1000, 0, 0x2000, MemoryType::Device, Permissions::RW),
+            Err(MapError::OutOfRange)
+        );
+        assert_eq!(
+            s2.map(&mut mem, u64::MAX - 0xfff, 0, 0x2000, MemoryType::Device, Permissions::RW),
+            Err(MapError::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn running_out_of_table_memory_is_an_error() {
+        let mut mem = VecMemory::new(2);
+        let mut s2 = stage2(true, &mut mem);
+        assert_eq!(
+            s2.map(&mut mem, 0, 0, 0x1000, MemoryType::Device, Permissions::RW),
+            Err(MapError::OutOfTableMemory)
+        );
+    }
+
+    #[test]
+    fn stage2_encodings_differ_with_and_without_fwb() {
+        let fwb = Stage2 { fwb: true };
+        let plain = Stage2 { fwb: false };
+        let wb_fwb = fwb.leaf_attributes(MemoryType::NormalWriteBack, Permissions::RWX);
+        let wb = plain.leaf_attributes(MemoryType::NormalWriteBack, Permissions::RWX);
+        assert_eq!((wb_fwb >> 2) & 0xf, 0b0110);
+        assert_eq!((wb >> 2) & 0xf, 0b1111);
+        assert_eq!((plain.leaf_attributes(MemoryType::NormalNonCacheable, Permissions::RWX) >> 2) & 0xf, 0b0101);
+        for format in [fwb, plain] {
+            for memory in [MemoryType::NormalWriteBack, MemoryType::NormalNonCacheable, MemoryType::Device] {
+                let d = format.leaf_attributes(memory, Permissions::RW);
+                assert_eq!(format.decode(d), Some((memory, Permissions::RW)));
+                assert_ne!(d & ACCESS_FLAG, 0, "QEMU's SMMU has no hardware AF update");
+            }
+        }
+        let device = plain.leaf_attributes(MemoryType::Device, Permissions::RWX);
+        assert_eq!(device & S2_XN, S2_XN, "device memory is never executable");
+    }
+
+    #[test]
+    fn el2_descriptors_match_mair() {
+        assert_eq!((El2::MAIR >> 8) & 0xff, 0xff);
+        let d = El2.leaf_attributes(MemoryType::NormalWriteBack, Permissions::RWX);
+        assert_eq!(El2.decode(d), Some((MemoryType::NormalWriteBack, Permissions::RWX)));
+        let dev = El2.leaf_attributes(MemoryType::Device, Permissions::RW);
+        assert_ne!(dev & EL2_XN, 0);
+    }
+}

@@ -1,0 +1,193 @@
+//! The hypervisor's own EL2 stage-1 map (identity: VA == PA): RAM as Normal write-back, the
+//! MMIO it drives as Device, nothing else (flash is never mapped). Built by the boot CPU with
+//! the MMU off in tables the linker script reserves, then shared by every CPU.
+
+use super::{dsb_sy, invalidate_range, isb};
+use core::arch::asm;
+use core::sync::atomic::{AtomicU64, Ordering};
+use hyp_core::pagetable::{El2, MapError, MemoryType, PageTable, Permissions, Table, TableMemory, PAGE_SIZE};
+
+/// EL2 virtual-address bits (T0SZ = 16): a level-0 walk covering every PA QEMU virt uses.
+const VA_BITS: u32 = 48;
+
+/// SCTLR_EL2 (non-VHE): RES1 bits, then M (MMU), C (data cache), SA (stack alignment check),
+/// I (instruction cache).
+const SCTLR_EL2_RES1: u64 = 0x30c5_0830;
+const SCTLR_EL2_ON: u64 = SCTLR_EL2_RES1 | 1 << 0 | 1 << 2 | 1 << 3 | 1 << 12;
+
+/// MAIR, TCR, TTBR0 and SCTLR for EL2, published for secondary CPUs, which load them in
+/// assembly with their MMU still off (so the boot CPU cleans them to the point of coherency).
+#[unsafe(no_mangle)]
+static SECONDARY_MMU: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// Table memory between two linker symbols, handed out front to back. Used before the MMU (and
+/// hence the heap) is on.
+pub struct BootTables {
+    next: u64,
+    end: u64,
+}
+
+unsafe extern "C" {
+    static __boot_tables_start: u8;
+    static __boot_tables_end: u8;
+    static __image_start: u8;
+    static __heap_start: u8;
+}
+
+/// Address of a linker symbol.
+fn symbol(s: &u8) -> u64 {
+    s as *const u8 as u64
+}
+
+impl BootTables {
+    /// The region the linker script reserves.
+    pub fn new() -> Self {
+        // SAFETY: taking the address of a linker symbol does not read it.
+        let (start, end) = unsafe { (symbol(&__boot_tables_start), symbol(&__boot_tables_end)) };
+        Self { next: start, end }
+    }
+}
+
+impl TableMemory for BootTables {
+    fn allocate(&mut self) -> Option<u64> {
+        if self.next >= self.end {
+            return None;
+        }
+        let pa = self.next;
+        self.next += PAGE_SIZE;
+        self.table(pa).fill(0);
+        Some(pa)
+    }
+
+    fn table(&mut self, pa: u64) -> &mut Table {
+        // SAFETY: `pa` was handed out by `allocate` from the linker-reserved region, which only
+        // this allocator uses; VA == PA with the MMU off and under the identity map.
+        unsafe { &mut *(pa as *mut Table) }
+    }
+}
+
+/// Table memory from the heap (after the MMU is on). Tables are never freed.
+pub struct HeapTables;
+
+impl TableMemory for HeapTables {
+    fn allocate(&mut self) -> Option<u64> {
+        let layout = core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(ptr as u64)
+    }
+
+    fn table(&mut self, pa: u64) -> &mut Table {
+        // SAFETY: `pa` came from `allocate` (a live, never-freed heap block of table size) and the
+        // hypervisor's map is the identity.
+        unsafe { &mut *(pa as *mut Table) }
+    }
+}
+
+/// Builds the EL2 map: `ram` banks write-back and executable, `mmio` regions Device.
+///
+/// # Errors
+/// A [`MapError`] when the boot tables run out or regions overlap.
+pub fn build(tables: &mut BootTables, ram: &[(u64, u64)], mmio: &[(u64, u64)]) -> Result<PageTable<El2>, MapError> {
+    let mut map = PageTable::new(tables, El2, 0, VA_BITS)?;
+    for &(base, size) in ram {
+        map.map(tables, base, base, size, MemoryType::NormalWriteBack, Permissions::RWX)?;
+    }
+    for &(base, size) in mmio {
+        let start = base & !(PAGE_SIZE - 1);
+        let end = (base + size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+        map.map(tables, start, start, end - start, MemoryType::Device, Permissions::RW)?;
+    }
+    Ok(map)
+}
+
+/// Turns on the EL2 MMU and caches with `map` on this (the boot) CPU, and publishes the
+/// configuration for secondary CPUs.
+///
+/// # Safety
+/// `map` must identity-map all code, data and stacks of the hypervisor, and the MMU must be off.
+pub unsafe fn enable(map: &PageTable<El2>) {
+    let parange = {
+        let v: u64;
+        // SAFETY: reading an ID register has no side effects.
+        unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
+        (v & 0xf).min(5)
+    };
+    let tcr = (64 - VA_BITS as u64) | 1 << 8 | 1 << 10 | 3 << 12 | parange << 16 | 1 << 23 | 1 << 31;
+    let values = [El2::MAIR, tcr, map.root(), SCTLR_EL2_ON];
+    for (slot, value) in SECONDARY_MMU.iter().zip(values) {
+        slot.store(value, Ordering::Relaxed);
+    }
+    // Everything written so far went to memory uncached; drop whatever stale lines the caches
+    // may hold for the hypervisor's RAM before they start being used.
+    // SAFETY: linker symbols; the range is the hypervisor's own image, tables and stacks.
+    let (start, end) = unsafe { (symbol(&__image_start), symbol(&__heap_start)) };
+    invalidate_range(start, end - start);
+    // SAFETY: the map covers the hypervisor (caller's contract); the sequence is the
+    // architectural one: registers, ISB, local TLB invalidate, DSB, ISB, then SCTLR.
+    unsafe {
+        asm!(
+            "msr mair_el2, {mair}",
+            "msr tcr_el2, {tcr}",
+            "msr ttbr0_el2, {ttbr}",
+            "isb",
+            "tlbi alle2",
+            "dsb nsh",
+            "isb",
+            "msr sctlr_el2, {sctlr}",
+            "isb",
+            mair = in(reg) values[0],
+            tcr = in(reg) values[1],
+            ttbr = in(reg) values[2],
+            sctlr = in(reg) values[3],
+            options(nostack),
+        );
+    }
+    // Secondary CPUs read the configuration with their MMU off.
+    let config = SECONDARY_MMU.as_ptr() as u64;
+    super::clean_range(config, core::mem::size_of_val(&SECONDARY_MMU) as u64);
+    dsb_sy();
+    isb();
+}
+
+/// Adds the rest of the board to the live EL2 map: every RAM bank outside `reserved` (already
+/// mapped) and the MMIO the hypervisor drives. Only invalid entries are filled, which needs no
+/// break-before-make and no TLB invalidation (translation faults are never cached), just a
+/// barrier before the first use.
+///
+/// # Errors
+/// A [`MapError`] when the boot tables run out.
+pub fn extend(
+    tables: &mut BootTables,
+    map: &mut PageTable<El2>,
+    board: &stagehand_platform::board::Board,
+    reserved: (u64, u64),
+) -> Result<(), MapError> {
+    let (reserved_start, reserved_size) = reserved;
+    let reserved_end = reserved_start + reserved_size;
+    for bank in &board.memory {
+        let (start, end) = (bank.base, bank.base + bank.size);
+        // The parts of the bank below and above the reserved region.
+        for (from, to) in [(start, end.min(reserved_start)), (start.max(reserved_end), end)] {
+            let (from, to) = (from.next_multiple_of(PAGE_SIZE), to & !(PAGE_SIZE - 1));
+            if from < to {
+                map.map(tables, from, from, to - from, MemoryType::NormalWriteBack, Permissions::RWX)?;
+            }
+        }
+    }
+    let mut mmio: alloc::vec::Vec<(u64, u64)> = board.uarts.iter().map(|u| (u.region.base, u.region.size)).collect();
+    if let Some(gic) = &board.gic {
+        mmio.push((gic.distributor.base, gic.distributor.size));
+        mmio.extend(gic.redistributors.iter().map(|r| (r.base, r.size)));
+    }
+    mmio.extend(board.fw_cfg.iter().chain(board.smmu.iter()).map(|r| (r.base, r.size)));
+    mmio.extend(board.pcie.iter().map(|p| (p.ecam.base, p.ecam.size)));
+    for (base, size) in mmio {
+        let start = base & !(PAGE_SIZE - 1);
+        let end = (base + size).next_multiple_of(PAGE_SIZE);
+        map.map(tables, start, start, end - start, MemoryType::Device, Permissions::RW)?;
+    }
+    super::dsb_ish();
+    isb();
+    Ok(())
+}

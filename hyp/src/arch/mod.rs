@@ -1,0 +1,158 @@
+//! The thin aarch64 layer: entry code, vectors, the EL2 MMU, and one-instruction wrappers for
+//! barriers, cache and TLB maintenance. Everything here is `unsafe` at its core and small.
+
+pub mod entry;
+pub mod mmu;
+pub mod vectors;
+
+use core::arch::asm;
+
+/// `DSB SY`: all earlier memory accesses and maintenance complete.
+pub fn dsb_sy() {
+    // SAFETY: a barrier has no memory-safety effect.
+    unsafe { asm!("dsb sy", options(nostack, preserves_flags)) };
+}
+
+/// `DSB ISH`: earlier accesses and maintenance complete in the inner-shareable domain.
+pub fn dsb_ish() {
+    // SAFETY: a barrier has no memory-safety effect.
+    unsafe { asm!("dsb ish", options(nostack, preserves_flags)) };
+}
+
+/// `ISB`: later instructions see earlier system-register writes.
+pub fn isb() {
+    // SAFETY: a barrier has no memory-safety effect.
+    unsafe { asm!("isb", options(nostack, preserves_flags)) };
+}
+
+/// The smallest data-cache line, in bytes, from CTR_EL0.DminLine.
+pub fn dcache_line_size() -> u64 {
+    let ctr: u64;
+    // SAFETY: reading CTR_EL0 has no side effects.
+    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
+    4 << ((ctr >> 16) & 0xf)
+}
+
+/// Cleans and invalidates `[start, start + len)` to the point of coherency, by VA, then waits
+/// for completion (`DSB SY`). Used on images the guest will read with its MMU off.
+pub fn clean_invalidate_range(start: u64, len: u64) {
+    let line = dcache_line_size();
+    let mut va = start & !(line - 1);
+    while va < start + len {
+        // SAFETY: DC CIVAC on a mapped address writes back and drops a cache line; it does not
+        // change memory contents as seen by any observer.
+        unsafe { asm!("dc civac, {}", in(reg) va, options(nostack, preserves_flags)) };
+        va += line;
+    }
+    dsb_sy();
+}
+
+/// Cleans `[start, start + len)` to the point of coherency (`DC CVAC`) and waits: used for data
+/// a CPU with its MMU still off must read.
+pub fn clean_range(start: u64, len: u64) {
+    let line = dcache_line_size();
+    let mut va = start & !(line - 1);
+    while va < start + len {
+        // SAFETY: DC CVAC writes back a line; memory contents do not change.
+        unsafe { asm!("dc cvac, {}", in(reg) va, options(nostack, preserves_flags)) };
+        va += line;
+    }
+    dsb_sy();
+}
+
+/// Invalidates `[start, start + len)` by VA without cleaning (`DC IVAC`). Only for memory that
+/// was written with the MMU off, whose cache lines (if any) are stale by construction.
+pub fn invalidate_range(start: u64, len: u64) {
+    let line = dcache_line_size();
+    let mut va = start & !(line - 1);
+    while va < start + len {
+        // SAFETY: the caller passes memory written non-cacheably; any line dropped here holds
+        // nothing newer than memory.
+        unsafe { asm!("dc ivac, {}", in(reg) va, options(nostack, preserves_flags)) };
+        va += line;
+    }
+    dsb_sy();
+}
+
+/// Invalidates the whole instruction cache to the point of unification, inner shareable.
+pub fn invalidate_icache() {
+    // SAFETY: IC IALLUIS only drops instruction-cache contents.
+    unsafe { asm!("ic ialluis", "dsb ish", "isb", options(nostack, preserves_flags)) };
+}
+
+/// Invalidates every stage-1 and stage-2 TLB entry of the current VMID, inner shareable.
+pub fn tlbi_vmalls12e1is() {
+    // SAFETY: TLB invalidation only forces later walks.
+    unsafe { asm!("tlbi vmalls12e1is", "dsb ish", "isb", options(nostack, preserves_flags)) };
+}
+
+/// The MPIDR_EL1 of this CPU.
+pub fn mpidr() -> u64 {
+    let v: u64;
+    // SAFETY: reading MPIDR_EL1 has no side effects.
+    unsafe { asm!("mrs {}, mpidr_el1", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Waits for an event, forever (a CPU with nothing left to do).
+pub fn halt() -> ! {
+    loop {
+        // SAFETY: WFE only waits.
+        unsafe { asm!("wfe", options(nomem, nostack, preserves_flags)) };
+    }
+}
+
+/// Reads a `width`-byte (1, 2, 4 or 8) device register at physical address `pa`.
+///
+/// # Safety
+/// `pa` must be a register the hypervisor maps as Device memory, naturally aligned, and
+/// reading it must have no effect the caller has not decided on.
+pub unsafe fn mmio_read(pa: u64, width: u8) -> u64 {
+    // SAFETY: per the contract above.
+    unsafe {
+        match width {
+            1 => (pa as *const u8).read_volatile() as u64,
+            2 => (pa as *const u16).read_volatile() as u64,
+            4 => (pa as *const u32).read_volatile() as u64,
+            _ => (pa as *const u64).read_volatile(),
+        }
+    }
+}
+
+/// Writes a `width`-byte device register at physical address `pa`.
+///
+/// # Safety
+/// As for [`mmio_read`].
+pub unsafe fn mmio_write(pa: u64, width: u8, value: u64) {
+    // SAFETY: per the contract above.
+    unsafe {
+        match width {
+            1 => (pa as *mut u8).write_volatile(value as u8),
+            2 => (pa as *mut u16).write_volatile(value as u16),
+            4 => (pa as *mut u32).write_volatile(value as u32),
+            _ => (pa as *mut u64).write_volatile(value),
+        }
+    }
+}
+
+/// Reads a system register by name; a macro because the name is part of the instruction.
+macro_rules! read_sysreg {
+    ($name:literal) => {{
+        let value: u64;
+        // SAFETY: reading this system register has no side effects.
+        unsafe { core::arch::asm!(concat!("mrs {}, ", $name), out(reg) value, options(nomem, nostack, preserves_flags)) };
+        value
+    }};
+}
+
+/// Writes a system register by name.
+macro_rules! write_sysreg {
+    ($name:literal, $value:expr) => {{
+        let value: u64 = $value;
+        // SAFETY: callers write EL2 configuration or the guest's EL1 state; the register's
+        // meaning at each call site is documented there.
+        unsafe { core::arch::asm!(concat!("msr ", $name, ", {}"), in(reg) value, options(nostack, preserves_flags)) };
+    }};
+}
+
+pub(crate) use {read_sysreg, write_sysreg};

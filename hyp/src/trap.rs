@@ -1,0 +1,273 @@
+//! Trap dispatch: decodes what the guest did (hypervisor call, trapped SMC, stage-2 fault) and
+//! calls the handler. Guest registers become typed requests in `hyp_core::call::decode`; the
+//! decisions (PSCI state, GIC filtering, abort injection) are made in `hyp_core`.
+
+use crate::arch::vectors::{el2_vectors, TrapFrame, Vector};
+use crate::arch::{self, entry::secondary_entry, read_sysreg, write_sysreg};
+use crate::console::{self, LineBuffer};
+use crate::exit;
+use crate::vm::{audit, vm, Vm};
+use core::fmt::Write;
+use core::sync::atomic::Ordering;
+use hyp_core::audit::Event;
+use hyp_core::call::{self, Call};
+use hyp_core::esr::{self, DataAbort, ExceptionClass, Syndrome};
+use hyp_core::gic::{self, Decision};
+use hyp_core::inject::{self, Access, GuestContext};
+use hyp_core::psci::PsciError;
+use stagehand_abi::{feature, Status};
+
+/// Work budget of one range call, in bytes (FEATURES x3).
+pub const WORK_BUDGET: u64 = 1 << 20;
+
+/// Points VBAR_EL2 at the vector table.
+///
+/// # Safety
+/// Call once per CPU, before anything can trap.
+pub unsafe fn install_vectors() {
+    // SAFETY: taking the address of the vector table reads nothing.
+    let vectors = unsafe { &el2_vectors as *const u8 as u64 };
+    write_sysreg!("vbar_el2", vectors);
+    arch::isb();
+}
+
+fn current_vcpu() -> usize {
+    read_sysreg!("tpidr_el2") as usize
+}
+
+/// Called from the vectors with the saved frame.
+#[unsafe(no_mangle)]
+extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
+    match vector {
+        v if v == Vector::GuestSync as u64 => guest_sync(frame),
+        v if v == Vector::El2Sync as u64 => hypervisor_fault(frame, "synchronous exception at EL2"),
+        v if v == Vector::GuestSError as u64 => stop_guest(frame, "SError from the guest"),
+        v if v == Vector::GuestAsync as u64 => stop_guest(frame, "interrupt routed to EL2"),
+        _ => hypervisor_fault(frame, "unexpected exception vector"),
+    }
+}
+
+fn guest_sync(frame: &mut TrapFrame) {
+    let esr = read_sysreg!("esr_el2");
+    match ExceptionClass::from_esr(esr) {
+        ExceptionClass::Hvc64 if esr & 0xffff == 0 => smccc(frame),
+        ExceptionClass::Hvc64 => frame.x[0] = Status::NotSupported.code() as u64,
+        ExceptionClass::Smc64 => {
+            // A trapped SMC returns to the SMC itself; step over it.
+            frame.elr += 4;
+            smccc(frame);
+        }
+        ExceptionClass::DataAbortLower => data_abort(frame, esr),
+        ExceptionClass::InstructionAbortLower => {
+            let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
+            inject_abort(frame, Access::Fetch, ipa);
+        }
+        _ => stop_guest(frame, "unhandled trap from the guest"),
+    }
+}
+
+fn set_results(frame: &mut TrapFrame, results: [u64; 4]) {
+    frame.x[..4].copy_from_slice(&results);
+}
+
+fn smccc(frame: &mut TrapFrame) {
+    let vcpu = current_vcpu();
+    let vm = vm();
+    let function = frame.x[0] as u32;
+    let mut args = [0u64; 6];
+    args.copy_from_slice(&frame.x[1..7]);
+    let status = |code: i64| [code as u64, 0, 0, 0];
+    let results = match call::decode(frame.x[0], &args) {
+        Call::SmcccVersion => status(0x1_0001),
+        Call::SmcccArchFeatures { function } => status(call::arch_feature(function)),
+        Call::PsciVersion => status(0x1_0001),
+        Call::PsciFeatures { function } => status(call::psci_feature(function)),
+        Call::CpuSuspend => status(0),
+        Call::CpuOff => cpu_off(vm, vcpu),
+        Call::CpuOn { target, entry, context } => match cpu_on(vm, target, entry, context) {
+            Ok(()) => status(0),
+            Err(error) => {
+                audit(vcpu, Event::Refused { function, status: error as i64 });
+                status(error as i64)
+            }
+        },
+        Call::AffinityInfo { target, level } => match vm.power.affinity_info(target, level) {
+            Ok(state) => status(state as i64),
+            Err(error) => status(error as i64),
+        },
+        Call::MigrateInfoType => status(2), // No trusted OS needs migrating.
+        Call::SystemOff => {
+            audit(vcpu, Event::GuestStop { reason: "system-off" });
+            console::set_guest_running(false);
+            log::info!("guest powered off");
+            exit::exit(0)
+        }
+        Call::SystemReset => {
+            audit(vcpu, Event::GuestStop { reason: "system-reset" });
+            console::set_guest_running(false);
+            log::info!("guest asked for a reset");
+            exit::system_reset()
+        }
+        Call::CallUid => {
+            let w = stagehand_abi::uuid_words();
+            [w[0] as u64, w[1] as u64, w[2] as u64, w[3] as u64]
+        }
+        Call::Revision => [stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0],
+        Call::Features => {
+            let capabilities = if vm.fwb { feature::FWB } else { 0 };
+            [0, capabilities, vm.dcache_line, WORK_BUDGET]
+        }
+        Call::Unimplemented(_) | Call::Unknown(_) => {
+            audit(vcpu, Event::Refused { function, status: Status::NotSupported.code() });
+            status(Status::NotSupported.code())
+        }
+    };
+    set_results(frame, results);
+}
+
+fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> Result<(), PsciError> {
+    if vm.ram.pa_of(entry, 4).is_none() || entry % 4 != 0 {
+        return Err(PsciError::InvalidAddress);
+    }
+    let index = vm.power.begin_on(target)?;
+    let (slot_entry, slot_context) = &vm.boot_requests[index];
+    slot_entry.store(entry, Ordering::Release);
+    slot_context.store(context, Ordering::Release);
+    let start = secondary_entry as usize as u64;
+    // A CPU that has just turned itself off may not be off in the firmware yet.
+    for _ in 0..1000 {
+        match smccc::psci::cpu_on::<smccc::Smc>(vm.power.mpidr(index), start, index as u64) {
+            Ok(()) => return Ok(()),
+            Err(smccc::psci::Error::AlreadyOn) => core::hint::spin_loop(),
+            Err(error) => {
+                log::warn!("firmware CPU_ON of vCPU {index} failed: {error:?}");
+                break;
+            }
+        }
+    }
+    vm.power.abort_on(index);
+    Err(PsciError::InternalFailure)
+}
+
+fn cpu_off(vm: &Vm, vcpu: usize) -> [u64; 4] {
+    vm.power.mark_off(vcpu);
+    log::debug!("vCPU {vcpu} off");
+    let _ = smccc::psci::cpu_off::<smccc::Smc>();
+    // CPU_OFF only returns on failure.
+    vm.power.mark_on(vcpu);
+    [PsciError::InternalFailure as i64 as u64, 0, 0, 0]
+}
+
+fn data_abort(frame: &mut TrapFrame, esr: u64) {
+    let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
+    let abort = DataAbort::from_esr(esr);
+    let vm = vm();
+    let redistributor = vm
+        .redistributors
+        .iter()
+        .find_map(|r| gic::trapped_offset(r.base, r.size, ipa));
+    match redistributor {
+        Some(offset) if abort.valid_syndrome && !abort.stage1_walk && ipa % abort.access_size as u64 == 0 => {
+            emulate_redistributor(frame, &abort, ipa, offset)
+        }
+        _ => inject_abort(frame, if abort.write { Access::Write } else { Access::Read }, ipa),
+    }
+}
+
+fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, offset: u64) {
+    let width = abort.access_size;
+    let size_mask = if width == 8 { u64::MAX } else { (1u64 << (8 * width as u32)) - 1 };
+    let register = abort.register as usize;
+    if abort.write {
+        let value = if register == 31 { 0 } else { frame.x[register] & size_mask };
+        let decision = gic::decide(offset, Some(value));
+        if decision.filtered(Some(value)) {
+            audit(current_vcpu(), Event::Filtered { ipa, requested: value });
+        }
+        if let Decision::Write(value) = decision {
+            // SAFETY: MMIO identity: `ipa` is a redistributor register, mapped Device at EL2.
+            unsafe { arch::mmio_write(ipa, width, value) };
+        }
+    } else {
+        let mut value = match gic::decide(offset, None) {
+            // SAFETY: as above.
+            Decision::Read { clear } => (unsafe { arch::mmio_read(ipa, width) }) & !clear,
+            Decision::ReadAs(value) => value,
+            Decision::Write(_) | Decision::Ignore => 0,
+        } & size_mask;
+        if abort.sign_extend && width < 8 {
+            let shift = 64 - 8 * width as u32;
+            value = (((value << shift) as i64) >> shift) as u64;
+        }
+        if !abort.sixty_four {
+            value &= 0xffff_ffff;
+        }
+        if register != 31 {
+            frame.x[register] = value;
+        }
+    }
+    frame.elr += 4;
+}
+
+/// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
+fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
+    let far = read_sysreg!("far_el2");
+    let guest = GuestContext {
+        spsr: frame.spsr,
+        elr: frame.elr,
+        vbar: read_sysreg!("vbar_el1"),
+        sctlr: read_sysreg!("sctlr_el1"),
+    };
+    let injection = inject::external_abort(&guest, far, access);
+    write_sysreg!("elr_el1", injection.elr_el1);
+    write_sysreg!("spsr_el1", injection.spsr_el1);
+    write_sysreg!("esr_el1", injection.esr_el1);
+    write_sysreg!("far_el1", injection.far_el1);
+    frame.elr = injection.elr_el2;
+    frame.spsr = injection.spsr_el2;
+    let access = match access {
+        Access::Read => "read",
+        Access::Write => "write",
+        Access::Fetch => "fetch",
+    };
+    audit(current_vcpu(), Event::Stage2Fault { ipa, access });
+}
+
+fn report(frame: &TrapFrame, title: &str) {
+    let esr = read_sysreg!("esr_el2");
+    let mut line = LineBuffer::new();
+    let _ = write!(
+        line,
+        "\n[stagehand FATAL] {title} on CPU {:#x}\n  {}\n  FAR {:#x}  HPFAR {:#x}  ELR {:#x}  SPSR {:#x}\n",
+        arch::mpidr() & 0xff_ffff,
+        Syndrome(esr),
+        read_sysreg!("far_el2"),
+        read_sysreg!("hpfar_el2"),
+        frame.elr,
+        frame.spsr,
+    );
+    console::emergency_write(line.as_str());
+    for row in 0..8 {
+        let mut line = LineBuffer::new();
+        for i in (row * 4)..(row * 4 + 4).min(31) {
+            let _ = write!(line, "  x{i:<2} {:#018x}", frame.x[i]);
+        }
+        let _ = writeln!(line);
+        console::emergency_write(line.as_str());
+    }
+}
+
+/// The guest did something the hypervisor cannot handle: report it and stop the guest.
+fn stop_guest(frame: &TrapFrame, why: &'static str) -> ! {
+    console::set_guest_running(false);
+    report(frame, why);
+    audit(current_vcpu(), Event::GuestStop { reason: why });
+    exit::exit(3)
+}
+
+/// The hypervisor itself faulted: report and stop.
+fn hypervisor_fault(frame: &TrapFrame, why: &str) -> ! {
+    console::set_guest_running(false);
+    report(frame, why);
+    exit::exit(4)
+}

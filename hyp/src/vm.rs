@@ -1,0 +1,408 @@
+//! The one VM: building it (guest RAM layout, stage 2, images through fw_cfg, the guest's
+//! device tree) and entering it on each CPU. After [`build`] the VM description is read-only
+//! except for atomics (power states, pending CPU_ON requests).
+
+use crate::arch::entry::{MAX_CPUS, STACK_SIZE};
+use crate::arch::mmu::HeapTables;
+use crate::arch::vectors::{enter_guest, TrapFrame};
+use crate::arch::{self, read_sysreg, write_sysreg};
+use crate::fw_cfg::{FwCfg, FwCfgError};
+use crate::{console, exit, QEMU_DTB};
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+use crate::shim::config::{self, Config, ExitMethod};
+use crate::shim::image;
+use hyp_core::layout::{self, GuestRam};
+use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2, PAGE_SIZE};
+use hyp_core::psci::PowerStates;
+use hyp_core::{audit, gic};
+use stagehand_platform::board::{Board, Region};
+use stagehand_platform::fw_cfg::key;
+use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
+
+/// VMID of the one guest.
+const VMID: u64 = 1;
+/// IPA bits of stage 2 (T0SZ = 20, walk from level 0): covers the PCIe 64-bit window and works
+/// on both the CPU and QEMU's SMMU (which mis-walks concatenated root tables).
+const IPA_BITS: u32 = 44;
+/// SCTLR_EL1 a guest starts with: RES1 bits, MMU and caches off.
+const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+/// PSTATE a guest starts with: EL1h, D, A, I, F masked.
+const SPSR_EL1H_MASKED: u64 = 0x3c5;
+
+/// Everything the traps need to know about the VM.
+pub struct Vm {
+    /// Guest RAM.
+    pub ram: GuestRam,
+    /// PSCI view of the vCPUs.
+    pub power: PowerStates,
+    /// Pending CPU_ON requests: entry point and context id per vCPU.
+    pub boot_requests: Vec<(AtomicU64, AtomicU64)>,
+    /// HCR_EL2 while the guest runs.
+    pub hcr: u64,
+    /// VTCR_EL2.
+    pub vtcr: u64,
+    /// VTTBR_EL2 (VMID and stage-2 root).
+    pub vttbr: u64,
+    /// Stage 2 uses FEAT_S2FWB encodings.
+    pub fwb: bool,
+    /// Redistributor regions (their first page of each frame is trapped).
+    pub redistributors: Vec<Region>,
+    /// Smallest D-cache line in bytes.
+    pub dcache_line: u64,
+}
+
+static VM: spin::Once<Vm> = spin::Once::new();
+static AUDIT_SEQUENCE: AtomicU64 = AtomicU64::new(0);
+
+/// The VM (after [`build`]).
+pub fn vm() -> &'static Vm {
+    match VM.get() {
+        Some(vm) => vm,
+        None => exit::fatal(format_args!("VM used before it was built")),
+    }
+}
+
+/// Records an audit event caused by `vcpu`.
+pub fn audit(vcpu: usize, event: audit::Event) {
+    let record = audit::Record {
+        sequence: AUDIT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
+        time: read_sysreg!("cntpct_el0"),
+        vcpu,
+        event,
+    };
+    log::info!("{record}");
+}
+
+/// Why the VM could not be built: one clear line each.
+#[derive(Debug)]
+pub enum BuildError {
+    /// A device the hypervisor needs is missing from the device tree.
+    Missing(&'static str),
+    /// fw_cfg failed.
+    FwCfg(FwCfgError),
+    /// The configuration item is malformed.
+    Config(config::ConfigError),
+    /// RAM cannot be laid out.
+    Layout(layout::LayoutError),
+    /// QEMU was started without `-kernel`.
+    NoKernel,
+    /// The guest image is malformed.
+    Image(image::ImageError),
+    /// The guest's device tree could not be made.
+    DeviceTree(stagehand_platform::board::DtError),
+    /// Stage 2 could not be built.
+    Stage2(MapError),
+    /// More CPUs than the hypervisor has stacks for.
+    TooManyCpus(usize),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::Missing(what) => write!(f, "the device tree has no {what}"),
+            BuildError::FwCfg(e) => write!(f, "{e}"),
+            BuildError::Config(e) => write!(f, "configuration ({}): {e}", config::FW_CFG_NAME),
+            BuildError::Layout(e) => write!(f, "{e}"),
+            BuildError::NoKernel => write!(f, "no guest to run: start QEMU with -kernel"),
+            BuildError::Image(e) => write!(f, "guest image: {e}"),
+            BuildError::DeviceTree(e) => write!(f, "guest device tree: {e}"),
+            BuildError::Stage2(e) => write!(f, "stage 2: {e}"),
+            BuildError::TooManyCpus(n) => write!(f, "{n} CPUs, but this build supports at most {MAX_CPUS}"),
+        }
+    }
+}
+
+impl From<FwCfgError> for BuildError {
+    fn from(e: FwCfgError) -> Self {
+        BuildError::FwCfg(e)
+    }
+}
+
+/// The boot CPU's first guest entry.
+pub struct BootCpu {
+    vcpu: usize,
+    entry: u64,
+    dtb: u64,
+}
+
+/// Reads the configuration and images from fw_cfg, lays out guest RAM, builds stage 2 and the
+/// guest device tree. `boot_cpu` is the index of this CPU's stack.
+///
+/// # Errors
+/// A [`BuildError`], whose `Display` is the one line printed before stopping.
+pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
+    let _ = boot_cpu;
+    if board.cpus.len() > MAX_CPUS {
+        return Err(BuildError::TooManyCpus(board.cpus.len()));
+    }
+    let fw_cfg_region = board.fw_cfg.ok_or(BuildError::Missing("fw_cfg"))?;
+    // SAFETY: the region comes from the device tree and `mmu::extend` mapped it as Device; only
+    // this code drives fw_cfg.
+    let fw_cfg = unsafe { FwCfg::new(fw_cfg_region.base) }?;
+    let config = match fw_cfg.file(config::FW_CFG_NAME)? {
+        Some(bytes) => config::parse(&String::from_utf8_lossy(&bytes)).map_err(BuildError::Config)?,
+        None => Config::default(),
+    };
+    log::set_max_level(config.log_level);
+    exit::use_semihosting(config.exit == ExitMethod::Semihosting);
+
+    let bank = board
+        .memory
+        .iter()
+        .find(|bank| bank.contains(QEMU_DTB))
+        .ok_or(BuildError::Missing("memory bank holding the hypervisor"))?;
+    let ram = layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
+    let fwb = config.fwb && cpu_has_fwb();
+
+    let redistributors = board.gic.as_ref().map(|g| g.redistributors.clone()).unwrap_or_default();
+    let guest_mmio = guest_mmio(board);
+    let root = build_stage2(&ram, &guest_mmio, &redistributors, fwb).map_err(BuildError::Stage2)?;
+
+    let (entry, kernel_end) = load_kernel(&fw_cfg, &ram)?;
+    let initrd_len = fw_cfg.read_u32(key::INITRD_SIZE)? as u64;
+    let placement = layout::place_boot_images(&ram, kernel_end, initrd_len, 0).map_err(BuildError::Layout)?;
+    let initrd = (initrd_len > 0).then(|| Region::new(placement.initrd, initrd_len));
+    if let Some(initrd) = initrd {
+        let pa = guest_pa(&ram, initrd.base, initrd.size);
+        fw_cfg.read_to(key::INITRD_DATA, 0, pa, initrd.size)?;
+        arch::clean_invalidate_range(pa, initrd.size);
+    }
+    let command_line = fw_cfg.command_line()?;
+    let dtb = guest_device_tree(
+        crate::dtb_slice(QEMU_DTB),
+        &GuestDtConfig {
+            ram: Region::new(ram.ipa, ram.size),
+            initrd,
+            bootargs: command_line.as_deref(),
+            allowed_mmio: &guest_mmio,
+            abi_version: (stagehand_abi::ABI_MAJOR as u32, stagehand_abi::ABI_MINOR as u32),
+        },
+    )
+    .map_err(BuildError::DeviceTree)?;
+    if dtb.len() as u64 > layout::DTB_SLOT {
+        return Err(BuildError::Layout(layout::LayoutError::ImagesDoNotFit));
+    }
+    let dtb_pa = guest_pa(&ram, placement.dtb, dtb.len() as u64);
+    // SAFETY: `dtb_pa` is guest RAM (checked by `guest_pa`), mapped write-back at EL2, and no
+    // guest runs yet.
+    unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), dtb_pa as *mut u8, dtb.len()) };
+    arch::clean_invalidate_range(dtb_pa, dtb.len() as u64);
+
+    let boot_mpidr = arch::mpidr() & hyp_core::psci::MPIDR_AFFINITY_MASK;
+    let boot_vcpu = board.cpus.iter().position(|&m| m == boot_mpidr).unwrap_or(0);
+    let parange = read_sysreg!("id_aa64mmfr0_el1") & 0xf;
+    VM.call_once(|| Vm {
+        ram,
+        power: PowerStates::new(board.cpus.clone(), boot_vcpu),
+        boot_requests: (0..board.cpus.len()).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
+        hcr: hcr_value(fwb),
+        // T0SZ 20, SL0 = 2 (start at level 0), inner/outer write-back walks, inner shareable,
+        // 4 KiB granule, PS = the CPU's PA size capped at 44 bits, RES1 bit 31.
+        vtcr: (64 - IPA_BITS as u64) | 2 << 6 | 1 << 8 | 1 << 10 | 3 << 12 | parange.min(4) << 16 | 1 << 31,
+        vttbr: VMID << 48 | root,
+        fwb,
+        redistributors,
+        dcache_line: arch::dcache_line_size(),
+    });
+    let (used, total) = crate::heap::usage();
+    log::info!(
+        "guest: RAM IPA {:#x}+{:#x} at PA {:#x}, entry {entry:#x}, dtb {:#x} ({} bytes), initrd {}, FWB {}, heap {used}/{total}",
+        ram.ipa, ram.size, ram.pa, placement.dtb, dtb.len(),
+        initrd.map_or(String::from("none"), |r| format!("{r}")), fwb
+    );
+    Ok(BootCpu { vcpu: boot_vcpu, entry, dtb: placement.dtb })
+}
+
+/// The MMIO the guest may touch, identity-mapped: its console UART, the RTC, the GIC
+/// distributor and redistributors, PCIe ECAM and windows.
+fn guest_mmio(board: &Board) -> Vec<Region> {
+    let mut regions = Vec::new();
+    regions.extend(board.console_uart().map(|u| u.region));
+    regions.extend(board.rtc);
+    if let Some(gic) = &board.gic {
+        regions.push(gic.distributor);
+        regions.extend(gic.redistributors.iter().copied());
+    }
+    if let Some(pcie) = &board.pcie {
+        regions.push(pcie.ecam);
+        regions.extend(pcie.windows.iter().map(|w| Region::new(w.cpu_base, w.size)));
+    }
+    regions
+}
+
+fn build_stage2(ram: &GuestRam, mmio: &[Region], redistributors: &[Region], fwb: bool) -> Result<u64, MapError> {
+    let mut tables = HeapTables;
+    let mut s2 = PageTable::new(&mut tables, Stage2 { fwb }, 0, IPA_BITS)?;
+    s2.map(&mut tables, ram.ipa, ram.pa, ram.size, MemoryType::NormalWriteBack, Permissions::RWX)?;
+    for region in mmio {
+        let start = region.base & !(PAGE_SIZE - 1);
+        let end = (region.base + region.size).next_multiple_of(PAGE_SIZE);
+        if redistributors.contains(region) {
+            // Every frame but its first page, which `trap` emulates (see `hyp_core::gic`).
+            let mut frame = start;
+            while frame < end {
+                let mapped = frame + gic::TRAPPED_PAGE;
+                let frame_end = (frame + gic::REDISTRIBUTOR_STRIDE).min(end);
+                if mapped < frame_end {
+                    s2.map(&mut tables, mapped, mapped, frame_end - mapped, MemoryType::Device, Permissions::RW)?;
+                }
+                frame += gic::REDISTRIBUTOR_STRIDE;
+            }
+        } else {
+            s2.map(&mut tables, start, start, end - start, MemoryType::Device, Permissions::RW)?;
+        }
+    }
+    // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
+    // the entries visible; they are not live until VTTBR_EL2 is written.
+    arch::dsb_ish();
+    Ok(s2.root())
+}
+
+/// The PA of guest `[ipa, ipa + len)`, which the caller has checked lies in guest RAM.
+fn guest_pa(ram: &GuestRam, ipa: u64, len: u64) -> u64 {
+    ram.pa_of(ipa, len).unwrap_or_else(|| exit::fatal(format_args!("internal: {ipa:#x}+{len:#x} is not guest RAM")))
+}
+
+/// Loads `-kernel` into guest RAM per its format. Returns the entry point and the end of what it
+/// occupies.
+fn load_kernel(fw_cfg: &FwCfg, ram: &GuestRam) -> Result<(u64, u64), BuildError> {
+    let size = fw_cfg.read_u32(key::KERNEL_SIZE)? as u64;
+    if size == 0 {
+        return Err(BuildError::NoKernel);
+    }
+    let prefix = fw_cfg.read_vec(key::KERNEL_DATA, size.min(64 << 10) as usize)?;
+    let plan = image::plan(&prefix, size, ram.ipa, ram.size).map_err(BuildError::Image)?;
+    for segment in &plan.segments {
+        let pa = guest_pa(ram, segment.ipa, segment.mem_size);
+        fw_cfg.read_to(key::KERNEL_DATA, segment.file_offset, pa, segment.file_size)?;
+        let bss = segment.mem_size - segment.file_size;
+        // SAFETY: `[pa, pa + mem_size)` is guest RAM (checked above), mapped write-back, unused.
+        unsafe { core::ptr::write_bytes((pa + segment.file_size) as *mut u8, 0, bss as usize) };
+        // The guest starts with its MMU off: its reads go to memory, so push the image there.
+        arch::clean_invalidate_range(pa, segment.mem_size);
+    }
+    log::info!("kernel: {:?}, {} bytes, {} segment(s)", plan.format, size, plan.segments.len());
+    Ok((plan.entry, plan.end))
+}
+
+fn cpu_has_fwb() -> bool {
+    (read_sysreg!("id_aa64mmfr2_el1") >> 40) & 0xf != 0
+}
+
+/// HCR_EL2 for the guest: AArch64 EL1 (RW), stage 2 on (VM), SMC trapped (TSC), set/way
+/// invalidates upgraded to clean+invalidate (SWIO), pointer authentication and MTE tags left to
+/// the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
+/// is the guest's.
+fn hcr_value(fwb: bool) -> u64 {
+    const VM: u64 = 1 << 0;
+    const SWIO: u64 = 1 << 1;
+    const TSC: u64 = 1 << 19;
+    const RW: u64 = 1 << 31;
+    const APK: u64 = 1 << 40;
+    const API: u64 = 1 << 41;
+    const FWB: u64 = 1 << 46;
+    const ATA: u64 = 1 << 56;
+    let isar1 = read_sysreg!("id_aa64isar1_el1");
+    let isar2 = read_sysreg!("id_aa64isar2_el1");
+    let has_pauth = (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
+    let has_mte2 = (read_sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
+    let mut hcr = VM | SWIO | TSC | RW;
+    if has_pauth {
+        hcr |= APK | API;
+    }
+    if has_mte2 {
+        hcr |= ATA;
+    }
+    if fwb {
+        hcr |= FWB;
+    }
+    hcr
+}
+
+/// Per-CPU EL2 state for running the guest on this CPU as vCPU `vcpu`.
+fn configure_cpu(vm: &Vm, vcpu: usize) {
+    let pfr0 = read_sysreg!("id_aa64pfr0_el1");
+    let pfr1 = read_sysreg!("id_aa64pfr1_el1");
+    let has_sve = (pfr0 >> 32) & 0xf != 0;
+    let has_sme = (pfr1 >> 24) & 0xf != 0;
+    // CPTR_EL2 (non-VHE): RES1 bits 13, 9, 7:0, and 12/8 when SME/SVE are absent; no FP, SVE or
+    // SME traps: the guest owns those registers on its pinned CPU, and EL2 never uses them.
+    let mut cptr: u64 = 0x33ff;
+    if has_sve {
+        cptr &= !(1 << 8);
+    }
+    if has_sme {
+        cptr &= !(1 << 12);
+    }
+    write_sysreg!("cptr_el2", cptr);
+    arch::isb();
+    if has_sve {
+        write_sysreg!("s3_4_c1_c2_0", 0xf); // ZCR_EL2.LEN: the largest vector length
+    }
+    if has_sme {
+        write_sysreg!("s3_4_c1_c2_6", 0xf); // SMCR_EL2.LEN
+    }
+    write_sysreg!("hcr_el2", vm.hcr);
+    write_sysreg!("vtcr_el2", vm.vtcr);
+    write_sysreg!("vttbr_el2", vm.vttbr);
+    write_sysreg!("cnthctl_el2", 0b11); // EL1 may use the physical counter and timer
+    write_sysreg!("cntvoff_el2", 0);
+    write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
+    write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
+    write_sysreg!("s3_4_c12_c9_5", 0xf); // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use SRE)
+    write_sysreg!("tpidr_el2", vcpu as u64);
+    write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
+    arch::isb();
+    // Nothing of this VMID may linger from before (a previous run of this CPU).
+    // SAFETY: TLB maintenance only.
+    unsafe { core::arch::asm!("tlbi vmalls12e1", "dsb nsh", "isb", options(nostack)) };
+}
+
+fn stack_top(index: usize) -> u64 {
+    unsafe extern "C" {
+        static __stacks_start: u8;
+    }
+    // SAFETY: taking a linker symbol's address reads nothing.
+    let base = unsafe { &__stacks_start as *const u8 as u64 };
+    base + (index as u64 + 1) * STACK_SIZE
+}
+
+fn enter(vcpu: usize, entry: u64, x0: u64) -> ! {
+    let mut frame = TrapFrame::default();
+    frame.x[0] = x0;
+    frame.elr = entry;
+    frame.spsr = SPSR_EL1H_MASKED;
+    // SAFETY: `configure_cpu` set up EL2 for the guest and the vectors are installed; the stack
+    // is this CPU's own.
+    unsafe { enter_guest(&frame, stack_top(vcpu)) }
+}
+
+/// Enters the guest on the boot CPU.
+pub fn enter_boot_cpu(boot: BootCpu) -> ! {
+    let vm = vm();
+    configure_cpu(vm, boot.vcpu);
+    arch::tlbi_vmalls12e1is();
+    arch::invalidate_icache();
+    audit(boot.vcpu, audit::Event::GuestStart { entry: boot.entry, ram: vm.ram.size });
+    log::info!("entering the guest at {:#x} on vCPU {}", boot.entry, boot.vcpu);
+    console::set_guest_running(true);
+    enter(boot.vcpu, boot.entry, boot.dtb)
+}
+
+/// Enters the guest on a secondary CPU started by the guest's CPU_ON.
+pub fn enter_secondary(vcpu: usize) -> ! {
+    let vm = vm();
+    if vcpu >= vm.power.len() {
+        exit::fatal(format_args!("CPU started with unknown index {vcpu}"));
+    }
+    configure_cpu(vm, vcpu);
+    let (entry, context) = &vm.boot_requests[vcpu];
+    let (entry, context) = (entry.load(Ordering::Acquire), context.load(Ordering::Acquire));
+    vm.power.mark_on(vcpu);
+    log::debug!("vCPU {vcpu} on at {entry:#x}");
+    enter(vcpu, entry, context)
+}
