@@ -4,8 +4,8 @@
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use tock_registers::registers::{ReadOnly, WriteOnly};
 use tock_registers::register_structs;
+use tock_registers::registers::{ReadOnly, WriteOnly};
 
 register_structs! {
     /// The fw_cfg MMIO register block. The selector and DMA address are big-endian.
@@ -84,7 +84,9 @@ pub const FILE_ENTRY_SIZE: usize = 64;
 /// Parses the file directory (key 0x19): a be32 count and 64-byte entries. Entries past the
 /// end of `bytes` are ignored; names stop at the first NUL.
 pub fn parse_directory(bytes: &[u8]) -> Vec<File> {
-    let Some(count) = bytes.get(..4) else { return Vec::new() };
+    let Some(count) = bytes.get(..4) else {
+        return Vec::new();
+    };
     let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]) as usize;
     bytes[4..]
         .chunks_exact(FILE_ENTRY_SIZE)
@@ -118,8 +120,19 @@ mod tests {
         }
         let files = parse_directory(&bytes);
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0], File { size: 12, select: 0x20, name: "opt/stagehand/config".into() });
-        assert_eq!(parse_directory(&bytes[..70]).len(), 1, "a truncated directory keeps whole entries");
+        assert_eq!(
+            files[0],
+            File {
+                size: 12,
+                select: 0x20,
+                name: "opt/stagehand/config".into()
+            }
+        );
+        assert_eq!(
+            parse_directory(&bytes[..70]).len(),
+            1,
+            "a truncated directory keeps whole entries"
+        );
         assert!(parse_directory(&[0, 0]).is_empty());
     }
 }

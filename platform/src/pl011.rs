@@ -60,8 +60,12 @@ impl<'a> Pl011<'a> {
     /// or reset left it (QEMU ignores it).
     pub fn init(&self) {
         self.registers.cr.set(0);
-        self.registers.lcr_h.write(LCR_H::WLEN::Eight + LCR_H::FEN::SET);
-        self.registers.cr.write(CR::UARTEN::SET + CR::TXE::SET + CR::RXE::SET);
+        self.registers
+            .lcr_h
+            .write(LCR_H::WLEN::Eight + LCR_H::FEN::SET);
+        self.registers
+            .cr
+            .write(CR::UARTEN::SET + CR::TXE::SET + CR::RXE::SET);
     }
 
     /// Writes one byte, waiting for room in the FIFO.
