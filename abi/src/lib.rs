@@ -230,9 +230,18 @@ mod tests {
 
     #[test]
     fn fast_call_ids_have_the_fast_bit_and_vendor_hyp_owner() {
-        for id in [function::CALL_UID, function::REVISION, function::FEATURES, function::AUDIT_MARK] {
+        for id in [
+            function::CALL_UID,
+            function::REVISION,
+            function::FEATURES,
+            function::AUDIT_MARK,
+        ] {
             assert_ne!(id & 0x8000_0000, 0, "fast call bit");
-            assert_eq!((id >> 24) & 0x3f, 6, "owner: vendor-specific hypervisor service");
+            assert_eq!(
+                (id >> 24) & 0x3f,
+                6,
+                "owner: vendor-specific hypervisor service"
+            );
         }
     }
 }

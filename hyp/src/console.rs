@@ -34,15 +34,6 @@ unsafe fn uart_at(base: u64) -> Pl011<'static> {
     Pl011::new(unsafe { &*(base as *const Pl011Registers) })
 }
 
-/// Writes to a UART before the MMU (and so before any lock) is usable.
-///
-/// # Safety
-/// As for [`init`]; and only the boot CPU may run.
-pub unsafe fn early_write(base: u64, text: &str) {
-    // SAFETY: forwarded contract.
-    unsafe { uart_at(base) }.write_str(text);
-}
-
 /// Starts logging on the PL011 at `base`. `shared` says the guest's console is the same UART.
 ///
 /// # Safety
@@ -71,11 +62,6 @@ pub fn set_guest_running(running: bool) {
     }
 }
 
-/// Whether the hypervisor has a UART of its own.
-pub fn has_own_uart() -> bool {
-    !CONSOLE.shared_with_guest.load(Ordering::Relaxed)
-}
-
 /// Writes text without taking the lock (its holder may be the code that faulted), for fatal
 /// reports on the way to stopping the machine.
 pub fn emergency_write(text: &str) {
@@ -96,7 +82,10 @@ pub struct LineBuffer {
 impl LineBuffer {
     /// An empty line.
     pub const fn new() -> Self {
-        Self { bytes: [0; 512], len: 0 }
+        Self {
+            bytes: [0; 512],
+            len: 0,
+        }
     }
 
     /// The text so far (a cut in the middle of a character drops that character).
@@ -127,13 +116,15 @@ impl log::Log for Console {
         if !self.enabled(record.metadata()) {
             return;
         }
-        if self.shared_with_guest.load(Ordering::Relaxed) && self.guest_running.load(Ordering::Acquire) {
+        if self.shared_with_guest.load(Ordering::Relaxed)
+            && self.guest_running.load(Ordering::Acquire)
+        {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return;
         }
         // Format outside the lock, write the whole line under it.
         let mut line = LineBuffer::new();
-        let _ = write!(line, "[stagehand {:5}] {}\n", record.level(), record.args());
+        let _ = writeln!(line, "[stagehand {:5}] {}", record.level(), record.args());
         let base = self.base.load(Ordering::Acquire);
         let _guard = self.lock.lock();
         // SAFETY: `base` was stored by `init`, whose contract keeps it mapped.

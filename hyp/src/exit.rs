@@ -29,7 +29,7 @@ pub fn exit(code: u8) -> ! {
 pub fn fatal(message: core::fmt::Arguments) -> ! {
     use core::fmt::Write;
     let mut line = crate::console::LineBuffer::new();
-    let _ = write!(line, "stagehand: error: {message}\n");
+    let _ = writeln!(line, "stagehand: error: {message}");
     crate::console::emergency_write(line.as_str());
     exit(1)
 }

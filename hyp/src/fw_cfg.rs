@@ -66,8 +66,19 @@ impl FwCfg {
 
     /// Runs one DMA operation to completion. With `select`, the item is selected first (which
     /// rewinds it to offset 0); without, the operation continues where the last one stopped.
-    fn dma(&self, item: u16, select: bool, op: u32, length: u32, address: u64) -> Result<(), FwCfgError> {
-        let select_bits = if select { u32::from(item) << 16 | control::SELECT } else { 0 };
+    fn dma(
+        &self,
+        item: u16,
+        select: bool,
+        op: u32,
+        length: u32,
+        address: u64,
+    ) -> Result<(), FwCfgError> {
+        let select_bits = if select {
+            u32::from(item) << 16 | control::SELECT
+        } else {
+            0
+        };
         let mut access = Box::new(DmaAccess {
             control: (select_bits | op).to_be(),
             length: length.to_be(),
@@ -98,7 +109,13 @@ impl FwCfg {
     ///
     /// # Errors
     /// [`FwCfgError::Dma`].
-    pub fn read_to(&self, item: u16, offset: u64, destination: u64, length: u64) -> Result<(), FwCfgError> {
+    pub fn read_to(
+        &self,
+        item: u16,
+        offset: u64,
+        destination: u64,
+        length: u64,
+    ) -> Result<(), FwCfgError> {
         const CHUNK: u64 = 1 << 30;
         let mut select = true;
         let mut skipped = 0;
@@ -111,7 +128,13 @@ impl FwCfg {
         let mut done = 0;
         while done < length {
             let chunk = (length - done).min(CHUNK);
-            self.dma(item, select, control::READ, chunk as u32, destination + done)?;
+            self.dma(
+                item,
+                select,
+                control::READ,
+                chunk as u32,
+                destination + done,
+            )?;
             select = false;
             done += chunk;
         }

@@ -16,7 +16,6 @@ mod console;
 mod exit;
 mod fw_cfg;
 mod heap;
-mod shim;
 mod trap;
 mod vm;
 
@@ -65,7 +64,12 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     unsafe { console::init(log_uart.region.base, board.hypervisor_uart().is_none()) };
     // SAFETY: the vector table is part of the image.
     unsafe { trap::install_vectors() };
-    log::info!("stagehand {} on CPU {cpu}: EL2 MMU on, {} CPUs, RAM {:?}", env!("CARGO_PKG_VERSION"), board.cpus.len(), board.memory);
+    log::info!(
+        "stagehand {} on CPU {cpu}: EL2 MMU on, {} CPUs, RAM {:?}",
+        env!("CARGO_PKG_VERSION"),
+        board.cpus.len(),
+        board.memory
+    );
 
     match vm::build(&board, cpu as usize) {
         Ok(boot) => vm::enter_boot_cpu(boot),
@@ -96,7 +100,11 @@ fn dtb_slice(pa: u64) -> &'static [u8] {
 fn panic(info: &core::panic::PanicInfo) -> ! {
     // No allocation here: the panic may have happened with the heap lock held.
     let mut line = console::LineBuffer::new();
-    let _ = write!(line, "\n[stagehand FATAL] panic on CPU {:#x}: {info}\n", arch::mpidr() & 0xff_ffff);
+    let _ = write!(
+        line,
+        "\n[stagehand FATAL] panic on CPU {:#x}: {info}\n",
+        arch::mpidr() & 0xff_ffff
+    );
     console::emergency_write(line.as_str());
     exit::exit(2)
 }

@@ -38,12 +38,13 @@ fn current_vcpu() -> usize {
 /// Called from the vectors with the saved frame.
 #[unsafe(no_mangle)]
 extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
-    match vector {
-        v if v == Vector::GuestSync as u64 => guest_sync(frame),
-        v if v == Vector::El2Sync as u64 => hypervisor_fault(frame, "synchronous exception at EL2"),
-        v if v == Vector::GuestSError as u64 => stop_guest(frame, "SError from the guest"),
-        v if v == Vector::GuestAsync as u64 => stop_guest(frame, "interrupt routed to EL2"),
-        _ => hypervisor_fault(frame, "unexpected exception vector"),
+    match Vector::from_raw(vector) {
+        Vector::GuestSync => guest_sync(frame),
+        Vector::El2Sync => hypervisor_fault(frame, "synchronous exception at EL2"),
+        Vector::El2Async => hypervisor_fault(frame, "interrupt or SError at EL2"),
+        Vector::GuestSError => stop_guest(frame, "SError from the guest"),
+        Vector::GuestAsync => stop_guest(frame, "interrupt routed to EL2"),
+        Vector::Unexpected => hypervisor_fault(frame, "unexpected exception vector"),
     }
 }
 
@@ -84,10 +85,20 @@ fn smccc(frame: &mut TrapFrame) {
         Call::PsciFeatures { function } => status(call::psci_feature(function)),
         Call::CpuSuspend => status(0),
         Call::CpuOff => cpu_off(vm, vcpu),
-        Call::CpuOn { target, entry, context } => match cpu_on(vm, target, entry, context) {
+        Call::CpuOn {
+            target,
+            entry,
+            context,
+        } => match cpu_on(vm, target, entry, context) {
             Ok(()) => status(0),
             Err(error) => {
-                audit(vcpu, Event::Refused { function, status: error as i64 });
+                audit(
+                    vcpu,
+                    Event::Refused {
+                        function,
+                        status: error as i64,
+                    },
+                );
                 status(error as i64)
             }
         },
@@ -97,13 +108,23 @@ fn smccc(frame: &mut TrapFrame) {
         },
         Call::MigrateInfoType => status(2), // No trusted OS needs migrating.
         Call::SystemOff => {
-            audit(vcpu, Event::GuestStop { reason: "system-off" });
+            audit(
+                vcpu,
+                Event::GuestStop {
+                    reason: "system-off",
+                },
+            );
             console::set_guest_running(false);
             log::info!("guest powered off");
             exit::exit(0)
         }
         Call::SystemReset => {
-            audit(vcpu, Event::GuestStop { reason: "system-reset" });
+            audit(
+                vcpu,
+                Event::GuestStop {
+                    reason: "system-reset",
+                },
+            );
             console::set_guest_running(false);
             log::info!("guest asked for a reset");
             exit::system_reset()
@@ -118,7 +139,13 @@ fn smccc(frame: &mut TrapFrame) {
             [0, capabilities, vm.dcache_line, WORK_BUDGET]
         }
         Call::Unimplemented(_) | Call::Unknown(_) => {
-            audit(vcpu, Event::Refused { function, status: Status::NotSupported.code() });
+            audit(
+                vcpu,
+                Event::Refused {
+                    function,
+                    status: Status::NotSupported.code(),
+                },
+            );
             status(Status::NotSupported.code())
         }
     };
@@ -126,19 +153,23 @@ fn smccc(frame: &mut TrapFrame) {
 }
 
 fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> Result<(), PsciError> {
-    if vm.ram.pa_of(entry, 4).is_none() || entry % 4 != 0 {
+    if vm.ram.pa_of(entry, 4).is_none() || !entry.is_multiple_of(4) {
         return Err(PsciError::InvalidAddress);
     }
     let index = vm.power.begin_on(target)?;
     let (slot_entry, slot_context) = &vm.boot_requests[index];
     slot_entry.store(entry, Ordering::Release);
     slot_context.store(context, Ordering::Release);
-    let start = secondary_entry as usize as u64;
-    // A CPU that has just turned itself off may not be off in the firmware yet.
-    for _ in 0..1000 {
+    let start = secondary_entry as *const () as u64;
+    // A CPU that has just turned itself off may not be off in the firmware yet (the guest can
+    // see AFFINITY_INFO = OFF first): keep asking for up to 100 ms of counter time.
+    let deadline = read_sysreg!("cntpct_el0") + read_sysreg!("cntfrq_el0") / 10;
+    loop {
         match smccc::psci::cpu_on::<smccc::Smc>(vm.power.mpidr(index), start, index as u64) {
             Ok(()) => return Ok(()),
-            Err(smccc::psci::Error::AlreadyOn) => core::hint::spin_loop(),
+            Err(smccc::psci::Error::AlreadyOn) if read_sysreg!("cntpct_el0") < deadline => {
+                core::hint::spin_loop()
+            }
             Err(error) => {
                 log::warn!("firmware CPU_ON of vCPU {index} failed: {error:?}");
                 break;
@@ -167,22 +198,48 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
         .iter()
         .find_map(|r| gic::trapped_offset(r.base, r.size, ipa));
     match redistributor {
-        Some(offset) if abort.valid_syndrome && !abort.stage1_walk && ipa % abort.access_size as u64 == 0 => {
+        Some(offset)
+            if abort.valid_syndrome
+                && !abort.stage1_walk
+                && ipa.is_multiple_of(abort.access_size as u64) =>
+        {
             emulate_redistributor(frame, &abort, ipa, offset)
         }
-        _ => inject_abort(frame, if abort.write { Access::Write } else { Access::Read }, ipa),
+        _ => inject_abort(
+            frame,
+            if abort.write {
+                Access::Write
+            } else {
+                Access::Read
+            },
+            ipa,
+        ),
     }
 }
 
 fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, offset: u64) {
     let width = abort.access_size;
-    let size_mask = if width == 8 { u64::MAX } else { (1u64 << (8 * width as u32)) - 1 };
+    let size_mask = if width == 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * width as u32)) - 1
+    };
     let register = abort.register as usize;
     if abort.write {
-        let value = if register == 31 { 0 } else { frame.x[register] & size_mask };
+        let value = if register == 31 {
+            0
+        } else {
+            frame.x[register] & size_mask
+        };
         let decision = gic::decide(offset, Some(value));
         if decision.filtered(Some(value)) {
-            audit(current_vcpu(), Event::Filtered { ipa, requested: value });
+            audit(
+                current_vcpu(),
+                Event::Filtered {
+                    ipa,
+                    requested: value,
+                },
+            );
         }
         if let Decision::Write(value) = decision {
             // SAFETY: MMIO identity: `ipa` is a redistributor register, mapped Device at EL2.

@@ -13,8 +13,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
-use crate::shim::config::{self, Config, ExitMethod};
-use crate::shim::image;
+use hyp_core::config::{self, Config, ExitMethod};
+use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
 use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
@@ -111,7 +111,9 @@ impl fmt::Display for BuildError {
             BuildError::Image(e) => write!(f, "guest image: {e}"),
             BuildError::DeviceTree(e) => write!(f, "guest device tree: {e}"),
             BuildError::Stage2(e) => write!(f, "stage 2: {e}"),
-            BuildError::TooManyCpus(n) => write!(f, "{n} CPUs, but this build supports at most {MAX_CPUS}"),
+            BuildError::TooManyCpus(n) => {
+                write!(f, "{n} CPUs, but this build supports at most {MAX_CPUS}")
+            }
         }
     }
 }
@@ -144,7 +146,9 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
     // this code drives fw_cfg.
     let fw_cfg = unsafe { FwCfg::new(fw_cfg_region.base) }?;
     let config = match fw_cfg.file(config::FW_CFG_NAME)? {
-        Some(bytes) => config::parse(&String::from_utf8_lossy(&bytes)).map_err(BuildError::Config)?,
+        Some(bytes) => {
+            config::parse(&String::from_utf8_lossy(&bytes)).map_err(BuildError::Config)?
+        }
         None => Config::default(),
     };
     log::set_max_level(config.log_level);
@@ -155,16 +159,22 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
         .iter()
         .find(|bank| bank.contains(QEMU_DTB))
         .ok_or(BuildError::Missing("memory bank holding the hypervisor"))?;
-    let ram = layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
+    let ram =
+        layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
     let fwb = config.fwb && cpu_has_fwb();
 
-    let redistributors = board.gic.as_ref().map(|g| g.redistributors.clone()).unwrap_or_default();
+    let redistributors = board
+        .gic
+        .as_ref()
+        .map(|g| g.redistributors.clone())
+        .unwrap_or_default();
     let guest_mmio = guest_mmio(board);
     let root = build_stage2(&ram, &guest_mmio, &redistributors, fwb).map_err(BuildError::Stage2)?;
 
     let (entry, kernel_end) = load_kernel(&fw_cfg, &ram)?;
     let initrd_len = fw_cfg.read_u32(key::INITRD_SIZE)? as u64;
-    let placement = layout::place_boot_images(&ram, kernel_end, initrd_len, 0).map_err(BuildError::Layout)?;
+    let placement =
+        layout::place_boot_images(&ram, kernel_end, initrd_len, 0).map_err(BuildError::Layout)?;
     let initrd = (initrd_len > 0).then(|| Region::new(placement.initrd, initrd_len));
     if let Some(initrd) = initrd {
         let pa = guest_pa(&ram, initrd.base, initrd.size);
@@ -179,7 +189,10 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
             initrd,
             bootargs: command_line.as_deref(),
             allowed_mmio: &guest_mmio,
-            abi_version: (stagehand_abi::ABI_MAJOR as u32, stagehand_abi::ABI_MINOR as u32),
+            abi_version: (
+                stagehand_abi::ABI_MAJOR as u32,
+                stagehand_abi::ABI_MINOR as u32,
+            ),
         },
     )
     .map_err(BuildError::DeviceTree)?;
@@ -193,16 +206,28 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
     arch::clean_invalidate_range(dtb_pa, dtb.len() as u64);
 
     let boot_mpidr = arch::mpidr() & hyp_core::psci::MPIDR_AFFINITY_MASK;
-    let boot_vcpu = board.cpus.iter().position(|&m| m == boot_mpidr).unwrap_or(0);
+    let boot_vcpu = board
+        .cpus
+        .iter()
+        .position(|&m| m == boot_mpidr)
+        .unwrap_or(0);
     let parange = read_sysreg!("id_aa64mmfr0_el1") & 0xf;
     VM.call_once(|| Vm {
         ram,
         power: PowerStates::new(board.cpus.clone(), boot_vcpu),
-        boot_requests: (0..board.cpus.len()).map(|_| (AtomicU64::new(0), AtomicU64::new(0))).collect(),
+        boot_requests: (0..board.cpus.len())
+            .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
+            .collect(),
         hcr: hcr_value(fwb),
         // T0SZ 20, SL0 = 2 (start at level 0), inner/outer write-back walks, inner shareable,
         // 4 KiB granule, PS = the CPU's PA size capped at 44 bits, RES1 bit 31.
-        vtcr: (64 - IPA_BITS as u64) | 2 << 6 | 1 << 8 | 1 << 10 | 3 << 12 | parange.min(4) << 16 | 1 << 31,
+        vtcr: (64 - IPA_BITS as u64)
+            | 2 << 6
+            | 1 << 8
+            | 1 << 10
+            | 3 << 12
+            | parange.min(4) << 16
+            | 1 << 31,
         vttbr: VMID << 48 | root,
         fwb,
         redistributors,
@@ -214,7 +239,11 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
         ram.ipa, ram.size, ram.pa, placement.dtb, dtb.len(),
         initrd.map_or(String::from("none"), |r| format!("{r}")), fwb
     );
-    Ok(BootCpu { vcpu: boot_vcpu, entry, dtb: placement.dtb })
+    Ok(BootCpu {
+        vcpu: boot_vcpu,
+        entry,
+        dtb: placement.dtb,
+    })
 }
 
 /// The MMIO the guest may touch, identity-mapped: its console UART, the RTC, the GIC
@@ -234,10 +263,22 @@ fn guest_mmio(board: &Board) -> Vec<Region> {
     regions
 }
 
-fn build_stage2(ram: &GuestRam, mmio: &[Region], redistributors: &[Region], fwb: bool) -> Result<u64, MapError> {
+fn build_stage2(
+    ram: &GuestRam,
+    mmio: &[Region],
+    redistributors: &[Region],
+    fwb: bool,
+) -> Result<u64, MapError> {
     let mut tables = HeapTables;
     let mut s2 = PageTable::new(&mut tables, Stage2 { fwb }, 0, IPA_BITS)?;
-    s2.map(&mut tables, ram.ipa, ram.pa, ram.size, MemoryType::NormalWriteBack, Permissions::RWX)?;
+    s2.map(
+        &mut tables,
+        ram.ipa,
+        ram.pa,
+        ram.size,
+        MemoryType::NormalWriteBack,
+        Permissions::RWX,
+    )?;
     for region in mmio {
         let start = region.base & !(PAGE_SIZE - 1);
         let end = (region.base + region.size).next_multiple_of(PAGE_SIZE);
@@ -248,12 +289,26 @@ fn build_stage2(ram: &GuestRam, mmio: &[Region], redistributors: &[Region], fwb:
                 let mapped = frame + gic::TRAPPED_PAGE;
                 let frame_end = (frame + gic::REDISTRIBUTOR_STRIDE).min(end);
                 if mapped < frame_end {
-                    s2.map(&mut tables, mapped, mapped, frame_end - mapped, MemoryType::Device, Permissions::RW)?;
+                    s2.map(
+                        &mut tables,
+                        mapped,
+                        mapped,
+                        frame_end - mapped,
+                        MemoryType::Device,
+                        Permissions::RW,
+                    )?;
                 }
                 frame += gic::REDISTRIBUTOR_STRIDE;
             }
         } else {
-            s2.map(&mut tables, start, start, end - start, MemoryType::Device, Permissions::RW)?;
+            s2.map(
+                &mut tables,
+                start,
+                start,
+                end - start,
+                MemoryType::Device,
+                Permissions::RW,
+            )?;
         }
     }
     // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
@@ -264,7 +319,9 @@ fn build_stage2(ram: &GuestRam, mmio: &[Region], redistributors: &[Region], fwb:
 
 /// The PA of guest `[ipa, ipa + len)`, which the caller has checked lies in guest RAM.
 fn guest_pa(ram: &GuestRam, ipa: u64, len: u64) -> u64 {
-    ram.pa_of(ipa, len).unwrap_or_else(|| exit::fatal(format_args!("internal: {ipa:#x}+{len:#x} is not guest RAM")))
+    ram.pa_of(ipa, len).unwrap_or_else(|| {
+        exit::fatal(format_args!("internal: {ipa:#x}+{len:#x} is not guest RAM"))
+    })
 }
 
 /// Loads `-kernel` into guest RAM per its format. Returns the entry point and the end of what it
@@ -285,7 +342,12 @@ fn load_kernel(fw_cfg: &FwCfg, ram: &GuestRam) -> Result<(u64, u64), BuildError>
         // The guest starts with its MMU off: its reads go to memory, so push the image there.
         arch::clean_invalidate_range(pa, segment.mem_size);
     }
-    log::info!("kernel: {:?}, {} bytes, {} segment(s)", plan.format, size, plan.segments.len());
+    log::info!(
+        "kernel: {:?}, {} bytes, {} segment(s)",
+        plan.format,
+        size,
+        plan.segments.len()
+    );
     Ok((plan.entry, plan.end))
 }
 
@@ -308,7 +370,8 @@ fn hcr_value(fwb: bool) -> u64 {
     const ATA: u64 = 1 << 56;
     let isar1 = read_sysreg!("id_aa64isar1_el1");
     let isar2 = read_sysreg!("id_aa64isar2_el1");
-    let has_pauth = (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
+    let has_pauth =
+        (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
     let has_mte2 = (read_sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
     let mut hcr = VM | SWIO | TSC | RW;
     if has_pauth {
@@ -387,8 +450,18 @@ pub fn enter_boot_cpu(boot: BootCpu) -> ! {
     configure_cpu(vm, boot.vcpu);
     arch::tlbi_vmalls12e1is();
     arch::invalidate_icache();
-    audit(boot.vcpu, audit::Event::GuestStart { entry: boot.entry, ram: vm.ram.size });
-    log::info!("entering the guest at {:#x} on vCPU {}", boot.entry, boot.vcpu);
+    audit(
+        boot.vcpu,
+        audit::Event::GuestStart {
+            entry: boot.entry,
+            ram: vm.ram.size,
+        },
+    );
+    log::info!(
+        "entering the guest at {:#x} on vCPU {}",
+        boot.entry,
+        boot.vcpu
+    );
     console::set_guest_running(true);
     enter(boot.vcpu, boot.entry, boot.dtb)
 }
@@ -401,7 +474,10 @@ pub fn enter_secondary(vcpu: usize) -> ! {
     }
     configure_cpu(vm, vcpu);
     let (entry, context) = &vm.boot_requests[vcpu];
-    let (entry, context) = (entry.load(Ordering::Acquire), context.load(Ordering::Acquire));
+    let (entry, context) = (
+        entry.load(Ordering::Acquire),
+        context.load(Ordering::Acquire),
+    );
     vm.power.mark_on(vcpu);
     log::debug!("vCPU {vcpu} on at {entry:#x}");
     enter(vcpu, entry, context)

@@ -58,15 +58,27 @@ pub struct Record {
 
 impl fmt::Display for Record {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "AUDIT seq={} t={} vm=1 vcpu={} ", self.sequence, self.time, self.vcpu)?;
+        write!(
+            f,
+            "AUDIT seq={} t={} vm=1 vcpu={} ",
+            self.sequence, self.time, self.vcpu
+        )?;
         match self.event {
-            Event::GuestStart { entry, ram } => write!(f, "kind=guest-start entry={entry:#x} ram={ram:#x}"),
+            Event::GuestStart { entry, ram } => {
+                write!(f, "kind=guest-start entry={entry:#x} ram={ram:#x}")
+            }
             Event::GuestStop { reason } => write!(f, "kind=guest-stop reason={reason}"),
             Event::Stage2Fault { ipa, access } => {
-                write!(f, "kind=stage2-fault ipa={ipa:#x} access={access} result=abort-injected")
+                write!(
+                    f,
+                    "kind=stage2-fault ipa={ipa:#x} access={access} result=abort-injected"
+                )
             }
             Event::Filtered { ipa, requested } => {
-                write!(f, "kind=refused ipa={ipa:#x} requested={requested:#x} result=filtered")
+                write!(
+                    f,
+                    "kind=refused ipa={ipa:#x} requested={requested:#x} result=filtered"
+                )
             }
             Event::Refused { function, status } => {
                 write!(f, "kind=refused function={function:#010x} status={status}")
@@ -82,7 +94,15 @@ mod tests {
 
     #[test]
     fn line_format_is_stable() {
-        let r = Record { sequence: 7, time: 99, vcpu: 1, event: Event::Stage2Fault { ipa: 0x905_0000, access: "read" } };
+        let r = Record {
+            sequence: 7,
+            time: 99,
+            vcpu: 1,
+            event: Event::Stage2Fault {
+                ipa: 0x905_0000,
+                access: "read",
+            },
+        };
         assert_eq!(
             format!("{r}"),
             "AUDIT seq=7 t=99 vm=1 vcpu=1 kind=stage2-fault ipa=0x9050000 access=read result=abort-injected"

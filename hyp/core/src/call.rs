@@ -60,8 +60,10 @@ pub enum Call {
     Unknown(u32),
 }
 
-/// PSCI functions this hypervisor implements (PSCI_FEATURES answers SUCCESS for these).
-pub const PSCI_IMPLEMENTED: [u32; 12] = [
+/// Functions PSCI_FEATURES answers SUCCESS for: the PSCI functions implemented here, and
+/// SMCCC_VERSION, whose presence tells a caller it may use SMCCC 1.1 discovery.
+pub const PSCI_IMPLEMENTED: [u32; 13] = [
+    SMCCC_VERSION,
     PSCI_VERSION,
     PSCI_CPU_SUSPEND_32,
     PSCI_CPU_SUSPEND_64,
@@ -83,19 +85,33 @@ pub fn decode(x0: u64, args: &[u64; 6]) -> Call {
     let narrow = |v: u64| v & 0xffff_ffff;
     match id {
         SMCCC_VERSION => Call::SmcccVersion,
-        SMCCC_ARCH_FEATURES => Call::SmcccArchFeatures { function: args[0] as u32 },
+        SMCCC_ARCH_FEATURES => Call::SmcccArchFeatures {
+            function: args[0] as u32,
+        },
         PSCI_VERSION => Call::PsciVersion,
-        PSCI_FEATURES => Call::PsciFeatures { function: args[0] as u32 },
+        PSCI_FEATURES => Call::PsciFeatures {
+            function: args[0] as u32,
+        },
         PSCI_CPU_SUSPEND_32 | PSCI_CPU_SUSPEND_64 => Call::CpuSuspend,
         PSCI_CPU_OFF => Call::CpuOff,
-        PSCI_CPU_ON_64 => Call::CpuOn { target: args[0], entry: args[1], context: args[2] },
+        PSCI_CPU_ON_64 => Call::CpuOn {
+            target: args[0],
+            entry: args[1],
+            context: args[2],
+        },
         PSCI_CPU_ON_32 => Call::CpuOn {
             target: narrow(args[0]),
             entry: narrow(args[1]),
             context: narrow(args[2]),
         },
-        PSCI_AFFINITY_INFO_64 => Call::AffinityInfo { target: args[0], level: args[1] },
-        PSCI_AFFINITY_INFO_32 => Call::AffinityInfo { target: narrow(args[0]), level: narrow(args[1]) },
+        PSCI_AFFINITY_INFO_64 => Call::AffinityInfo {
+            target: args[0],
+            level: args[1],
+        },
+        PSCI_AFFINITY_INFO_32 => Call::AffinityInfo {
+            target: narrow(args[0]),
+            level: narrow(args[1]),
+        },
         PSCI_MIGRATE_INFO_TYPE => Call::MigrateInfoType,
         PSCI_SYSTEM_OFF => Call::SystemOff,
         PSCI_SYSTEM_RESET => Call::SystemReset,
@@ -143,26 +159,45 @@ mod tests {
         let args = [0xffff_0000_0000_0001, 0xffff_0000_4008_0000, 7, 0, 0, 0];
         assert_eq!(
             decode(PSCI_CPU_ON_32 as u64, &args),
-            Call::CpuOn { target: 1, entry: 0x4008_0000, context: 7 }
+            Call::CpuOn {
+                target: 1,
+                entry: 0x4008_0000,
+                context: 7
+            }
         );
         assert_eq!(
             decode(PSCI_CPU_ON_64 as u64, &args),
-            Call::CpuOn { target: args[0], entry: args[1], context: 7 }
+            Call::CpuOn {
+                target: args[0],
+                entry: args[1],
+                context: 7
+            }
         );
     }
 
     #[test]
     fn function_id_is_w0_only() {
-        assert_eq!(decode(0xdead_beef_0000_0000 | PSCI_VERSION as u64, &[0; 6]), Call::PsciVersion);
+        assert_eq!(
+            decode(0xdead_beef_0000_0000 | PSCI_VERSION as u64, &[0; 6]),
+            Call::PsciVersion
+        );
     }
 
     #[test]
     fn abi_calls_and_unknown_ids() {
         assert_eq!(decode(function::CALL_UID as u64, &[0; 6]), Call::CallUid);
-        assert_eq!(decode(function::DMA_MAP as u64, &[0; 6]), Call::Unimplemented(function::DMA_MAP));
+        assert_eq!(
+            decode(function::DMA_MAP as u64, &[0; 6]),
+            Call::Unimplemented(function::DMA_MAP)
+        );
         assert_eq!(decode(0xC600_0FFF, &[0; 6]), Call::Unknown(0xC600_0FFF));
         assert_eq!(psci_feature(PSCI_CPU_ON_64), 0);
         assert_eq!(psci_feature(PSCI_SYSTEM_RESET2_64), -1);
+        assert_eq!(
+            psci_feature(SMCCC_VERSION),
+            0,
+            "Linux asks before using SMCCC 1.1"
+        );
         assert_eq!(arch_feature(SMCCC_VERSION), 0);
         assert_eq!(arch_feature(0x8000_8000), -1);
     }

@@ -119,7 +119,13 @@ pub struct Syndrome(pub u64);
 impl fmt::Display for Syndrome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let class = ExceptionClass::from_esr(self.0);
-        write!(f, "ESR {:#010x}: EC {:#04x} ({})", self.0, (self.0 >> 26) & 0x3f, class.name())?;
+        write!(
+            f,
+            "ESR {:#010x}: EC {:#04x} ({})",
+            self.0,
+            (self.0 >> 26) & 0x3f,
+            class.name()
+        )?;
         match class {
             ExceptionClass::DataAbortLower | ExceptionClass::DataAbortSame => {
                 let abort = DataAbort::from_esr(self.0);
@@ -147,10 +153,16 @@ mod tests {
     fn decodes_a_guest_str_w1_abort() {
         // EC 0x24, IL, ISV, SAS=2 (word), SRT=1, WnR, DFSC translation fault level 3.
         let esr = 0x24 << 26 | 1 << 25 | 1 << 24 | 2 << 22 | 1 << 16 | 1 << 6 | 0x07;
-        assert_eq!(ExceptionClass::from_esr(esr), ExceptionClass::DataAbortLower);
+        assert_eq!(
+            ExceptionClass::from_esr(esr),
+            ExceptionClass::DataAbortLower
+        );
         let abort = DataAbort::from_esr(esr);
         assert!(abort.valid_syndrome && abort.write);
-        assert_eq!((abort.access_size, abort.register, abort.status), (4, 1, 0x07));
+        assert_eq!(
+            (abort.access_size, abort.register, abort.status),
+            (4, 1, 0x07)
+        );
         assert_eq!(
             format!("{}", Syndrome(esr)),
             "ESR 0x93810047: EC 0x24 (data abort from lower EL), translation fault on write"
@@ -159,6 +171,9 @@ mod tests {
 
     #[test]
     fn fault_ipa_combines_hpfar_page_and_far_offset() {
-        assert_eq!(fault_ipa(0x0905_0000 >> 8, 0xffff_0000_0000_0abc), 0x0905_0abc);
+        assert_eq!(
+            fault_ipa(0x0905_0000 >> 8, 0xffff_0000_0000_0abc),
+            0x0905_0abc
+        );
     }
 }

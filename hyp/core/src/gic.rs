@@ -51,15 +51,20 @@ impl Decision {
 /// one of the redistributors in `[base, base + size)`.
 pub fn trapped_offset(base: u64, size: u64, ipa: u64) -> Option<u64> {
     let offset = ipa.checked_sub(base)?;
-    (offset < size && offset % REDISTRIBUTOR_STRIDE < TRAPPED_PAGE).then_some(offset % REDISTRIBUTOR_STRIDE)
+    (offset < size && offset % REDISTRIBUTOR_STRIDE < TRAPPED_PAGE)
+        .then_some(offset % REDISTRIBUTOR_STRIDE)
 }
 
 /// Decides an access at `offset` in the RD frame: `write` holds the value of a store.
 pub fn decide(offset: u64, write: Option<u64>) -> Decision {
     match (offset, write) {
         (GICR_CTLR, Some(value)) => Decision::Write(value & !CTLR_ENABLE_LPIS),
-        (GICR_CTLR, None) => Decision::Read { clear: CTLR_ENABLE_LPIS },
-        (GICR_TYPER, None) => Decision::Read { clear: TYPER_PLPIS | TYPER_DIRECT_LPI },
+        (GICR_CTLR, None) => Decision::Read {
+            clear: CTLR_ENABLE_LPIS,
+        },
+        (GICR_TYPER, None) => Decision::Read {
+            clear: TYPER_PLPIS | TYPER_DIRECT_LPI,
+        },
         (GICR_TYPER | GICR_TYPER_HIGH, Some(_)) => Decision::Ignore,
         (GICR_PROPBASER | GICR_PENDBASER, None) => Decision::ReadAs(0),
         (GICR_PROPBASER | GICR_PENDBASER, Some(_)) => Decision::Ignore,
@@ -83,7 +88,10 @@ mod tests {
         assert_eq!(decide(GICR_TYPER, None), Decision::Read { clear: 0b1001 });
         assert_eq!(decide(0x40, Some(5)), Decision::Ignore);
         assert!(decide(GICR_PROPBASER, Some(1)).filtered(Some(1)));
-        assert!(!decide(0x14, Some(2)).filtered(Some(2)), "GICR_WAKER passes through");
+        assert!(
+            !decide(0x14, Some(2)).filtered(Some(2)),
+            "GICR_WAKER passes through"
+        );
     }
 
     #[test]
@@ -92,7 +100,11 @@ mod tests {
         assert_eq!(trapped_offset(base, size, base + 0x70), Some(0x70));
         assert_eq!(trapped_offset(base, size, base + 0x2_0014), Some(0x14));
         assert_eq!(trapped_offset(base, size, base + 0x1000), None);
-        assert_eq!(trapped_offset(base, size, base + 0x1_0000), None, "SGI frame is mapped");
+        assert_eq!(
+            trapped_offset(base, size, base + 0x1_0000),
+            None,
+            "SGI frame is mapped"
+        );
         assert_eq!(trapped_offset(base, size, base + size), None);
         assert_eq!(trapped_offset(base, size, base - 4), None);
     }

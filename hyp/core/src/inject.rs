@@ -70,7 +70,11 @@ pub fn external_abort(guest: &GuestContext, far: u64, access: Access) -> Injecti
         (_, false) => 0x25,
     };
     let write = if access == Access::Write { WNR } else { 0 };
-    let pan = if guest.sctlr & SCTLR_SPAN == 0 { PAN } else { guest.spsr & PAN };
+    let pan = if guest.sctlr & SCTLR_SPAN == 0 {
+        PAN
+    } else {
+        guest.spsr & PAN
+    };
     Injection {
         elr_el2: guest.vbar + vector_offset,
         spsr_el2: MODE_EL1H | DAIF | pan,
@@ -85,22 +89,33 @@ pub fn external_abort(guest: &GuestContext, far: u64, access: Access) -> Injecti
 mod tests {
     use super::*;
 
-    const GUEST: GuestContext =
-        GuestContext { spsr: 0x3c5, elr: 0x4008_1000, vbar: 0x4009_0000, sctlr: 1 << 23 };
+    const GUEST: GuestContext = GuestContext {
+        spsr: 0x3c5,
+        elr: 0x4008_1000,
+        vbar: 0x4009_0000,
+        sctlr: 1 << 23,
+    };
 
     #[test]
     fn data_abort_from_el1h_goes_to_the_current_el_spx_vector() {
         let i = external_abort(&GUEST, 0xdead_b000, Access::Write);
         assert_eq!(i.elr_el2, 0x4009_0200);
         assert_eq!(i.esr_el1, 0x9600_0050);
-        assert_eq!((i.elr_el1, i.spsr_el1, i.far_el1), (0x4008_1000, 0x3c5, 0xdead_b000));
+        assert_eq!(
+            (i.elr_el1, i.spsr_el1, i.far_el1),
+            (0x4008_1000, 0x3c5, 0xdead_b000)
+        );
         assert_eq!(i.spsr_el2 & 0xf, MODE_EL1H);
         assert_eq!(i.spsr_el2 & DAIF, DAIF);
     }
 
     #[test]
     fn fetch_abort_from_el0_goes_to_the_lower_el_vector() {
-        let guest = GuestContext { spsr: 0, sctlr: 0, ..GUEST };
+        let guest = GuestContext {
+            spsr: 0,
+            sctlr: 0,
+            ..GUEST
+        };
         let i = external_abort(&guest, 0x1000, Access::Fetch);
         assert_eq!(i.elr_el2, 0x4009_0400);
         assert_eq!(i.esr_el1 >> 26, 0x20);

@@ -14,8 +14,6 @@ pub const GUEST_RAM_IPA: u64 = 0x4000_0000;
 pub const HYP_RESERVED: u64 = 64 << 20;
 /// Guest RAM is sized and placed in 2 MiB units so stage 2 can use block mappings.
 pub const GUEST_RAM_ALIGN: u64 = 2 << 20;
-/// Where a raw binary is loaded, relative to the start of guest RAM.
-pub const RAW_IMAGE_OFFSET: u64 = 0x8_0000;
 
 /// Guest RAM: the same bytes seen from both sides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,19 +85,30 @@ impl fmt::Display for LayoutError {
 ///
 /// # Errors
 /// [`LayoutError::RamTooSmall`] or [`LayoutError::RequestTooLarge`].
-pub fn guest_ram(ram_base: u64, ram_size: u64, requested: Option<u64>) -> Result<GuestRam, LayoutError> {
+pub fn guest_ram(
+    ram_base: u64,
+    ram_size: u64,
+    requested: Option<u64>,
+) -> Result<GuestRam, LayoutError> {
     let available = ram_size.saturating_sub(HYP_RESERVED) & !(GUEST_RAM_ALIGN - 1);
     if available == 0 {
         return Err(LayoutError::RamTooSmall { ram: ram_size });
     }
     let size = match requested {
         Some(requested) if requested > available => {
-            return Err(LayoutError::RequestTooLarge { requested, available })
+            return Err(LayoutError::RequestTooLarge {
+                requested,
+                available,
+            })
         }
         Some(requested) => requested,
         None => available,
     };
-    Ok(GuestRam { ipa: GUEST_RAM_IPA, pa: ram_base + HYP_RESERVED, size })
+    Ok(GuestRam {
+        ipa: GUEST_RAM_IPA,
+        pa: ram_base + HYP_RESERVED,
+        size,
+    })
 }
 
 /// Where the initrd and device tree go.
@@ -129,7 +138,10 @@ pub fn place_boot_images(
         return Err(LayoutError::ImagesDoNotFit);
     }
     let dtb = ram.ipa_end() - DTB_SLOT;
-    let initrd = dtb.checked_sub(initrd_len).ok_or(LayoutError::ImagesDoNotFit)? & !0xfff;
+    let initrd = dtb
+        .checked_sub(initrd_len)
+        .ok_or(LayoutError::ImagesDoNotFit)?
+        & !0xfff;
     if initrd < kernel_end || initrd < ram.ipa {
         return Err(LayoutError::ImagesDoNotFit);
     }
@@ -153,12 +165,20 @@ mod tests {
 
     #[test]
     fn requested_size_is_honoured_or_refused() {
-        assert_eq!(guest_ram(0x4000_0000, 1 << 30, Some(256 << 20)).unwrap().size, 256 << 20);
+        assert_eq!(
+            guest_ram(0x4000_0000, 1 << 30, Some(256 << 20))
+                .unwrap()
+                .size,
+            256 << 20
+        );
         assert!(matches!(
             guest_ram(0x4000_0000, 1 << 30, Some(1 << 30)),
             Err(LayoutError::RequestTooLarge { .. })
         ));
-        assert!(matches!(guest_ram(0x4000_0000, 32 << 20, None), Err(LayoutError::RamTooSmall { .. })));
+        assert!(matches!(
+            guest_ram(0x4000_0000, 32 << 20, None),
+            Err(LayoutError::RamTooSmall { .. })
+        ));
     }
 
     #[test]
@@ -171,6 +191,9 @@ mod tests {
             place_boot_images(&ram, 0x4f00_0000, 0x100_0000, 0x3000),
             Err(LayoutError::ImagesDoNotFit)
         );
-        assert_eq!(place_boot_images(&ram, 0x4008_0000, 0, 3 << 20), Err(LayoutError::ImagesDoNotFit));
+        assert_eq!(
+            place_boot_images(&ram, 0x4008_0000, 0, 3 << 20),
+            Err(LayoutError::ImagesDoNotFit)
+        );
     }
 }

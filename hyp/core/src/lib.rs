@@ -3,5 +3,17 @@
 //! calls into it, and `cargo test` runs it on the host.
 
 #![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
 
 extern crate alloc;
+
+pub mod audit;
+pub mod call;
+pub mod config;
+pub mod esr;
+pub mod gic;
+pub mod image;
+pub mod inject;
+pub mod layout;
+pub mod pagetable;
+pub mod psci;

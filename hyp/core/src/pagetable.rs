@@ -52,9 +52,15 @@ pub struct Permissions {
 
 impl Permissions {
     /// Read, write and execute: guest RAM, the hypervisor's own image.
-    pub const RWX: Permissions = Permissions { write: true, execute: true };
+    pub const RWX: Permissions = Permissions {
+        write: true,
+        execute: true,
+    };
     /// Read and write, never execute: MMIO and data.
-    pub const RW: Permissions = Permissions { write: true, execute: false };
+    pub const RW: Permissions = Permissions {
+        write: true,
+        execute: false,
+    };
 }
 
 /// How a translation regime encodes a leaf descriptor.
@@ -87,7 +93,9 @@ impl fmt::Display for MapError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MapError::OutOfTableMemory => write!(f, "out of memory for translation tables"),
-            MapError::AlreadyMapped { address } => write!(f, "address {address:#x} is already mapped"),
+            MapError::AlreadyMapped { address } => {
+                write!(f, "address {address:#x} is already mapped")
+            }
             MapError::Misaligned => write!(f, "range is not 4 KiB-aligned"),
             MapError::OutOfRange => write!(f, "range exceeds the input-address size"),
         }
@@ -142,7 +150,12 @@ impl<F: Format> PageTable<F> {
         debug_assert!(start_level <= 2);
         debug_assert!(input_bits <= level_shift(start_level) + 9);
         let root = memory.allocate().ok_or(MapError::OutOfTableMemory)?;
-        Ok(Self { root, start_level, input_bits, format })
+        Ok(Self {
+            root,
+            start_level,
+            input_bits,
+            format,
+        })
     }
 
     /// Physical address of the root table (for TTBR/VTTBR).
@@ -170,12 +183,19 @@ impl<F: Format> PageTable<F> {
         memory_type: MemoryType,
         permissions: Permissions,
     ) -> Result<(), MapError> {
-        if input % PAGE_SIZE != 0 || output % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !input.is_multiple_of(PAGE_SIZE)
+            || !output.is_multiple_of(PAGE_SIZE)
+            || !size.is_multiple_of(PAGE_SIZE)
+        {
             return Err(MapError::Misaligned);
         }
         let end = input.checked_add(size).ok_or(MapError::OutOfRange)?;
         output.checked_add(size).ok_or(MapError::OutOfRange)?;
-        if end > 1u64 << self.input_bits || output.checked_add(size).map_or(true, |e| e > ADDRESS_MASK + PAGE_SIZE) {
+        if end > 1u64 << self.input_bits
+            || output
+                .checked_add(size)
+                .is_none_or(|e| e > ADDRESS_MASK + PAGE_SIZE)
+        {
             return Err(MapError::OutOfRange);
         }
         let attributes = self.format.leaf_attributes(memory_type, permissions);
@@ -186,8 +206,8 @@ impl<F: Format> PageTable<F> {
                 .find(|&level| {
                     let block = level_size(level);
                     level >= self.start_level.max(1)
-                        && at % block == 0
-                        && out % block == 0
+                        && at.is_multiple_of(block)
+                        && out.is_multiple_of(block)
                         && end - at >= block
                 })
                 .unwrap_or(3);
@@ -322,17 +342,29 @@ const EL2_XN: u64 = 1 << 54;
 
 impl Format for Stage2 {
     fn leaf_attributes(&self, memory: MemoryType, permissions: Permissions) -> u64 {
-        let shareability = if memory == MemoryType::Device { 0 } else { SH_INNER };
+        let shareability = if memory == MemoryType::Device {
+            0
+        } else {
+            SH_INNER
+        };
         let write = if permissions.write { S2AP_WRITE } else { 0 };
-        let execute = if permissions.execute && memory != MemoryType::Device { 0 } else { S2_XN };
+        let execute = if permissions.execute && memory != MemoryType::Device {
+            0
+        } else {
+            S2_XN
+        };
         self.mem_attr(memory) << 2 | S2AP_READ | write | shareability | ACCESS_FLAG | execute
     }
 
     fn decode(&self, descriptor: u64) -> Option<(MemoryType, Permissions)> {
         let attr = (descriptor >> 2) & 0xf;
-        let memory = [MemoryType::NormalWriteBack, MemoryType::NormalNonCacheable, MemoryType::Device]
-            .into_iter()
-            .find(|&m| self.mem_attr(m) == attr)?;
+        let memory = [
+            MemoryType::NormalWriteBack,
+            MemoryType::NormalNonCacheable,
+            MemoryType::Device,
+        ]
+        .into_iter()
+        .find(|&m| self.mem_attr(m) == attr)?;
         Some((
             memory,
             Permissions {
@@ -362,9 +394,21 @@ impl El2 {
 
 impl Format for El2 {
     fn leaf_attributes(&self, memory: MemoryType, permissions: Permissions) -> u64 {
-        let shareability = if memory == MemoryType::Device { 0 } else { SH_INNER };
-        let read_only = if permissions.write { 0 } else { EL2_AP_READ_ONLY };
-        let execute = if permissions.execute && memory != MemoryType::Device { 0 } else { EL2_XN };
+        let shareability = if memory == MemoryType::Device {
+            0
+        } else {
+            SH_INNER
+        };
+        let read_only = if permissions.write {
+            0
+        } else {
+            EL2_AP_READ_ONLY
+        };
+        let execute = if permissions.execute && memory != MemoryType::Device {
+            0
+        } else {
+            EL2_XN
+        };
         Self::attr_index(memory) << 2 | read_only | shareability | ACCESS_FLAG | execute
     }
 
@@ -400,7 +444,10 @@ pub(crate) mod fake {
 
     impl VecMemory {
         pub fn new(limit: usize) -> Self {
-            Self { tables: Vec::new(), limit }
+            Self {
+                tables: Vec::new(),
+                limit,
+            }
         }
     }
 
@@ -435,12 +482,23 @@ mod tests {
     fn aligned_ram_uses_2mib_blocks_and_offsets_output() {
         let mut mem = VecMemory::new(64);
         let mut s2 = stage2(true, &mut mem);
-        s2.map(&mut mem, 0x4000_0000, 0x4400_0000, 64 << 20, MemoryType::NormalWriteBack, Permissions::RWX)
-            .unwrap();
+        s2.map(
+            &mut mem,
+            0x4000_0000,
+            0x4400_0000,
+            64 << 20,
+            MemoryType::NormalWriteBack,
+            Permissions::RWX,
+        )
+        .unwrap();
         let t = s2.translate(&mut mem, 0x4000_1234).unwrap();
         assert_eq!(t.output, 0x4400_1234);
         assert_eq!(t.level, 2);
-        assert_eq!(s2.translate(&mut mem, 0x4400_0000), None, "end of range is unmapped");
+        assert_eq!(
+            s2.translate(&mut mem, 0x4400_0000),
+            None,
+            "end of range is unmapped"
+        );
         assert_eq!(s2.translate(&mut mem, 0x3fff_f000), None);
         let mut leaves = Vec::new();
         s2.for_each_leaf(&mut mem, &mut |i, o, s, _| leaves.push((i, o, s)));
@@ -452,12 +510,35 @@ mod tests {
     fn gib_aligned_ranges_use_1gib_blocks_and_ragged_edges_use_pages() {
         let mut mem = VecMemory::new(64);
         let mut s2 = stage2(false, &mut mem);
-        s2.map(&mut mem, 0x80_0000_0000, 0x80_0000_0000, 2 * GIB, MemoryType::Device, Permissions::RW).unwrap();
+        s2.map(
+            &mut mem,
+            0x80_0000_0000,
+            0x80_0000_0000,
+            2 * GIB,
+            MemoryType::Device,
+            Permissions::RW,
+        )
+        .unwrap();
         assert_eq!(s2.translate(&mut mem, 0x80_4000_0000).unwrap().level, 1);
-        s2.map(&mut mem, 0x0900_0000, 0x0900_0000, 0x1000, MemoryType::Device, Permissions::RW).unwrap();
+        s2.map(
+            &mut mem,
+            0x0900_0000,
+            0x0900_0000,
+            0x1000,
+            MemoryType::Device,
+            Permissions::RW,
+        )
+        .unwrap();
         assert_eq!(s2.translate(&mut mem, 0x0900_0fff).unwrap().level, 3);
-        s2.map(&mut mem, 0x4000_1000, 0x5000_1000, MIB2 + 0x1000, MemoryType::NormalWriteBack, Permissions::RWX)
-            .unwrap();
+        s2.map(
+            &mut mem,
+            0x4000_1000,
+            0x5000_1000,
+            MIB2 + 0x1000,
+            MemoryType::NormalWriteBack,
+            Permissions::RWX,
+        )
+        .unwrap();
         assert_eq!(s2.translate(&mut mem, 0x4000_1000).unwrap().level, 3);
     }
 
@@ -465,21 +546,59 @@ mod tests {
     fn refuses_overlap_misalignment_and_out_of_range() {
         let mut mem = VecMemory::new(64);
         let mut s2 = stage2(true, &mut mem);
-        s2.map(&mut mem, 0x4000_0000, 0x4000_0000, MIB2, MemoryType::NormalWriteBack, Permissions::RWX).unwrap();
+        s2.map(
+            &mut mem,
+            0x4000_0000,
+            0x4000_0000,
+            MIB2,
+            MemoryType::NormalWriteBack,
+            Permissions::RWX,
+        )
+        .unwrap();
         assert_eq!(
-            s2.map(&mut mem, 0x4010_0000, 0x0, 0x1000, MemoryType::Device, Permissions::RW),
-            Err(MapError::AlreadyMapped { address: 0x4010_0000 })
+            s2.map(
+                &mut mem,
+                0x4010_0000,
+                0x0,
+                0x1000,
+                MemoryType::Device,
+                Permissions::RW
+            ),
+            Err(MapError::AlreadyMapped {
+                address: 0x4010_0000
+            })
         );
         assert_eq!(
-            s2.map(&mut mem, 0x123, 0, 0x1000, MemoryType::Device, Permissions::RW),
+            s2.map(
+                &mut mem,
+                0x123,
+                0,
+                0x1000,
+                MemoryType::Device,
+                Permissions::RW
+            ),
             Err(MapError::Misaligned)
         );
         assert_eq!(
-            s2.map(&mut mem, (1 << 44) - 0x1000, 0, 0x2000, MemoryType::Device, Permissions::RW),
+            s2.map(
+                &mut mem,
+                (1 << 44) - 0x1000,
+                0,
+                0x2000,
+                MemoryType::Device,
+                Permissions::RW
+            ),
             Err(MapError::OutOfRange)
         );
         assert_eq!(
-            s2.map(&mut mem, u64::MAX - 0xfff, 0, 0x2000, MemoryType::Device, Permissions::RW),
+            s2.map(
+                &mut mem,
+                u64::MAX - 0xfff,
+                0,
+                0x2000,
+                MemoryType::Device,
+                Permissions::RW
+            ),
             Err(MapError::OutOfRange)
         );
     }
@@ -502,9 +621,16 @@ mod tests {
         let wb = plain.leaf_attributes(MemoryType::NormalWriteBack, Permissions::RWX);
         assert_eq!((wb_fwb >> 2) & 0xf, 0b0110);
         assert_eq!((wb >> 2) & 0xf, 0b1111);
-        assert_eq!((plain.leaf_attributes(MemoryType::NormalNonCacheable, Permissions::RWX) >> 2) & 0xf, 0b0101);
+        assert_eq!(
+            (plain.leaf_attributes(MemoryType::NormalNonCacheable, Permissions::RWX) >> 2) & 0xf,
+            0b0101
+        );
         for format in [fwb, plain] {
-            for memory in [MemoryType::NormalWriteBack, MemoryType::NormalNonCacheable, MemoryType::Device] {
+            for memory in [
+                MemoryType::NormalWriteBack,
+                MemoryType::NormalNonCacheable,
+                MemoryType::Device,
+            ] {
                 let d = format.leaf_attributes(memory, Permissions::RW);
                 assert_eq!(format.decode(d), Some((memory, Permissions::RW)));
                 assert_ne!(d & ACCESS_FLAG, 0, "QEMU's SMMU has no hardware AF update");
@@ -518,7 +644,10 @@ mod tests {
     fn el2_descriptors_match_mair() {
         assert_eq!((El2::MAIR >> 8) & 0xff, 0xff);
         let d = El2.leaf_attributes(MemoryType::NormalWriteBack, Permissions::RWX);
-        assert_eq!(El2.decode(d), Some((MemoryType::NormalWriteBack, Permissions::RWX)));
+        assert_eq!(
+            El2.decode(d),
+            Some((MemoryType::NormalWriteBack, Permissions::RWX))
+        );
         let dev = El2.leaf_attributes(MemoryType::Device, Permissions::RW);
         assert_ne!(dev & EL2_XN, 0);
     }

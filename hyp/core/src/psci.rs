@@ -59,7 +59,13 @@ impl PowerStates {
     /// All vCPUs off except `boot`.
     pub fn new(mpidrs: Vec<u64>, boot: usize) -> Self {
         let states = (0..mpidrs.len())
-            .map(|i| AtomicU8::new(if i == boot { PowerState::On } else { PowerState::Off } as u8))
+            .map(|i| {
+                AtomicU8::new(if i == boot {
+                    PowerState::On
+                } else {
+                    PowerState::Off
+                } as u8)
+            })
             .collect();
         Self { mpidrs, states }
     }
@@ -82,7 +88,9 @@ impl PowerStates {
     /// The vCPU whose MPIDR affinity is `mpidr`.
     pub fn index_of(&self, mpidr: u64) -> Option<usize> {
         let want = mpidr & MPIDR_AFFINITY_MASK;
-        self.mpidrs.iter().position(|&m| m & MPIDR_AFFINITY_MASK == want)
+        self.mpidrs
+            .iter()
+            .position(|&m| m & MPIDR_AFFINITY_MASK == want)
     }
 
     /// Current state of vCPU `index`.

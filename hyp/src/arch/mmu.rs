@@ -5,7 +5,9 @@
 use super::{dsb_sy, invalidate_range, isb};
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
-use hyp_core::pagetable::{El2, MapError, MemoryType, PageTable, Permissions, Table, TableMemory, PAGE_SIZE};
+use hyp_core::pagetable::{
+    El2, MapError, MemoryType, PageTable, Permissions, Table, TableMemory, PAGE_SIZE,
+};
 
 /// EL2 virtual-address bits (T0SZ = 16): a level-0 walk covering every PA QEMU virt uses.
 const VA_BITS: u32 = 48;
@@ -71,7 +73,8 @@ pub struct HeapTables;
 
 impl TableMemory for HeapTables {
     fn allocate(&mut self) -> Option<u64> {
-        let layout = core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize).ok()?;
+        let layout =
+            core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize).ok()?;
         // SAFETY: the layout has a non-zero size.
         let ptr = unsafe { alloc::alloc::alloc_zeroed(layout) };
         (!ptr.is_null()).then_some(ptr as u64)
@@ -88,15 +91,33 @@ impl TableMemory for HeapTables {
 ///
 /// # Errors
 /// A [`MapError`] when the boot tables run out or regions overlap.
-pub fn build(tables: &mut BootTables, ram: &[(u64, u64)], mmio: &[(u64, u64)]) -> Result<PageTable<El2>, MapError> {
+pub fn build(
+    tables: &mut BootTables,
+    ram: &[(u64, u64)],
+    mmio: &[(u64, u64)],
+) -> Result<PageTable<El2>, MapError> {
     let mut map = PageTable::new(tables, El2, 0, VA_BITS)?;
     for &(base, size) in ram {
-        map.map(tables, base, base, size, MemoryType::NormalWriteBack, Permissions::RWX)?;
+        map.map(
+            tables,
+            base,
+            base,
+            size,
+            MemoryType::NormalWriteBack,
+            Permissions::RWX,
+        )?;
     }
     for &(base, size) in mmio {
         let start = base & !(PAGE_SIZE - 1);
         let end = (base + size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
-        map.map(tables, start, start, end - start, MemoryType::Device, Permissions::RW)?;
+        map.map(
+            tables,
+            start,
+            start,
+            end - start,
+            MemoryType::Device,
+            Permissions::RW,
+        )?;
     }
     Ok(map)
 }
@@ -113,7 +134,8 @@ pub unsafe fn enable(map: &PageTable<El2>) {
         unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
         (v & 0xf).min(5)
     };
-    let tcr = (64 - VA_BITS as u64) | 1 << 8 | 1 << 10 | 3 << 12 | parange << 16 | 1 << 23 | 1 << 31;
+    let tcr =
+        (64 - VA_BITS as u64) | 1 << 8 | 1 << 10 | 3 << 12 | parange << 16 | 1 << 23 | 1 << 31;
     let values = [El2::MAIR, tcr, map.root(), SCTLR_EL2_ON];
     for (slot, value) in SECONDARY_MMU.iter().zip(values) {
         slot.store(value, Ordering::Relaxed);
@@ -168,24 +190,51 @@ pub fn extend(
     for bank in &board.memory {
         let (start, end) = (bank.base, bank.base + bank.size);
         // The parts of the bank below and above the reserved region.
-        for (from, to) in [(start, end.min(reserved_start)), (start.max(reserved_end), end)] {
+        for (from, to) in [
+            (start, end.min(reserved_start)),
+            (start.max(reserved_end), end),
+        ] {
             let (from, to) = (from.next_multiple_of(PAGE_SIZE), to & !(PAGE_SIZE - 1));
             if from < to {
-                map.map(tables, from, from, to - from, MemoryType::NormalWriteBack, Permissions::RWX)?;
+                map.map(
+                    tables,
+                    from,
+                    from,
+                    to - from,
+                    MemoryType::NormalWriteBack,
+                    Permissions::RWX,
+                )?;
             }
         }
     }
-    let mut mmio: alloc::vec::Vec<(u64, u64)> = board.uarts.iter().map(|u| (u.region.base, u.region.size)).collect();
+    let mut mmio: alloc::vec::Vec<(u64, u64)> = board
+        .uarts
+        .iter()
+        .map(|u| (u.region.base, u.region.size))
+        .collect();
     if let Some(gic) = &board.gic {
         mmio.push((gic.distributor.base, gic.distributor.size));
         mmio.extend(gic.redistributors.iter().map(|r| (r.base, r.size)));
     }
-    mmio.extend(board.fw_cfg.iter().chain(board.smmu.iter()).map(|r| (r.base, r.size)));
+    mmio.extend(
+        board
+            .fw_cfg
+            .iter()
+            .chain(board.smmu.iter())
+            .map(|r| (r.base, r.size)),
+    );
     mmio.extend(board.pcie.iter().map(|p| (p.ecam.base, p.ecam.size)));
     for (base, size) in mmio {
         let start = base & !(PAGE_SIZE - 1);
         let end = (base + size).next_multiple_of(PAGE_SIZE);
-        map.map(tables, start, start, end - start, MemoryType::Device, Permissions::RW)?;
+        map.map(
+            tables,
+            start,
+            start,
+            end - start,
+            MemoryType::Device,
+            Permissions::RW,
+        )?;
     }
     super::dsb_ish();
     isb();

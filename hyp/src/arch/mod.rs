@@ -77,13 +77,27 @@ pub fn invalidate_range(start: u64, len: u64) {
 /// Invalidates the whole instruction cache to the point of unification, inner shareable.
 pub fn invalidate_icache() {
     // SAFETY: IC IALLUIS only drops instruction-cache contents.
-    unsafe { asm!("ic ialluis", "dsb ish", "isb", options(nostack, preserves_flags)) };
+    unsafe {
+        asm!(
+            "ic ialluis",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
 }
 
 /// Invalidates every stage-1 and stage-2 TLB entry of the current VMID, inner shareable.
 pub fn tlbi_vmalls12e1is() {
     // SAFETY: TLB invalidation only forces later walks.
-    unsafe { asm!("tlbi vmalls12e1is", "dsb ish", "isb", options(nostack, preserves_flags)) };
+    unsafe {
+        asm!(
+            "tlbi vmalls12e1is",
+            "dsb ish",
+            "isb",
+            options(nostack, preserves_flags)
+        )
+    };
 }
 
 /// The MPIDR_EL1 of this CPU.

@@ -38,6 +38,20 @@ pub enum Vector {
     Unexpected = 5,
 }
 
+impl Vector {
+    /// The vector number the assembly passes in x1.
+    pub fn from_raw(raw: u64) -> Self {
+        match raw {
+            0 => Vector::El2Sync,
+            1 => Vector::El2Async,
+            2 => Vector::GuestSync,
+            3 => Vector::GuestAsync,
+            4 => Vector::GuestSError,
+            _ => Vector::Unexpected,
+        }
+    }
+}
+
 global_asm!(
     r#"
     .macro VECTOR kind
