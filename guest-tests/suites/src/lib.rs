@@ -1,2 +1,28 @@
-//! Shared helpers for the suites.
+//! Helpers shared by the suites: the hypervisor's own calls and small formatting aids.
 #![no_std]
+
+extern crate alloc;
+
+use stagehand_abi::Regs;
+
+/// Issues a stagehand hypercall over HVC with up to six arguments.
+pub fn hypercall(function: u32, args: &[u64]) -> Regs {
+    stagehand_abi::client::call_with(function, args)
+}
+
+/// x0 of a call read as a signed status.
+pub fn status(regs: &Regs) -> i64 {
+    regs.x0 as i64
+}
+
+/// The initrd the runner generates for suite `dt`: its length in bytes.
+/// Keep in step with the runner's `initrd_pattern` (guest-tests/runner).
+pub const DT_INITRD_LEN: usize = 65_831;
+
+/// Byte `index` of the initrd the runner generates for suite `dt`.
+pub fn dt_initrd_byte(index: usize) -> u8 {
+    ((index * 7) % 251) as u8
+}
+
+/// The kernel command line the runner passes to suite `dt` with `-append`.
+pub const DT_BOOTARGS: &str = "stagehand.suite=dt answer=42 quiet";

@@ -1,0 +1,201 @@
+//! The suite table: what each guest needs from QEMU and from the hypervisor's configuration.
+
+use std::path::{Path, PathBuf};
+
+/// Length of the initrd generated for suite `dt`. Keep in step with `DT_INITRD_LEN` in
+/// guest-tests/suites/src/lib.rs.
+pub const DT_INITRD_LEN: usize = 65_831;
+
+/// Byte `index` of the initrd generated for suite `dt`. Keep in step with `dt_initrd_byte` in
+/// guest-tests/suites/src/lib.rs.
+pub fn dt_initrd_byte(index: usize) -> u8 {
+    ((index * 7) % 251) as u8
+}
+
+/// The kernel command line suite `dt` gets. Keep in step with `DT_BOOTARGS` in
+/// guest-tests/suites/src/lib.rs.
+pub const DT_BOOTARGS: &str = "stagehand.suite=dt answer=42 quiet";
+
+/// Environment variable naming the Linux kernel image for suite `linux`.
+pub const LINUX_KERNEL_VAR: &str = "STAGEHAND_LINUX_KERNEL";
+/// Environment variable naming the initramfs for suite `linux`.
+pub const LINUX_INITRD_VAR: &str = "STAGEHAND_LINUX_INITRD";
+
+/// Configuration items every suite passes to the hypervisor.
+pub const COMMON_CONFIG: &[&str] = &["exit=semihosting", "log=debug"];
+
+/// Where a suite's guest image comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Image {
+    /// `<guests>/<name>.elf`, built by scripts/build.
+    TestGuest,
+    /// A Linux kernel and initramfs named by environment variables.
+    Linux,
+}
+
+/// An initrd for the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Initrd {
+    /// None.
+    None,
+    /// The pattern file suite `dt` checks, generated into the log directory.
+    DtPattern,
+    /// The one named by [`LINUX_INITRD_VAR`].
+    Linux,
+}
+
+/// One row of the suite table.
+#[derive(Clone, Copy, Debug)]
+pub struct Suite {
+    /// Suite name: the guest binary's name and the prefix of its TEST lines.
+    pub name: &'static str,
+    /// `-smp`.
+    pub cpus: u32,
+    /// `-m`.
+    pub memory: &'static str,
+    /// Configuration items beyond [`COMMON_CONFIG`].
+    pub config: &'static [&'static str],
+    /// The guest image.
+    pub image: Image,
+    /// The initrd, if any.
+    pub initrd: Initrd,
+    /// `-append`, if any.
+    pub append: Option<&'static str>,
+    /// Seconds before QEMU is killed.
+    pub timeout_secs: u64,
+    /// Extra QEMU arguments.
+    pub extra_args: &'static [&'static str],
+}
+
+const fn guest(name: &'static str, cpus: u32, memory: &'static str) -> Suite {
+    Suite {
+        name,
+        cpus,
+        memory,
+        config: &[],
+        image: Image::TestGuest,
+        initrd: Initrd::None,
+        append: None,
+        timeout_secs: 60,
+        extra_args: &[],
+    }
+}
+
+/// Every suite, in the order they run.
+pub const SUITES: &[Suite] = &[
+    Suite {
+        config: &["ram=256M"],
+        initrd: Initrd::DtPattern,
+        append: Some(DT_BOOTARGS),
+        ..guest("dt", 2, "512M")
+    },
+    guest("smccc", 4, "512M"),
+    guest("discovery", 1, "512M"),
+    guest("containment", 1, "512M"),
+    guest("gic", 2, "512M"),
+    guest("rt", 1, "512M"),
+    guest("demo", 4, "512M"),
+    Suite {
+        image: Image::Linux,
+        initrd: Initrd::Linux,
+        append: Some("console=ttyAMA0 stagehand.expect_cpus=2 panic=-1"),
+        timeout_secs: 180,
+        ..guest("linux", 2, "1G")
+    },
+];
+
+/// Finds a suite by name.
+pub fn find(name: &str) -> Option<&'static Suite> {
+    SUITES.iter().find(|suite| suite.name == name)
+}
+
+impl Suite {
+    /// The configuration string for `-fw_cfg name=opt/stagehand/config,string=...`:
+    /// `key=value` items separated by spaces, as the hypervisor's configuration parser expects.
+    pub fn config_string(&self) -> String {
+        COMMON_CONFIG
+            .iter()
+            .chain(self.config)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The kernel and initrd paths of suite `linux` from the environment.
+    ///
+    /// # Errors
+    /// A sentence naming the variable that is unset.
+    pub fn linux_paths(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<(PathBuf, PathBuf), String> {
+        let kernel = lookup(LINUX_KERNEL_VAR).filter(|v| !v.is_empty());
+        let initrd = lookup(LINUX_INITRD_VAR).filter(|v| !v.is_empty());
+        match (kernel, initrd) {
+            (Some(kernel), Some(initrd)) => Ok((kernel.into(), initrd.into())),
+            _ => Err(format!(
+                "skipped: {LINUX_KERNEL_VAR} and {LINUX_INITRD_VAR} must name a kernel and an initramfs \
+                 (scripts/fetch-linux prints them)"
+            )),
+        }
+    }
+}
+
+/// Writes the pattern file suite `dt` reads as its initrd into `dir` and returns its path.
+///
+/// # Errors
+/// The I/O error, if the file cannot be written.
+pub fn write_dt_initrd(dir: &Path) -> std::io::Result<PathBuf> {
+    let path = dir.join("dt.initrd");
+    let bytes: Vec<u8> = (0..DT_INITRD_LEN).map(dt_initrd_byte).collect();
+    std::fs::write(&path, bytes)?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_timeouts_positive() {
+        for (i, suite) in SUITES.iter().enumerate() {
+            assert!(
+                SUITES[..i].iter().all(|other| other.name != suite.name),
+                "duplicate {}",
+                suite.name
+            );
+            assert!(suite.timeout_secs > 0);
+        }
+        assert_eq!(find("linux").map(|s| s.timeout_secs), Some(180));
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn config_strings_start_with_the_common_items() {
+        assert_eq!(
+            find("dt").unwrap().config_string(),
+            "exit=semihosting log=debug ram=256M"
+        );
+        assert_eq!(
+            find("smccc").unwrap().config_string(),
+            "exit=semihosting log=debug"
+        );
+    }
+
+    #[test]
+    fn linux_needs_both_variables() {
+        let both = |name: &str| Some(format!("/x/{name}"));
+        assert!(Suite::linux_paths(both).is_ok());
+        let only_kernel = |name: &str| (name == LINUX_KERNEL_VAR).then(|| "/k".to_string());
+        assert!(Suite::linux_paths(only_kernel)
+            .unwrap_err()
+            .starts_with("skipped"));
+        assert!(Suite::linux_paths(|_| None).is_err());
+    }
+
+    #[test]
+    fn dt_initrd_pattern_is_not_trivial() {
+        let bytes: Vec<u8> = (0..DT_INITRD_LEN).map(dt_initrd_byte).collect();
+        assert_eq!(&bytes[..4], &[0, 7, 14, 21]);
+        assert!(bytes.iter().any(|&b| b > 200));
+    }
+}
