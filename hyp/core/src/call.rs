@@ -54,6 +54,59 @@ pub enum Call {
     Revision,
     /// FEATURES of this ABI.
     Features,
+    /// AUDIT_READ: copy records from `first` on into the guest buffer `[buffer, buffer + size)`.
+    AuditRead {
+        /// IPA of the buffer (unchecked).
+        buffer: u64,
+        /// Size of the buffer in bytes (unchecked).
+        size: u64,
+        /// First sequence number wanted.
+        first: u64,
+    },
+    /// AUDIT_MARK: write a mark record carrying `tag`.
+    AuditMark {
+        /// The guest's tag.
+        tag: u64,
+    },
+    /// MEM_SET_ATTR.
+    MemSetAttr {
+        /// First IPA.
+        ipa: u64,
+        /// Bytes.
+        size: u64,
+        /// Attribute (ABI value, checked by the handler).
+        attribute: u64,
+    },
+    /// MEM_GET_ATTR.
+    MemGetAttr {
+        /// The IPA asked about.
+        ipa: u64,
+    },
+    /// MEM_QUERY_VA.
+    MemQueryVa {
+        /// Guest virtual address.
+        va: u64,
+        /// 0 read, 1 write (checked by the handler).
+        access: u64,
+    },
+    /// CACHE_OP.
+    CacheOp {
+        /// First address (IPA, or guest VA with the flag).
+        address: u64,
+        /// Bytes.
+        size: u64,
+        /// Operation and flags (checked by the handler).
+        op: u64,
+    },
+    /// CACHE_OP_BATCH.
+    CacheOpBatch {
+        /// IPA of the entry array.
+        array: u64,
+        /// Entries in it.
+        count: u64,
+        /// Resume cookie (0 on the first call).
+        cookie: u64,
+    },
     /// A function of this ABI that this build does not implement yet.
     Unimplemented(u32),
     /// Anything else.
@@ -118,17 +171,35 @@ pub fn decode(x0: u64, args: &[u64; 6]) -> Call {
         function::CALL_UID => Call::CallUid,
         function::REVISION => Call::Revision,
         function::FEATURES => Call::Features,
-        function::MEM_SET_ATTR
-        | function::MEM_GET_ATTR
-        | function::MEM_QUERY_VA
-        | function::CACHE_OP
-        | function::CACHE_OP_BATCH
-        | function::DEV_INFO
-        | function::DMA_MAP
-        | function::DMA_UNMAP
-        | function::DMA_SYNC
-        | function::AUDIT_READ
-        | function::AUDIT_MARK => Call::Unimplemented(id),
+        function::MEM_SET_ATTR => Call::MemSetAttr {
+            ipa: args[0],
+            size: args[1],
+            attribute: args[2],
+        },
+        function::MEM_GET_ATTR => Call::MemGetAttr { ipa: args[0] },
+        function::MEM_QUERY_VA => Call::MemQueryVa {
+            va: args[0],
+            access: args[1],
+        },
+        function::CACHE_OP => Call::CacheOp {
+            address: args[0],
+            size: args[1],
+            op: args[2],
+        },
+        function::CACHE_OP_BATCH => Call::CacheOpBatch {
+            array: args[0],
+            count: args[1],
+            cookie: args[2],
+        },
+        function::DEV_INFO | function::DMA_MAP | function::DMA_UNMAP | function::DMA_SYNC => {
+            Call::Unimplemented(id)
+        }
+        function::AUDIT_READ => Call::AuditRead {
+            buffer: args[0],
+            size: args[1],
+            first: args[2],
+        },
+        function::AUDIT_MARK => Call::AuditMark { tag: args[0] },
         other => Call::Unknown(other),
     }
 }
@@ -191,6 +262,21 @@ mod tests {
             Call::Unimplemented(function::DMA_MAP)
         );
         assert_eq!(decode(0xC600_0FFF, &[0; 6]), Call::Unknown(0xC600_0FFF));
+        assert_eq!(
+            decode(
+                function::AUDIT_READ as u64,
+                &[0x4000_1000, 4096, 7, 9, 9, 9]
+            ),
+            Call::AuditRead {
+                buffer: 0x4000_1000,
+                size: 4096,
+                first: 7
+            }
+        );
+        assert_eq!(
+            decode(function::AUDIT_MARK as u64, &[u64::MAX, 0, 0, 0, 0, 0]),
+            Call::AuditMark { tag: u64::MAX }
+        );
         assert_eq!(psci_feature(PSCI_CPU_ON_64), 0);
         assert_eq!(psci_feature(PSCI_SYSTEM_RESET2_64), -1);
         assert_eq!(

@@ -16,10 +16,12 @@ pub type Table = [u64; ENTRIES];
 /// Size of the smallest mapping, and of a table.
 pub const PAGE_SIZE: u64 = 4096;
 
-const VALID: u64 = 1 << 0;
-const TABLE_OR_PAGE: u64 = 1 << 1;
+/// Descriptor bit 0: the entry is valid.
+pub const VALID: u64 = 1 << 0;
+/// Descriptor bit 1: a table (levels 0-2) or a page (level 3), not a block.
+pub const TABLE_OR_PAGE: u64 = 1 << 1;
 /// Output-address bits of a descriptor (bits 47:12).
-const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
+pub const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
 
 /// Memory the tables are built in.
 pub trait TableMemory {
@@ -28,6 +30,10 @@ pub trait TableMemory {
     fn allocate(&mut self) -> Option<u64>;
     /// The table at physical address `pa` (one returned by `allocate`).
     fn table(&mut self, pa: u64) -> &mut Table;
+    /// Returns a table no walker can reach any more (after its TLB invalidation completed).
+    fn free(&mut self, pa: u64) {
+        let _ = pa;
+    }
 }
 
 /// What a mapping is: the memory type every access through it gets.
@@ -247,6 +253,74 @@ impl<F: Format> PageTable<F> {
         let page_bit = if leaf_level == 3 { TABLE_OR_PAGE } else { 0 };
         *entry = output | attributes | page_bit | VALID;
         Ok(())
+    }
+
+    /// The leaf descriptor for `output` at `level` (valid and type bits included).
+    pub fn leaf_descriptor(
+        &self,
+        output: u64,
+        level: usize,
+        memory: MemoryType,
+        permissions: Permissions,
+    ) -> u64 {
+        let page_bit = if level == 3 { TABLE_OR_PAGE } else { 0 };
+        output | self.format.leaf_attributes(memory, permissions) | page_bit | VALID
+    }
+
+    /// The entry that maps `input` at `level` (a leaf or a table descriptor), as the table's
+    /// physical address and the index in it; `None` when the walk stops above `level` (an
+    /// invalid entry or a block).
+    pub fn slot(
+        &self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        level: usize,
+    ) -> Option<(u64, usize)> {
+        if input >= 1u64 << self.input_bits || level < self.start_level {
+            return None;
+        }
+        let mut table = self.root;
+        for walk in self.start_level..level {
+            let entry = memory.table(table)[index(input, walk)];
+            if entry & VALID == 0 || entry & TABLE_OR_PAGE == 0 {
+                return None;
+            }
+            table = entry & ADDRESS_MASK;
+        }
+        Some((table, index(input, level)))
+    }
+
+    /// Creates the tables down to `level` for `input` (which must not lie under a block) and
+    /// returns the physical address of the table at `level`, for a caller that manages that
+    /// table's entries itself (the per-CPU maintenance windows).
+    ///
+    /// # Errors
+    /// [`MapError::OutOfTableMemory`], [`MapError::AlreadyMapped`] under a block, or
+    /// [`MapError::OutOfRange`].
+    pub fn table_at(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        level: usize,
+    ) -> Result<u64, MapError> {
+        if input >= 1u64 << self.input_bits || level <= self.start_level || level > 3 {
+            return Err(MapError::OutOfRange);
+        }
+        let mut table = self.root;
+        for walk in self.start_level..level {
+            let slot = index(input, walk);
+            let entry = memory.table(table)[slot];
+            table = if entry & VALID == 0 {
+                let next = memory.allocate().ok_or(MapError::OutOfTableMemory)?;
+                memory.table(table)[slot] = next | TABLE_OR_PAGE | VALID;
+                next
+            } else if entry & TABLE_OR_PAGE == 0 {
+                return Err(MapError::AlreadyMapped { address: input });
+            } else {
+                entry & ADDRESS_MASK
+            };
+        }
+        Ok(table)
     }
 
     /// Looks up one input address.

@@ -1,0 +1,197 @@
+//! The instructions the stage-2 engine needs from the CPU (cache maintenance by VA, TLB
+//! invalidation, barriers), as a trait: the aarch64 layer implements it with single
+//! instructions, and [`Recorder`] writes down every call so host tests can pin the exact
+//! sequence real hardware needs. QEMU models no caches, so this is the only place those
+//! sequences are checked.
+//!
+//! The engine also reports every translation-table write it makes through
+//! [`Arch::table_write`], so the recorded sequence reads like the architecture text:
+//! "break, DSB, TLBI IPA, DSB, TLBI VMALLE1, DSB, clean, make".
+
+use alloc::vec::Vec;
+
+/// A data-cache operation by VA to the point of coherency.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheOp {
+    /// DC CVAC.
+    Clean,
+    /// DC IVAC (a true invalidate at EL2).
+    Invalidate,
+    /// DC CIVAC.
+    CleanInvalidate,
+}
+
+/// A translation-table write, as the engine describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableWrite {
+    /// A guest stage-2 entry made invalid (break-before-make's break).
+    Break {
+        /// First IPA the entry mapped.
+        ipa: u64,
+        /// Level of the entry.
+        level: usize,
+    },
+    /// A guest stage-2 leaf written (the make).
+    Make {
+        /// First IPA it maps.
+        ipa: u64,
+        /// Level (2: block, 3: page).
+        level: usize,
+        /// Non-cacheable (else write-back).
+        non_cacheable: bool,
+    },
+    /// A 2 MiB block written over a level-3 table whose pages all agree (no attribute changes).
+    Merge {
+        /// First IPA of the block.
+        ipa: u64,
+        /// Non-cacheable (else write-back).
+        non_cacheable: bool,
+    },
+    /// A guest stage-2 table descriptor written (after a split).
+    Table {
+        /// First IPA it covers.
+        ipa: u64,
+    },
+    /// The per-CPU maintenance window mapped over a run of guest pages.
+    WindowMap {
+        /// First VA of the window.
+        va: u64,
+        /// Physical address mapped at `va`.
+        pa: u64,
+        /// Pages mapped.
+        pages: u64,
+        /// Mapped non-cacheable (else write-back).
+        non_cacheable: bool,
+    },
+    /// The window's entries made invalid again.
+    WindowUnmap {
+        /// First VA of the window.
+        va: u64,
+        /// Pages unmapped.
+        pages: u64,
+    },
+}
+
+/// The CPU operations the engine issues. Implementations must issue each as one instruction
+/// (or, for `dcache_range`, one instruction per line), in call order.
+pub trait Arch {
+    /// The data-cache line size in bytes (CTR_EL0.DminLine).
+    fn line_size(&self) -> u64;
+    /// `op` on every line of `[va, va + len)`; `va` and `len` are line-aligned.
+    fn dcache_range(&mut self, op: CacheOp, va: u64, len: u64);
+    /// DSB ISH.
+    fn dsb_ish(&mut self);
+    /// DSB ISHST.
+    fn dsb_ishst(&mut self);
+    /// ISB.
+    fn isb(&mut self);
+    /// TLBI IPAS2E1IS: stage-2 entries for one IPA of the current VMID.
+    fn tlbi_ipas2e1is(&mut self, ipa: u64);
+    /// TLBI VMALLE1IS: stage-1 (and combined) entries of the current VMID.
+    fn tlbi_vmalle1is(&mut self);
+    /// TLBI VMALLS12E1IS: every stage-1 and stage-2 entry of the current VMID.
+    fn tlbi_vmalls12e1is(&mut self);
+    /// TLBI VAE2IS: EL2 entries for one VA.
+    fn tlbi_vae2is(&mut self, va: u64);
+    /// TLBI ALLE2IS: every EL2 entry.
+    fn tlbi_alle2is(&mut self);
+    /// A translation-table write the engine just made (no instruction; for recorders).
+    fn table_write(&mut self, write: TableWrite);
+}
+
+/// One recorded operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A data-cache range operation.
+    Dc(CacheOp, u64, u64),
+    /// DSB ISH.
+    DsbIsh,
+    /// DSB ISHST.
+    DsbIshst,
+    /// ISB.
+    Isb,
+    /// TLBI IPAS2E1IS.
+    TlbiIpas2(u64),
+    /// TLBI VMALLE1IS.
+    TlbiVmalle1,
+    /// TLBI VMALLS12E1IS.
+    TlbiVmalls12,
+    /// TLBI VAE2IS.
+    TlbiVae2(u64),
+    /// TLBI ALLE2IS.
+    TlbiAlle2,
+    /// A table write.
+    Write(TableWrite),
+}
+
+impl Op {
+    /// Whether this is a TLB invalidation.
+    pub fn is_tlbi(&self) -> bool {
+        matches!(
+            self,
+            Op::TlbiIpas2(_) | Op::TlbiVmalle1 | Op::TlbiVmalls12 | Op::TlbiVae2(_) | Op::TlbiAlle2
+        )
+    }
+}
+
+/// An [`Arch`] that records every call, for tests.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    /// Everything issued, in order.
+    pub ops: Vec<Op>,
+}
+
+impl Recorder {
+    /// A recorder with a 64-byte line.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of TLB invalidations recorded.
+    pub fn tlbi_count(&self) -> usize {
+        self.ops.iter().filter(|op| op.is_tlbi()).count()
+    }
+
+    /// Forgets what was recorded.
+    pub fn clear(&mut self) {
+        self.ops.clear();
+    }
+}
+
+impl Arch for Recorder {
+    fn line_size(&self) -> u64 {
+        64
+    }
+    fn dcache_range(&mut self, op: CacheOp, va: u64, len: u64) {
+        assert_eq!(va % 64, 0, "unaligned DC range start");
+        assert_eq!(len % 64, 0, "unaligned DC range length");
+        self.ops.push(Op::Dc(op, va, len));
+    }
+    fn dsb_ish(&mut self) {
+        self.ops.push(Op::DsbIsh);
+    }
+    fn dsb_ishst(&mut self) {
+        self.ops.push(Op::DsbIshst);
+    }
+    fn isb(&mut self) {
+        self.ops.push(Op::Isb);
+    }
+    fn tlbi_ipas2e1is(&mut self, ipa: u64) {
+        self.ops.push(Op::TlbiIpas2(ipa));
+    }
+    fn tlbi_vmalle1is(&mut self) {
+        self.ops.push(Op::TlbiVmalle1);
+    }
+    fn tlbi_vmalls12e1is(&mut self) {
+        self.ops.push(Op::TlbiVmalls12);
+    }
+    fn tlbi_vae2is(&mut self, va: u64) {
+        self.ops.push(Op::TlbiVae2(va));
+    }
+    fn tlbi_alle2is(&mut self) {
+        self.ops.push(Op::TlbiAlle2);
+    }
+    fn table_write(&mut self, write: TableWrite) {
+        self.ops.push(Op::Write(write));
+    }
+}
