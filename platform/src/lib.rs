@@ -9,4 +9,6 @@ pub mod board;
 mod fdt_reader;
 pub mod fw_cfg;
 pub mod guest_dt;
+pub mod pci;
 pub mod pl011;
+pub mod smmuv3;

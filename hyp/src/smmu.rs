@@ -1,0 +1,713 @@
+//! The SMMUv3 at EL2: the hypervisor owns it, the guest never sees it (it is neither in the
+//! guest's device tree nor in its stage 2).
+//!
+//! [`init`] runs once, while [`crate::vm::build`] prepares the VM and before the guest runs (so
+//! before any PCI device can have bus mastering enabled): it scans PCI configuration space,
+//! decides each function's DMA mode from the configuration, builds a linear stream table, a
+//! command queue and a large event queue, makes the SMMU abort traffic it has no entry for,
+//! and enables it. Shared-mode devices translate through the guest's own stage-2 tables
+//! (same VTCR fields, same root, same VMID); strict-mode devices get a stage-2 table of their
+//! own, empty until DMA_MAP fills it; blocked devices get an abort entry.
+//!
+//! [`drain_events`] turns SMMU fault events into audit records. It is meant to run on every
+//! hypervisor entry, so its common case (nothing new) costs one MMIO read.
+//!
+//! The encodings (STE, commands, event records, queue arithmetic) are portable and host-tested
+//! in `stagehand_platform::smmuv3`; this file only moves them to and from memory and registers.
+
+use crate::arch::mmu::HeapTables;
+use crate::arch::{self, read_sysreg};
+use crate::vm::Vm;
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use hyp_core::audit::Event;
+use hyp_core::config::{Config, DmaMode};
+use hyp_core::inject::Access;
+use hyp_core::pagetable::{MapError, PageTable, Stage2};
+use stagehand_abi::feature;
+use stagehand_platform::board::Board;
+use stagehand_platform::pci::{self, Bdf, Function};
+use stagehand_platform::smmuv3::{
+    self, Command, CommandError, Event as SmmuEvent, FaultCollector, FaultGroup, GlobalErrors,
+    QueueIndex, Smmuv3Registers, Stage2Config, Ste, CMDQ_CONS, CR0, CR1, CR2, GBPA, IDR0, IDR1,
+    IDR3, IDR5,
+};
+use tock_registers::interfaces::{Readable, Writeable};
+
+/// log2 of the event queue's entries (32 KiB entries, 1 MiB): QEMU writes one record per 4
+/// bytes of a faulting DMA, 1024 for a page, and the queue is only drained when the guest next
+/// traps. Capped by SMMU_IDR1.EVENTQS.
+const EVENT_QUEUE_LOG2: u32 = 15;
+/// log2 of the command queue's entries (256, 4 KiB). Capped by SMMU_IDR1.CMDQS.
+const COMMAND_QUEUE_LOG2: u32 = 8;
+/// The stream table covers at least bus 0 (256 StreamIDs with QEMU's identity `iommu-map`).
+const MIN_STREAM_TABLE_LOG2: u32 = 8;
+/// VMIDs of strict-mode devices start here (the guest, and shared devices, use the CPU's).
+const FIRST_STRICT_VMID: u16 = 0x100;
+/// Bits of IPA of a strict device's own stage 2 (as the guest's: one level-0 root).
+const STRICT_IPA_BITS: u32 = 44;
+/// Fault groups one drain keeps open before reporting the oldest.
+const OPEN_FAULT_GROUPS: usize = 8;
+
+/// Why the SMMU could not be brought up. Every one stops the boot: a guest with an SMMU the
+/// hypervisor does not control could DMA anywhere.
+#[derive(Debug)]
+pub enum SmmuError {
+    /// The SMMU lacks something this driver needs.
+    Unsupported(&'static str),
+    /// The SMMU did not acknowledge a register update in time.
+    Timeout(&'static str),
+    /// The heap had no room for a table or queue.
+    OutOfMemory,
+    /// A device's StreamID does not fit the SMMU's StreamID size.
+    StreamIdTooLarge(u32),
+    /// A command failed.
+    Command(CommandError),
+    /// A strict device's stage-2 table could not be made.
+    Stage2(MapError),
+}
+
+impl fmt::Display for SmmuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SmmuError::Unsupported(what) => write!(f, "SMMU: {what} is not supported"),
+            SmmuError::Timeout(what) => write!(f, "SMMU: timed out waiting for {what}"),
+            SmmuError::OutOfMemory => write!(f, "SMMU: out of memory for tables and queues"),
+            SmmuError::StreamIdTooLarge(sid) => {
+                write!(
+                    f,
+                    "SMMU: StreamID {sid:#x} exceeds the SMMU's StreamID size"
+                )
+            }
+            SmmuError::Command(error) => write!(f, "SMMU: command queue error: {error}"),
+            SmmuError::Stage2(error) => write!(f, "SMMU: stage 2 of a strict device: {error}"),
+        }
+    }
+}
+
+/// One PCI function behind the SMMU and what the configuration gave it.
+pub struct AssignedDevice {
+    /// Where it is.
+    pub bdf: Bdf,
+    /// Vendor and device ID.
+    pub id: (u16, u16),
+    /// Its StreamID.
+    pub stream_id: u32,
+    /// Its DMA mode.
+    pub mode: DmaMode,
+    /// Whether it snoops CPU caches (from the configuration; QEMU's devices all do).
+    pub coherent: bool,
+    /// The VMID its STE uses.
+    pub vmid: u16,
+    /// Strict mode: its own stage-2 table (IOVA = IPA to PA), empty until DMA_MAP fills it.
+    pub stage2: Option<PageTable<Stage2>>,
+}
+
+/// Zeroed, naturally aligned heap memory the SMMU reads or writes (tables, queues). Accessed
+/// only with volatile reads and writes, since the SMMU is another observer. Never freed: it
+/// lives as long as the SMMU is enabled, which is until the machine stops.
+struct DeviceMemory {
+    pa: u64,
+    bytes: u64,
+}
+
+impl DeviceMemory {
+    fn new(bytes: u64) -> Result<DeviceMemory, SmmuError> {
+        let layout = core::alloc::Layout::from_size_align(bytes as usize, bytes as usize)
+            .map_err(|_| SmmuError::OutOfMemory)?;
+        // SAFETY: the layout has a non-zero size (every caller asks for at least 4 KiB).
+        let pointer = unsafe { alloc::alloc::alloc_zeroed(layout) };
+        if pointer.is_null() {
+            return Err(SmmuError::OutOfMemory);
+        }
+        // The heap is identity-mapped: the pointer is the physical address.
+        Ok(DeviceMemory {
+            pa: pointer as u64,
+            bytes,
+        })
+    }
+
+    fn write(&self, word: u64, value: u64) {
+        assert!(word * 8 < self.bytes, "SMMU memory index out of range");
+        // SAFETY: inside the allocation (checked), 8-byte aligned, owned by this driver; the
+        // SMMU only reads it.
+        unsafe { ((self.pa + word * 8) as *mut u64).write_volatile(value) };
+    }
+
+    fn read(&self, word: u64) -> u64 {
+        assert!(word * 8 < self.bytes, "SMMU memory index out of range");
+        // SAFETY: inside the allocation (checked), 8-byte aligned; the SMMU may write it
+        // concurrently, hence volatile.
+        unsafe { ((self.pa + word * 8) as *const u64).read_volatile() }
+    }
+}
+
+/// The SMMU's register block, shareable between CPUs.
+#[derive(Clone, Copy)]
+struct Registers(&'static Smmuv3Registers);
+
+// SAFETY: the block is MMIO: every access is one volatile load or store of a register, which
+// any CPU may do. Which CPU may write what is decided by the driver: writes happen with
+// `SMMU`'s lock held (or before it exists, at boot); the lock-free path only reads EVENTQ_PROD.
+unsafe impl Sync for Registers {}
+// SAFETY: as above; the reference is to MMIO that stays mapped for the machine's lifetime.
+unsafe impl Send for Registers {}
+
+impl core::ops::Deref for Registers {
+    type Target = Smmuv3Registers;
+    fn deref(&self) -> &Smmuv3Registers {
+        self.0
+    }
+}
+
+/// The driver's state, behind [`SMMU`]'s lock.
+struct Smmu {
+    registers: Registers,
+    /// IDR0.COHACC: the SMMU snoops the CPU caches (else tables and queues need cleaning).
+    coherent: bool,
+    stream_table: DeviceMemory,
+    command_queue: DeviceMemory,
+    commands: QueueIndex,
+    /// Our copy of CMDQ_PROD.
+    command_prod: u32,
+    event_queue: DeviceMemory,
+    events: QueueIndex,
+    /// Our copy of EVENTQ_CONS (with OVACKFLG).
+    event_cons: u32,
+    devices: Vec<AssignedDevice>,
+}
+
+static SMMU: spin::Once<spin::Mutex<Smmu>> = spin::Once::new();
+/// The SMMU's register block, for the lock-free check in [`drain_events`].
+static REGISTERS: spin::Once<Registers> = spin::Once::new();
+/// EVENTQ_CONS as last written (with OVACKFLG): equal to EVENTQ_PROD when nothing is new.
+static EVENT_CONS: AtomicU32 = AtomicU32::new(0);
+/// Whether some device is in strict mode (FEATURES).
+static ANY_STRICT: AtomicBool = AtomicBool::new(false);
+
+/// Maps the register block at `base`.
+///
+/// # Safety
+/// `base` must be the SMMU's register block from the device tree, mapped as Device memory at
+/// EL2 (identity) for at least 128 KiB, and driven by nothing else.
+unsafe fn registers_at(base: u64) -> Registers {
+    // SAFETY: per the contract above; the block is never unmapped.
+    Registers(unsafe { &*(base as *const Smmuv3Registers) })
+}
+
+/// Counter ticks in `millis` milliseconds.
+fn ticks(millis: u64) -> u64 {
+    read_sysreg!("cntfrq_el0") * millis / 1000
+}
+
+/// Polls `done` for up to 100 ms of counter time.
+fn wait_for(what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), SmmuError> {
+    let deadline = read_sysreg!("cntpct_el0") + ticks(100);
+    while !done() {
+        if read_sysreg!("cntpct_el0") > deadline {
+            return Err(SmmuError::Timeout(what));
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// Brings the SMMU up and assigns every PCI function behind it. Call once, from
+/// [`crate::vm::build`], after the guest's stage 2 exists and before the guest runs. On error
+/// it stops the machine with one line: without a working SMMU, DMA is not contained.
+pub fn init(board: &Board, config: &Config, vm: &Vm) {
+    let Some(region) = board.smmu else {
+        log::warn!("no SMMUv3 in the device tree: PCI devices' DMA is NOT contained");
+        return;
+    };
+    if let Err(error) = try_init(region.base, board, config, vm) {
+        crate::exit::fatal(format_args!("{error}"));
+    }
+}
+
+fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), SmmuError> {
+    // SAFETY: `board.smmu` is the SMMU's register block, which `mmu::extend` mapped as Device;
+    // only this driver touches it.
+    let registers = unsafe { registers_at(base) };
+    let idr0 = registers.idr0.extract();
+    let idr1 = registers.idr1.extract();
+    let idr5 = registers.idr5.extract();
+    if !idr0.is_set(IDR0::S2P) {
+        return Err(SmmuError::Unsupported("stage 2 translation"));
+    }
+    if !matches!(idr0.read(IDR0::TTF), 2 | 3) {
+        return Err(SmmuError::Unsupported("AArch64 translation tables"));
+    }
+    if !idr5.is_set(IDR5::GRAN4K) {
+        return Err(SmmuError::Unsupported("the 4 KiB granule"));
+    }
+    let coherent = idr0.is_set(IDR0::COHACC);
+    let sid_bits = idr1.read(IDR1::SIDSIZE);
+    let fwb = vm.fwb && registers.idr3.is_set(IDR3::FWB);
+    if vm.fwb && !fwb {
+        // QEMU ignores stage-2 memory attributes for DMA; hardware would read FWB encodings
+        // the classic way.
+        log::warn!("SMMU: no STE.S2FWB: devices may see other memory types than the CPU");
+    }
+
+    // Traffic without an STE aborts from now on, even before SMMUEN.
+    if registers.cr0.is_set(CR0::SMMUEN) {
+        registers.cr0.set(0);
+        wait_for("CR0ACK (disable)", || registers.cr0ack.get() == 0)?;
+    }
+    registers.gbpa.write(GBPA::ABORT::SET + GBPA::UPDATE::SET);
+    wait_for("GBPA.UPDATE", || !registers.gbpa.is_set(GBPA::UPDATE))?;
+
+    let devices = discover(board, config, vm, fwb, sid_bits)?;
+    let max_sid = devices.iter().map(|d| d.stream_id).max().unwrap_or(0);
+    let table_log2 = smmuv3::linear_table_log2(max_sid, MIN_STREAM_TABLE_LOG2, sid_bits)
+        .ok_or(SmmuError::StreamIdTooLarge(max_sid))?;
+    let stream_table = DeviceMemory::new((1u64 << table_log2) * smmuv3::STE_BYTES)?;
+    let commands = QueueIndex::new(COMMAND_QUEUE_LOG2.min(idr1.read(IDR1::CMDQS)));
+    let command_queue =
+        DeviceMemory::new((commands.entries() as u64 * smmuv3::COMMAND_BYTES).max(4096))?;
+    let events = QueueIndex::new(EVENT_QUEUE_LOG2.min(idr1.read(IDR1::EVENTQS)));
+    let event_queue = DeviceMemory::new((events.entries() as u64 * smmuv3::EVENT_BYTES).max(4096))?;
+
+    // Table and queue accesses: write-back, inner shareable when the SMMU is coherent.
+    registers.cr1.write(if coherent {
+        CR1::TABLE_IC::WriteBack
+            + CR1::TABLE_OC::WriteBack
+            + CR1::TABLE_SH::Inner
+            + CR1::QUEUE_IC::WriteBack
+            + CR1::QUEUE_OC::WriteBack
+            + CR1::QUEUE_SH::Inner
+    } else {
+        CR1::TABLE_IC::NonCacheable
+            + CR1::TABLE_OC::NonCacheable
+            + CR1::TABLE_SH::Outer
+            + CR1::QUEUE_IC::NonCacheable
+            + CR1::QUEUE_OC::NonCacheable
+            + CR1::QUEUE_SH::Outer
+    });
+    // Record StreamIDs beyond the table; ignore the CPUs' broadcast TLBIs (we send our own).
+    registers.cr2.write(CR2::RECINVSID::SET + CR2::PTM::SET);
+    registers
+        .strtab_base
+        .set(smmuv3::strtab_base(stream_table.pa));
+    registers
+        .strtab_base_cfg
+        .set(smmuv3::strtab_base_cfg_linear(table_log2));
+    registers
+        .cmdq_base
+        .set(smmuv3::queue_base(command_queue.pa, commands.log2()));
+    registers.cmdq_prod.set(0);
+    registers.cmdq_cons.set(0);
+    registers
+        .evtq_base
+        .set(smmuv3::queue_base(event_queue.pa, events.log2()));
+    registers.evtq_prod.set(0);
+    registers.evtq_cons.set(0);
+    // Polling only: the GIC is the guest's.
+    registers.irq_ctrl.set(0);
+
+    let mut smmu = Smmu {
+        registers,
+        coherent,
+        stream_table,
+        command_queue,
+        commands,
+        command_prod: 0,
+        event_queue,
+        events,
+        event_cons: 0,
+        devices,
+    };
+    // Every entry before the SMMU may read one.
+    for index in 0..smmu.devices.len() {
+        let sid = smmu.devices[index].stream_id;
+        let ste = smmu.ste_of(&smmu.devices[index], vm, fwb);
+        smmu.write_ste(sid, &ste);
+    }
+    arch::dsb_sy();
+
+    registers.cr0.write(CR0::CMDQEN::SET);
+    wait_for("CR0ACK (command queue)", || {
+        registers.cr0ack.is_set(CR0::CMDQEN)
+    })?;
+    smmu.submit(&[Command::cfgi_all(), Command::tlbi_nsnh_all()])?;
+    registers.cr0.write(CR0::CMDQEN::SET + CR0::EVTQEN::SET);
+    wait_for("CR0ACK (event queue)", || {
+        registers.cr0ack.is_set(CR0::EVTQEN)
+    })?;
+    registers
+        .cr0
+        .write(CR0::CMDQEN::SET + CR0::EVTQEN::SET + CR0::SMMUEN::SET);
+    wait_for("CR0ACK (SMMU enable)", || {
+        registers.cr0ack.is_set(CR0::SMMUEN)
+    })?;
+
+    for device in &smmu.devices {
+        log::info!(
+            "SMMU: {} {:04x}:{:04x} StreamID {:#x}: {:?}{}, VMID {}",
+            device.bdf,
+            device.id.0,
+            device.id.1,
+            device.stream_id,
+            device.mode,
+            if device.coherent {
+                ""
+            } else {
+                ", non-coherent"
+            },
+            device.vmid
+        );
+    }
+    log::info!(
+        "SMMU at {base:#x} enabled: {} StreamIDs, {}-entry command queue, {}-entry event queue, {}coherent",
+        1u32 << table_log2,
+        smmu.commands.entries(),
+        smmu.events.entries(),
+        if coherent { "" } else { "non-" }
+    );
+    ANY_STRICT.store(
+        smmu.devices.iter().any(|d| d.mode == DmaMode::Strict),
+        Ordering::Relaxed,
+    );
+    REGISTERS.call_once(|| registers);
+    SMMU.call_once(|| spin::Mutex::new(smmu));
+    Ok(())
+}
+
+/// Scans PCI configuration space and decides each function's mode.
+fn discover(
+    board: &Board,
+    config: &Config,
+    vm: &Vm,
+    fwb: bool,
+    sid_bits: u32,
+) -> Result<Vec<AssignedDevice>, SmmuError> {
+    let Some(pcie) = &board.pcie else {
+        return Ok(Vec::new());
+    };
+    let functions = pci::scan(pcie.bus_start, pcie.bus_end, |bdf, offset| {
+        read_config(pcie.ecam.base, pcie.ecam.size, pcie.bus_start, bdf, offset)
+    });
+    for rule in config.devices.iter() {
+        if !functions.iter().any(|f| f.bdf.rid() == rule.rid) {
+            log::warn!(
+                "config: devices names {}, which is not present",
+                Bdf::from_rid(rule.rid)
+            );
+        }
+    }
+    let mut devices = Vec::new();
+    let mut next_vmid = FIRST_STRICT_VMID;
+    let vmid = (vm.vttbr >> 48) as u16;
+    for function in &functions {
+        let Function {
+            bdf,
+            vendor,
+            device,
+            ..
+        } = *function;
+        let Some(stream_id) = pci::stream_id(&pcie.iommu_map, bdf.rid()) else {
+            log::warn!("PCI {bdf} is not behind the SMMU: its DMA is NOT contained");
+            continue;
+        };
+        if sid_bits < 32 && stream_id >> sid_bits != 0 {
+            return Err(SmmuError::StreamIdTooLarge(stream_id));
+        }
+        let policy = config.device_policy(bdf.rid());
+        let (vmid, stage2) = match policy.mode {
+            DmaMode::Strict => {
+                let table = PageTable::new(&mut HeapTables, Stage2 { fwb }, 0, STRICT_IPA_BITS)
+                    .map_err(SmmuError::Stage2)?;
+                next_vmid += 1;
+                (next_vmid - 1, Some(table))
+            }
+            DmaMode::Shared | DmaMode::Blocked => (vmid, None),
+        };
+        devices.push(AssignedDevice {
+            bdf,
+            id: (vendor, device),
+            stream_id,
+            mode: policy.mode,
+            coherent: policy.coherent,
+            vmid,
+            stage2,
+        });
+    }
+    Ok(devices)
+}
+
+/// Reads a 32-bit configuration register through ECAM.
+fn read_config(ecam: u64, ecam_size: u64, bus_start: u8, bdf: Bdf, offset: u16) -> u32 {
+    let Some(function) = bdf
+        .ecam_offset(bus_start)
+        .filter(|&o| o + 4096 <= ecam_size)
+    else {
+        return u32::MAX;
+    };
+    // SAFETY: inside the ECAM region from the device tree, which `mmu::extend` mapped as
+    // Device; a configuration read has no side effect, and `offset` is 4-byte aligned.
+    unsafe { arch::mmio_read(ecam + function + (offset as u64 & 0xffc), 4) as u32 }
+}
+
+impl Smmu {
+    /// The STE a device gets.
+    fn ste_of(&self, device: &AssignedDevice, vm: &Vm, fwb: bool) -> Ste {
+        let oas = self.registers.idr5.read(IDR5::OAS) as u64;
+        let vtcr = smmuv3::cap_output_size(vm.vtcr, oas);
+        match (&device.mode, &device.stage2) {
+            (DmaMode::Blocked, _) => Ste::abort(),
+            (DmaMode::Strict, Some(table)) => Ste::stage2(&Stage2Config {
+                vmid: device.vmid,
+                vtcr,
+                root: table.root(),
+                fwb,
+            }),
+            // Shared: the guest's own tables (one level-0 root, which QEMU walks correctly).
+            _ => Ste::stage2(&Stage2Config {
+                vmid: device.vmid,
+                vtcr,
+                root: vm.vttbr & 0x0000_ffff_ffff_fffe,
+                fwb,
+            }),
+        }
+    }
+
+    /// Writes an STE: every word but the first, a barrier, then the first (V and Config).
+    /// The caller invalidates the SMMU's cached copy (CFGI_STE + CMD_SYNC) if it was live.
+    fn write_ste(&mut self, stream_id: u32, ste: &Ste) {
+        let first_word = stream_id as u64 * smmuv3::STE_BYTES / 8;
+        for (step, &word) in Ste::WRITE_ORDER.iter().enumerate() {
+            if step == Ste::WRITE_ORDER.len() - 1 {
+                arch::dsb_sy();
+            }
+            self.stream_table
+                .write(first_word + word as u64, ste.0[word]);
+        }
+        if !self.coherent {
+            arch::clean_range(self.stream_table.pa + first_word * 8, smmuv3::STE_BYTES);
+        }
+    }
+
+    /// Queues `commands` and a CMD_SYNC, and waits until the SMMU has consumed the CMD_SYNC,
+    /// which it does only once every earlier command has completed.
+    fn submit(&mut self, commands: &[Command]) -> Result<(), SmmuError> {
+        let registers = self.registers;
+        let queue = self.commands;
+        for command in commands.iter().chain(core::iter::once(&Command::sync())) {
+            // Room for one more: wait for the SMMU to consume.
+            wait_for("command queue space", || {
+                !queue.is_full(self.command_prod, registers.cmdq_cons.get())
+            })?;
+            let word = queue.slot(self.command_prod) as u64 * 2;
+            self.command_queue.write(word, command.0[0]);
+            self.command_queue.write(word + 1, command.0[1]);
+            if !self.coherent {
+                arch::clean_range(self.command_queue.pa + word * 8, smmuv3::COMMAND_BYTES);
+            }
+            self.command_prod = queue.next(self.command_prod);
+        }
+        // The commands must be in memory before the SMMU reads PROD.
+        arch::dsb_sy();
+        registers.cmdq_prod.set(self.command_prod);
+        let prod = self.command_prod;
+        let outcome = wait_for("CMD_SYNC", || {
+            let cons = registers.cmdq_cons.get();
+            queue.is_empty(prod, cons) || self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0
+        });
+        if self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0 {
+            let error = CommandError::from_code(registers.cmdq_cons.read(CMDQ_CONS::ERR) as u8);
+            self.handle_global_errors();
+            return Err(SmmuError::Command(error));
+        }
+        outcome
+    }
+
+    fn global_errors(&self) -> u32 {
+        smmuv3::active_global_errors(self.registers.gerror.get(), self.registers.gerrorn.get())
+    }
+
+    /// Logs and acknowledges active global errors. A command error replaces the failing command
+    /// by a CMD_SYNC (the SMMU re-reads the slot at CONS once the error is acknowledged, so the
+    /// queue runs again); an aborted event-queue write means events were lost, which is audited
+    /// as such.
+    fn handle_global_errors(&mut self) {
+        let active = self.global_errors();
+        if active == 0 {
+            return;
+        }
+        log::error!("SMMU global error: {}", GlobalErrors(active));
+        if active & smmuv3::GERROR_CMDQ_ERR != 0 {
+            let slot = self.commands.slot(self.registers.cmdq_cons.get()) as u64 * 2;
+            let sync = Command::sync();
+            self.command_queue.write(slot, sync.0[0]);
+            self.command_queue.write(slot + 1, sync.0[1]);
+            if !self.coherent {
+                arch::clean_range(self.command_queue.pa + slot * 8, smmuv3::COMMAND_BYTES);
+            }
+            arch::dsb_sy();
+        }
+        if active & smmuv3::GERROR_EVENTQ_ABT_ERR != 0 {
+            audit_lost_events();
+        }
+        let gerrorn = self.registers.gerrorn.get();
+        self.registers.gerrorn.set(gerrorn ^ active);
+    }
+
+    /// Reads every new event record, collapses floods, audits each group, then frees the
+    /// slots and acknowledges an overflow.
+    fn drain_locked(&mut self) {
+        let registers = self.registers;
+        let queue = self.events;
+        let mut collector = FaultCollector::<OPEN_FAULT_GROUPS>::new();
+        let mut seen: u64 = 0;
+        // A flood still being written could keep the loop going: stop after two queues' worth
+        // (the next entry drains the rest).
+        let budget = 2 * queue.entries() as u64;
+        while seen < budget {
+            let prod = registers.evtq_prod.get();
+            if queue.is_empty(prod, self.event_cons) {
+                if smmuv3::event_queue_overflowed(prod, self.event_cons) {
+                    audit_lost_events();
+                    self.event_cons ^= smmuv3::EVENTQ_OVERFLOW_FLAG;
+                    registers.evtq_cons.set(self.event_cons);
+                }
+                break;
+            }
+            // Records are in memory before PROD says so; read them after reading PROD.
+            arch::dsb_sy();
+            while !queue.is_empty(prod, self.event_cons) {
+                let word = queue.slot(self.event_cons) as u64 * 4;
+                if !self.coherent {
+                    arch::invalidate_range(self.event_queue.pa + word * 8, smmuv3::EVENT_BYTES);
+                }
+                let record = [0, 1, 2, 3].map(|i| self.event_queue.read(word + i));
+                let event = SmmuEvent::decode(record);
+                if let Some(group) = collector.add(&event) {
+                    audit_fault(&group);
+                }
+                seen += 1;
+                let overflow = self.event_cons & smmuv3::EVENTQ_OVERFLOW_FLAG;
+                self.event_cons = queue.next(self.event_cons) | overflow;
+            }
+            // Every read done before the slots are handed back.
+            arch::dsb_sy();
+            registers.evtq_cons.set(self.event_cons);
+        }
+        collector.finish(|group| audit_fault(&group));
+        EVENT_CONS.store(self.event_cons, Ordering::Release);
+        self.handle_global_errors();
+        if seen > 0 {
+            log::debug!("SMMU: drained {seen} event(s)");
+        }
+    }
+}
+
+/// The vCPU this CPU runs (set when the guest was entered on it; 0 before).
+fn current_vcpu() -> usize {
+    read_sysreg!("tpidr_el2") as usize
+}
+
+/// Audits one collapsed group of fault events.
+fn audit_fault(group: &FaultGroup) {
+    let kind = group.kind.name().unwrap_or("other");
+    log::warn!(
+        "SMMU fault: StreamID {:#x} {} {} at {:#x}: {} event(s)",
+        group.stream_id,
+        if group.write { "write" } else { "read" },
+        kind,
+        group.page.unwrap_or(0),
+        group.count
+    );
+    crate::vm::audit(
+        current_vcpu(),
+        Event::SmmuFault {
+            stream_id: group.stream_id,
+            ipa: group.page.unwrap_or(0),
+            access: if group.write {
+                Access::Write
+            } else {
+                Access::Read
+            },
+            event: group.kind.0,
+            stage2: group.page.is_some(),
+        },
+    );
+}
+
+/// StreamID of the records that stand for lost events (no device is known). Stopgap until the
+/// audit record has a "lost" form of its own.
+pub const LOST_EVENTS_STREAM_ID: u32 = u32::MAX;
+
+/// Audits that SMMU events were lost (queue overflow or aborted queue writes): at least one
+/// fault happened whose details are gone.
+fn audit_lost_events() {
+    log::error!("SMMU: fault events were lost (event queue overflow)");
+    crate::vm::audit(
+        current_vcpu(),
+        Event::SmmuFault {
+            stream_id: LOST_EVENTS_STREAM_ID,
+            ipa: 0,
+            access: Access::Read,
+            event: 0,
+            stage2: false,
+        },
+    );
+}
+
+/// Turns new SMMU fault events into audit records. Call on every hypervisor entry from the
+/// guest and before AUDIT_READ. When nothing is new it costs one MMIO read (EVENTQ_PROD,
+/// compared with the cached CONS) and takes no lock; when another CPU is draining, it returns
+/// and leaves the work to that CPU.
+#[allow(dead_code)] // Called from the trap path once it is hooked up.
+pub fn drain_events() {
+    let Some(registers) = REGISTERS.get() else {
+        return;
+    };
+    if registers.evtq_prod.get() == EVENT_CONS.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(smmu) = SMMU.get() else {
+        return;
+    };
+    if let Some(mut smmu) = smmu.try_lock() {
+        smmu.drain_locked();
+    }
+}
+
+/// FEATURES capability bits the SMMU contributes: [`feature::SMMU`] when it is enabled, and
+/// [`feature::DMA_STRICT`] when some device is in strict mode.
+#[allow(dead_code)] // For FEATURES.
+pub fn features() -> u64 {
+    match SMMU.get() {
+        Some(_) if ANY_STRICT.load(Ordering::Relaxed) => feature::SMMU | feature::DMA_STRICT,
+        Some(_) => feature::SMMU,
+        None => 0,
+    }
+}
+
+/// What DEV_INFO reports about device `index` (in BDF order): StreamID, BDF as the ABI packs
+/// it (segment 0), mode and coherence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// StreamID (the device id of the DMA calls).
+    pub stream_id: u32,
+    /// Bus/device/function.
+    pub bdf: Bdf,
+    /// DMA mode.
+    pub mode: DmaMode,
+    /// Snoops CPU caches.
+    pub coherent: bool,
+}
+
+/// Device `index` in BDF order, or `None` past the last.
+#[allow(dead_code)] // For DEV_INFO.
+pub fn device_info(index: usize) -> Option<DeviceInfo> {
+    let smmu = SMMU.get()?.lock();
+    smmu.devices.get(index).map(|d| DeviceInfo {
+        stream_id: d.stream_id,
+        bdf: d.bdf,
+        mode: d.mode,
+        coherent: d.coherent,
+    })
+}
