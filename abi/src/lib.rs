@@ -10,6 +10,7 @@
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod client;
 
 /// Major version of the ABI this crate describes (REVISION x0).
@@ -183,6 +184,47 @@ pub mod cache_op {
     pub const FLAG_VA: u64 = 0x100;
     /// Result flag in x2: an INVALIDATE was widened to CLEAN_INVALIDATE.
     pub const RESULT_WIDENED: u64 = 1;
+}
+
+/// MEM_GET_ATTR flags (x2).
+pub mod page_flag {
+    /// At least one DMA mapping pins the page.
+    pub const PINNED: u64 = 1 << 0;
+    /// Stage 2 maps the page with a 2 MiB block (else with a 4 KiB page).
+    pub const BLOCK_MAPPED: u64 = 1 << 1;
+}
+
+/// MEM_QUERY_VA access kinds (x2).
+pub mod access {
+    /// Translate as a read.
+    pub const READ: u64 = 0;
+    /// Translate as a write.
+    pub const WRITE: u64 = 1;
+}
+
+/// Memory attributes as MEM_QUERY_VA reports them: MAIR encoding, as PAR_EL1.ATTR holds them.
+pub mod mair {
+    /// Normal, inner and outer write-back (non-transient, read- and write-allocate).
+    pub const NORMAL_WB: u64 = 0xff;
+    /// Normal, inner and outer non-cacheable.
+    pub const NORMAL_NC: u64 = 0x44;
+    /// Device-nGnRnE (also what a guest running with its MMU off gets for data).
+    pub const DEVICE_NGNRNE: u64 = 0x00;
+}
+
+/// CACHE_OP_BATCH: the entry layout `{u64 addr, u64 size, u32 op, u32 reserved}` (little
+/// endian) and the limits of one call.
+pub mod batch {
+    /// Bytes of one entry.
+    pub const ENTRY_SIZE: u64 = 24;
+    /// Required alignment of the array's IPA.
+    pub const ARRAY_ALIGN: u64 = 8;
+    /// Most entries one call completes before it answers INCOMPLETE.
+    pub const ENTRIES_PER_CALL: u64 = 64;
+    /// Most entries one batch may have.
+    pub const MAX_ENTRIES: u64 = 1 << 24;
+    /// The resume cookie is `entry index << COOKIE_ENTRY_SHIFT | bytes done of that entry`.
+    pub const COOKIE_ENTRY_SHIFT: u32 = 40;
 }
 
 /// Page size the ABI counts in.

@@ -1,11 +1,91 @@
-//! Audit events and their line format. Every change the hypervisor makes for a guest and every
-//! request it refuses becomes one event with a gap-free sequence number. This is the first
-//! cut: events are streamed as lines on the hypervisor's log; the bounded ring, AUDIT_READ and
-//! the hash chain come with the audit-log work.
+//! The audit log: typed [`Event`]s become fixed-size, hash-chained records
+//! ([`stagehand_abi::audit::Record`]) in a bounded ring ([`AuditLog`]) that AUDIT_READ reads
+//! and the host stream drains.
+//!
+//! # Sequence numbers, losses and the hash chain
+//!
+//! - Every record written gets the next sequence number (0 first), overflow records included,
+//!   and its hash chains to the previous record's: the chain and the numbering run over every
+//!   record ever written, with no exception. Losing a record never renumbers or rehashes
+//!   anything.
+//! - The ring holds the newest `capacity` records. Making room evicts the oldest, so the records
+//!   lost from the ring are always sequences `0..dropped`; `dropped` is what AUDIT_READ reports
+//!   in x3, and the oldest record held is number `dropped`.
+//! - Ring losses are reported by overflow records: `detail` = the first lost sequence, `dropped`
+//!   = how many in a row, `tag` = the hash of the last of them (a chain anchor). One is written
+//!   (a) when a record evicts another while the ring holds no overflow record, and (b) before
+//!   AUDIT_READ answers, whenever losses are unreported ([`AuditLog::report_losses`]). Together
+//!   the ring overflow records cover every loss exactly once, in order.
+//! - The host stream normally receives each record as it is written, so ring losses leave it
+//!   complete. When streaming must wait (a UART shared with a running guest), records wait in
+//!   the ring; if some were evicted before they could be streamed, the stream gets the records
+//!   still held and then, in its place in the numbering (it is the newest), an overflow record
+//!   flagged [`flag::STREAM_LOSS`] covering exactly the sequences the stream will never see
+//!   ([`AuditLog::take_unstreamed`]). A reader of the stream therefore sees a gap `a..b` only
+//!   where a later STREAM_LOSS record says `detail = a, dropped = b - a`, and checks the chain
+//!   at `b` from that record's `tag`. Any other gap is a missing record.
 
-use core::fmt;
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
 
-/// What happened.
+use stagehand_abi::audit::{
+    self as abi, access, attr, cmo, direction, flag, kind, stop_reason, tlbi, Record, GENESIS_HASH,
+};
+use stagehand_abi::function;
+use zerocopy::byteorder::little_endian::{I64, U16, U32, U64};
+
+pub use crate::attributes::{Attribute, TlbiScope};
+pub use crate::inject::Access;
+pub use crate::maintenance::CacheOp;
+
+/// Records the hypervisor's ring holds (512 KiB).
+pub const RING_CAPACITY: usize = 4096;
+
+/// Why the guest stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// PSCI SYSTEM_OFF.
+    SystemOff,
+    /// PSCI SYSTEM_RESET.
+    SystemReset,
+    /// A trap the hypervisor could not handle (the fatal report says which).
+    Fault,
+}
+
+/// Direction of a DMA mapping (DMA_MAP x4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaDirection {
+    /// The device reads and writes.
+    Bidirectional,
+    /// The device reads.
+    ToDevice,
+    /// The device writes.
+    FromDevice,
+}
+
+/// The maintenance a change performed, as its record shows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    /// The cache maintenance done (over the record's range), if any.
+    pub cmo: Option<CacheOp>,
+    /// D-cache lines it touched.
+    pub cmo_lines: u64,
+    /// TLB invalidation scope.
+    pub tlbi: TlbiScope,
+    /// TLBI instructions issued.
+    pub tlbi_count: u32,
+    /// SMMU commands issued (CMD_SYNC included).
+    pub smmu_commands: u32,
+    /// Kinds of those commands: bits of [`stagehand_abi::audit::smmu_command`].
+    pub smmu_kinds: u16,
+    /// The old stage-2 entries were broken, TLB-invalidated and synchronised before the new
+    /// ones were written.
+    pub break_before_make: bool,
+    /// The hypervisor's own alias of the range was unmapped or remapped with the new attribute.
+    pub hypervisor_alias: bool,
+}
+
+/// Something to audit. One event becomes one record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// The guest was entered for the first time.
@@ -15,17 +95,17 @@ pub enum Event {
         /// RAM size in bytes.
         ram: u64,
     },
-    /// The guest stopped (SYSTEM_OFF, SYSTEM_RESET or a fault it could not survive).
+    /// The guest stopped.
     GuestStop {
         /// Why.
-        reason: &'static str,
+        reason: StopReason,
     },
     /// A guest access to an IPA it does not own; the guest got an external abort.
     Stage2Fault {
         /// Faulting IPA.
         ipa: u64,
         /// Read, write or fetch.
-        access: &'static str,
+        access: Access,
     },
     /// A guest register write the hypervisor changed or dropped (LPI enabling).
     Filtered {
@@ -41,71 +121,867 @@ pub enum Event {
         /// Status returned (SMCCC/PSCI or ABI code).
         status: i64,
     },
+    /// A call about a range (or a buffer) that the hypervisor refused.
+    RefusedRange {
+        /// Function ID.
+        function: u32,
+        /// Status returned.
+        status: i64,
+        /// Start of the range as the guest gave it.
+        ipa: u64,
+        /// Size as the guest gave it.
+        size: u64,
+    },
+    /// MEM_SET_ATTR changed the stage-2 attribute of `[ipa, ipa + size)` (the part done).
+    AttributeChange {
+        /// First IPA changed.
+        ipa: u64,
+        /// Bytes changed.
+        size: u64,
+        /// Attribute before.
+        old: Attribute,
+        /// Attribute after.
+        new: Attribute,
+        /// What it took.
+        maintenance: Maintenance,
+        /// Status returned (SUCCESS, or INCOMPLETE with `size` the part done).
+        status: i64,
+    },
+    /// Cache maintenance the guest asked for (CACHE_OP, CACHE_OP_BATCH).
+    Cmo {
+        /// CACHE_OP or CACHE_OP_BATCH.
+        function: u32,
+        /// Start (IPA, or guest VA when `by_va`).
+        address: u64,
+        /// Bytes done.
+        size: u64,
+        /// The operation performed (after widening).
+        op: CacheOp,
+        /// D-cache lines touched.
+        lines: u64,
+        /// An INVALIDATE was widened to CLEAN_INVALIDATE.
+        widened: bool,
+        /// `address` is a guest VA.
+        by_va: bool,
+        /// Status returned.
+        status: i64,
+    },
+    /// A buffer was mapped for DMA (IOVA = IPA).
+    DmaMap {
+        /// The device.
+        stream_id: u32,
+        /// First IPA.
+        ipa: u64,
+        /// Bytes.
+        size: u64,
+        /// Direction.
+        direction: DmaDirection,
+        /// The handle returned.
+        handle: u64,
+        /// Attribute of the device's mapping, when it has one of its own (`None`: the device
+        /// shares the guest's stage 2).
+        attribute: Option<Attribute>,
+        /// What it took (CMO by direction, SMMU commands).
+        maintenance: Maintenance,
+        /// Status returned.
+        status: i64,
+    },
+    /// A DMA mapping was removed.
+    DmaUnmap {
+        /// The device.
+        stream_id: u32,
+        /// The handle.
+        handle: u64,
+        /// First IPA of the buffer.
+        ipa: u64,
+        /// Bytes.
+        size: u64,
+        /// Direction it was mapped with.
+        direction: DmaDirection,
+        /// What it took (SMMU TLBI + CMD_SYNC, then the CMO).
+        maintenance: Maintenance,
+        /// Status returned.
+        status: i64,
+    },
+    /// A DMA buffer was synchronised.
+    DmaSync {
+        /// The device.
+        stream_id: u32,
+        /// The handle.
+        handle: u64,
+        /// First IPA synchronised.
+        ipa: u64,
+        /// Bytes.
+        size: u64,
+        /// For the device (else for the CPU).
+        for_device: bool,
+        /// What it took.
+        maintenance: Maintenance,
+        /// Status returned (NOT_REQUIRED for NC buffers and coherent devices).
+        status: i64,
+    },
+    /// The SMMU reported a fault.
+    SmmuFault {
+        /// The device.
+        stream_id: u32,
+        /// The input address (IOVA = IPA) of the access.
+        ipa: u64,
+        /// Read or write.
+        access: Access,
+        /// SMMU event type (F_TRANSLATION 0x10, F_ACCESS 0x12, F_PERMISSION 0x13, ...).
+        event: u8,
+        /// The fault was at stage 2.
+        stage2: bool,
+    },
+    /// AUDIT_MARK.
+    Mark {
+        /// The guest's tag.
+        tag: u64,
+    },
 }
 
-/// One record: sequence number, time, vCPU and event.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Record {
-    /// Gap-free sequence number.
-    pub sequence: u64,
-    /// Counter (CNTPCT) value when it happened.
-    pub time: u64,
-    /// The vCPU that caused it.
-    pub vcpu: usize,
-    /// What happened.
-    pub event: Event,
+/// How much of the audit stream the configuration keeps (`audit=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AuditLevel {
+    /// Every event (the default).
+    #[default]
+    All,
+    /// Every change, refusal, fault, mark and loss, but not the maintenance-only events
+    /// (CMO calls and DMA syncs), which change no attribute or mapping.
+    Changes,
+    /// Nothing: no records, AUDIT_READ and AUDIT_MARK answer NOT_SUPPORTED.
+    Off,
 }
 
-impl fmt::Display for Record {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "AUDIT seq={} t={} vm=1 vcpu={} ",
-            self.sequence, self.time, self.vcpu
-        )?;
-        match self.event {
+impl AuditLevel {
+    /// Whether `event` becomes a record at this level. Events a level leaves out get no sequence
+    /// number, so the stream stays gap-free.
+    pub fn admits(self, event: &Event) -> bool {
+        match self {
+            AuditLevel::All => true,
+            AuditLevel::Changes => !matches!(event, Event::Cmo { .. } | Event::DmaSync { .. }),
+            AuditLevel::Off => false,
+        }
+    }
+}
+
+fn attribute_code(attribute: Attribute) -> u8 {
+    match attribute {
+        Attribute::WriteBack => attr::WB,
+        Attribute::NonCacheable => attr::NC,
+    }
+}
+
+fn cmo_code(op: Option<CacheOp>) -> u8 {
+    match op {
+        None => cmo::NONE,
+        Some(CacheOp::Clean) => cmo::CLEAN,
+        Some(CacheOp::Invalidate) => cmo::INVALIDATE,
+        Some(CacheOp::CleanInvalidate) => cmo::CLEAN_INVALIDATE,
+    }
+}
+
+fn access_code(a: Access) -> u8 {
+    match a {
+        Access::Read => access::READ,
+        Access::Write => access::WRITE,
+        Access::Fetch => access::FETCH,
+    }
+}
+
+fn direction_code(d: DmaDirection) -> u8 {
+    match d {
+        DmaDirection::Bidirectional => direction::BIDIRECTIONAL,
+        DmaDirection::ToDevice => direction::TO_DEVICE,
+        DmaDirection::FromDevice => direction::FROM_DEVICE,
+    }
+}
+
+fn with_maintenance(record: &mut Record, m: &Maintenance) {
+    record.cmo_op = cmo_code(m.cmo);
+    record.cmo_lines = U64::new(m.cmo_lines);
+    record.tlbi_scope = match m.tlbi {
+        TlbiScope::None => tlbi::NONE,
+        TlbiScope::ByIpa => tlbi::BY_IPA,
+        TlbiScope::Vmid => tlbi::VMID,
+    };
+    record.tlbi_count = U32::new(m.tlbi_count);
+    record.smmu_commands = U32::new(m.smmu_commands);
+    record.smmu_kinds = U16::new(m.smmu_kinds);
+    let mut flags = record.flags.get();
+    if m.break_before_make {
+        flags |= flag::BREAK_BEFORE_MAKE;
+    }
+    if m.hypervisor_alias {
+        flags |= flag::HYPERVISOR_ALIAS;
+    }
+    record.flags = U32::new(flags);
+}
+
+impl Event {
+    /// The record body of this event: every field but sequence, time, VM, vCPU and hash.
+    pub fn encode(&self) -> Record {
+        let range = |r: &mut Record, ipa: u64, size: u64| {
+            r.ipa = U64::new(ipa);
+            r.size = U64::new(size);
+        };
+        let mut r;
+        match *self {
             Event::GuestStart { entry, ram } => {
-                write!(f, "kind=guest-start entry={entry:#x} ram={ram:#x}")
+                r = Record::empty(kind::GUEST_START);
+                range(&mut r, entry, ram);
             }
-            Event::GuestStop { reason } => write!(f, "kind=guest-stop reason={reason}"),
+            Event::GuestStop { reason } => {
+                r = Record::empty(kind::GUEST_STOP);
+                r.detail = U64::new(match reason {
+                    StopReason::SystemOff => stop_reason::SYSTEM_OFF,
+                    StopReason::SystemReset => stop_reason::SYSTEM_RESET,
+                    StopReason::Fault => stop_reason::FAULT,
+                });
+            }
             Event::Stage2Fault { ipa, access } => {
-                write!(
-                    f,
-                    "kind=stage2-fault ipa={ipa:#x} access={access} result=abort-injected"
-                )
+                r = Record::empty(kind::STAGE2_FAULT);
+                range(&mut r, ipa, 0);
+                r.access = access_code(access);
+                r.flags = U32::new(flag::STAGE2);
             }
             Event::Filtered { ipa, requested } => {
-                write!(
-                    f,
-                    "kind=refused ipa={ipa:#x} requested={requested:#x} result=filtered"
-                )
+                r = Record::empty(kind::FILTERED_WRITE);
+                range(&mut r, ipa, 0);
+                r.detail = U64::new(requested);
             }
             Event::Refused { function, status } => {
-                write!(f, "kind=refused function={function:#010x} status={status}")
+                r = Record::empty(kind::REFUSED);
+                r.function = U32::new(function);
+                r.status = I64::new(status);
+            }
+            Event::RefusedRange {
+                function,
+                status,
+                ipa,
+                size,
+            } => {
+                r = Record::empty(kind::REFUSED);
+                r.function = U32::new(function);
+                r.status = I64::new(status);
+                range(&mut r, ipa, size);
+            }
+            Event::AttributeChange {
+                ipa,
+                size,
+                old,
+                new,
+                maintenance,
+                status,
+            } => {
+                r = Record::empty(kind::ATTRIBUTE_CHANGE);
+                r.function = U32::new(function::MEM_SET_ATTR);
+                range(&mut r, ipa, size);
+                r.old_attr = attribute_code(old);
+                r.new_attr = attribute_code(new);
+                with_maintenance(&mut r, &maintenance);
+                r.status = I64::new(status);
+            }
+            Event::Cmo {
+                function,
+                address,
+                size,
+                op,
+                lines,
+                widened,
+                by_va,
+                status,
+            } => {
+                r = Record::empty(kind::CMO);
+                r.function = U32::new(function);
+                range(&mut r, address, size);
+                r.cmo_op = cmo_code(Some(op));
+                r.cmo_lines = U64::new(lines);
+                let mut flags = 0;
+                if widened {
+                    flags |= flag::WIDENED;
+                }
+                if by_va {
+                    flags |= flag::BY_VA;
+                }
+                r.flags = U32::new(flags);
+                r.status = I64::new(status);
+            }
+            Event::DmaMap {
+                stream_id,
+                ipa,
+                size,
+                direction,
+                handle,
+                attribute,
+                maintenance,
+                status,
+            } => {
+                r = Record::empty(kind::DMA_MAP);
+                r.function = U32::new(function::DMA_MAP);
+                r.stream_id = U32::new(stream_id);
+                range(&mut r, ipa, size);
+                r.direction = direction_code(direction);
+                r.detail = U64::new(handle);
+                r.new_attr = attribute.map_or(attr::NONE, attribute_code);
+                with_maintenance(&mut r, &maintenance);
+                r.status = I64::new(status);
+            }
+            Event::DmaUnmap {
+                stream_id,
+                handle,
+                ipa,
+                size,
+                direction,
+                maintenance,
+                status,
+            } => {
+                r = Record::empty(kind::DMA_UNMAP);
+                r.function = U32::new(function::DMA_UNMAP);
+                r.stream_id = U32::new(stream_id);
+                range(&mut r, ipa, size);
+                r.direction = direction_code(direction);
+                r.detail = U64::new(handle);
+                with_maintenance(&mut r, &maintenance);
+                r.status = I64::new(status);
+            }
+            Event::DmaSync {
+                stream_id,
+                handle,
+                ipa,
+                size,
+                for_device,
+                maintenance,
+                status,
+            } => {
+                r = Record::empty(kind::DMA_SYNC);
+                r.function = U32::new(function::DMA_SYNC);
+                r.stream_id = U32::new(stream_id);
+                range(&mut r, ipa, size);
+                r.detail = U64::new(handle);
+                with_maintenance(&mut r, &maintenance);
+                if for_device {
+                    r.flags = U32::new(r.flags.get() | flag::FOR_DEVICE);
+                }
+                r.status = I64::new(status);
+            }
+            Event::SmmuFault {
+                stream_id,
+                ipa,
+                access,
+                event,
+                stage2,
+            } => {
+                r = Record::empty(kind::SMMU_FAULT);
+                r.stream_id = U32::new(stream_id);
+                range(&mut r, ipa, 0);
+                r.access = access_code(access);
+                r.detail = U64::new(event.into());
+                if stage2 {
+                    r.flags = U32::new(flag::STAGE2);
+                }
+            }
+            Event::Mark { tag } => {
+                r = Record::empty(kind::MARK);
+                r.function = U32::new(function::AUDIT_MARK);
+                r.tag = U64::new(tag);
             }
         }
+        r
+    }
+}
+
+/// What [`AuditLog::read`] found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    /// The records, oldest first, sequence numbers without gaps.
+    pub records: Vec<Record>,
+    /// The sequence number to ask for next.
+    pub next_sequence: u64,
+    /// Records lost from the ring since boot.
+    pub dropped: u64,
+}
+
+/// The bounded ring of records and the state of the hash chain and the host stream.
+#[derive(Debug)]
+pub struct AuditLog {
+    ring: VecDeque<Record>,
+    capacity: usize,
+    vm: u16,
+    next_sequence: u64,
+    last_hash: u64,
+    /// Hash of the newest evicted record (the chain anchor of the oldest one held).
+    evicted_hash: u64,
+    /// Records evicted since boot: sequences `0..dropped`.
+    dropped: u64,
+    /// Ring losses `0..reported` are covered by ring overflow records.
+    reported: u64,
+    /// Sequence number of the newest ring overflow record.
+    newest_overflow: Option<u64>,
+    /// Records `0..streamed` went to the host stream (or were reported lost to it).
+    streamed: u64,
+}
+
+impl AuditLog {
+    /// An empty log for VM `vm` holding at most `capacity` records (at least 2: an overflow
+    /// record and the record that caused it).
+    pub fn new(vm: u16, capacity: usize) -> Self {
+        let capacity = capacity.max(2);
+        AuditLog {
+            ring: VecDeque::with_capacity(capacity),
+            capacity,
+            vm,
+            next_sequence: 0,
+            last_hash: GENESIS_HASH,
+            evicted_hash: GENESIS_HASH,
+            dropped: 0,
+            reported: 0,
+            newest_overflow: None,
+            streamed: 0,
+        }
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_sequence(&self) -> u64 {
+        self.next_sequence
+    }
+
+    /// Records lost from the ring since boot (AUDIT_READ x3).
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Records the ring holds now.
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Whether the ring is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+
+    /// Writes the record of `event`, caused by `vcpu` at counter `time`, and returns its sequence
+    /// number. A full ring loses its oldest record (see the module docs for how that is reported).
+    pub fn record(&mut self, time: u64, vcpu: u16, event: &Event) -> u64 {
+        self.make_room(1);
+        let ring_overflow_held = self.newest_overflow.is_some_and(|s| s >= self.dropped);
+        if self.reported < self.dropped && !ring_overflow_held {
+            self.make_room(2);
+            self.append_overflow(time, vcpu, self.reported, 0);
+            self.reported = self.dropped;
+            self.newest_overflow = Some(self.next_sequence - 1);
+        }
+        self.append(time, vcpu, event.encode())
+    }
+
+    /// AUDIT_MARK: writes a mark with `tag` and returns its sequence number.
+    pub fn mark(&mut self, time: u64, vcpu: u16, tag: u64) -> u64 {
+        self.record(time, vcpu, &Event::Mark { tag })
+    }
+
+    /// Writes an overflow record for ring losses no overflow record covers yet, if any. Call it
+    /// before [`read`](Self::read) answers a guest, so the reader finds every loss recorded.
+    pub fn report_losses(&mut self, time: u64, vcpu: u16) {
+        if self.reported < self.dropped {
+            self.make_room(1);
+            self.append_overflow(time, vcpu, self.reported, 0);
+            self.reported = self.dropped;
+            self.newest_overflow = Some(self.next_sequence - 1);
+        }
+    }
+
+    /// Up to `max` records from `first` on, oldest first. A `first` older than the oldest record
+    /// held reads from the oldest held; one beyond the newest reads nothing and says where the
+    /// next record will be.
+    pub fn read(&self, first: u64, max: usize) -> ReadResult {
+        let oldest = self.dropped;
+        let start = first.clamp(oldest, self.next_sequence);
+        let skip = (start - oldest) as usize;
+        let records: Vec<Record> = self.ring.iter().skip(skip).take(max).copied().collect();
+        ReadResult {
+            next_sequence: start + records.len() as u64,
+            records,
+            dropped: self.dropped,
+        }
+    }
+
+    /// The records the host stream has not had yet, oldest first, and marks them streamed. If
+    /// some were evicted before they could be streamed, they are followed by a
+    /// [`flag::STREAM_LOSS`] overflow record covering exactly those.
+    pub fn take_unstreamed(&mut self, time: u64, vcpu: u16) -> impl Iterator<Item = &Record> {
+        if self.streamed < self.dropped {
+            // Make room first: the eviction may lose more unstreamed records, which the overflow
+            // record must then count too.
+            self.make_room(1);
+            self.append_overflow(time, vcpu, self.streamed, flag::STREAM_LOSS);
+        }
+        let first = self.streamed.max(self.dropped);
+        self.streamed = self.next_sequence;
+        let skip = (first - self.dropped) as usize;
+        self.ring.iter().skip(skip)
+    }
+
+    /// Evicts the oldest records until `count` more fit.
+    fn make_room(&mut self, count: usize) {
+        while self.ring.len() + count > self.capacity {
+            if let Some(old) = self.ring.pop_front() {
+                self.evicted_hash = old.hash.get();
+                self.dropped += 1;
+            }
+        }
+    }
+
+    /// Appends an overflow record for the lost sequences `first..self.dropped`.
+    fn append_overflow(&mut self, time: u64, vcpu: u16, first: u64, flags: u32) {
+        let mut r = Record::empty(kind::OVERFLOW);
+        r.flags = U32::new(flags);
+        r.detail = U64::new(first);
+        r.dropped = U64::new(self.dropped - first);
+        r.tag = U64::new(self.evicted_hash);
+        self.append(time, vcpu, r);
+    }
+
+    fn append(&mut self, time: u64, vcpu: u16, mut r: Record) -> u64 {
+        let sequence = self.next_sequence;
+        r.sequence = U64::new(sequence);
+        r.timestamp = U64::new(time);
+        r.vm = U16::new(self.vm);
+        r.vcpu = U16::new(vcpu);
+        r.hash = U64::new(abi::chain_hash(self.last_hash, &r));
+        self.last_hash = r.hash.get();
+        self.next_sequence += 1;
+        self.ring.push_back(r);
+        sequence
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloc::format;
+    use alloc::string::ToString;
+    use proptest::prelude::*;
+
+    fn kinds(records: &[Record]) -> Vec<u8> {
+        records.iter().map(|r| r.kind).collect()
+    }
+
+    /// Checks sequence continuity and the chain of `records`, starting from `previous`.
+    fn chained(records: &[Record], mut previous: u64) -> bool {
+        records
+            .windows(2)
+            .all(|w| w[1].sequence.get() == w[0].sequence.get() + 1)
+            && records.iter().all(|r| {
+                let ok = r.hash_follows(previous);
+                previous = r.hash.get();
+                ok
+            })
+    }
 
     #[test]
-    fn line_format_is_stable() {
-        let r = Record {
-            sequence: 7,
-            time: 99,
-            vcpu: 1,
-            event: Event::Stage2Fault {
-                ipa: 0x905_0000,
-                access: "read",
-            },
-        };
+    fn records_chain_and_number_from_zero() {
+        let mut log = AuditLog::new(1, 16);
         assert_eq!(
-            format!("{r}"),
-            "AUDIT seq=7 t=99 vm=1 vcpu=1 kind=stage2-fault ipa=0x9050000 access=read result=abort-injected"
+            log.record(
+                5,
+                0,
+                &Event::GuestStart {
+                    entry: 0x4008_0000,
+                    ram: 1 << 30
+                }
+            ),
+            0
         );
+        assert_eq!(log.mark(6, 1, 0xabc), 1);
+        let read = log.read(0, 10);
+        assert_eq!(read.next_sequence, 2);
+        assert_eq!(read.dropped, 0);
+        assert_eq!(kinds(&read.records), [kind::GUEST_START, kind::MARK]);
+        assert!(chained(&read.records, GENESIS_HASH));
+        assert_eq!(read.records[1].tag.get(), 0xabc);
+        assert_eq!(read.records[1].vcpu.get(), 1);
+        assert_eq!(read.records[1].vm.get(), 1);
+        assert_eq!(read.records[1].timestamp.get(), 6);
+    }
+
+    #[test]
+    fn read_windows() {
+        let mut log = AuditLog::new(1, 8);
+        for tag in 0..5 {
+            log.mark(0, 0, tag);
+        }
+        let middle = log.read(2, 2);
+        assert_eq!(middle.records.len(), 2);
+        assert_eq!(middle.records[0].sequence.get(), 2);
+        assert_eq!(middle.next_sequence, 4);
+        let beyond = log.read(u64::MAX, 10);
+        assert!(beyond.records.is_empty());
+        assert_eq!(beyond.next_sequence, 5);
+        assert_eq!(log.read(0, 0).records.len(), 0);
+    }
+
+    #[test]
+    fn overflow_evicts_oldest_counts_and_reports() {
+        let mut log = AuditLog::new(1, 8);
+        let mut hashes = Vec::new();
+        for tag in 0..8 {
+            log.mark(0, 0, tag);
+            hashes.push(log.read(tag, 1).records[0].hash.get());
+        }
+        assert_eq!(log.dropped(), 0);
+        // The ninth record evicts 0 and, as no overflow record is held, 1 to fit one.
+        assert_eq!(log.mark(0, 0, 8), 9);
+        assert_eq!(log.dropped(), 2);
+        let read = log.read(0, 100);
+        assert_eq!(read.records[0].sequence.get(), 2, "oldest held = dropped");
+        assert_eq!(read.records.len(), 8);
+        let overflow = read
+            .records
+            .iter()
+            .find(|r| r.kind == kind::OVERFLOW)
+            .unwrap();
+        assert_eq!(overflow.sequence.get(), 8);
+        assert_eq!((overflow.detail.get(), overflow.dropped.get()), (0, 2));
+        assert_eq!(
+            overflow.tag.get(),
+            hashes[1],
+            "anchor: hash of the last lost record"
+        );
+        assert!(chained(&read.records, hashes[1]));
+        // More losses accumulate while that overflow record is held...
+        for tag in 0..3 {
+            log.mark(0, 0, 100 + tag);
+        }
+        assert_eq!(log.dropped(), 5);
+        // ...and a reader gets them reported before it reads.
+        log.report_losses(0, 0);
+        let read = log.read(0, 100);
+        let last = read
+            .records
+            .iter()
+            .rev()
+            .find(|r| r.kind == kind::OVERFLOW)
+            .unwrap();
+        assert_eq!(last.detail.get() + last.dropped.get(), read.dropped);
+        assert_eq!(last.detail.get(), 2);
+        assert_eq!(read.records[0].sequence.get(), read.dropped);
+    }
+
+    #[test]
+    fn held_stream_reports_what_it_lost() {
+        let mut log = AuditLog::new(1, 4);
+        let streamed: Vec<u64> = log
+            .take_unstreamed(0, 0)
+            .map(|r| r.sequence.get())
+            .collect();
+        assert!(streamed.is_empty());
+        log.mark(0, 0, 0);
+        assert_eq!(log.take_unstreamed(0, 0).count(), 1);
+        for tag in 1..10 {
+            log.mark(0, 0, tag);
+        }
+        let lines: Vec<Record> = log.take_unstreamed(1, 0).copied().collect();
+        let loss = *lines.last().unwrap();
+        assert_eq!(loss.kind, kind::OVERFLOW);
+        assert_eq!(loss.flags.get() & flag::STREAM_LOSS, flag::STREAM_LOSS);
+        assert_eq!(
+            loss.sequence.get(),
+            log.next_sequence() - 1,
+            "in its place: the newest"
+        );
+        assert_eq!(
+            loss.detail.get(),
+            1,
+            "everything after the last streamed record"
+        );
+        let resume = loss.detail.get() + loss.dropped.get();
+        assert_eq!(
+            lines[0].sequence.get(),
+            resume,
+            "the stream resumes right after the loss"
+        );
+        assert!(
+            lines[0].hash_follows(loss.tag.get()),
+            "its chain from the anchor"
+        );
+        assert!(check_stream(&lines_with_first(&lines)).is_ok());
+        assert_eq!(log.take_unstreamed(2, 0).count(), 0);
+    }
+
+    #[test]
+    fn events_encode_their_fields() {
+        let m = Maintenance {
+            cmo: Some(CacheOp::CleanInvalidate),
+            cmo_lines: 64,
+            tlbi: TlbiScope::ByIpa,
+            tlbi_count: 3,
+            smmu_commands: 2,
+            smmu_kinds: abi::smmu_command::TLBI_S2_IPA | abi::smmu_command::SYNC,
+            break_before_make: true,
+            hypervisor_alias: true,
+        };
+        let r = Event::AttributeChange {
+            ipa: 0x4010_0000,
+            size: 0x1000,
+            old: Attribute::WriteBack,
+            new: Attribute::NonCacheable,
+            maintenance: m,
+            status: 0,
+        }
+        .encode();
+        assert_eq!(
+            r.to_string(),
+            "AUDIT v1 seq=0 t=0 vm=0 vcpu=0 kind=attr flags=0x3 fn=0xc6000010 ipa=0x40100000 \
+             size=0x1000 old=wb new=nc cmo=clean-inv:64 tlbi=ipa:3 smmu=2:0x14 sid=- access=- \
+             dir=- status=0 detail=0x0 tag=0x0 dropped=0 hash=0x0000000000000000"
+        );
+        let fault = Event::Stage2Fault {
+            ipa: 0x905_0000,
+            access: Access::Read,
+        }
+        .encode();
+        assert_eq!(
+            (fault.kind, fault.access, fault.ipa.get()),
+            (kind::STAGE2_FAULT, access::READ, 0x905_0000)
+        );
+        let map = Event::DmaMap {
+            stream_id: 0x10,
+            ipa: 0x4020_0000,
+            size: 0x2000,
+            direction: DmaDirection::FromDevice,
+            handle: 7,
+            attribute: None,
+            maintenance: Maintenance::default(),
+            status: 0,
+        }
+        .encode();
+        assert_eq!(
+            (
+                map.stream_id.get(),
+                map.direction,
+                map.detail.get(),
+                map.new_attr
+            ),
+            (0x10, direction::FROM_DEVICE, 7, attr::NONE)
+        );
+        let stop = Event::GuestStop {
+            reason: StopReason::SystemReset,
+        }
+        .encode();
+        assert_eq!(stop.detail.get(), stop_reason::SYSTEM_RESET);
+    }
+
+    #[test]
+    fn levels() {
+        let cmo = Event::Cmo {
+            function: function::CACHE_OP,
+            address: 0,
+            size: 64,
+            op: CacheOp::Clean,
+            lines: 1,
+            widened: false,
+            by_va: false,
+            status: 0,
+        };
+        let mark = Event::Mark { tag: 1 };
+        assert!(AuditLevel::All.admits(&cmo));
+        assert!(!AuditLevel::Changes.admits(&cmo));
+        assert!(AuditLevel::Changes.admits(&mark));
+        assert!(!AuditLevel::Off.admits(&mark));
+    }
+
+    /// A stream of records `0`, then `rest`: the checks a stream reader makes.
+    fn lines_with_first(rest: &[Record]) -> Vec<Record> {
+        let mut log = AuditLog::new(1, 4);
+        log.mark(0, 0, 0);
+        let mut all: Vec<Record> = log.read(0, 1).records;
+        all.extend_from_slice(rest);
+        all
+    }
+
+    /// What a reader of the stream checks: increasing numbers, every gap `a..b` explained by a
+    /// later STREAM_LOSS record `(a, b - a)` whose anchor chains to `b`, every hash chained.
+    fn check_stream(stream: &[Record]) -> Result<(), alloc::string::String> {
+        let mut previous = GENESIS_HASH;
+        let mut expected = 0;
+        for (i, r) in stream.iter().enumerate() {
+            let s = r.sequence.get();
+            if s != expected {
+                let loss = stream[i..].iter().find(|l| {
+                    l.kind == kind::OVERFLOW
+                        && l.flags.get() & flag::STREAM_LOSS != 0
+                        && l.detail.get() == expected
+                        && l.detail.get() + l.dropped.get() == s
+                });
+                match loss {
+                    Some(loss) => previous = loss.tag.get(),
+                    None => return Err(alloc::format!("gap {expected}..{s} unexplained")),
+                }
+            }
+            if !r.hash_follows(previous) {
+                return Err(alloc::format!("chain broken at {s}"));
+            }
+            previous = r.hash.get();
+            expected = s + 1;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        /// Whatever the interleaving of records, reads, held stretches and stream drains: the
+        /// ring never exceeds its capacity, every read is gap-free, chained and starts at
+        /// `dropped`, the ring overflow records cover `0..` exactly once in order, and the stream
+        /// passes a reader's checks.
+        #[test]
+        fn ring_and_stream_invariants(
+            capacity in 2usize..12,
+            ops in proptest::collection::vec(0u8..8, 1..200),
+        ) {
+            let mut log = AuditLog::new(1, capacity);
+            let mut stream = Vec::new();
+            let mut ring_reports = Vec::new();
+            let mut holding = false;
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    0..=4 => { log.mark(i as u64, 0, i as u64); }
+                    5 => log.report_losses(i as u64, 0),
+                    6 => holding = !holding,
+                    _ => {}
+                }
+                prop_assert!(log.len() <= capacity);
+                if !holding {
+                    stream.extend(log.take_unstreamed(i as u64, 0).copied());
+                }
+                let read = log.read(0, usize::MAX);
+                if let Some(first) = read.records.first() {
+                    prop_assert_eq!(first.sequence.get(), read.dropped);
+                }
+                prop_assert!(chained(&read.records, log.evicted_hash));
+            }
+            stream.extend(log.take_unstreamed(0, 0).copied());
+            prop_assert_eq!(stream.last().map_or(0, |r| r.sequence.get() + 1), log.next_sequence());
+            if let Err(e) = check_stream(&stream) {
+                prop_assert!(false, "{}", e);
+            }
+            for r in &stream {
+                if r.kind == kind::OVERFLOW && r.flags.get() & flag::STREAM_LOSS == 0 {
+                    ring_reports.push((r.detail.get(), r.dropped.get()));
+                }
+            }
+            // Reports lost from a held stream leave holes; otherwise they tile `0..` exactly.
+            let stream_lost = stream
+                .iter()
+                .any(|r| r.kind == kind::OVERFLOW && r.flags.get() & flag::STREAM_LOSS != 0);
+            let mut covered = 0;
+            for (first, count) in ring_reports {
+                if stream_lost {
+                    prop_assert!(first >= covered);
+                } else {
+                    prop_assert_eq!(first, covered);
+                }
+                covered = first + count;
+            }
+            prop_assert!(covered <= log.dropped());
+        }
     }
 }

@@ -1,0 +1,620 @@
+//! Audit records: the fixed 128-byte layout that AUDIT_READ copies into a guest buffer, the
+//! running hash that chains them, and the one-line text form the hypervisor streams to the host.
+//!
+//! Every integer is little-endian. A record is parsed from bytes with [`Record::parse`] (never
+//! cast from a pointer). Fields that a kind does not use are zero, except the "none" markers
+//! named below (`0xff` for the one-byte enumerations that have a meaningful zero, `0xffff_ffff`
+//! for the StreamID). No field ever holds a host physical address: addresses are IPAs (or a
+//! guest VA, flagged), as the guest sees them.
+//!
+//! The hash chain: `hash(n) = SipHash-2-4(HASH_KEY, hash(n - 1) as 8 LE bytes ++ bytes 0..120 of
+//! record n)`, with `hash(-1) = 0` (see [`chain_hash`]). It runs over every record the
+//! hypervisor ever wrote, in sequence order, whether or not a reader still has them; it detects
+//! an altered, dropped or reordered record, and is not a signature.
+
+use core::fmt;
+use core::hash::Hasher;
+
+use zerocopy::byteorder::little_endian::{I64, U16, U32, U64};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
+
+/// Size of one record in bytes.
+pub const RECORD_SIZE: usize = 128;
+/// The layout version this crate describes (the record's `version` field, `v1` in a line).
+pub const LAYOUT_VERSION: u16 = 1;
+/// Bytes of a record that the hash covers: everything before the `hash` field.
+pub const HASHED_BYTES: usize = 120;
+/// The fixed SipHash-2-4 key of the hash chain: the ASCII bytes `stagehan` and `d-audit1` read
+/// as little-endian words. It is public: the chain detects accidents and naive edits, not forgers.
+pub const HASH_KEY: (u64, u64) = (
+    u64::from_le_bytes(*b"stagehan"),
+    u64::from_le_bytes(*b"d-audit1"),
+);
+/// The `prev` hash of the first record (sequence 0).
+pub const GENESIS_HASH: u64 = 0;
+
+/// One audit record, as it lies in memory and in an AUDIT_READ buffer (128 bytes, LE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[repr(C)]
+pub struct Record {
+    /// 0x00: layout version, [`LAYOUT_VERSION`].
+    pub version: U16,
+    /// 0x02: what happened, one of [`kind`].
+    pub kind: u8,
+    /// 0x03: reserved, zero.
+    pub reserved0: u8,
+    /// 0x04: bits of [`flag`].
+    pub flags: U32,
+    /// 0x08: sequence number: 0 for the first record after boot, then +1 per record, no gaps.
+    pub sequence: U64,
+    /// 0x10: the counter (CNTPCT_EL0) when the record was written.
+    pub timestamp: U64,
+    /// 0x18: VM id (1 for the one guest; 0 for the hypervisor itself).
+    pub vm: U16,
+    /// 0x1a: the vCPU that caused the event.
+    pub vcpu: U16,
+    /// 0x1c: the function ID of the call that caused it (0 when no call did).
+    pub function: U32,
+    /// 0x20: start of the range (IPA; a guest VA when [`flag::BY_VA`] is set).
+    pub ipa: U64,
+    /// 0x28: size of the range in bytes (for a partial call: the part done).
+    pub size: U64,
+    /// 0x30: stage-2 attribute before ([`attr`]).
+    pub old_attr: u8,
+    /// 0x31: stage-2 attribute after ([`attr`]); for a DMA map, that of the device's mapping.
+    pub new_attr: u8,
+    /// 0x32: cache maintenance performed ([`cmo`]).
+    pub cmo_op: u8,
+    /// 0x33: TLB invalidation scope ([`tlbi`]).
+    pub tlbi_scope: u8,
+    /// 0x34: access of a fault ([`access`]).
+    pub access: u8,
+    /// 0x35: DMA direction ([`direction`]).
+    pub direction: u8,
+    /// 0x36: reserved, zero.
+    pub reserved1: U16,
+    /// 0x38: TLB invalidation instructions issued.
+    pub tlbi_count: U32,
+    /// 0x3c: SMMU commands issued (CMD_SYNC included).
+    pub smmu_commands: U32,
+    /// 0x40: D-cache lines maintained by the CMO.
+    pub cmo_lines: U64,
+    /// 0x48: StreamID of the device, [`NO_STREAM`] when none.
+    pub stream_id: U32,
+    /// 0x4c: kinds of SMMU commands issued, bits of [`smmu_command`].
+    pub smmu_kinds: U16,
+    /// 0x4e: reserved, zero.
+    pub reserved2: U16,
+    /// 0x50: the status the call returned (ABI or PSCI code; 0 for events that are no call).
+    pub status: I64,
+    /// 0x58: a kind-specific value: DMA handle, value of a filtered register write, guest-stop
+    /// reason ([`stop_reason`]), SMMU event type, first lost sequence of an overflow.
+    pub detail: U64,
+    /// 0x60: a mark's tag; for an overflow, the hash of the last lost record (the chain anchor).
+    pub tag: U64,
+    /// 0x68: for an overflow, how many records were lost in the range it reports.
+    pub dropped: U64,
+    /// 0x70: reserved, zero.
+    pub reserved3: U64,
+    /// 0x78: the running hash: [`chain_hash`] of the previous record's hash and bytes 0..0x78.
+    pub hash: U64,
+}
+
+const _: () = assert!(core::mem::size_of::<Record>() == RECORD_SIZE);
+
+/// The StreamID field when no device is involved.
+pub const NO_STREAM: u32 = 0xffff_ffff;
+
+/// Record kinds.
+pub mod kind {
+    /// A range changed stage-2 attribute (MEM_SET_ATTR).
+    pub const ATTRIBUTE_CHANGE: u8 = 1;
+    /// Cache maintenance asked for by the guest (CACHE_OP, CACHE_OP_BATCH).
+    pub const CMO: u8 = 2;
+    /// A buffer was mapped for DMA.
+    pub const DMA_MAP: u8 = 3;
+    /// A DMA mapping was removed.
+    pub const DMA_UNMAP: u8 = 4;
+    /// A DMA buffer was synchronised for the CPU or the device.
+    pub const DMA_SYNC: u8 = 5;
+    /// The SMMU reported a fault (a device touched what it may not).
+    pub const SMMU_FAULT: u8 = 6;
+    /// The guest touched an IPA it does not own; it got an external abort.
+    pub const STAGE2_FAULT: u8 = 7;
+    /// A call was refused; `status` says why.
+    pub const REFUSED: u8 = 8;
+    /// The guest was entered for the first time (`ipa` = entry, `size` = RAM size).
+    pub const GUEST_START: u8 = 9;
+    /// The guest stopped (`detail` = [`super::stop_reason`]).
+    pub const GUEST_STOP: u8 = 10;
+    /// AUDIT_MARK (`tag`).
+    pub const MARK: u8 = 11;
+    /// Records were lost from the ring (`detail` first lost, `dropped` count, `tag` anchor).
+    pub const OVERFLOW: u8 = 12;
+    /// A guest register write the hypervisor changed or dropped (GIC: LPI enabling).
+    pub const FILTERED_WRITE: u8 = 13;
+}
+
+/// Flag bits.
+pub mod flag {
+    /// The old stage-2 entry was broken (made invalid), TLB-invalidated and synchronised before
+    /// the new one was written.
+    pub const BREAK_BEFORE_MAKE: u32 = 1 << 0;
+    /// The hypervisor's own alias of the range was unmapped or remapped with the new attribute.
+    pub const HYPERVISOR_ALIAS: u32 = 1 << 1;
+    /// An INVALIDATE was widened to CLEAN_INVALIDATE.
+    pub const WIDENED: u32 = 1 << 2;
+    /// `ipa` is a guest virtual address.
+    pub const BY_VA: u32 = 1 << 3;
+    /// DMA sync for the device (clear: for the CPU).
+    pub const FOR_DEVICE: u32 = 1 << 4;
+    /// Overflow: the lost records never reached the host stream either (not only the ring).
+    pub const STREAM_LOSS: u32 = 1 << 5;
+    /// Fault: it happened at stage 2.
+    pub const STAGE2: u32 = 1 << 6;
+}
+
+/// Stage-2 attributes (same numbers as [`crate::attr`]).
+pub mod attr {
+    /// Normal write-back.
+    pub const WB: u8 = 0;
+    /// Normal non-cacheable.
+    pub const NC: u8 = 1;
+    /// Not applicable.
+    pub const NONE: u8 = 0xff;
+}
+
+/// Cache maintenance operations (same numbers as [`crate::cache_op`]).
+pub mod cmo {
+    /// None.
+    pub const NONE: u8 = 0;
+    /// Clean to the point of coherency.
+    pub const CLEAN: u8 = 1;
+    /// Invalidate to the point of coherency.
+    pub const INVALIDATE: u8 = 2;
+    /// Clean and invalidate to the point of coherency.
+    pub const CLEAN_INVALIDATE: u8 = 3;
+}
+
+/// TLB invalidation scopes.
+pub mod tlbi {
+    /// No TLB invalidation.
+    pub const NONE: u8 = 0;
+    /// Stage 2 by IPA (then stage 1 of the VMID).
+    pub const BY_IPA: u8 = 1;
+    /// The whole VMID (stage 1 and 2), used for large ranges.
+    pub const VMID: u8 = 2;
+}
+
+/// Access of a fault.
+pub mod access {
+    /// Not applicable.
+    pub const NONE: u8 = 0;
+    /// Read.
+    pub const READ: u8 = 1;
+    /// Write.
+    pub const WRITE: u8 = 2;
+    /// Instruction fetch.
+    pub const FETCH: u8 = 3;
+}
+
+/// DMA directions (same numbers as DMA_MAP x4).
+pub mod direction {
+    /// Device reads and writes.
+    pub const BIDIRECTIONAL: u8 = 0;
+    /// Device reads.
+    pub const TO_DEVICE: u8 = 1;
+    /// Device writes.
+    pub const FROM_DEVICE: u8 = 2;
+    /// Not applicable.
+    pub const NONE: u8 = 0xff;
+}
+
+/// SMMU command kinds (bits of `smmu_kinds`).
+pub mod smmu_command {
+    /// CMD_CFGI_STE.
+    pub const CFGI_STE: u16 = 1 << 0;
+    /// CMD_CFGI_ALL.
+    pub const CFGI_ALL: u16 = 1 << 1;
+    /// CMD_TLBI_S2_IPA.
+    pub const TLBI_S2_IPA: u16 = 1 << 2;
+    /// CMD_TLBI_S12_VMALL.
+    pub const TLBI_S12_VMALL: u16 = 1 << 3;
+    /// CMD_SYNC.
+    pub const SYNC: u16 = 1 << 4;
+    /// Any other command.
+    pub const OTHER: u16 = 1 << 15;
+}
+
+/// Why a guest stopped (`detail` of a guest-stop record).
+pub mod stop_reason {
+    /// PSCI SYSTEM_OFF.
+    pub const SYSTEM_OFF: u64 = 1;
+    /// PSCI SYSTEM_RESET.
+    pub const SYSTEM_RESET: u64 = 2;
+    /// A trap the hypervisor could not handle (SError, unexpected interrupt, unknown trap).
+    pub const FAULT: u64 = 3;
+}
+
+/// The next link of the hash chain: SipHash-2-4 under [`HASH_KEY`] of `previous` (8 bytes LE)
+/// followed by the first [`HASHED_BYTES`] bytes of `record` (its `hash` field is not covered).
+pub fn chain_hash(previous: u64, record: &Record) -> u64 {
+    let mut hasher = siphasher::sip::SipHasher24::new_with_keys(HASH_KEY.0, HASH_KEY.1);
+    hasher.write(&previous.to_le_bytes());
+    hasher.write(&record.as_bytes()[..HASHED_BYTES]);
+    hasher.finish()
+}
+
+impl Record {
+    /// An all-zero record of this layout version, with the "none" markers set.
+    pub fn empty(kind: u8) -> Record {
+        let mut record = Record::new_zeroed();
+        record.version = U16::new(LAYOUT_VERSION);
+        record.kind = kind;
+        record.old_attr = attr::NONE;
+        record.new_attr = attr::NONE;
+        record.direction = direction::NONE;
+        record.stream_id = U32::new(NO_STREAM);
+        record
+    }
+
+    /// Parses one record from exactly [`RECORD_SIZE`] bytes (any alignment).
+    pub fn parse(bytes: &[u8]) -> Option<Record> {
+        Record::read_from_bytes(bytes).ok()
+    }
+
+    /// The record's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.as_bytes()
+    }
+
+    /// Whether `hash` is the chain's next link after `previous`.
+    pub fn hash_follows(&self, previous: u64) -> bool {
+        self.hash.get() == chain_hash(previous, self)
+    }
+
+    /// The kind's name as the line format writes it (`None` for an unknown kind).
+    pub fn kind_name(&self) -> Option<&'static str> {
+        KINDS.iter().find(|(k, _)| *k == self.kind).map(|(_, n)| *n)
+    }
+}
+
+/// Kind numbers and their names in the line format.
+pub const KINDS: [(u8, &str); 13] = [
+    (kind::ATTRIBUTE_CHANGE, "attr"),
+    (kind::CMO, "cmo"),
+    (kind::DMA_MAP, "dma-map"),
+    (kind::DMA_UNMAP, "dma-unmap"),
+    (kind::DMA_SYNC, "dma-sync"),
+    (kind::SMMU_FAULT, "smmu-fault"),
+    (kind::STAGE2_FAULT, "s2-fault"),
+    (kind::REFUSED, "refused"),
+    (kind::GUEST_START, "guest-start"),
+    (kind::GUEST_STOP, "guest-stop"),
+    (kind::MARK, "mark"),
+    (kind::OVERFLOW, "overflow"),
+    (kind::FILTERED_WRITE, "filtered"),
+];
+
+const ATTR_NAMES: [(u8, &str); 3] = [(attr::WB, "wb"), (attr::NC, "nc"), (attr::NONE, "-")];
+const CMO_NAMES: [(u8, &str); 4] = [
+    (cmo::NONE, "-"),
+    (cmo::CLEAN, "clean"),
+    (cmo::INVALIDATE, "inv"),
+    (cmo::CLEAN_INVALIDATE, "clean-inv"),
+];
+const TLBI_NAMES: [(u8, &str); 3] = [
+    (tlbi::NONE, "-"),
+    (tlbi::BY_IPA, "ipa"),
+    (tlbi::VMID, "vmid"),
+];
+const ACCESS_NAMES: [(u8, &str); 4] = [
+    (access::NONE, "-"),
+    (access::READ, "read"),
+    (access::WRITE, "write"),
+    (access::FETCH, "fetch"),
+];
+const DIRECTION_NAMES: [(u8, &str); 4] = [
+    (direction::BIDIRECTIONAL, "bidir"),
+    (direction::TO_DEVICE, "to-device"),
+    (direction::FROM_DEVICE, "from-device"),
+    (direction::NONE, "-"),
+];
+
+/// A one-byte enumeration written by name, or in decimal when it has none.
+struct Named<'a>(u8, &'a [(u8, &'static str)]);
+
+impl fmt::Display for Named<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1.iter().find(|(v, _)| *v == self.0) {
+            Some((_, name)) => f.write_str(name),
+            None => write!(f, "{}", self.0),
+        }
+    }
+}
+
+fn parse_named(text: &str, names: &[(u8, &str)]) -> Option<u8> {
+    names
+        .iter()
+        .find(|(_, n)| *n == text)
+        .map(|(v, _)| *v)
+        .or_else(|| text.parse().ok())
+}
+
+/// The marker that starts a record line (the version follows it: `AUDIT v1 `).
+pub const LINE_MARKER: &str = "AUDIT v";
+
+/// The line form (no newline):
+///
+/// ```text
+/// AUDIT v1 seq=5 t=123 vm=1 vcpu=0 kind=attr flags=0x3 fn=0xc6000010 ipa=0x40200000
+///   size=0x2000 old=wb new=nc cmo=clean-inv:128 tlbi=ipa:2 smmu=0:0x0 sid=- access=- dir=-
+///   status=0 detail=0x0 tag=0x0 dropped=0 hash=0x1f2e3d4c5b6a7988
+/// ```
+///
+/// (one line; wrapped here). Every field is always present, in this order; together they give
+/// back the record's exact bytes ([`parse_line`]).
+impl fmt::Display for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{LINE_MARKER}{} seq={} t={} vm={} vcpu={} kind=",
+            self.version.get(),
+            self.sequence.get(),
+            self.timestamp.get(),
+            self.vm.get(),
+            self.vcpu.get()
+        )?;
+        match self.kind_name() {
+            Some(name) => f.write_str(name)?,
+            None => write!(f, "{}", self.kind)?,
+        }
+        write!(
+            f,
+            " flags={:#x} fn={:#010x} ipa={:#x} size={:#x} old={} new={} cmo={}:{} tlbi={}:{} smmu={}:{:#x} sid=",
+            self.flags.get(),
+            self.function.get(),
+            self.ipa.get(),
+            self.size.get(),
+            Named(self.old_attr, &ATTR_NAMES),
+            Named(self.new_attr, &ATTR_NAMES),
+            Named(self.cmo_op, &CMO_NAMES),
+            self.cmo_lines.get(),
+            Named(self.tlbi_scope, &TLBI_NAMES),
+            self.tlbi_count.get(),
+            self.smmu_commands.get(),
+            self.smmu_kinds.get(),
+        )?;
+        match self.stream_id.get() {
+            NO_STREAM => f.write_str("-")?,
+            sid => write!(f, "{sid:#x}")?,
+        }
+        write!(
+            f,
+            " access={} dir={} status={} detail={:#x} tag={:#x} dropped={} hash={:#018x}",
+            Named(self.access, &ACCESS_NAMES),
+            Named(self.direction, &DIRECTION_NAMES),
+            self.status.get(),
+            self.detail.get(),
+            self.tag.get(),
+            self.dropped.get(),
+            self.hash.get()
+        )
+    }
+}
+
+/// Why a line that starts a record could not be read back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineError {
+    /// The line holds no [`LINE_MARKER`].
+    NotARecord,
+    /// The field with this key is missing, out of order or malformed.
+    BadField(&'static str),
+    /// Text follows the last field.
+    TrailingText,
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LineError::NotARecord => write!(f, "not an audit record line"),
+            LineError::BadField(key) => write!(f, "field `{key}` missing or malformed"),
+            LineError::TrailingText => write!(f, "text after the last field"),
+        }
+    }
+}
+
+fn number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// Reads a record back from its line form. Text before [`LINE_MARKER`] (a log prefix) and a
+/// trailing `\r` are ignored; everything after the marker must be exactly the fields.
+///
+/// # Errors
+/// A [`LineError`] naming the first field that is missing or malformed.
+pub fn parse_line(line: &str) -> Result<Record, LineError> {
+    let start = line.find(LINE_MARKER).ok_or(LineError::NotARecord)?;
+    let mut words = line[start + LINE_MARKER.len()..]
+        .trim_end_matches(['\r', '\n'])
+        .split(' ');
+    let mut record = Record::new_zeroed();
+    let version = words.next().and_then(|v| v.parse::<u16>().ok());
+    record.version = U16::new(version.ok_or(LineError::BadField("version"))?);
+    let mut field = |key: &'static str| -> Result<&str, LineError> {
+        words
+            .next()
+            .and_then(|word| word.strip_prefix(key))
+            .and_then(|rest| rest.strip_prefix('='))
+            .ok_or(LineError::BadField(key))
+    };
+    fn num<T: TryFrom<u64>>(text: &str, key: &'static str) -> Result<T, LineError> {
+        number(text)
+            .and_then(|n| T::try_from(n).ok())
+            .ok_or(LineError::BadField(key))
+    }
+    fn pair<'a>(text: &'a str, key: &'static str) -> Result<(&'a str, &'a str), LineError> {
+        text.split_once(':').ok_or(LineError::BadField(key))
+    }
+    fn named(text: &str, names: &[(u8, &str)], key: &'static str) -> Result<u8, LineError> {
+        parse_named(text, names).ok_or(LineError::BadField(key))
+    }
+    record.sequence = U64::new(num(field("seq")?, "seq")?);
+    record.timestamp = U64::new(num(field("t")?, "t")?);
+    record.vm = U16::new(num(field("vm")?, "vm")?);
+    record.vcpu = U16::new(num(field("vcpu")?, "vcpu")?);
+    record.kind = named(field("kind")?, &KINDS, "kind")?;
+    record.flags = U32::new(num(field("flags")?, "flags")?);
+    record.function = U32::new(num(field("fn")?, "fn")?);
+    record.ipa = U64::new(num(field("ipa")?, "ipa")?);
+    record.size = U64::new(num(field("size")?, "size")?);
+    record.old_attr = named(field("old")?, &ATTR_NAMES, "old")?;
+    record.new_attr = named(field("new")?, &ATTR_NAMES, "new")?;
+    let (op, lines) = pair(field("cmo")?, "cmo")?;
+    record.cmo_op = named(op, &CMO_NAMES, "cmo")?;
+    record.cmo_lines = U64::new(num(lines, "cmo")?);
+    let (scope, count) = pair(field("tlbi")?, "tlbi")?;
+    record.tlbi_scope = named(scope, &TLBI_NAMES, "tlbi")?;
+    record.tlbi_count = U32::new(num(count, "tlbi")?);
+    let (count, kinds) = pair(field("smmu")?, "smmu")?;
+    record.smmu_commands = U32::new(num(count, "smmu")?);
+    record.smmu_kinds = U16::new(num(kinds, "smmu")?);
+    record.stream_id = U32::new(match field("sid")? {
+        "-" => NO_STREAM,
+        sid => num(sid, "sid")?,
+    });
+    record.access = named(field("access")?, &ACCESS_NAMES, "access")?;
+    record.direction = named(field("dir")?, &DIRECTION_NAMES, "dir")?;
+    let status = field("status")?;
+    record.status = I64::new(status.parse().map_err(|_| LineError::BadField("status"))?);
+    record.detail = U64::new(num(field("detail")?, "detail")?);
+    record.tag = U64::new(num(field("tag")?, "tag")?);
+    record.dropped = U64::new(num(field("dropped")?, "dropped")?);
+    record.hash = U64::new(num(field("hash")?, "hash")?);
+    if words.next().is_some() {
+        return Err(LineError::TrailingText);
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::string::ToString;
+
+    fn sample() -> Record {
+        let mut r = Record::empty(kind::ATTRIBUTE_CHANGE);
+        r.sequence = U64::new(5);
+        r.timestamp = U64::new(123);
+        r.vm = U16::new(1);
+        r.flags = U32::new(flag::BREAK_BEFORE_MAKE | flag::HYPERVISOR_ALIAS);
+        r.function = U32::new(crate::function::MEM_SET_ATTR);
+        r.ipa = U64::new(0x4020_0000);
+        r.size = U64::new(0x2000);
+        r.old_attr = attr::WB;
+        r.new_attr = attr::NC;
+        r.cmo_op = cmo::CLEAN_INVALIDATE;
+        r.cmo_lines = U64::new(128);
+        r.tlbi_scope = tlbi::BY_IPA;
+        r.tlbi_count = U32::new(2);
+        r.status = I64::new(-7);
+        r.hash = U64::new(chain_hash(0x1234, &r));
+        r
+    }
+
+    #[test]
+    fn layout_offsets_are_the_documented_ones() {
+        let r = sample();
+        let bytes = r.bytes();
+        assert_eq!(bytes.len(), RECORD_SIZE);
+        assert_eq!(&bytes[0..2], &1u16.to_le_bytes());
+        assert_eq!(bytes[2], kind::ATTRIBUTE_CHANGE);
+        assert_eq!(&bytes[8..16], &5u64.to_le_bytes());
+        assert_eq!(&bytes[0x1c..0x20], &0xC600_0010u32.to_le_bytes());
+        assert_eq!(&bytes[0x20..0x28], &0x4020_0000u64.to_le_bytes());
+        assert_eq!(
+            bytes[0x30..0x34],
+            [attr::WB, attr::NC, cmo::CLEAN_INVALIDATE, tlbi::BY_IPA]
+        );
+        assert_eq!(&bytes[0x40..0x48], &128u64.to_le_bytes());
+        assert_eq!(&bytes[0x48..0x4c], &NO_STREAM.to_le_bytes());
+        assert_eq!(&bytes[0x50..0x58], &(-7i64).to_le_bytes());
+        assert_eq!(&bytes[0x78..0x80], &r.hash.get().to_le_bytes());
+        assert_eq!(Record::parse(bytes), Some(r));
+        assert_eq!(Record::parse(&bytes[1..]), None);
+    }
+
+    #[test]
+    fn line_round_trips_exactly() {
+        let r = sample();
+        let line = r.to_string();
+        assert_eq!(
+            line,
+            "AUDIT v1 seq=5 t=123 vm=1 vcpu=0 kind=attr flags=0x3 fn=0xc6000010 ipa=0x40200000 \
+             size=0x2000 old=wb new=nc cmo=clean-inv:128 tlbi=ipa:2 smmu=0:0x0 sid=- access=- \
+             dir=- status=-7 detail=0x0 tag=0x0 dropped=0 hash=0x"
+                .to_string()
+                + &std::format!("{:016x}", r.hash.get())
+        );
+        assert_eq!(
+            parse_line(&std::format!("[stagehand INFO ] {line}\r")),
+            Ok(r)
+        );
+        // Unknown enumeration values survive as numbers.
+        let mut odd = r;
+        odd.kind = 99;
+        odd.cmo_op = 7;
+        odd.stream_id = U32::new(0x10);
+        assert_eq!(parse_line(&odd.to_string()), Ok(odd));
+    }
+
+    #[test]
+    fn malformed_lines_name_the_field() {
+        let line = sample().to_string();
+        assert_eq!(parse_line("hello"), Err(LineError::NotARecord));
+        assert_eq!(
+            parse_line(&line.replace("tlbi=ipa:2", "tlbi=ipa")),
+            Err(LineError::BadField("tlbi"))
+        );
+        assert_eq!(
+            parse_line(&line.replace(" vm=1", "")),
+            Err(LineError::BadField("vm"))
+        );
+        assert_eq!(
+            parse_line(&(line.clone() + " x=1")),
+            Err(LineError::TrailingText)
+        );
+        assert_eq!(
+            parse_line(&line[..line.len() - 3]).map(|r| r.hash_follows(0x1234)),
+            Ok(false),
+            "a cut line still parses but no longer chains"
+        );
+    }
+
+    #[test]
+    fn hash_chain_covers_everything_but_the_hash() {
+        let r = sample();
+        assert!(r.hash_follows(0x1234));
+        assert!(!r.hash_follows(0x1235));
+        let mut altered = r;
+        altered.size = U64::new(0x3000);
+        assert!(!altered.hash_follows(0x1234));
+        let mut rehashed = r;
+        rehashed.hash = U64::new(0);
+        assert_eq!(chain_hash(0x1234, &rehashed), r.hash.get());
+    }
+
+    #[test]
+    fn siphash_matches_the_reference_vector() {
+        // SipHash-2-4 paper, appendix A: key 00..0f, message 00..0e.
+        let mut hasher =
+            siphasher::sip::SipHasher24::new_with_keys(0x0706050403020100, 0x0f0e0d0c0b0a0908);
+        let message: [u8; 15] = core::array::from_fn(|i| i as u8);
+        hasher.write(&message);
+        assert_eq!(hasher.finish(), 0xa129ca6149be45e5);
+    }
+}
