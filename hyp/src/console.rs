@@ -48,8 +48,19 @@ pub unsafe fn init(base: u64, shared: bool) {
     CONSOLE.shared_with_guest.store(shared, Ordering::Relaxed);
     // `set_logger` fails only if a logger exists already; there is exactly one call.
     let _ = log::set_logger(&CONSOLE);
-    log::set_max_level(log::LevelFilter::Info);
+    set_level(log::LevelFilter::Info);
 }
+
+/// The most verbose level of ordinary log lines. Audit records (target `audit`) are the host
+/// stream, which the audit configuration filters, not the log level: they always pass.
+pub fn set_level(level: log::LevelFilter) {
+    LEVEL.store(level as usize, Ordering::Relaxed);
+    log::set_max_level(level.max(log::LevelFilter::Info));
+}
+
+/// The configured log level, as a `log::LevelFilter` discriminant.
+static LEVEL: core::sync::atomic::AtomicUsize =
+    core::sync::atomic::AtomicUsize::new(log::LevelFilter::Info as usize);
 
 /// The guest starts or stops using a shared console.
 pub fn set_guest_running(running: bool) {
@@ -109,7 +120,8 @@ impl Write for LineBuffer {
 
 impl log::Log for Console {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.level() <= log::max_level()
+        metadata.target() == crate::audit::LOG_TARGET
+            || metadata.level() as usize <= LEVEL.load(Ordering::Relaxed)
     }
 
     fn log(&self, record: &log::Record) {

@@ -12,15 +12,20 @@
 extern crate alloc;
 
 mod arch;
+mod audit;
 mod console;
 mod exit;
 mod fw_cfg;
+mod guest_memory;
 mod heap;
+mod memory_calls;
+mod smmu;
 mod trap;
 mod vm;
 
 use arch::mmu::{self, BootTables};
 use core::fmt::Write;
+use hyp_core::config::SelfTest;
 use hyp_core::layout::HYP_RESERVED;
 use stagehand_platform::board::Board;
 
@@ -57,9 +62,12 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     let Some(log_uart) = board.hypervisor_uart().or(board.console_uart()) else {
         exit::system_off();
     };
-    if mmu::extend(&mut tables, &mut map, &board, (reserved, HYP_RESERVED)).is_err() {
-        exit::system_off(); // The UART may be unmapped: nothing to print on.
-    }
+    let windows = match mmu::extend(&mut tables, &mut map, &board)
+        .and_then(|()| mmu::create_windows(&mut tables, &mut map, board.cpus.len()))
+    {
+        Ok(windows) => windows,
+        Err(_) => exit::system_off(), // The UART may be unmapped: nothing to print on.
+    };
     // SAFETY: the UART was just mapped as Device memory and stays mapped.
     unsafe { console::init(log_uart.region.base, board.hypervisor_uart().is_none()) };
     // SAFETY: the vector table is part of the image.
@@ -71,10 +79,29 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
         board.memory
     );
 
-    match vm::build(&board, cpu as usize) {
-        Ok(boot) => vm::enter_boot_cpu(boot),
+    match vm::build(&board, windows) {
+        Ok(boot) => {
+            if boot.selftest == Some(SelfTest::El2Fault) {
+                el2_fault_selftest();
+            }
+            vm::enter_boot_cpu(boot)
+        }
         Err(error) => exit::fatal(format_args!("{error}")),
     }
+}
+
+/// Configuration `selftest=el2-fault`: a data abort at EL2 on purpose, so that tests can check
+/// the hypervisor's own fault report and exit status.
+fn el2_fault_selftest() -> ! {
+    /// Below 2^48 (the EL2 VA size) but far above any RAM or MMIO of the board: never mapped.
+    const UNMAPPED: u64 = 0x0000_f000_0000_0000;
+    log::warn!("selftest: reading {UNMAPPED:#x} at EL2, which must fault");
+    // SAFETY: meant to fault: the EL2 map has no entry for this address, so the read raises a
+    // synchronous data abort, whose handler reports it and stops the machine. Nothing is read.
+    let _ = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
+    exit::fatal(format_args!(
+        "selftest: reading {UNMAPPED:#x} at EL2 did not fault"
+    ))
 }
 
 /// A secondary CPU's Rust entry, MMU on (set up in assembly from the published configuration).

@@ -6,19 +6,17 @@ use crate::arch::vectors::{el2_vectors, TrapFrame, Vector};
 use crate::arch::{self, entry::secondary_entry, read_sysreg, write_sysreg};
 use crate::console::{self, LineBuffer};
 use crate::exit;
+use crate::memory_calls;
 use crate::vm::{audit, vm, Vm};
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
-use hyp_core::audit::Event;
+use hyp_core::audit::{Event, StopReason};
 use hyp_core::call::{self, Call};
 use hyp_core::esr::{self, DataAbort, ExceptionClass, Syndrome};
 use hyp_core::gic::{self, Decision};
 use hyp_core::inject::{self, Access, GuestContext};
 use hyp_core::psci::PsciError;
 use stagehand_abi::{feature, Status};
-
-/// Work budget of one range call, in bytes (FEATURES x3).
-pub const WORK_BUDGET: u64 = 1 << 20;
 
 /// Points VBAR_EL2 at the vector table.
 ///
@@ -31,7 +29,8 @@ pub unsafe fn install_vectors() {
     arch::isb();
 }
 
-fn current_vcpu() -> usize {
+/// The vCPU (and physical CPU) this code runs on.
+pub fn current_vcpu() -> usize {
     read_sysreg!("tpidr_el2") as usize
 }
 
@@ -39,7 +38,11 @@ fn current_vcpu() -> usize {
 #[unsafe(no_mangle)]
 extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
     match Vector::from_raw(vector) {
-        Vector::GuestSync => guest_sync(frame),
+        Vector::GuestSync => {
+            // SMMU faults become audit records as soon as the hypervisor runs.
+            crate::smmu::drain_events();
+            guest_sync(frame)
+        }
         Vector::El2Sync => hypervisor_fault(frame, "synchronous exception at EL2"),
         Vector::El2Async => hypervisor_fault(frame, "interrupt or SError at EL2"),
         Vector::GuestSError => stop_guest(frame, "SError from the guest"),
@@ -61,7 +64,9 @@ fn guest_sync(frame: &mut TrapFrame) {
         ExceptionClass::DataAbortLower => data_abort(frame, esr),
         ExceptionClass::InstructionAbortLower => {
             let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
-            inject_abort(frame, Access::Fetch, ipa);
+            if !retry_if_breaking(ipa) {
+                inject_abort(frame, Access::Fetch, ipa);
+            }
         }
         _ => stop_guest(frame, "unhandled trap from the guest"),
     }
@@ -108,24 +113,25 @@ fn smccc(frame: &mut TrapFrame) {
         },
         Call::MigrateInfoType => status(2), // No trusted OS needs migrating.
         Call::SystemOff => {
+            // The console first: with a shared UART, held audit lines are streamed at the stop.
+            console::set_guest_running(false);
             audit(
                 vcpu,
                 Event::GuestStop {
-                    reason: "system-off",
+                    reason: StopReason::SystemOff,
                 },
             );
-            console::set_guest_running(false);
             log::info!("guest powered off");
             exit::exit(0)
         }
         Call::SystemReset => {
+            console::set_guest_running(false);
             audit(
                 vcpu,
                 Event::GuestStop {
-                    reason: "system-reset",
+                    reason: StopReason::SystemReset,
                 },
             );
-            console::set_guest_running(false);
             log::info!("guest asked for a reset");
             exit::system_reset()
         }
@@ -135,9 +141,41 @@ fn smccc(frame: &mut TrapFrame) {
         }
         Call::Revision => [stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0],
         Call::Features => {
-            let capabilities = if vm.fwb { feature::FWB } else { 0 };
-            [0, capabilities, vm.dcache_line, WORK_BUDGET]
+            let capabilities = feature::VA_ADDRESSING
+                | crate::smmu::features()
+                | if vm.fwb { feature::FWB } else { 0 };
+            [
+                0,
+                capabilities,
+                vm.dcache_line,
+                hyp_core::attributes::WORK_BUDGET,
+            ]
         }
+        Call::MemSetAttr {
+            ipa,
+            size,
+            attribute,
+        } => memory_calls::set_attribute(ipa, size, attribute),
+        Call::MemGetAttr { ipa } => memory_calls::get_attribute(ipa),
+        Call::MemQueryVa { va, access } => memory_calls::query_va(va, access),
+        Call::CacheOp { address, size, op } => memory_calls::cache_operation(address, size, op),
+        Call::CacheOpBatch {
+            array,
+            count,
+            cookie,
+        } => memory_calls::cache_batch(array, count, cookie),
+        Call::AuditRead {
+            buffer,
+            size,
+            first,
+        } => match crate::audit::read(vcpu, buffer, size, first) {
+            Ok([copied, next, dropped]) => [0, copied, next, dropped],
+            Err(error) => status(error.code()),
+        },
+        Call::AuditMark { tag } => match crate::audit::mark(vcpu, tag) {
+            Ok([sequence, _, _]) => [0, sequence, 0, 0],
+            Err(error) => status(error.code()),
+        },
         Call::Unimplemented(_) | Call::Unknown(_) => {
             audit(
                 vcpu,
@@ -205,6 +243,7 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
         {
             emulate_redistributor(frame, &abort, ipa, offset)
         }
+        _ if retry_if_breaking(ipa) => {}
         _ => inject_abort(
             frame,
             if abort.write {
@@ -215,6 +254,14 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
             ipa,
         ),
     }
+}
+
+/// A stage-2 fault on guest RAM is never the guest's fault: an attribute change on another CPU
+/// has broken the entry (break-before-make) and will make it again. Waiting for the attribute
+/// manager (a shared lock, held alone by the change) and returning retries the access.
+fn retry_if_breaking(ipa: u64) -> bool {
+    let attributes = vm().attributes.read();
+    attributes.is_ram(ipa)
 }
 
 fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, offset: u64) {
@@ -282,11 +329,6 @@ fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
     write_sysreg!("far_el1", injection.far_el1);
     frame.elr = injection.elr_el2;
     frame.spsr = injection.spsr_el2;
-    let access = match access {
-        Access::Read => "read",
-        Access::Write => "write",
-        Access::Fetch => "fetch",
-    };
     audit(current_vcpu(), Event::Stage2Fault { ipa, access });
 }
 
@@ -318,7 +360,12 @@ fn report(frame: &TrapFrame, title: &str) {
 fn stop_guest(frame: &TrapFrame, why: &'static str) -> ! {
     console::set_guest_running(false);
     report(frame, why);
-    audit(current_vcpu(), Event::GuestStop { reason: why });
+    audit(
+        current_vcpu(),
+        Event::GuestStop {
+            reason: StopReason::Fault,
+        },
+    );
     exit::exit(3)
 }
 

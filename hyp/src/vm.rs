@@ -7,17 +7,20 @@ use crate::arch::mmu::HeapTables;
 use crate::arch::vectors::{enter_guest, TrapFrame};
 use crate::arch::{self, read_sysreg, write_sysreg};
 use crate::fw_cfg::{FwCfg, FwCfgError};
+use crate::guest_memory;
 use crate::{console, exit, QEMU_DTB};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+use hyp_core::attributes::AttributeManager;
 use hyp_core::config::{self, Config, ExitMethod};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
-use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2, PAGE_SIZE};
+use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
+use hyp_core::window::Window;
 use hyp_core::{audit, gic};
 use stagehand_platform::board::{Board, Region};
 use stagehand_platform::fw_cfg::key;
@@ -53,10 +56,14 @@ pub struct Vm {
     pub redistributors: Vec<Region>,
     /// Smallest D-cache line in bytes.
     pub dcache_line: u64,
+    /// Stage 2 and its ledger. Readers (cache operations, queries, guest-memory copies) share
+    /// it; an attribute change holds it alone, which serialises operations on a page.
+    pub attributes: spin::RwLock<AttributeManager>,
+    /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one).
+    pub windows: Vec<spin::Mutex<Window>>,
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
-static AUDIT_SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// The VM (after [`build`]).
 pub fn vm() -> &'static Vm {
@@ -66,15 +73,9 @@ pub fn vm() -> &'static Vm {
     }
 }
 
-/// Records an audit event caused by `vcpu`.
+/// Records an audit event caused by `vcpu` (into the ring, and onto the host stream).
 pub fn audit(vcpu: usize, event: audit::Event) {
-    let record = audit::Record {
-        sequence: AUDIT_SEQUENCE.fetch_add(1, Ordering::Relaxed),
-        time: read_sysreg!("cntpct_el0"),
-        vcpu,
-        event,
-    };
-    log::info!("{record}");
+    crate::audit::record(vcpu, &event);
 }
 
 /// Why the VM could not be built: one clear line each.
@@ -96,6 +97,8 @@ pub enum BuildError {
     DeviceTree(stagehand_platform::board::DtError),
     /// Stage 2 could not be built.
     Stage2(MapError),
+    /// Guest RAM could not be reached through the maintenance window.
+    GuestMemory(stagehand_abi::Status),
     /// More CPUs than the hypervisor has stacks for.
     TooManyCpus(usize),
 }
@@ -111,6 +114,9 @@ impl fmt::Display for BuildError {
             BuildError::Image(e) => write!(f, "guest image: {e}"),
             BuildError::DeviceTree(e) => write!(f, "guest device tree: {e}"),
             BuildError::Stage2(e) => write!(f, "stage 2: {e}"),
+            BuildError::GuestMemory(status) => {
+                write!(f, "guest RAM access refused: {}", status.name())
+            }
             BuildError::TooManyCpus(n) => {
                 write!(f, "{n} CPUs, but this build supports at most {MAX_CPUS}")
             }
@@ -129,6 +135,8 @@ pub struct BootCpu {
     vcpu: usize,
     entry: u64,
     dtb: u64,
+    /// The failure the configuration asks for before the guest is entered (tests only).
+    pub selftest: Option<config::SelfTest>,
 }
 
 /// Reads the configuration and images from fw_cfg, lays out guest RAM, builds stage 2 and the
@@ -136,8 +144,7 @@ pub struct BootCpu {
 ///
 /// # Errors
 /// A [`BuildError`], whose `Display` is the one line printed before stopping.
-pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
-    let _ = boot_cpu;
+pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildError> {
     if board.cpus.len() > MAX_CPUS {
         return Err(BuildError::TooManyCpus(board.cpus.len()));
     }
@@ -147,12 +154,16 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
     let fw_cfg = unsafe { FwCfg::new(fw_cfg_region.base) }?;
     let config = match fw_cfg.file(config::FW_CFG_NAME)? {
         Some(bytes) => {
-            config::parse(&String::from_utf8_lossy(&bytes)).map_err(BuildError::Config)?
+            let text = String::from_utf8_lossy(&bytes);
+            // Known before parsing, so that a bad item stops QEMU with the error's status.
+            exit::use_semihosting(config::exit_method(&text) == ExitMethod::Semihosting);
+            config::parse(&text).map_err(BuildError::Config)?
         }
         None => Config::default(),
     };
-    log::set_max_level(config.log_level);
+    console::set_level(config.log_level);
     exit::use_semihosting(config.exit == ExitMethod::Semihosting);
+    crate::audit::configure(config.audit, board.hypervisor_uart().is_none());
 
     let bank = board
         .memory
@@ -169,17 +180,35 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
         .map(|g| g.redistributors.clone())
         .unwrap_or_default();
     let guest_mmio = guest_mmio(board);
-    let root = build_stage2(&ram, &guest_mmio, &redistributors, fwb).map_err(BuildError::Stage2)?;
+    let mut attributes =
+        AttributeManager::new(&mut HeapTables, fwb, ram, IPA_BITS).map_err(BuildError::Stage2)?;
+    map_guest_mmio(&mut attributes, &guest_mmio, &redistributors).map_err(BuildError::Stage2)?;
+    // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
+    // the entries visible; they are not live until VTTBR_EL2 is written.
+    arch::dsb_ish();
 
-    let (entry, kernel_end) = load_kernel(&fw_cfg, &ram)?;
+    let boot_mpidr = arch::mpidr() & hyp_core::psci::MPIDR_AFFINITY_MASK;
+    let boot_vcpu = board
+        .cpus
+        .iter()
+        .position(|&m| m == boot_mpidr)
+        .unwrap_or(0);
+    let window = windows
+        .get_mut(boot_vcpu)
+        .ok_or(BuildError::Missing("maintenance window for the boot CPU"))?;
+    let (entry, kernel_end) = load_kernel(&fw_cfg, &attributes, window)?;
     let initrd_len = fw_cfg.read_u32(key::INITRD_SIZE)? as u64;
     let placement =
         layout::place_boot_images(&ram, kernel_end, initrd_len, 0).map_err(BuildError::Layout)?;
     let initrd = (initrd_len > 0).then(|| Region::new(placement.initrd, initrd_len));
     if let Some(initrd) = initrd {
-        let pa = guest_pa(&ram, initrd.base, initrd.size);
-        fw_cfg.read_to(key::INITRD_DATA, 0, pa, initrd.size)?;
-        arch::clean_invalidate_range(pa, initrd.size);
+        fw_cfg.read_to(
+            key::INITRD_DATA,
+            0,
+            guest_pa(&ram, initrd.base, initrd.size),
+            initrd.size,
+        )?;
+        clean_for_guest(&attributes, window, initrd.base, initrd.size)?;
     }
     let command_line = fw_cfg.command_line()?;
     let dtb = guest_device_tree(
@@ -199,18 +228,26 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
     if dtb.len() as u64 > layout::DTB_SLOT {
         return Err(BuildError::Layout(layout::LayoutError::ImagesDoNotFit));
     }
-    let dtb_pa = guest_pa(&ram, placement.dtb, dtb.len() as u64);
-    // SAFETY: `dtb_pa` is guest RAM (checked by `guest_pa`), mapped write-back at EL2, and no
-    // guest runs yet.
-    unsafe { core::ptr::copy_nonoverlapping(dtb.as_ptr(), dtb_pa as *mut u8, dtb.len()) };
-    arch::clean_invalidate_range(dtb_pa, dtb.len() as u64);
+    guest_memory::with_mapped(
+        &attributes,
+        window,
+        placement.dtb,
+        dtb.len() as u64,
+        |va, offset, len| {
+            // SAFETY: the window maps this piece of guest RAM write-back and no guest runs yet.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    dtb[offset as usize..].as_ptr(),
+                    va as *mut u8,
+                    len as usize,
+                )
+            };
+            arch::clean_invalidate_range(va, len);
+        },
+    )
+    .map_err(BuildError::GuestMemory)?;
 
-    let boot_mpidr = arch::mpidr() & hyp_core::psci::MPIDR_AFFINITY_MASK;
-    let boot_vcpu = board
-        .cpus
-        .iter()
-        .position(|&m| m == boot_mpidr)
-        .unwrap_or(0);
+    let root = attributes.root();
     let parange = read_sysreg!("id_aa64mmfr0_el1") & 0xf;
     VM.call_once(|| Vm {
         ram,
@@ -232,7 +269,10 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
         fwb,
         redistributors,
         dcache_line: arch::dcache_line_size(),
+        attributes: spin::RwLock::new(attributes),
+        windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
+    crate::smmu::init(board, &config, vm());
     let (used, total) = crate::heap::usage();
     log::info!(
         "guest: RAM IPA {:#x}+{:#x} at PA {:#x}, entry {entry:#x}, dtb {:#x} ({} bytes), initrd {}, FWB {}, heap {used}/{total}",
@@ -243,6 +283,7 @@ pub fn build(board: &Board, boot_cpu: usize) -> Result<BootCpu, BuildError> {
         vcpu: boot_vcpu,
         entry,
         dtb: placement.dtb,
+        selftest: config.selftest,
     })
 }
 
@@ -263,58 +304,47 @@ fn guest_mmio(board: &Board) -> Vec<Region> {
     regions
 }
 
-fn build_stage2(
-    ram: &GuestRam,
+/// Identity-maps the guest's MMIO in stage 2, except the first page of each redistributor
+/// frame, which `trap` emulates (see `hyp_core::gic`).
+fn map_guest_mmio(
+    attributes: &mut AttributeManager,
     mmio: &[Region],
     redistributors: &[Region],
-    fwb: bool,
-) -> Result<u64, MapError> {
-    let mut tables = HeapTables;
-    let mut s2 = PageTable::new(&mut tables, Stage2 { fwb }, 0, IPA_BITS)?;
-    s2.map(
-        &mut tables,
-        ram.ipa,
-        ram.pa,
-        ram.size,
-        MemoryType::NormalWriteBack,
-        Permissions::RWX,
-    )?;
+) -> Result<(), MapError> {
+    let tables = &mut HeapTables;
     for region in mmio {
         let start = region.base & !(PAGE_SIZE - 1);
         let end = (region.base + region.size).next_multiple_of(PAGE_SIZE);
         if redistributors.contains(region) {
-            // Every frame but its first page, which `trap` emulates (see `hyp_core::gic`).
             let mut frame = start;
             while frame < end {
                 let mapped = frame + gic::TRAPPED_PAGE;
                 let frame_end = (frame + gic::REDISTRIBUTOR_STRIDE).min(end);
+                attributes.note_trapped_mmio(frame, gic::TRAPPED_PAGE);
                 if mapped < frame_end {
-                    s2.map(
-                        &mut tables,
-                        mapped,
-                        mapped,
-                        frame_end - mapped,
-                        MemoryType::Device,
-                        Permissions::RW,
-                    )?;
+                    attributes.map_mmio(tables, mapped, frame_end - mapped)?;
                 }
                 frame += gic::REDISTRIBUTOR_STRIDE;
             }
         } else {
-            s2.map(
-                &mut tables,
-                start,
-                start,
-                end - start,
-                MemoryType::Device,
-                Permissions::RW,
-            )?;
+            attributes.map_mmio(tables, start, end - start)?;
         }
     }
-    // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
-    // the entries visible; they are not live until VTTBR_EL2 is written.
-    arch::dsb_ish();
-    Ok(s2.root())
+    Ok(())
+}
+
+/// Cleans and invalidates `[ipa, ipa + len)` to the point of coherency through the window: the
+/// guest starts with its MMU off, so its reads go to memory.
+fn clean_for_guest(
+    attributes: &AttributeManager,
+    window: &mut Window,
+    ipa: u64,
+    len: u64,
+) -> Result<(), BuildError> {
+    guest_memory::with_mapped(attributes, window, ipa, len, |va, _, len| {
+        arch::clean_invalidate_range(va, len)
+    })
+    .map_err(BuildError::GuestMemory)
 }
 
 /// The PA of guest `[ipa, ipa + len)`, which the caller has checked lies in guest RAM.
@@ -326,7 +356,12 @@ fn guest_pa(ram: &GuestRam, ipa: u64, len: u64) -> u64 {
 
 /// Loads `-kernel` into guest RAM per its format. Returns the entry point and the end of what it
 /// occupies.
-fn load_kernel(fw_cfg: &FwCfg, ram: &GuestRam) -> Result<(u64, u64), BuildError> {
+fn load_kernel(
+    fw_cfg: &FwCfg,
+    attributes: &AttributeManager,
+    window: &mut Window,
+) -> Result<(u64, u64), BuildError> {
+    let ram = attributes.ram();
     let size = fw_cfg.read_u32(key::KERNEL_SIZE)? as u64;
     if size == 0 {
         return Err(BuildError::NoKernel);
@@ -334,13 +369,24 @@ fn load_kernel(fw_cfg: &FwCfg, ram: &GuestRam) -> Result<(u64, u64), BuildError>
     let prefix = fw_cfg.read_vec(key::KERNEL_DATA, size.min(64 << 10) as usize)?;
     let plan = image::plan(&prefix, size, ram.ipa, ram.size).map_err(BuildError::Image)?;
     for segment in &plan.segments {
+        // DMA straight to guest RAM: fw_cfg needs no CPU mapping.
         let pa = guest_pa(ram, segment.ipa, segment.mem_size);
         fw_cfg.read_to(key::KERNEL_DATA, segment.file_offset, pa, segment.file_size)?;
         let bss = segment.mem_size - segment.file_size;
-        // SAFETY: `[pa, pa + mem_size)` is guest RAM (checked above), mapped write-back, unused.
-        unsafe { core::ptr::write_bytes((pa + segment.file_size) as *mut u8, 0, bss as usize) };
-        // The guest starts with its MMU off: its reads go to memory, so push the image there.
-        arch::clean_invalidate_range(pa, segment.mem_size);
+        if bss > 0 {
+            guest_memory::with_mapped(
+                attributes,
+                window,
+                segment.ipa + segment.file_size,
+                bss,
+                |va, _, len| {
+                    // SAFETY: the window maps this piece of guest RAM and no guest runs yet.
+                    unsafe { core::ptr::write_bytes(va as *mut u8, 0, len as usize) };
+                },
+            )
+            .map_err(BuildError::GuestMemory)?;
+        }
+        clean_for_guest(attributes, window, segment.ipa, segment.mem_size)?;
     }
     log::info!(
         "kernel: {:?}, {} bytes, {} segment(s)",

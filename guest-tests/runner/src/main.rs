@@ -1,12 +1,16 @@
 //! `guest-runner`: boots each stagehand test guest in its own QEMU under the hypervisor
-//! firmware, with a timeout, reads the guest's TEST/RESULT lines and prints one line per test
-//! and, last, `N passed, M failed` (host test counts from `--host-results` included).
+//! firmware, with a timeout, reads the guest's TEST/RESULT lines and prints one line per test;
+//! then runs the boot checks ([`boot`]), each one test judged from the hypervisor's own
+//! behaviour; last, it prints `N passed, M failed` (host test counts from `--host-results`
+//! included).
 //!
 //! ```text
 //! guest-runner --firmware build/stagehand.bin --guests build/guests [--qemu qemu-system-aarch64]
-//!              [--only NAME]... [--timeout SECS] [--logs DIR] [--host-results P,F]
+//!              [--only NAME|boot|boot/CHECK]... [--timeout SECS] [--logs DIR] [--host-results P,F]
 //! ```
 
+mod audit_replay;
+mod boot;
 mod protocol;
 mod qemu;
 mod suites;
@@ -15,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use boot::{BootCheck, Kernel};
 use protocol::{Exit, TestOutcome};
 use suites::{Image, Initrd, Suite};
 
@@ -31,7 +36,7 @@ struct Options {
 }
 
 const USAGE: &str =
-    "usage: guest-runner --firmware FILE --guests DIR [--qemu BIN] [--only NAME]... \
+    "usage: guest-runner --firmware FILE --guests DIR [--qemu BIN] [--only NAME|boot|boot/CHECK]... \
 [--timeout SECS] [--logs DIR] [--host-results PASSED,FAILED]";
 
 fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, String> {
@@ -68,11 +73,16 @@ fn parse_options(args: impl IntoIterator<Item = String>) -> Result<Options, Stri
         return Err(String::from("--firmware and --guests are required"));
     }
     for name in &options.only {
-        if suites::find(name).is_none() {
+        let boot_check = name
+            .strip_prefix("boot/")
+            .map_or(name == "boot", |check| boot::find(check).is_some());
+        if suites::find(name).is_none() && !boot_check {
             let known: Vec<&str> = suites::SUITES.iter().map(|s| s.name).collect();
+            let checks: Vec<&str> = boot::BOOT_CHECKS.iter().map(|c| c.name).collect();
             return Err(format!(
-                "no suite named {name:?} (suites: {})",
-                known.join(", ")
+                "no suite named {name:?} (suites: {}; boot checks: boot, or boot/ and one of {})",
+                known.join(", "),
+                checks.join(", ")
             ));
         }
     }
@@ -118,13 +128,13 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
             .clone()
             .unwrap_or_else(|| "qemu-system-aarch64".into()),
         firmware: options.firmware.clone().unwrap_or_default(),
-        kernel,
+        kernel: Some(kernel),
         initrd,
         append: suite.append.map(String::from),
         cpus: suite.cpus,
         memory: suite.memory.into(),
         config: suite.config_string(),
-        hypervisor_log: logs.join(format!("{}.hyp.log", suite.name)),
+        hypervisor_log: Some(logs.join(format!("{}.hyp.log", suite.name))),
         extra_args: suite.extra_args.iter().map(|s| s.to_string()).collect(),
         timeout: Duration::from_secs(timeout),
     };
@@ -165,6 +175,93 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
     outcomes
 }
 
+/// The boot checks `--only` selects: all of them when it is not given, else those named
+/// `boot/<name>`, or all for `boot`.
+fn selected_boot_checks(only: &[String]) -> Vec<&'static BootCheck> {
+    boot::BOOT_CHECKS
+        .iter()
+        .filter(|check| {
+            only.is_empty()
+                || only
+                    .iter()
+                    .any(|name| name == "boot" || *name == check.test_name())
+        })
+        .collect()
+}
+
+/// Runs one boot check and returns its outcome, `boot/<name>`.
+fn run_boot_check(check: &BootCheck, options: &Options, logs: &Path) -> TestOutcome {
+    let name = check.test_name();
+    let guests = options.guests.as_deref().unwrap_or(Path::new("."));
+    let kernel = match check.kernel {
+        Kernel::None => None,
+        Kernel::Elf(guest) => Some(guests.join(format!("{guest}.elf"))),
+        Kernel::Raw(guest) => Some(guests.join(format!("{guest}.bin"))),
+        Kernel::Malformed(image) => {
+            let path = logs.join(image.file_name());
+            if let Err(error) = std::fs::write(&path, image.bytes()) {
+                return TestOutcome::fail(name, format!("writing {}: {error}", path.display()));
+            }
+            Some(path)
+        }
+    };
+    if let Some(kernel) = kernel.as_deref().filter(|k| !k.is_file()) {
+        return TestOutcome::fail(name, format!("guest image {} not found", kernel.display()));
+    }
+    let stem = format!("boot-{}", check.name);
+    let hypervisor_log = (!check.shared_uart).then(|| logs.join(format!("{stem}.hyp.log")));
+    if let Some(path) = &hypervisor_log {
+        // The verdict reads this file: no line of an earlier run may count.
+        let _ = std::fs::remove_file(path);
+    }
+    let timeout = options.timeout.unwrap_or(check.timeout_secs);
+    let launch = qemu::Launch {
+        qemu: options
+            .qemu
+            .clone()
+            .unwrap_or_else(|| "qemu-system-aarch64".into()),
+        firmware: options.firmware.clone().unwrap_or_default(),
+        kernel,
+        initrd: None,
+        append: None,
+        cpus: 1,
+        memory: "512M".into(),
+        config: check.config_string(),
+        hypervisor_log: hypervisor_log.clone(),
+        extra_args: Vec::new(),
+        timeout: Duration::from_secs(timeout),
+    };
+    eprintln!("guest-runner: {name} (timeout {timeout} s)");
+    let outcome = launch.run();
+    let console_log = logs.join(format!("{stem}.console.log"));
+    let _ = std::fs::write(&console_log, &outcome.console);
+    if !outcome.stderr.is_empty() {
+        let _ = std::fs::write(logs.join(format!("{stem}.qemu.log")), &outcome.stderr);
+    }
+    let hypervisor_text = match &hypervisor_log {
+        Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
+        None => outcome.console.clone(),
+    };
+    let observed = boot::Observed {
+        console: &outcome.console,
+        hypervisor_log: &hypervisor_text,
+        exit: &outcome.exit,
+    };
+    match boot::judge(&check.expect, &observed) {
+        Ok(()) => TestOutcome::pass(name),
+        Err(mut reason) => {
+            reason.push_str(&format!(
+                " (logs: {})",
+                logs.join(format!("{stem}.*")).display()
+            ));
+            if let Some(line) = outcome.stderr.lines().find(|l| !l.trim().is_empty()) {
+                reason.push_str(&format!("; QEMU: {}", line.trim()));
+            }
+            TestOutcome::fail(name, reason)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let options = match parse_options(std::env::args().skip(1)) {
         Ok(options) => options,
@@ -193,14 +290,22 @@ fn main() -> ExitCode {
             .collect()
     };
     let (mut passed, mut failed) = options.host_results;
-    for suite in selected {
-        let outcomes = run_suite(suite, &options, &logs);
-        for outcome in &outcomes {
+    let mut tally = |outcomes: &[TestOutcome]| {
+        for outcome in outcomes {
             println!("{}", outcome.line());
         }
-        let (p, f) = protocol::totals(&outcomes);
+        let (p, f) = protocol::totals(outcomes);
         passed += p;
         failed += f;
+    };
+    for suite in selected {
+        tally(&run_suite(suite, &options, &logs));
+        if audit_replay::applies(suite.name) {
+            tally(&audit_replay::check(suite.name, &logs));
+        }
+    }
+    for check in selected_boot_checks(&options.only) {
+        tally(&[run_boot_check(check, &options, &logs)]);
     }
     println!("{passed} passed, {failed} failed");
     if failed > 0 {
@@ -238,5 +343,26 @@ mod tests {
         assert!(parse_options(args("--firmware f --guests g --timeout soon")).is_err());
         assert!(parse_options(args("--firmware f --guests g --bogus")).is_err());
         assert!(parse_options(args("--firmware")).is_err());
+        assert!(parse_options(args("--firmware f --guests g --only boot/nosuch")).is_err());
+        assert!(parse_options(args("--firmware f --guests g --only boot/")).is_err());
+        assert!(parse_options(args("--firmware f --guests g --only raw-image")).is_err());
+    }
+
+    #[test]
+    fn only_selects_boot_checks_by_name_or_all() {
+        let options = parse_options(args(
+            "--firmware f --guests g --only dt --only boot/el2-fault --only boot/no-kernel",
+        ))
+        .unwrap();
+        let names: Vec<String> = selected_boot_checks(&options.only)
+            .iter()
+            .map(|c| c.test_name())
+            .collect();
+        // In table order, not command-line order.
+        assert_eq!(names, vec!["boot/no-kernel", "boot/el2-fault"]);
+        assert!(selected_boot_checks(&args("dt smccc")).is_empty());
+        let all = boot::BOOT_CHECKS.len();
+        assert_eq!(selected_boot_checks(&[]).len(), all);
+        assert_eq!(selected_boot_checks(&args("dt boot")).len(), all);
     }
 }

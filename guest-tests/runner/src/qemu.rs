@@ -16,8 +16,8 @@ pub struct Launch {
     pub qemu: PathBuf,
     /// The hypervisor firmware (`-bios`).
     pub firmware: PathBuf,
-    /// The guest image (`-kernel`).
-    pub kernel: PathBuf,
+    /// The guest image (`-kernel`); `None` starts QEMU without one.
+    pub kernel: Option<PathBuf>,
     /// `-initrd`, if any.
     pub initrd: Option<PathBuf>,
     /// `-append`, if any.
@@ -28,8 +28,9 @@ pub struct Launch {
     pub memory: String,
     /// The hypervisor configuration string (`opt/stagehand/config`).
     pub config: String,
-    /// File that receives the second UART (the hypervisor's log).
-    pub hypervisor_log: PathBuf,
+    /// File that receives the second UART (the hypervisor's log); `None` gives the machine one
+    /// UART, which the hypervisor then shares with the guest.
+    pub hypervisor_log: Option<PathBuf>,
     /// Extra arguments appended as they are.
     pub extra_args: Vec<String>,
     /// How long QEMU may run.
@@ -73,12 +74,15 @@ impl Launch {
             "-no-reboot".into(),
             "-bios".into(),
             path_arg(&self.firmware),
-            "-kernel".into(),
-            path_arg(&self.kernel),
-            "-serial".into(),
-            "stdio".into(),
-            "-serial".into(),
-            format!("file:{}", path_arg(&self.hypervisor_log)),
+        ];
+        if let Some(kernel) = &self.kernel {
+            args.extend(["-kernel".into(), path_arg(kernel)]);
+        }
+        args.extend(["-serial".into(), "stdio".into()]);
+        if let Some(log) = &self.hypervisor_log {
+            args.extend(["-serial".into(), format!("file:{}", path_arg(log))]);
+        }
+        args.extend([
             "-fw_cfg".into(),
             format!(
                 "name=opt/stagehand/config,string={}",
@@ -86,7 +90,7 @@ impl Launch {
             ),
             "-semihosting-config".into(),
             "enable=on,target=native".into(),
-        ];
+        ]);
         if let Some(initrd) = &self.initrd {
             args.extend(["-initrd".into(), path_arg(initrd)]);
         }
@@ -169,13 +173,13 @@ mod tests {
         Launch {
             qemu: "qemu-system-aarch64".into(),
             firmware: "build/stagehand.bin".into(),
-            kernel: "build/guests/dt.elf".into(),
+            kernel: Some("build/guests/dt.elf".into()),
             initrd: Some("logs/dt.initrd".into()),
             append: Some("a b".into()),
             cpus: 2,
             memory: "512M".into(),
             config: "exit=semihosting,ram=256M".into(),
-            hypervisor_log: "logs/dt.hyp.log".into(),
+            hypervisor_log: Some("logs/dt.hyp.log".into()),
             extra_args: vec![],
             timeout: Duration::from_secs(5),
         }
@@ -197,6 +201,19 @@ mod tests {
         assert!(joined.contains("-semihosting-config enable=on,target=native"));
         assert!(joined.ends_with("-initrd logs/dt.initrd -append a b"));
         assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn kernel_and_second_uart_are_optional() {
+        let mut launch = launch();
+        launch.kernel = None;
+        launch.hypervisor_log = None;
+        let args = launch.arguments();
+        assert!(!args.contains(&"-kernel".to_string()));
+        assert_eq!(args.iter().filter(|a| *a == "-serial").count(), 1);
+        assert!(args
+            .join(" ")
+            .contains("-bios build/stagehand.bin -serial stdio -fw_cfg"));
     }
 
     #[test]

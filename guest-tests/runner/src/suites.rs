@@ -91,10 +91,15 @@ pub const SUITES: &[Suite] = &[
     },
     guest("smccc", 4, "512M"),
     guest("discovery", 1, "512M"),
+    guest("audit", 1, "512M"),
     guest("containment", 1, "512M"),
     guest("gic", 2, "512M"),
     guest("rt", 1, "512M"),
     guest("demo", 4, "512M"),
+    Suite {
+        extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
+        ..guest("smmu", 1, "512M")
+    },
     Suite {
         image: Image::Linux,
         initrd: Initrd::Linux,
@@ -103,6 +108,17 @@ pub const SUITES: &[Suite] = &[
         ..guest("linux", 2, "1G")
     },
 ];
+
+/// The configuration string of [`COMMON_CONFIG`] followed by `extra`: `key=value` items
+/// separated by spaces, as the hypervisor's configuration parser expects.
+pub fn config_string(extra: &[&str]) -> String {
+    COMMON_CONFIG
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
 
 /// Finds a suite by name.
 pub fn find(name: &str) -> Option<&'static Suite> {
@@ -113,12 +129,7 @@ impl Suite {
     /// The configuration string for `-fw_cfg name=opt/stagehand/config,string=...`:
     /// `key=value` items separated by spaces, as the hypervisor's configuration parser expects.
     pub fn config_string(&self) -> String {
-        COMMON_CONFIG
-            .iter()
-            .chain(self.config)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ")
+        config_string(self.config)
     }
 
     /// The kernel and initrd paths of suite `linux` from the environment.

@@ -10,6 +10,10 @@
 //! | `log` | `off`, `error`, `warn`, `info`, `debug`, `trace`           | `info`  |
 //! | `fwb` | `on`, `off`: use FEAT_S2FWB when the CPU has it            | `on`    |
 //! | `exit`| `psci`, `semihosting`: how the hypervisor ends QEMU        | `psci`  |
+//! | `audit` | `all`, `changes` (no records of CMO calls or DMA syncs), `off`: which events become audit records ([`AuditLevel`]) | `all` |
+//! | `selftest` | `el2-fault`: fault at EL2 on purpose before entering the guest, to test the fault report | none |
+//! | `dma` | `shared`, `strict`, `blocked`: DMA mode of every PCI device behind the SMMU ([`DmaMode`]) | `shared` |
+//! | `devices` | per-device overrides: `<bus:dev.fn>/<option>[/<option>]...`, several joined by `+`; options `shared`, `strict`, `blocked`, `coherent`, `noncoherent` (e.g. `devices=00:02.0/strict/noncoherent+00:03.0/shared`) | none: every device takes `dma`, coherent |
 //!
 //! To add a key, add one entry to [`KEYS`].
 
@@ -19,6 +23,8 @@ use alloc::string::String;
 use core::fmt;
 
 use log::LevelFilter;
+
+pub use crate::audit::AuditLevel;
 
 /// Name of the fw_cfg file that holds the configuration.
 pub const FW_CFG_NAME: &str = "opt/stagehand/config";
@@ -35,6 +41,89 @@ pub enum ExitMethod {
     Semihosting,
 }
 
+/// A deliberate failure the hypervisor performs at boot, so that tests can watch how it reports
+/// failures of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfTest {
+    /// Read an address the EL2 translation tables do not map, after the VM is built and before
+    /// the guest is entered: a synchronous data abort at EL2.
+    El2Fault,
+}
+
+/// How a PCI device's DMA is translated by the SMMU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaMode {
+    /// The device's SMMU stage 2 is the guest's own stage 2: it reaches all guest RAM (and the
+    /// MMIO the guest may touch), as under Xen and pKVM.
+    Shared,
+    /// The device reaches only the buffers the guest maps with DMA_MAP.
+    Strict,
+    /// The device is kept out of memory: every DMA it makes is aborted.
+    Blocked,
+}
+
+/// Most `devices` entries (a fixed bound keeps [`Config`] `Copy`).
+pub const MAX_DEVICE_RULES: usize = 16;
+
+/// One `devices` entry: what the configuration says about one PCI function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRule {
+    /// PCI requester ID: bus << 8 | device << 3 | function.
+    pub rid: u16,
+    /// DMA mode, when the entry names one (else `dma` applies).
+    pub mode: Option<DmaMode>,
+    /// Whether the device snoops CPU caches, when the entry says (else coherent).
+    pub coherent: Option<bool>,
+}
+
+/// The `devices` entries, at most [`MAX_DEVICE_RULES`], each requester ID once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceRules {
+    rules: [DeviceRule; MAX_DEVICE_RULES],
+    len: usize,
+}
+
+impl DeviceRules {
+    /// No entries.
+    pub const EMPTY: DeviceRules = DeviceRules {
+        rules: [DeviceRule {
+            rid: 0,
+            mode: None,
+            coherent: None,
+        }; MAX_DEVICE_RULES],
+        len: 0,
+    };
+
+    /// The entries, in the order given.
+    pub fn iter(&self) -> impl Iterator<Item = &DeviceRule> {
+        self.rules[..self.len].iter()
+    }
+
+    /// The entry for requester `rid`, if any.
+    pub fn get(&self, rid: u16) -> Option<&DeviceRule> {
+        self.iter().find(|rule| rule.rid == rid)
+    }
+
+    /// Adds an entry; `None` when full or when `rid` already has one.
+    fn push(&mut self, rule: DeviceRule) -> Option<()> {
+        if self.get(rule.rid).is_some() {
+            return None;
+        }
+        *self.rules.get_mut(self.len)? = rule;
+        self.len += 1;
+        Some(())
+    }
+}
+
+/// What the configuration decides for one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevicePolicy {
+    /// Its DMA mode.
+    pub mode: DmaMode,
+    /// Whether it snoops CPU caches (DMA calls skip cache maintenance for coherent devices).
+    pub coherent: bool,
+}
+
 /// The hypervisor configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -46,6 +135,25 @@ pub struct Config {
     pub fwb: bool,
     /// How to end the machine.
     pub exit: ExitMethod,
+    /// A failure to perform on purpose at boot (tests only).
+    pub selftest: Option<SelfTest>,
+    /// Which events become audit records.
+    pub audit: AuditLevel,
+    /// DMA mode of every device without a `devices` entry that names one.
+    pub dma: DmaMode,
+    /// Per-device overrides.
+    pub devices: DeviceRules,
+}
+
+impl Config {
+    /// The mode and coherence of the PCI function with requester ID `rid`.
+    pub fn device_policy(&self, rid: u16) -> DevicePolicy {
+        let rule = self.devices.get(rid);
+        DevicePolicy {
+            mode: rule.and_then(|r| r.mode).unwrap_or(self.dma),
+            coherent: rule.and_then(|r| r.coherent).unwrap_or(true),
+        }
+    }
 }
 
 impl Default for Config {
@@ -55,6 +163,10 @@ impl Default for Config {
             log_level: LevelFilter::Info,
             fwb: true,
             exit: ExitMethod::Psci,
+            selftest: None,
+            audit: AuditLevel::All,
+            dma: DmaMode::Shared,
+            devices: DeviceRules::EMPTY,
         }
     }
 }
@@ -94,11 +206,16 @@ impl fmt::Display for ConfigError {
             ConfigError::NotKeyValue { item } => {
                 write!(f, "config: `{}` is not key=value", item.escape_debug())
             }
-            ConfigError::UnknownKey { key } => write!(
-                f,
-                "config: unknown key `{}` (known: ram, log, fwb, exit)",
-                key.escape_debug()
-            ),
+            ConfigError::UnknownKey { key } => {
+                write!(f, "config: unknown key `{}` (known: ", key.escape_debug())?;
+                for (index, known) in KEYS.iter().enumerate() {
+                    if index > 0 {
+                        f.write_str(", ")?;
+                    }
+                    f.write_str(known.name)?;
+                }
+                f.write_str(")")
+            }
             ConfigError::DuplicateKey { key } => write!(f, "config: `{key}` given twice"),
             ConfigError::BadValue {
                 key,
@@ -122,7 +239,7 @@ struct Key {
 }
 
 /// Every key the configuration accepts.
-const KEYS: [Key; 4] = [
+const KEYS: [Key; 8] = [
     Key {
         name: "ram",
         expected:
@@ -165,15 +282,127 @@ const KEYS: [Key; 4] = [
         name: "exit",
         expected: "psci or semihosting",
         apply: |config, value| {
-            config.exit = match value {
-                "psci" => ExitMethod::Psci,
-                "semihosting" => ExitMethod::Semihosting,
+            config.exit = parse_exit_method(value)?;
+            Some(())
+        },
+    },
+    Key {
+        name: "selftest",
+        expected: "el2-fault",
+        apply: |config, value| {
+            config.selftest = match value {
+                "el2-fault" => Some(SelfTest::El2Fault),
                 _ => return None,
             };
             Some(())
         },
     },
+    Key {
+        name: "audit",
+        expected: "all, changes or off",
+        apply: |config, value| {
+            config.audit = match value {
+                "all" => AuditLevel::All,
+                "changes" => AuditLevel::Changes,
+                "off" => AuditLevel::Off,
+                _ => return None,
+            };
+            Some(())
+        },
+    },
+    Key {
+        name: "dma",
+        expected: "shared, strict or blocked",
+        apply: |config, value| {
+            config.dma = parse_dma_mode(value)?;
+            Some(())
+        },
+    },
+    Key {
+        name: "devices",
+        expected: "entries <bus:dev.fn>/<option>[/<option>...] joined by `+`, options shared, strict, blocked, coherent, noncoherent, each device once, at most 16",
+        apply: |config, value| {
+            let mut rules = DeviceRules::EMPTY;
+            for entry in value.split('+') {
+                rules.push(parse_device_rule(entry)?)?;
+            }
+            config.devices = rules;
+            Some(())
+        },
+    },
 ];
+
+fn parse_dma_mode(value: &str) -> Option<DmaMode> {
+    match value {
+        "shared" => Some(DmaMode::Shared),
+        "strict" => Some(DmaMode::Strict),
+        "blocked" => Some(DmaMode::Blocked),
+        _ => None,
+    }
+}
+
+/// Parses `bus:dev.fn` (hexadecimal, as lspci prints it) into a requester ID.
+fn parse_bdf(text: &str) -> Option<u16> {
+    let hex = |digits: &str, max: u16| {
+        let ok = !digits.is_empty()
+            && digits.len() <= 2
+            && digits.bytes().all(|b| b.is_ascii_hexdigit());
+        u16::from_str_radix(digits, 16)
+            .ok()
+            .filter(|&n| ok && n <= max)
+    };
+    let (bus, rest) = text.split_once(':')?;
+    let (device, function) = rest.split_once('.')?;
+    Some(hex(bus, 0xff)? << 8 | hex(device, 0x1f)? << 3 | hex(function, 7)?)
+}
+
+/// Parses one `devices` entry: a BDF, then at least one option, each setting mode or coherence
+/// at most once.
+fn parse_device_rule(entry: &str) -> Option<DeviceRule> {
+    let mut fields = entry.split('/');
+    let mut rule = DeviceRule {
+        rid: parse_bdf(fields.next()?)?,
+        mode: None,
+        coherent: None,
+    };
+    let mut options = 0;
+    for option in fields {
+        options += 1;
+        match option {
+            "coherent" | "noncoherent" if rule.coherent.is_none() => {
+                rule.coherent = Some(option == "coherent")
+            }
+            _ if rule.mode.is_none() => rule.mode = Some(parse_dma_mode(option)?),
+            _ => return None,
+        }
+    }
+    (options > 0).then_some(rule)
+}
+
+fn parse_exit_method(value: &str) -> Option<ExitMethod> {
+    match value {
+        "psci" => Some(ExitMethod::Psci),
+        "semihosting" => Some(ExitMethod::Semihosting),
+        _ => None,
+    }
+}
+
+/// The items of the configuration text: comments dropped, split at every separator.
+fn items(text: &str) -> impl Iterator<Item = &str> {
+    text.lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .flat_map(|line| line.split(|c: char| c.is_whitespace() || c == ';' || c == ','))
+        .filter(|item| !item.is_empty())
+}
+
+/// The exit method the text asks for (its first valid `exit=` item), found even when another
+/// item is bad: a configuration error can then still stop QEMU the way the configuration says.
+pub fn exit_method(text: &str) -> ExitMethod {
+    items(text)
+        .filter_map(|item| item.strip_prefix("exit="))
+        .find_map(parse_exit_method)
+        .unwrap_or(Config::default().exit)
+}
 
 /// Parses a size: decimal or `0x` hex digits, then an optional `K`, `M` or `G` (powers of
 /// 1024, either case). `None` on bad digits or overflow.
@@ -212,12 +441,7 @@ fn parse_size(text: &str) -> Option<u64> {
 pub fn parse(text: &str) -> Result<Config, ConfigError> {
     let mut config = Config::default();
     let mut seen = [false; KEYS.len()];
-    let items = text
-        .lines()
-        .map(|line| line.split('#').next().unwrap_or_default())
-        .flat_map(|line| line.split(|c: char| c.is_whitespace() || c == ';' || c == ','))
-        .filter(|item| !item.is_empty());
-    for item in items {
+    for item in items(text) {
         let (key, value) = item
             .split_once('=')
             .filter(|(key, _)| !key.is_empty())
@@ -260,15 +484,21 @@ mod tests {
                 ram_size: None,
                 log_level: LevelFilter::Info,
                 fwb: true,
-                exit: ExitMethod::Psci
+                exit: ExitMethod::Psci,
+                selftest: None,
+                audit: AuditLevel::All,
+                dma: DmaMode::Shared,
+                devices: DeviceRules::EMPTY,
             }
         );
     }
 
     #[test]
     fn every_key_and_separator() {
-        let config =
-            parse("ram=512M log=debug\nfwb=off; exit=semihosting # trailing comment").unwrap();
+        let config = parse(
+            "ram=512M log=debug\nfwb=off; exit=semihosting selftest=el2-fault # trailing comment",
+        )
+        .unwrap();
         assert_eq!(
             config,
             Config {
@@ -276,10 +506,130 @@ mod tests {
                 log_level: LevelFilter::Debug,
                 fwb: false,
                 exit: ExitMethod::Semihosting,
+                selftest: Some(SelfTest::El2Fault),
+                audit: AuditLevel::All,
+                dma: DmaMode::Shared,
+                devices: DeviceRules::EMPTY,
             }
         );
         assert_eq!(parse("fwb=on,exit=psci").unwrap().exit, ExitMethod::Psci);
+        assert_eq!(parse("audit=changes").unwrap().audit, AuditLevel::Changes);
+        assert_eq!(parse("audit=off").unwrap().audit, AuditLevel::Off);
+        assert!(parse("audit=some").is_err());
         assert!(parse("fwb=on,exit=psci").unwrap().fwb);
+    }
+
+    #[test]
+    fn dma_modes_and_device_rules() {
+        let config = parse(
+            "dma=strict devices=00:02.0/shared/noncoherent+00:1f.7/blocked+1a:03.1/noncoherent",
+        )
+        .unwrap();
+        assert_eq!(config.dma, DmaMode::Strict);
+        let rules: alloc::vec::Vec<_> = config.devices.iter().copied().collect();
+        assert_eq!(
+            rules,
+            [
+                DeviceRule {
+                    rid: 0x10,
+                    mode: Some(DmaMode::Shared),
+                    coherent: Some(false)
+                },
+                DeviceRule {
+                    rid: 0xff,
+                    mode: Some(DmaMode::Blocked),
+                    coherent: None
+                },
+                DeviceRule {
+                    rid: 0x1a19,
+                    mode: None,
+                    coherent: Some(false)
+                },
+            ]
+        );
+        let policy = |rid| config.device_policy(rid);
+        assert_eq!(
+            policy(0x10),
+            DevicePolicy {
+                mode: DmaMode::Shared,
+                coherent: false
+            }
+        );
+        assert_eq!(
+            policy(0xff),
+            DevicePolicy {
+                mode: DmaMode::Blocked,
+                coherent: true
+            }
+        );
+        assert_eq!(
+            policy(0x1a19),
+            DevicePolicy {
+                mode: DmaMode::Strict,
+                coherent: false
+            }
+        );
+        assert_eq!(
+            policy(0x18),
+            DevicePolicy {
+                mode: DmaMode::Strict,
+                coherent: true
+            }
+        );
+        // Defaults: shared and coherent for everything.
+        assert_eq!(
+            Config::default().device_policy(0x10),
+            DevicePolicy {
+                mode: DmaMode::Shared,
+                coherent: true
+            }
+        );
+        assert_eq!(parse("dma=blocked").unwrap().dma, DmaMode::Blocked);
+        assert_eq!(
+            parse("devices=0:2.0/coherent")
+                .unwrap()
+                .devices
+                .get(0x10)
+                .unwrap()
+                .coherent,
+            Some(true)
+        );
+        let sixteen: alloc::vec::Vec<_> = (0..16)
+            .map(|d| alloc::format!("00:{d:02x}.0/strict"))
+            .collect();
+        assert_eq!(
+            parse(&alloc::format!("devices={}", sixteen.join("+")))
+                .unwrap()
+                .devices
+                .iter()
+                .count(),
+            16
+        );
+        for bad in [
+            "dma=on",
+            "devices=",
+            "devices=00:02.0",
+            "devices=00:02.0/",
+            "devices=00:02.0/fast",
+            "devices=00:02.0/strict/shared",
+            "devices=00:02.0/coherent/noncoherent",
+            "devices=00:02.0/strict+00:02.0/shared",
+            "devices=00:20.0/strict",
+            "devices=00:02.8/strict",
+            "devices=100:02.0/strict",
+            "devices=00-02.0/strict",
+            "devices=0x0:02.0/strict",
+            "devices=00:02.0/strict+",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(ConfigError::BadValue { .. })),
+                "{bad} should be refused"
+            );
+        }
+        let seventeen: alloc::vec::Vec<_> = (0..17)
+            .map(|d| alloc::format!("00:{d:02x}.0/strict"))
+            .collect();
+        assert!(parse(&alloc::format!("devices={}", seventeen.join("+"))).is_err());
     }
 
     #[test]
@@ -322,7 +672,7 @@ mod tests {
         let cases = [
             ("ram", "config: `ram` is not key=value".to_string()),
             ("=5", "config: `=5` is not key=value".to_string()),
-            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, exit)".to_string()),
+            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, exit, selftest, audit, dma, devices)".to_string()),
             ("log=info log=warn", "config: `log` given twice".to_string()),
             ("ram=3M", alloc::format!("config: bad value `3M` for `ram`: expected {ram}")),
             ("ram=0", alloc::format!("config: bad value `0` for `ram`: expected {ram}")),
@@ -349,13 +699,34 @@ mod tests {
                 "config: bad value `halt` for `exit`: expected psci or semihosting".to_string(),
             ),
             (
+                "selftest=panic",
+                "config: bad value `panic` for `selftest`: expected el2-fault".to_string(),
+            ),
+            (
                 "exit=psci=1",
                 "config: bad value `psci=1` for `exit`: expected psci or semihosting".to_string(),
             ),
-            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, exit)".to_string()),
+            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, exit, selftest, audit, dma, devices)".to_string()),
         ];
         for (text, message) in cases {
             assert_eq!(parse(text).unwrap_err().to_string(), message, "{text}");
+        }
+    }
+
+    #[test]
+    fn the_exit_method_is_found_despite_other_errors() {
+        let cases = [
+            ("exit=semihosting bogus=1", ExitMethod::Semihosting),
+            ("bogus=1;exit=semihosting", ExitMethod::Semihosting),
+            ("ram=3M exit=semihosting", ExitMethod::Semihosting),
+            ("exit=halt exit=semihosting", ExitMethod::Semihosting),
+            ("exit=psci exit=semihosting", ExitMethod::Psci),
+            ("# exit=semihosting", ExitMethod::Psci),
+            ("noexit=semihosting", ExitMethod::Psci),
+            ("", ExitMethod::Psci),
+        ];
+        for (text, method) in cases {
+            assert_eq!(exit_method(text), method, "{text}");
         }
     }
 
@@ -368,7 +739,7 @@ mod tests {
         #[test]
         fn parse_never_panics_on_near_misses(
             items in proptest::collection::vec(
-                ("(ram|log|fwb|exit|x)", "[0-9a-zA-Z#=]{0,12}", "[ ,;\n#]"),
+                ("(ram|log|fwb|exit|selftest|x)", "[0-9a-zA-Z#=]{0,12}", "[ ,;\n#]"),
                 0..6,
             )
         ) {
@@ -377,6 +748,7 @@ mod tests {
                 .map(|(key, value, separator)| alloc::format!("{key}={value}{separator}"))
                 .collect();
             if let Ok(config) = parse(&text) {
+                prop_assert_eq!(exit_method(&text), config.exit);
                 if let Some(size) = config.ram_size {
                     prop_assert!(size != 0 && size % RAM_GRANULE == 0);
                 }

@@ -7,6 +7,7 @@
 
 extern crate alloc;
 
+pub mod attributes;
 pub mod audit;
 pub mod call;
 pub mod config;
@@ -15,5 +16,8 @@ pub mod gic;
 pub mod image;
 pub mod inject;
 pub mod layout;
+pub mod maintenance;
 pub mod pagetable;
 pub mod psci;
+pub mod requests;
+pub mod window;

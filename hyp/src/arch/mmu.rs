@@ -8,6 +8,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::pagetable::{
     El2, MapError, MemoryType, PageTable, Permissions, Table, TableMemory, PAGE_SIZE,
 };
+use hyp_core::window::{Window, WINDOW_PAGES};
 
 /// EL2 virtual-address bits (T0SZ = 16): a level-0 walk covering every PA QEMU virt uses.
 const VA_BITS: u32 = 48;
@@ -68,7 +69,7 @@ impl TableMemory for BootTables {
     }
 }
 
-/// Table memory from the heap (after the MMU is on). Tables are never freed.
+/// Table memory from the heap (after the MMU is on).
 pub struct HeapTables;
 
 impl TableMemory for HeapTables {
@@ -81,9 +82,19 @@ impl TableMemory for HeapTables {
     }
 
     fn table(&mut self, pa: u64) -> &mut Table {
-        // SAFETY: `pa` came from `allocate` (a live, never-freed heap block of table size) and the
-        // hypervisor's map is the identity.
+        // SAFETY: `pa` came from `allocate` (a live heap block of table size, not yet freed) and
+        // the hypervisor's map is the identity.
         unsafe { &mut *(pa as *mut Table) }
+    }
+
+    fn free(&mut self, pa: u64) {
+        if let Ok(layout) =
+            core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize)
+        {
+            // SAFETY: `pa` came from `allocate` with this layout, and the caller guarantees no
+            // walker can reach it any more (its TLB invalidation completed).
+            unsafe { alloc::alloc::dealloc(pa as *mut u8, layout) };
+        }
     }
 }
 
@@ -172,10 +183,11 @@ pub unsafe fn enable(map: &PageTable<El2>) {
     isb();
 }
 
-/// Adds the rest of the board to the live EL2 map: every RAM bank outside `reserved` (already
-/// mapped) and the MMIO the hypervisor drives. Only invalid entries are filled, which needs no
-/// break-before-make and no TLB invalidation (translation faults are never cached), just a
-/// barrier before the first use.
+/// Adds the MMIO the hypervisor drives to the live EL2 map. Guest RAM is deliberately absent:
+/// the hypervisor reaches it only through per-CPU windows ([`create_windows`]) mapped with each
+/// page's own attribute, so it never holds a cacheable alias of a non-cacheable page. Only
+/// invalid entries are filled, which needs no break-before-make and no TLB invalidation
+/// (translation faults are never cached), just a barrier before the first use.
 ///
 /// # Errors
 /// A [`MapError`] when the boot tables run out.
@@ -183,30 +195,7 @@ pub fn extend(
     tables: &mut BootTables,
     map: &mut PageTable<El2>,
     board: &stagehand_platform::board::Board,
-    reserved: (u64, u64),
 ) -> Result<(), MapError> {
-    let (reserved_start, reserved_size) = reserved;
-    let reserved_end = reserved_start + reserved_size;
-    for bank in &board.memory {
-        let (start, end) = (bank.base, bank.base + bank.size);
-        // The parts of the bank below and above the reserved region.
-        for (from, to) in [
-            (start, end.min(reserved_start)),
-            (start.max(reserved_end), end),
-        ] {
-            let (from, to) = (from.next_multiple_of(PAGE_SIZE), to & !(PAGE_SIZE - 1));
-            if from < to {
-                map.map(
-                    tables,
-                    from,
-                    from,
-                    to - from,
-                    MemoryType::NormalWriteBack,
-                    Permissions::RWX,
-                )?;
-            }
-        }
-    }
     let mut mmio: alloc::vec::Vec<(u64, u64)> = board
         .uarts
         .iter()
@@ -239,4 +228,29 @@ pub fn extend(
     super::dsb_ish();
     isb();
     Ok(())
+}
+
+/// EL2 address of CPU 0's maintenance window; CPU `i`'s is 2 MiB above CPU `i - 1`'s. Far above
+/// every physical address of the board, so it never collides with the identity map.
+pub const WINDOW_BASE: u64 = 0x7f00_0000_0000;
+
+/// Creates one empty maintenance window per CPU: a level-3 table linked into the EL2 map.
+///
+/// # Errors
+/// A [`MapError`] when the boot tables run out.
+pub fn create_windows(
+    tables: &mut BootTables,
+    map: &mut PageTable<El2>,
+    cpus: usize,
+) -> Result<alloc::vec::Vec<Window>, MapError> {
+    let windows = (0..cpus as u64)
+        .map(|i| {
+            let va = WINDOW_BASE + i * (WINDOW_PAGES * PAGE_SIZE);
+            map.table_at(tables, va, 3)
+                .map(|table| Window::new(va, table))
+        })
+        .collect();
+    super::dsb_ish();
+    isb();
+    windows
 }

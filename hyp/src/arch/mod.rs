@@ -1,6 +1,7 @@
 //! The thin aarch64 layer: entry code, vectors, the EL2 MMU, and one-instruction wrappers for
 //! barriers, cache and TLB maintenance. Everything here is `unsafe` at its core and small.
 
+pub mod cpu;
 pub mod entry;
 pub mod mmu;
 pub mod vectors;
@@ -170,3 +171,22 @@ macro_rules! write_sysreg {
 }
 
 pub(crate) use {read_sysreg, write_sysreg};
+
+/// An address translation for the current guest: stage 1 only or both stages, for a read or a
+/// write. Returns PAR_EL1 and restores the guest's own PAR_EL1, which AT overwrites.
+pub fn translate_guest_va(va: u64, both_stages: bool, write: bool) -> u64 {
+    let saved: u64 = read_sysreg!("par_el1");
+    // SAFETY: AT only writes PAR_EL1 (restored below); the ISB makes the result visible.
+    unsafe {
+        match (both_stages, write) {
+            (false, false) => asm!("at s1e1r, {}", in(reg) va, options(nostack, preserves_flags)),
+            (false, true) => asm!("at s1e1w, {}", in(reg) va, options(nostack, preserves_flags)),
+            (true, false) => asm!("at s12e1r, {}", in(reg) va, options(nostack, preserves_flags)),
+            (true, true) => asm!("at s12e1w, {}", in(reg) va, options(nostack, preserves_flags)),
+        }
+        asm!("isb", options(nostack, preserves_flags));
+    }
+    let par: u64 = read_sysreg!("par_el1");
+    write_sysreg!("par_el1", saved);
+    par
+}

@@ -1,0 +1,89 @@
+//! [`hyp_core::maintenance::Arch`] on the real CPU: one instruction per call (one per line for
+//! cache ranges), in order. The portable engine decides the sequence; host tests pin it.
+
+use core::arch::asm;
+use hyp_core::maintenance::{Arch, CacheOp, TableWrite};
+
+/// This CPU.
+pub struct Cpu {
+    line: u64,
+}
+
+impl Cpu {
+    /// The CPU, with its data-cache line size read once.
+    pub fn new() -> Self {
+        Self {
+            line: super::dcache_line_size(),
+        }
+    }
+}
+
+macro_rules! dc_loop {
+    ($instruction:literal, $va:expr, $len:expr, $line:expr) => {{
+        let (mut va, end, line) = ($va, $va + $len, $line);
+        while va < end {
+            // SAFETY: the engine passes a range it has just mapped in this CPU's window; a cache
+            // maintenance instruction does not change memory contents any observer relies on
+            // except as the engine intends (IVAC only on lines it owns exclusively).
+            unsafe { asm!(concat!("dc ", $instruction, ", {}"), in(reg) va, options(nostack, preserves_flags)) };
+            va += line;
+        }
+    }};
+}
+
+impl Arch for Cpu {
+    fn line_size(&self) -> u64 {
+        self.line
+    }
+
+    #[inline]
+    fn dcache_range(&mut self, op: CacheOp, va: u64, len: u64) {
+        match op {
+            CacheOp::Clean => dc_loop!("cvac", va, len, self.line),
+            CacheOp::Invalidate => dc_loop!("ivac", va, len, self.line),
+            CacheOp::CleanInvalidate => dc_loop!("civac", va, len, self.line),
+        }
+    }
+
+    fn dsb_ish(&mut self) {
+        super::dsb_ish();
+    }
+
+    fn dsb_ishst(&mut self) {
+        // SAFETY: a barrier.
+        unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
+    }
+
+    fn isb(&mut self) {
+        super::isb();
+    }
+
+    fn tlbi_ipas2e1is(&mut self, ipa: u64) {
+        // SAFETY: TLB invalidation only forces later walks. The operand is IPA[51:12].
+        unsafe { asm!("tlbi ipas2e1is, {}", in(reg) ipa >> 12, options(nostack, preserves_flags)) };
+    }
+
+    fn tlbi_vmalle1is(&mut self) {
+        // SAFETY: as above; applies to the VMID in VTTBR_EL2, the guest's.
+        unsafe { asm!("tlbi vmalle1is", options(nostack, preserves_flags)) };
+    }
+
+    fn tlbi_vmalls12e1is(&mut self) {
+        // SAFETY: as above.
+        unsafe { asm!("tlbi vmalls12e1is", options(nostack, preserves_flags)) };
+    }
+
+    fn tlbi_vae2is(&mut self, va: u64) {
+        // SAFETY: as above; the operand is VA[55:12].
+        unsafe {
+            asm!("tlbi vae2is, {}", in(reg) (va >> 12) & 0xfff_ffff_ffff, options(nostack, preserves_flags))
+        };
+    }
+
+    fn tlbi_alle2is(&mut self) {
+        // SAFETY: as above.
+        unsafe { asm!("tlbi alle2is", options(nostack, preserves_flags)) };
+    }
+
+    fn table_write(&mut self, _write: TableWrite) {}
+}

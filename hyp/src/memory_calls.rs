@@ -1,0 +1,377 @@
+//! The attribute and cache-maintenance calls: MEM_SET_ATTR, MEM_GET_ATTR, MEM_QUERY_VA,
+//! CACHE_OP and CACHE_OP_BATCH. Each checks its arguments (through `hyp_core`), takes the
+//! attribute manager shared (queries, cache operations) or alone (attribute changes) and this
+//! CPU's window, and audits exactly one record per call, refusals included.
+
+use crate::arch::cpu::Cpu;
+use crate::arch::mmu::HeapTables;
+use crate::arch::{self, read_sysreg};
+use crate::guest_memory;
+use crate::trap::current_vcpu;
+use crate::vm::{audit, vm};
+use hyp_core::attributes::{self, Attribute, AttributeManager, CacheProgress};
+use hyp_core::audit::{Event, Maintenance};
+use hyp_core::maintenance::CacheOp;
+use hyp_core::pagetable::PAGE_SIZE;
+use hyp_core::requests::{self, BatchEntry, CacheRequest, Cookie, Translation, BATCH_ENTRY_SIZE};
+use hyp_core::window::Window;
+use stagehand_abi::{cache_op, function, Status};
+
+/// x0-x3 of a reply.
+type Reply = [u64; 4];
+
+fn status(status: Status, x1: u64, x2: u64) -> Reply {
+    [status.code() as u64, x1, x2, 0]
+}
+
+fn refused(function: u32, error: Status, ipa: u64, size: u64) -> Reply {
+    audit(
+        current_vcpu(),
+        Event::RefusedRange {
+            function,
+            status: error.code(),
+            ipa,
+            size,
+        },
+    );
+    status(error, 0, 0)
+}
+
+/// MEM_SET_ATTR(ipa, size, attr).
+pub fn set_attribute(ipa: u64, size: u64, value: u64) -> Reply {
+    let Some(attribute) = Attribute::from_abi(value) else {
+        return refused(function::MEM_SET_ATTR, Status::InvalidParameter, ipa, size);
+    };
+    let vm = vm();
+    let result = {
+        let mut manager = vm.attributes.write();
+        let mut window = vm.windows[current_vcpu()].lock();
+        manager.set_attribute(
+            &mut HeapTables,
+            &mut Cpu::new(),
+            &mut window,
+            ipa,
+            size,
+            attribute,
+        )
+    };
+    match result {
+        Ok(progress) => {
+            let code = if progress.complete {
+                Status::Success
+            } else {
+                Status::Incomplete
+            };
+            let m = progress.maintenance;
+            let old = match (m.pages, attribute) {
+                (0, same) => same,
+                (_, Attribute::NonCacheable) => Attribute::WriteBack,
+                (_, Attribute::WriteBack) => Attribute::NonCacheable,
+            };
+            audit(
+                current_vcpu(),
+                Event::AttributeChange {
+                    ipa,
+                    size: progress.done,
+                    old,
+                    new: attribute,
+                    maintenance: Maintenance {
+                        cmo: (m.cmo_bytes > 0).then_some(CacheOp::CleanInvalidate),
+                        cmo_lines: m.cmo_bytes / vm.dcache_line,
+                        tlbi: m.tlbi,
+                        tlbi_count: m.tlbi_count,
+                        break_before_make: m.pages > 0,
+                        hypervisor_alias: m.pages > 0,
+                        ..Maintenance::default()
+                    },
+                    status: code.code(),
+                },
+            );
+            status(code, progress.done, 0)
+        }
+        Err(error) => refused(function::MEM_SET_ATTR, error, ipa, size),
+    }
+}
+
+/// MEM_GET_ATTR(ipa): x1 attribute, x2 flags (bit 0 pinned, bit 1 block-mapped), x3 pins.
+pub fn get_attribute(ipa: u64) -> Reply {
+    let info = vm().attributes.read().get(&mut HeapTables, ipa);
+    match info {
+        Ok(info) => {
+            let flags = (info.pins > 0) as u64 | (info.block_mapped as u64) << 1;
+            [
+                Status::Success.code() as u64,
+                info.attribute.abi(),
+                flags,
+                info.pins as u64,
+            ]
+        }
+        Err(error) => refused(function::MEM_GET_ATTR, error, ipa, 1),
+    }
+}
+
+/// MEM_QUERY_VA(va, access): x1 IPA, x2 effective attribute (both stages), x3 stage-1 attribute,
+/// both in MAIR encoding. With the guest's MMU off, VA = IPA and data accesses are
+/// Device-nGnRnE (0x00) at stage 1.
+pub fn query_va(va: u64, access: u64) -> Reply {
+    let write = match requests::query_access(access) {
+        Ok(write) => write,
+        Err(error) => return refused(function::MEM_QUERY_VA, error, va, 0),
+    };
+    let vm = vm();
+    let mmu_on = read_sysreg!("sctlr_el1") & 1 != 0;
+    let (ipa, stage1) = if mmu_on {
+        match requests::par(arch::translate_guest_va(va, false, write)) {
+            Translation::Ok { address, attribute } => (address | (va & (PAGE_SIZE - 1)), attribute),
+            _ => return refused(function::MEM_QUERY_VA, Status::InvalidParameter, va, 0),
+        }
+    } else {
+        (va, 0x00)
+    };
+    let manager = vm.attributes.read();
+    if let Err(error) = manager.get(&mut HeapTables, ipa) {
+        return refused(function::MEM_QUERY_VA, error, va, 0);
+    }
+    // Both stages through the CPU itself. (Not with the guest's MMU off: QEMU crashes on an
+    // AT S12E1W stage-2 permission fault then, and stage 1 is the identity anyway.)
+    let effective = if mmu_on {
+        match requests::par(arch::translate_guest_va(va, true, write)) {
+            Translation::Ok { attribute, .. } => attribute,
+            _ => return refused(function::MEM_QUERY_VA, Status::OutOfRange, va, 0),
+        }
+    } else {
+        0x00
+    };
+    [
+        Status::Success.code() as u64,
+        ipa,
+        effective as u64,
+        stage1 as u64,
+    ]
+}
+
+/// The IPA run that starts at guest VA `va` and is contiguous in IPA space, at most `limit`
+/// bytes long.
+fn va_run(va: u64, limit: u64) -> Result<(u64, u64), Status> {
+    let translate = |va: u64| -> Result<u64, Status> {
+        if read_sysreg!("sctlr_el1") & 1 == 0 {
+            return Ok(va);
+        }
+        match requests::par(arch::translate_guest_va(va, false, false)) {
+            Translation::Ok { address, .. } => Ok(address | (va & (PAGE_SIZE - 1))),
+            _ => Err(Status::InvalidParameter),
+        }
+    };
+    let ipa = translate(va)?;
+    let mut len = (PAGE_SIZE - (va & (PAGE_SIZE - 1))).min(limit);
+    while len < limit {
+        match translate(va + len) {
+            Ok(next) if next == ipa + len => len = (len + PAGE_SIZE).min(limit),
+            _ => break,
+        }
+    }
+    Ok((ipa, len))
+}
+
+/// Up to `limit` bytes of one cache request from `address`; returns bytes done and whether an
+/// INVALIDATE was widened. An error after some progress still reports that progress.
+fn cache_work(
+    manager: &AttributeManager,
+    window: &mut Window,
+    request: CacheRequest,
+    address: u64,
+    limit: u64,
+) -> (u64, bool, Result<(), Status>) {
+    let (mut done, mut widened) = (0, false);
+    while done < limit {
+        let (ipa, len) = if request.by_va {
+            match va_run(address + done, limit - done) {
+                Ok(run) => run,
+                Err(error) => return (done, widened, Err(error)),
+            }
+        } else {
+            (address + done, limit - done)
+        };
+        match manager.cache_operation(
+            &mut HeapTables,
+            &mut Cpu::new(),
+            window,
+            ipa,
+            len,
+            request.op,
+        ) {
+            Ok(CacheProgress {
+                done: step,
+                widened: w,
+                ..
+            }) => {
+                done += step;
+                widened |= w;
+            }
+            Err(error) => return (done, widened, Err(error)),
+        }
+    }
+    (done, widened, Ok(()))
+}
+
+/// How much of `[address, address + size)` one call may do: the budget, cut at a line so that
+/// the next call does not split one.
+fn budget(address: u64, size: u64, line: u64) -> u64 {
+    let cut = (address + attributes::WORK_BUDGET) & !(line - 1);
+    size.min(cut.saturating_sub(address).max(line.min(size)))
+}
+
+/// CACHE_OP(address, size, op): x1 bytes done, x2 flags (1: an INVALIDATE was widened).
+pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
+    let request = match requests::cache_request(value) {
+        Ok(request) if size > 0 => request,
+        Ok(_) | Err(_) => {
+            return refused(function::CACHE_OP, Status::InvalidParameter, address, size)
+        }
+    };
+    if address.checked_add(size).is_none() {
+        return refused(function::CACHE_OP, Status::OutOfRange, address, size);
+    }
+    let vm = vm();
+    let limit = budget(address, size, vm.dcache_line);
+    let (done, widened, result) = {
+        let manager = vm.attributes.read();
+        let mut window = vm.windows[current_vcpu()].lock();
+        cache_work(&manager, &mut window, request, address, limit)
+    };
+    let code = match result {
+        Err(error) if done == 0 => return refused(function::CACHE_OP, error, address, size),
+        Err(error) => error,
+        Ok(()) if done == size => Status::Success,
+        Ok(()) => Status::Incomplete,
+    };
+    let op = if widened {
+        CacheOp::CleanInvalidate
+    } else {
+        request.op
+    };
+    audit(
+        current_vcpu(),
+        Event::Cmo {
+            function: function::CACHE_OP,
+            address,
+            size: done,
+            op,
+            lines: lines(address, done, vm.dcache_line),
+            widened,
+            by_va: request.by_va,
+            status: code.code(),
+        },
+    );
+    status(
+        code,
+        done,
+        if widened { cache_op::RESULT_WIDENED } else { 0 },
+    )
+}
+
+fn lines(address: u64, len: u64, line: u64) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    ((address + len).next_multiple_of(line) - (address & !(line - 1))) / line
+}
+
+/// CACHE_OP_BATCH(array, count, cookie): x1 entries done, x2 resume cookie.
+pub fn cache_batch(array: u64, count: u64, cookie: u64) -> Reply {
+    let refuse = |error| refused(function::CACHE_OP_BATCH, error, array, count);
+    if count == 0 || count > requests::BATCH_MAX_ENTRIES {
+        return refuse(Status::InvalidParameter);
+    }
+    if array % 8 != 0 {
+        return refuse(Status::Alignment);
+    }
+    let Some(bytes) = count.checked_mul(BATCH_ENTRY_SIZE as u64) else {
+        return refuse(Status::OutOfRange);
+    };
+    if let Err(error) = guest_memory::translate(array, bytes) {
+        return refuse(error);
+    }
+    let mut at = match Cookie::decode(cookie, count) {
+        Ok(at) => at,
+        Err(error) => return refuse(error),
+    };
+    let vm = vm();
+    let mut budget_left = attributes::WORK_BUDGET;
+    let mut total = 0;
+    let mut result = Ok(());
+    let mut entries_this_call = 0;
+    let mut last_op = CacheOp::CleanInvalidate;
+    while at.entry < count
+        && budget_left > 0
+        && entries_this_call < requests::BATCH_ENTRIES_PER_CALL
+    {
+        let mut raw = [0u8; BATCH_ENTRY_SIZE];
+        let entry: Result<BatchEntry, Status> =
+            guest_memory::read(array + at.entry * BATCH_ENTRY_SIZE as u64, &mut raw)
+                .and_then(|()| requests::batch_entry(&raw))
+                .and_then(|entry| {
+                    if at.fits(entry.size) {
+                        Ok(entry)
+                    } else {
+                        Err(Status::InvalidParameter)
+                    }
+                });
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) => {
+                result = Err(error);
+                break;
+            }
+        };
+        let Some(start) = entry.address.checked_add(at.offset) else {
+            result = Err(Status::OutOfRange);
+            break;
+        };
+        last_op = entry.request.op;
+        let limit = (entry.size - at.offset).min(budget(start, budget_left, vm.dcache_line));
+        let (done, _, outcome) = {
+            let manager = vm.attributes.read();
+            let mut window = vm.windows[current_vcpu()].lock();
+            cache_work(&manager, &mut window, entry.request, start, limit)
+        };
+        at.offset += done;
+        total += done;
+        budget_left = budget_left.saturating_sub(done.max(1));
+        if let Err(error) = outcome {
+            result = Err(error);
+            break;
+        }
+        if at.offset == entry.size {
+            at = Cookie {
+                entry: at.entry + 1,
+                offset: 0,
+            };
+            entries_this_call += 1;
+        }
+    }
+    let code = match result {
+        Err(error) => error,
+        Ok(()) if at.entry == count => Status::Success,
+        Ok(()) => Status::Incomplete,
+    };
+    audit(
+        current_vcpu(),
+        Event::Cmo {
+            function: function::CACHE_OP_BATCH,
+            address: array,
+            size: total,
+            op: last_op,
+            lines: total / vm.dcache_line,
+            widened: false,
+            by_va: false,
+            status: code.code(),
+        },
+    );
+    let next = if code == Status::Success {
+        0
+    } else {
+        at.encode()
+    };
+    status(code, at.entry, next)
+}
