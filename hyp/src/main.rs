@@ -14,6 +14,7 @@ extern crate alloc;
 mod arch;
 mod audit;
 mod console;
+mod dma_calls;
 mod exit;
 mod fw_cfg;
 mod guest_memory;

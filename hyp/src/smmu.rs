@@ -24,8 +24,8 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use hyp_core::audit::Event;
 use hyp_core::config::{Config, DmaMode};
 use hyp_core::inject::Access;
-use hyp_core::pagetable::{MapError, PageTable, Stage2};
-use stagehand_abi::feature;
+use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2};
+use stagehand_abi::{feature, Status};
 use stagehand_platform::board::Board;
 use stagehand_platform::pci::{self, Bdf, Function};
 use stagehand_platform::smmuv3::{
@@ -710,4 +710,157 @@ pub fn device_info(index: usize) -> Option<DeviceInfo> {
         mode: d.mode,
         coherent: d.coherent,
     })
+}
+
+/// SMMU commands an operation issued, for its audit record.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Issued {
+    /// Commands, CMD_SYNC included.
+    pub count: u32,
+    /// Their kinds: bits of `stagehand_abi::audit::smmu_command`.
+    pub kinds: u16,
+}
+
+/// Above this many pages, one CMD_TLBI_S12_VMALL replaces per-page CMD_TLBI_S2_IPA.
+const TLBI_PAGE_THRESHOLD: u64 = 16;
+
+/// The TLB invalidation of `[ipa, ipa + size)` for `vmid`, without the CMD_SYNC that
+/// [`Smmu::submit`] appends.
+fn tlbi_commands(vmid: u16, ipa: u64, size: u64) -> (Vec<Command>, Issued) {
+    use stagehand_abi::audit::smmu_command;
+    let pages = size.div_ceil(4096);
+    let commands: Vec<Command> = if pages > TLBI_PAGE_THRESHOLD {
+        alloc::vec![Command::tlbi_s12_vmall(vmid)]
+    } else {
+        (0..pages)
+            .map(|i| Command::tlbi_s2_ipa(vmid, ipa + i * 4096, true))
+            .collect()
+    };
+    let kind = if pages > TLBI_PAGE_THRESHOLD {
+        smmu_command::TLBI_S12_VMALL
+    } else {
+        smmu_command::TLBI_S2_IPA
+    };
+    let issued = Issued {
+        count: commands.len() as u32 + 1,
+        kinds: kind | smmu_command::SYNC,
+    };
+    (commands, issued)
+}
+
+/// A device the guest may use for DMA (not blocked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaDevice {
+    /// Its StreamID.
+    pub stream_id: u32,
+    /// Strict mode: it reaches only mapped buffers.
+    pub strict: bool,
+    /// It snoops CPU caches.
+    pub coherent: bool,
+}
+
+/// The DMA-capable device with StreamID `stream_id`.
+pub fn dma_device(stream_id: u32) -> Option<DmaDevice> {
+    let smmu = SMMU.get()?.lock();
+    smmu.devices
+        .iter()
+        .find(|d| d.stream_id == stream_id && d.mode != DmaMode::Blocked)
+        .map(|d| DmaDevice {
+            stream_id,
+            strict: d.mode == DmaMode::Strict,
+            coherent: d.coherent,
+        })
+}
+
+/// Maps guest `[ipa, ipa + size)` (at `pa`) into a strict device's stage 2 with `permissions`.
+/// New entries only replace invalid ones, so no TLB invalidation is needed.
+///
+/// # Errors
+/// NO_DEVICE, BUSY (part of the range is mapped for this device already), NO_MEMORY (tables),
+/// NOT_SUPPORTED (an SMMU whose table walks do not snoop the CPU caches, whose tables this
+/// driver does not clean).
+pub fn map_strict(
+    stream_id: u32,
+    ipa: u64,
+    pa: u64,
+    size: u64,
+    permissions: Permissions,
+    memory: MemoryType,
+) -> Result<(), Status> {
+    let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
+    if !smmu.coherent {
+        return Err(Status::NotSupported);
+    }
+    let device = smmu
+        .devices
+        .iter_mut()
+        .find(|d| d.stream_id == stream_id)
+        .ok_or(Status::NoDevice)?;
+    let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
+    table
+        .map(&mut HeapTables, ipa, pa, size, memory, permissions)
+        .map_err(|error| match error {
+            MapError::AlreadyMapped { .. } => Status::Busy,
+            MapError::OutOfTableMemory => Status::NoMemory,
+            MapError::Misaligned => Status::Alignment,
+            MapError::OutOfRange => Status::OutOfRange,
+        })?;
+    // The SMMU walks write-back, inner-shareable tables (CR1): a DSB makes the entries visible.
+    arch::dsb_ish();
+    Ok(())
+}
+
+/// Removes `[ipa, ipa + size)` from a strict device's stage 2, invalidates the SMMU's TLB for
+/// it and waits for the CMD_SYNC: when this returns the device can no longer reach the buffer.
+///
+/// # Errors
+/// NO_DEVICE, or BUSY when the SMMU did not complete the invalidation (the mapping is gone
+/// from the tables, but the caller must not reuse the buffer as if it were unreachable).
+pub fn unmap_strict(stream_id: u32, ipa: u64, size: u64) -> Result<Issued, Status> {
+    let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
+    let device = smmu
+        .devices
+        .iter_mut()
+        .find(|d| d.stream_id == stream_id)
+        .ok_or(Status::NoDevice)?;
+    let vmid = device.vmid;
+    let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
+    if table.unmap(&mut HeapTables, ipa, size).is_err() {
+        log::error!(
+            "SMMU: unmap of {ipa:#x}+{size:#x} for StreamID {stream_id:#x} did not match its map"
+        );
+    }
+    arch::dsb_ish();
+    let (commands, issued) = tlbi_commands(vmid, ipa, size);
+    smmu.submit(&commands).map_err(|error| {
+        log::error!("SMMU: TLB invalidation failed: {error}");
+        Status::Busy
+    })?;
+    Ok(issued)
+}
+
+/// Invalidates the SMMU's TLB for guest `[ipa, ipa + size)` on behalf of the devices that share
+/// the guest's stage 2, and waits for the CMD_SYNC. Nothing to do when no device shares it.
+pub fn invalidate_shared(ipa: u64, size: u64) -> Issued {
+    let Some(smmu) = SMMU.get() else {
+        return Issued::default();
+    };
+    let mut smmu = smmu.lock();
+    let Some(vmid) = smmu
+        .devices
+        .iter()
+        .find(|d| d.mode == DmaMode::Shared)
+        .map(|d| d.vmid)
+    else {
+        return Issued::default();
+    };
+    let (commands, issued) = tlbi_commands(vmid, ipa, size);
+    match smmu.submit(&commands) {
+        Ok(()) => issued,
+        Err(error) => {
+            // A device could still use a stale translation: say so loudly.
+            log::error!("SMMU: TLB invalidation for shared devices failed: {error}");
+            Issued::default()
+        }
+    }
 }

@@ -6,8 +6,8 @@ use crate::arch::vectors::{el2_vectors, TrapFrame, Vector};
 use crate::arch::{self, entry::secondary_entry, read_sysreg, write_sysreg};
 use crate::console::{self, LineBuffer};
 use crate::exit;
-use crate::memory_calls;
 use crate::vm::{audit, vm, Vm};
+use crate::{dma_calls, memory_calls};
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
 use hyp_core::audit::{Event, StopReason};
@@ -176,7 +176,21 @@ fn smccc(frame: &mut TrapFrame) {
             Ok([sequence, _, _]) => [0, sequence, 0, 0],
             Err(error) => status(error.code()),
         },
-        Call::Unimplemented(_) | Call::Unknown(_) => {
+        Call::DevInfo { index } => dma_calls::device_info(index),
+        Call::DmaMap {
+            device,
+            ipa,
+            size,
+            direction,
+        } => dma_calls::map(device, ipa, size, direction),
+        Call::DmaUnmap { handle } => dma_calls::unmap(handle),
+        Call::DmaSync {
+            handle,
+            offset,
+            size,
+            target,
+        } => dma_calls::sync(handle, offset, size, target),
+        Call::Unknown(_) => {
             audit(
                 vcpu,
                 Event::Refused {

@@ -181,6 +181,9 @@ impl<A: Arch> Arch for Counting<'_, A> {
         self.tlbis += 1;
         self.arch.tlbi_alle2is()
     }
+    fn device_tlbi(&mut self, ipa: u64, size: u64) {
+        self.arch.device_tlbi(ipa, size)
+    }
     fn table_write(&mut self, write: TableWrite) {
         self.arch.table_write(write)
     }
@@ -420,6 +423,7 @@ impl AttributeManager {
             arch.dsb_ish();
             arch.tlbi_vmalle1is();
             arch.dsb_ish();
+            arch.device_tlbi(region, BLOCK);
             maintenance.tlbi = TlbiScope::ByIpa;
         } else if is_block {
             // Split: prepare the table first (the only step that can fail), with the pages to
@@ -461,6 +465,7 @@ impl AttributeManager {
             arch.dsb_ish();
             arch.tlbi_vmalle1is();
             arch.dsb_ish();
+            arch.device_tlbi(region, BLOCK);
             memory.table(table)[index] = new_table | TABLE_OR_PAGE | VALID;
             arch.table_write(TableWrite::Table { ipa: region });
             arch.dsb_ishst();
@@ -492,6 +497,9 @@ impl AttributeManager {
                 maintenance.tlbi = TlbiScope::ByIpa;
             }
             arch.dsb_ish();
+            let first = changing.iter().position(|&c| c).unwrap_or(0) as u64;
+            let last = changing.iter().rposition(|&c| c).unwrap_or(0) as u64;
+            arch.device_tlbi(ipa + first * PAGE_SIZE, (last + 1 - first) * PAGE_SIZE);
         }
 
         // Step 3: maintenance through the window, run by run of changing pages.
@@ -594,6 +602,7 @@ impl AttributeManager {
         // Every page of the region may be cached, and the walk caches hold the old table.
         arch.tlbi_vmalls12e1is();
         arch.dsb_ish();
+        arch.device_tlbi(region, BLOCK);
         let pa = self.ram.pa + (region - self.ram.ipa);
         memory.table(table)[index] =
             self.stage2
@@ -762,6 +771,25 @@ impl AttributeManager {
         Ok(())
     }
 
+    /// Whether every page of `[ipa, ipa + size)` (guest RAM, checked by the caller) is
+    /// non-cacheable.
+    pub fn all_non_cacheable(&self, ipa: u64, size: u64) -> bool {
+        if self.check_range(ipa, size.max(1)).is_err() {
+            return false;
+        }
+        let first = self.page_index(ipa);
+        let last = self.page_index(ipa + size.max(1) - 1);
+        self.pages[first..=last].iter().all(|p| p.non_cacheable)
+    }
+
+    /// The attribute of the page holding `ipa` (guest RAM, checked by the caller).
+    pub fn attribute_of(&self, ipa: u64) -> Attribute {
+        match self.pages.get(self.page_index(ipa)) {
+            Some(p) if p.non_cacheable => Attribute::NonCacheable,
+            _ => Attribute::WriteBack,
+        }
+    }
+
     /// Adds a DMA pin to every page of `[ipa, ipa + size)` (page-aligned, checked by the caller).
     ///
     /// # Errors
@@ -923,6 +951,7 @@ mod tests {
                 Op::DsbIsh,
                 Op::TlbiVmalle1,
                 Op::DsbIsh,
+                Op::DeviceTlbi(R0, BLOCK),
                 Op::Write(Table { ipa: R0 }),
                 Op::DsbIshst,
             ];
@@ -963,6 +992,7 @@ mod tests {
                 Op::DsbIsh,
                 Op::TlbiVmalle1,
                 Op::DsbIsh,
+                Op::DeviceTlbi(ipa, PAGE_SIZE),
             ];
             expected.extend(window_pass(pa, 1, true));
             expected.extend([
@@ -976,6 +1006,7 @@ mod tests {
                 Op::DsbIsh,
                 Op::TlbiVmalls12,
                 Op::DsbIsh,
+                Op::DeviceTlbi(R0, BLOCK),
                 Op::Write(Merge {
                     ipa: R0,
                     non_cacheable: false,
@@ -1003,6 +1034,7 @@ mod tests {
             Op::DsbIsh,
             Op::TlbiVmalle1,
             Op::DsbIsh,
+            Op::DeviceTlbi(R1, BLOCK),
         ];
         let pa = RAM.pa + (R1 - RAM.ipa);
         expected.extend(window_pass(pa, 512, false));

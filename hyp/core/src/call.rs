@@ -107,8 +107,38 @@ pub enum Call {
         /// Resume cookie (0 on the first call).
         cookie: u64,
     },
-    /// A function of this ABI that this build does not implement yet.
-    Unimplemented(u32),
+    /// DEV_INFO.
+    DevInfo {
+        /// Index of the device.
+        index: u64,
+    },
+    /// DMA_MAP.
+    DmaMap {
+        /// StreamID of the device.
+        device: u64,
+        /// First IPA of the buffer.
+        ipa: u64,
+        /// Bytes.
+        size: u64,
+        /// Direction (checked by the handler).
+        direction: u64,
+    },
+    /// DMA_UNMAP.
+    DmaUnmap {
+        /// The handle DMA_MAP returned.
+        handle: u64,
+    },
+    /// DMA_SYNC.
+    DmaSync {
+        /// The handle.
+        handle: u64,
+        /// Offset into the buffer.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+        /// 0 for the CPU, 1 for the device (checked by the handler).
+        target: u64,
+    },
     /// Anything else.
     Unknown(u32),
 }
@@ -191,9 +221,20 @@ pub fn decode(x0: u64, args: &[u64; 6]) -> Call {
             count: args[1],
             cookie: args[2],
         },
-        function::DEV_INFO | function::DMA_MAP | function::DMA_UNMAP | function::DMA_SYNC => {
-            Call::Unimplemented(id)
-        }
+        function::DEV_INFO => Call::DevInfo { index: args[0] },
+        function::DMA_MAP => Call::DmaMap {
+            device: args[0],
+            ipa: args[1],
+            size: args[2],
+            direction: args[3],
+        },
+        function::DMA_UNMAP => Call::DmaUnmap { handle: args[0] },
+        function::DMA_SYNC => Call::DmaSync {
+            handle: args[0],
+            offset: args[1],
+            size: args[2],
+            target: args[3],
+        },
         function::AUDIT_READ => Call::AuditRead {
             buffer: args[0],
             size: args[1],
@@ -258,8 +299,16 @@ mod tests {
     fn abi_calls_and_unknown_ids() {
         assert_eq!(decode(function::CALL_UID as u64, &[0; 6]), Call::CallUid);
         assert_eq!(
-            decode(function::DMA_MAP as u64, &[0; 6]),
-            Call::Unimplemented(function::DMA_MAP)
+            decode(
+                function::DMA_MAP as u64,
+                &[0x10, 0x4000_0000, 0x1000, 2, 0, 0]
+            ),
+            Call::DmaMap {
+                device: 0x10,
+                ipa: 0x4000_0000,
+                size: 0x1000,
+                direction: 2
+            }
         );
         assert_eq!(decode(0xC600_0FFF, &[0; 6]), Call::Unknown(0xC600_0FFF));
         assert_eq!(

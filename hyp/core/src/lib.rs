@@ -11,6 +11,7 @@ pub mod attributes;
 pub mod audit;
 pub mod call;
 pub mod config;
+pub mod dma;
 pub mod esr;
 pub mod gic;
 pub mod image;

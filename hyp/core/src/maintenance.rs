@@ -95,6 +95,11 @@ pub trait Arch {
     fn tlbi_vae2is(&mut self, va: u64);
     /// TLBI ALLE2IS: every EL2 entry.
     fn tlbi_alle2is(&mut self);
+    /// Invalidates every device TLB (SMMU) that caches the guest's stage 2 for
+    /// `[ipa, ipa + size)` and waits until that has completed (CMD_SYNC). The SMMU does not
+    /// snoop the CPU's broadcast TLBIs, so devices sharing the guest's stage 2 need this in
+    /// every break.
+    fn device_tlbi(&mut self, ipa: u64, size: u64);
     /// A translation-table write the engine just made (no instruction; for recorders).
     fn table_write(&mut self, write: TableWrite);
 }
@@ -120,6 +125,8 @@ pub enum Op {
     TlbiVae2(u64),
     /// TLBI ALLE2IS.
     TlbiAlle2,
+    /// Device (SMMU) TLB invalidation of a range, completed.
+    DeviceTlbi(u64, u64),
     /// A table write.
     Write(TableWrite),
 }
@@ -190,6 +197,9 @@ impl Arch for Recorder {
     }
     fn tlbi_alle2is(&mut self) {
         self.ops.push(Op::TlbiAlle2);
+    }
+    fn device_tlbi(&mut self, ipa: u64, size: u64) {
+        self.ops.push(Op::DeviceTlbi(ipa, size));
     }
     fn table_write(&mut self, write: TableWrite) {
         self.ops.push(Op::Write(write));

@@ -47,9 +47,13 @@ pub enum MemoryType {
     Device,
 }
 
-/// Access rights of a mapping (reads are always allowed).
+/// Access rights of a mapping. Stage 2 can express every combination of read and write (a
+/// device that only writes a DMA buffer gets write-only access); the EL2 regime always allows
+/// reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Permissions {
+    /// Reads allowed.
+    pub read: bool,
     /// Writes allowed.
     pub write: bool,
     /// Instruction fetches allowed.
@@ -59,11 +63,25 @@ pub struct Permissions {
 impl Permissions {
     /// Read, write and execute: guest RAM, the hypervisor's own image.
     pub const RWX: Permissions = Permissions {
+        read: true,
         write: true,
         execute: true,
     };
     /// Read and write, never execute: MMIO and data.
     pub const RW: Permissions = Permissions {
+        read: true,
+        write: true,
+        execute: false,
+    };
+    /// Read only (a device reading a TO_DEVICE buffer).
+    pub const RO: Permissions = Permissions {
+        read: true,
+        write: false,
+        execute: false,
+    };
+    /// Write only (a device filling a FROM_DEVICE buffer).
+    pub const WO: Permissions = Permissions {
+        read: false,
         write: true,
         execute: false,
     };
@@ -323,6 +341,37 @@ impl<F: Format> PageTable<F> {
         Ok(table)
     }
 
+    /// Removes the mappings of `[input, input + size)`, which must cover whole leaves (as a
+    /// range mapped by one [`Self::map`] call does). Tables are kept. The caller does the TLB
+    /// maintenance.
+    ///
+    /// # Errors
+    /// [`MapError::Misaligned`] when a leaf extends outside the range, or
+    /// [`MapError::OutOfRange`]; entries before the failing one are already removed.
+    pub fn unmap(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        size: u64,
+    ) -> Result<(), MapError> {
+        let end = input.checked_add(size).ok_or(MapError::OutOfRange)?;
+        let mut at = input;
+        while at < end {
+            let Some(t) = self.translate(memory, at) else {
+                at = (at | (PAGE_SIZE - 1)) + 1;
+                continue;
+            };
+            let leaf = level_size(t.level);
+            if at % leaf != 0 || end - at < leaf {
+                return Err(MapError::Misaligned);
+            }
+            let (table, index) = self.slot(memory, at, t.level).ok_or(MapError::OutOfRange)?;
+            memory.table(table)[index] = 0;
+            at += leaf;
+        }
+        Ok(())
+    }
+
     /// Looks up one input address.
     pub fn translate(&self, memory: &mut impl TableMemory, input: u64) -> Option<Translation> {
         if input >= 1u64 << self.input_bits {
@@ -421,13 +470,14 @@ impl Format for Stage2 {
         } else {
             SH_INNER
         };
+        let read = if permissions.read { S2AP_READ } else { 0 };
         let write = if permissions.write { S2AP_WRITE } else { 0 };
         let execute = if permissions.execute && memory != MemoryType::Device {
             0
         } else {
             S2_XN
         };
-        self.mem_attr(memory) << 2 | S2AP_READ | write | shareability | ACCESS_FLAG | execute
+        self.mem_attr(memory) << 2 | read | write | shareability | ACCESS_FLAG | execute
     }
 
     fn decode(&self, descriptor: u64) -> Option<(MemoryType, Permissions)> {
@@ -442,6 +492,7 @@ impl Format for Stage2 {
         Some((
             memory,
             Permissions {
+                read: descriptor & S2AP_READ != 0,
                 write: descriptor & S2AP_WRITE != 0,
                 execute: descriptor & S2_XN == 0,
             },
@@ -496,6 +547,7 @@ impl Format for El2 {
         Some((
             memory,
             Permissions {
+                read: true,
                 write: descriptor & EL2_AP_READ_ONLY == 0,
                 execute: descriptor & EL2_XN == 0,
             },
@@ -675,6 +727,40 @@ mod tests {
             ),
             Err(MapError::OutOfRange)
         );
+    }
+
+    #[test]
+    fn unmap_removes_whole_leaves_only() {
+        let mut mem = VecMemory::new(64);
+        let mut s2 = stage2(true, &mut mem);
+        s2.map(
+            &mut mem,
+            0x4000_0000,
+            0x5000_0000,
+            MIB2 + 0x2000,
+            MemoryType::NormalWriteBack,
+            Permissions::WO,
+        )
+        .unwrap();
+        assert_eq!(
+            s2.unmap(&mut mem, 0x4000_0000, 0x1000),
+            Err(MapError::Misaligned),
+            "inside a block"
+        );
+        s2.unmap(&mut mem, 0x4000_0000, MIB2 + 0x2000).unwrap();
+        assert_eq!(s2.translate(&mut mem, 0x4000_0000), None);
+        assert_eq!(s2.translate(&mut mem, 0x4020_1000), None);
+        s2.map(
+            &mut mem,
+            0x4000_0000,
+            0x5000_0000,
+            0x1000,
+            MemoryType::NormalWriteBack,
+            Permissions::RO,
+        )
+        .unwrap();
+        let d = s2.translate(&mut mem, 0x4000_0000).unwrap().descriptor;
+        assert_eq!(Stage2 { fwb: true }.decode(d).unwrap().1, Permissions::RO);
     }
 
     #[test]

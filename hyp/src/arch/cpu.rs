@@ -85,5 +85,10 @@ impl Arch for Cpu {
         unsafe { asm!("tlbi alle2is", options(nostack, preserves_flags)) };
     }
 
+    fn device_tlbi(&mut self, ipa: u64, size: u64) {
+        // The SMMU is the only device TLB that caches the guest's stage 2 (shared mode).
+        crate::smmu::invalidate_shared(ipa, size);
+    }
+
     fn table_write(&mut self, _write: TableWrite) {}
 }
