@@ -29,7 +29,8 @@ fn main() -> ! {
             hypervisor_identifies_itself,
             abi_is_1_0,
             features_make_sense,
-            every_cpu_says_hello
+            every_cpu_says_hello,
+            buffer_goes_non_cacheable_and_back
         ],
     )
 }
@@ -129,6 +130,128 @@ fn tour() {
             Err(status) => println!("   CPU_ON of CPU {} answered {}.", index, status),
         }
     }
+    buffer_walk(false);
+    audit_tail();
+}
+
+/// A driver's DMA buffer: 64 KiB, page-aligned, in guest RAM (VA = IPA in this runtime).
+#[repr(C, align(4096))]
+struct DmaBuffer([u8; 0x10000]);
+
+static BUFFER: spin::Mutex<DmaBuffer> = spin::Mutex::new(DmaBuffer([0; 0x10000]));
+
+/// Room for the last few audit records (128 bytes each).
+#[repr(C, align(8))]
+struct AuditBuffer([u8; 8 * stagehand_abi::audit::RECORD_SIZE]);
+
+static AUDIT: spin::Mutex<AuditBuffer> =
+    spin::Mutex::new(AuditBuffer([0; 8 * stagehand_abi::audit::RECORD_SIZE]));
+
+/// MEM_QUERY_VA's effective attribute for `va` (MAIR encoding).
+fn effective_attribute(va: u64) -> u64 {
+    guest_suites::hypercall(function::MEM_QUERY_VA, &[va, 0]).x2
+}
+
+/// What the DMA-buffer walk saw: effective attributes before, during and after, and the
+/// invalidate's bytes done.
+struct BufferWalk {
+    before: u64,
+    during: u64,
+    after: u64,
+    invalidated: u64,
+    set_status: (i64, i64),
+}
+
+fn buffer_walk(quiet: bool) -> BufferWalk {
+    use stagehand_abi::{attr, cache_op};
+    let buffer = BUFFER.lock();
+    let ipa = buffer.0.as_ptr() as u64;
+    let size = buffer.0.len() as u64;
+    let before = effective_attribute(ipa);
+    let to_nc = guest_suites::hypercall(function::MEM_SET_ATTR, &[ipa, size, attr::NORMAL_NC]);
+    let during = effective_attribute(ipa);
+    // A second mapping of the same buffer at another VA, as a driver's vmap would make, and a
+    // true invalidate through it (at EL1 a DC IVAC would be a clean+invalidate).
+    let alias = guest_rt::mmu::map_alias(
+        ipa as usize,
+        size as usize,
+        guest_rt::mmu::MemoryType::NormalWriteBack,
+    )
+    .map(|va| va as u64)
+    .unwrap_or(ipa);
+    let invalidate = guest_suites::hypercall(
+        function::CACHE_OP,
+        &[alias, size, cache_op::INVALIDATE | cache_op::FLAG_VA],
+    );
+    let to_wb = guest_suites::hypercall(function::MEM_SET_ATTR, &[ipa, size, attr::NORMAL_WB]);
+    let after = effective_attribute(ipa);
+    if !quiet {
+        println!("6. A driver's 64 KiB DMA buffer at IPA {ipa:#x}:");
+        println!(
+            "   seen through the guest's own write-back mapping, it is {}",
+            attribute_name(before)
+        );
+        println!(
+            "   MEM_SET_ATTR NC -> status {}; now it is {} in every alias",
+            to_nc.x0 as i64,
+            attribute_name(during)
+        );
+        println!(
+            "   CACHE_OP INVALIDATE by VA through a second mapping at {alias:#x} -> {} bytes, a true invalidate",
+            invalidate.x1
+        );
+        println!(
+            "   MEM_SET_ATTR WB -> status {}; back to {}",
+            to_wb.x0 as i64,
+            attribute_name(after)
+        );
+    }
+    BufferWalk {
+        before,
+        during,
+        after,
+        invalidated: invalidate.x1,
+        set_status: (to_nc.x0 as i64, to_wb.x0 as i64),
+    }
+}
+
+fn attribute_name(mair: u64) -> &'static str {
+    match mair {
+        0xff => "write-back (0xff)",
+        0x44 => "non-cacheable (0x44)",
+        0x00 => "device (0x00)",
+        _ => "something else",
+    }
+}
+
+/// Prints the last records of the audit log, read back with AUDIT_READ.
+fn audit_tail() {
+    use stagehand_abi::audit::{Record, RECORD_SIZE};
+    let mark = guest_suites::hypercall(function::AUDIT_MARK, &[0xde30]);
+    let first = mark.x1.saturating_sub(6);
+    let mut buffer = AUDIT.lock();
+    let ipa = buffer.0.as_mut_ptr() as u64;
+    let read = guest_suites::hypercall(function::AUDIT_READ, &[ipa, buffer.0.len() as u64, first]);
+    println!(
+        "7. The audit log, read back with AUDIT_READ (the last {} records):",
+        read.x1
+    );
+    for chunk in buffer.0.chunks_exact(RECORD_SIZE).take(read.x1 as usize) {
+        if let Some(record) = Record::parse(chunk) {
+            println!(
+                "   #{:<4} {:<11} ipa {:#x} size {:#x} status {}",
+                record.sequence.get(),
+                record.kind_name().unwrap_or("?"),
+                record.ipa.get(),
+                record.size.get(),
+                record.status.get()
+            );
+        }
+    }
+    println!(
+        "   The hypervisor streams the same records on its own UART; scripts/run prints how to"
+    );
+    println!("   turn them into a report.");
 }
 
 /// Bound on polls while waiting for another CPU.
@@ -195,5 +318,21 @@ fn every_cpu_says_hello() -> Result<(), String> {
             index
         );
     }
+    Ok(())
+}
+
+fn buffer_goes_non_cacheable_and_back() -> Result<(), String> {
+    let walk = buffer_walk(true);
+    check_eq!(
+        walk.set_status,
+        (0, 0),
+        "MEM_SET_ATTR statuses (to NC, back to WB)"
+    );
+    check_eq!(
+        (walk.before, walk.during, walk.after),
+        (0xff, 0x44, 0xff),
+        "effective attributes"
+    );
+    check_eq!(walk.invalidated, 0x10000, "bytes invalidated");
     Ok(())
 }
