@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod driver;
 
 /// Major version of the ABI this crate describes (REVISION x0).
 pub const ABI_MAJOR: u64 = 1;

@@ -433,6 +433,44 @@ impl Command {
     }
 }
 
+/// Above this many pages, one CMD_TLBI_S12_VMALL replaces per-page CMD_TLBI_S2_IPA: a long run
+/// of per-page commands would cost more than refilling the device's TLB.
+pub const TLBI_PAGE_THRESHOLD: u64 = 16;
+
+/// The commands that make the SMMU forget its translations of `[ipa, ipa + size)` in `vmid`,
+/// in queue order: one leaf CMD_TLBI_S2_IPA per 4 KiB page for up to [`TLBI_PAGE_THRESHOLD`]
+/// pages, else one CMD_TLBI_S12_VMALL; then exactly one CMD_SYNC, after which the device can
+/// no longer use a stale translation. This list is what one DMA_UNMAP of a strict device (or
+/// one attribute change seen by shared devices) issues, and what its audit record counts.
+pub fn tlb_invalidation(vmid: u16, ipa: u64, size: u64) -> alloc::vec::Vec<Command> {
+    let pages = size.div_ceil(4096);
+    let mut commands = alloc::vec::Vec::new();
+    if pages > TLBI_PAGE_THRESHOLD {
+        commands.push(Command::tlbi_s12_vmall(vmid));
+    } else {
+        commands.extend((0..pages).map(|page| Command::tlbi_s2_ipa(vmid, ipa + page * 4096, true)));
+    }
+    commands.push(Command::sync());
+    commands
+}
+
+/// The kinds of `commands` as an audit record reports them: bits of
+/// [`stagehand_abi::audit::smmu_command`].
+pub fn command_kinds(commands: &[Command]) -> u16 {
+    use stagehand_abi::audit::smmu_command;
+    commands.iter().fold(0, |kinds, command| {
+        kinds
+            | match command.opcode() {
+                opcode::CFGI_STE => smmu_command::CFGI_STE,
+                opcode::CFGI_ALL => smmu_command::CFGI_ALL,
+                opcode::TLBI_S2_IPA => smmu_command::TLBI_S2_IPA,
+                opcode::TLBI_S12_VMALL => smmu_command::TLBI_S12_VMALL,
+                opcode::CMD_SYNC => smmu_command::SYNC,
+                _ => smmu_command::OTHER,
+            }
+    })
+}
+
 /// Why the command at CMDQ_CONS stopped the queue (CMDQ_CONS.ERR).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CommandError {
@@ -1082,6 +1120,64 @@ mod tests {
         assert_eq!(event.stream_id, 0x20);
         assert_eq!(event.address(), None);
         assert!(!event.write && !event.stage2);
+    }
+
+    #[test]
+    fn tlb_invalidation_is_per_page_up_to_16_pages_then_vmid_wide_with_one_sync() {
+        use stagehand_abi::audit::smmu_command;
+        const VMID: u16 = 0x100;
+        const IPA: u64 = 0x4100_0000;
+        let syncs = |commands: &[Command]| {
+            commands
+                .iter()
+                .filter(|c| c.opcode() == opcode::CMD_SYNC)
+                .count()
+        };
+        // 4 KiB, 64 KiB (16 pages, the last per-page size), a partial page, 1 MiB, 16 MiB.
+        for (size, per_page) in [
+            (4096, Some(1)),
+            (16 * 4096, Some(16)),
+            (100, Some(1)),
+            (17 * 4096, None),
+            (1 << 20, None),
+            (16 << 20, None),
+        ] {
+            let commands = tlb_invalidation(VMID, IPA, size);
+            assert_eq!(syncs(&commands), 1, "{size:#x}: one CMD_SYNC per call");
+            assert_eq!(
+                commands.last(),
+                Some(&Command::sync()),
+                "{size:#x}: CMD_SYNC last"
+            );
+            let body = &commands[..commands.len() - 1];
+            match per_page {
+                Some(pages) => {
+                    let expected: Vec<Command> = (0..pages)
+                        .map(|i| Command::tlbi_s2_ipa(VMID, IPA + i * 4096, true))
+                        .collect();
+                    assert_eq!(body, expected.as_slice(), "{size:#x}");
+                    assert_eq!(
+                        command_kinds(&commands),
+                        smmu_command::TLBI_S2_IPA | smmu_command::SYNC
+                    );
+                }
+                None => {
+                    assert_eq!(body, [Command::tlbi_s12_vmall(VMID)], "{size:#x}");
+                    assert_eq!(
+                        command_kinds(&commands),
+                        smmu_command::TLBI_S12_VMALL | smmu_command::SYNC
+                    );
+                }
+            }
+        }
+        // What the DMA benchmark rows report per DMA_UNMAP of a strict device.
+        assert_eq!(tlb_invalidation(VMID, IPA, 4 << 10).len(), 2);
+        assert_eq!(tlb_invalidation(VMID, IPA, 64 << 10).len(), 17);
+        assert_eq!(tlb_invalidation(VMID, IPA, 1 << 20).len(), 2);
+        assert_eq!(
+            command_kinds(&[Command::cfgi_ste(3), Command::tlbi_nsnh_all()]),
+            smmu_command::CFGI_STE | smmu_command::OTHER
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@
 
 mod audit_replay;
 mod boot;
+mod disk;
+mod dma_log;
 mod protocol;
 mod qemu;
 mod suites;
@@ -21,7 +23,7 @@ use std::time::Duration;
 
 use boot::{BootCheck, Kernel};
 use protocol::{Exit, TestOutcome};
-use suites::{Image, Initrd, Suite};
+use suites::{Disk, Image, Initrd, Suite};
 
 /// Command-line options.
 #[derive(Debug, Default)]
@@ -121,7 +123,24 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
             }
         },
     };
+    let mut extra_args: Vec<String> = suite.extra_args.iter().map(|s| s.to_string()).collect();
+    let disk = match suite.disk {
+        Disk::None => None,
+        Disk::VirtioBlk => match disk::create(logs, suite.name) {
+            Ok(path) => {
+                extra_args.extend(disk::qemu_args(&path));
+                Some(path)
+            }
+            Err(error) => {
+                return vec![TestOutcome::fail(
+                    run_name,
+                    format!("writing the disk image: {error}"),
+                )]
+            }
+        },
+    };
     let timeout = options.timeout.unwrap_or(suite.timeout_secs);
+    let hypervisor_log = logs.join(format!("{}.hyp.log", suite.name));
     let launch = qemu::Launch {
         qemu: options
             .qemu
@@ -134,8 +153,8 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
         cpus: suite.cpus,
         memory: suite.memory.into(),
         config: suite.config_string(),
-        hypervisor_log: Some(logs.join(format!("{}.hyp.log", suite.name))),
-        extra_args: suite.extra_args.iter().map(|s| s.to_string()).collect(),
+        hypervisor_log: Some(hypervisor_log.clone()),
+        extra_args,
         timeout: Duration::from_secs(timeout),
     };
     eprintln!(
@@ -171,6 +190,14 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
             }
             reason.push(')');
         }
+    }
+    if let Some(image) = &disk {
+        let log = std::fs::read(&hypervisor_log).unwrap_or_default();
+        outcomes.push(disk::check_image(suite.name, image));
+        outcomes.push(disk::check_hypervisor_log(
+            suite.name,
+            &String::from_utf8_lossy(&log),
+        ));
     }
     outcomes
 }
@@ -302,6 +329,9 @@ fn main() -> ExitCode {
         tally(&run_suite(suite, &options, &logs));
         if audit_replay::applies(suite.name) {
             tally(&audit_replay::check(suite.name, &logs));
+        }
+        if dma_log::applies(suite.name) {
+            tally(&[dma_log::check(suite.name, &logs)]);
         }
     }
     for check in selected_boot_checks(&options.only) {

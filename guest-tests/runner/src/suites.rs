@@ -44,6 +44,16 @@ pub enum Initrd {
     Linux,
 }
 
+/// A disk for the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disk {
+    /// None.
+    None,
+    /// The virtio-blk disk of the Linux guest's hook (guest-tests/linux/init.d/50-virtio-blk),
+    /// behind the SMMU: see [`crate::disk`].
+    VirtioBlk,
+}
+
 /// One row of the suite table.
 #[derive(Clone, Copy, Debug)]
 pub struct Suite {
@@ -65,6 +75,8 @@ pub struct Suite {
     pub timeout_secs: u64,
     /// Extra QEMU arguments.
     pub extra_args: &'static [&'static str],
+    /// A disk, created before the run and checked after it.
+    pub disk: Disk,
 }
 
 const fn guest(name: &'static str, cpus: u32, memory: &'static str) -> Suite {
@@ -78,6 +90,7 @@ const fn guest(name: &'static str, cpus: u32, memory: &'static str) -> Suite {
         append: None,
         timeout_secs: 60,
         extra_args: &[],
+        disk: Disk::None,
     }
 }
 
@@ -96,15 +109,45 @@ pub const SUITES: &[Suite] = &[
     guest("gic", 2, "512M"),
     guest("rt", 1, "512M"),
     guest("demo", 4, "512M"),
+    // The attribute manager, twice: with FEAT_S2FWB encodings (the default) and without. The
+    // guest reads what FEATURES must say from its command line.
+    Suite {
+        config: &["ram=512M"],
+        append: Some("stagehand.expect_fwb=on"),
+        timeout_secs: 120,
+        ..guest("attr", 4, "1G")
+    },
+    Suite {
+        config: &["ram=512M", "fwb=off"],
+        append: Some("stagehand.expect_fwb=off"),
+        timeout_secs: 120,
+        ..guest("attr-nofwb", 4, "1G")
+    },
     Suite {
         extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
         ..guest("smmu", 1, "512M")
     },
+    // The DMA calls with edu, twice: strict and declared non-coherent, then in the default
+    // shared mode (coherent). The guest reads the mode it must see from its command line.
+    Suite {
+        config: &["ram=256M", "devices=00:02.0/strict/noncoherent"],
+        append: Some("stagehand.expect_dma=strict/noncoherent"),
+        extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
+        ..guest("dma", 4, "512M")
+    },
+    Suite {
+        config: &["ram=256M"],
+        append: Some("stagehand.expect_dma=shared/coherent"),
+        extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
+        ..guest("dma-shared", 4, "512M")
+    },
+    // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
     Suite {
         image: Image::Linux,
         initrd: Initrd::Linux,
-        append: Some("console=ttyAMA0 stagehand.expect_cpus=2 panic=-1"),
+        append: Some("console=ttyAMA0 stagehand.expect_cpus=2 stagehand.blk_test=1 panic=-1"),
         timeout_secs: 180,
+        disk: Disk::VirtioBlk,
         ..guest("linux", 2, "1G")
     },
 ];

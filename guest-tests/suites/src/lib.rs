@@ -1,7 +1,10 @@
-//! Helpers shared by the suites: the hypervisor's own calls and small formatting aids.
+//! Helpers shared by the suites: the hypervisor's own calls, small formatting aids and the
+//! `edu` DMA device's driver ([`edu`]).
 #![no_std]
 
 extern crate alloc;
+
+pub mod edu;
 
 use stagehand_abi::Regs;
 
