@@ -76,6 +76,7 @@ fn maintain(
             ipa + done,
             size - done,
             op,
+            hyp_core::attributes::Requester::Dma,
         )?;
         done += progress.done;
     }

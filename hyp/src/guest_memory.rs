@@ -98,7 +98,9 @@ pub fn write(ipa: u64, bytes: &[u8]) -> Result<(), Status> {
 /// Checks that guest `[ipa, ipa + len)` is RAM, without mapping it.
 ///
 /// # Errors
-/// OUT_OF_RANGE when it wraps or leaves guest RAM.
+/// OUT_OF_RANGE when it wraps or leaves guest RAM, DENIED when it touches the guest's MMIO.
 pub fn translate(ipa: u64, len: u64) -> Result<u64, Status> {
-    vm().ram.pa_of(ipa, len).ok_or(Status::OutOfRange)
+    let vm = vm();
+    vm.attributes.read().check(ipa, len)?;
+    vm.ram.pa_of(ipa, len).ok_or(Status::OutOfRange)
 }

@@ -46,14 +46,22 @@ pub fn set_attribute(ipa: u64, size: u64, value: u64) -> Reply {
     let result = {
         let mut manager = vm.attributes.write();
         let mut window = vm.windows[current_vcpu()].lock();
-        manager.set_attribute(
+        let result = manager.set_attribute(
             &mut HeapTables,
             &mut Cpu::new(),
             &mut window,
             ipa,
             size,
             attribute,
-        )
+        );
+        // Debug builds check stage 2, the ledger and the window after every change.
+        #[cfg(debug_assertions)]
+        if let Err(problem) = manager.check_invariants(&mut HeapTables, &window) {
+            crate::exit::fatal(format_args!(
+                "attribute invariant broken after MEM_SET_ATTR: {problem}"
+            ));
+        }
+        result
     };
     match result {
         Ok(progress) => {
@@ -199,6 +207,7 @@ fn cache_work(
             ipa,
             len,
             request.op,
+            hyp_core::attributes::Requester::Guest,
         ) {
             Ok(CacheProgress {
                 done: step,
@@ -217,7 +226,8 @@ fn cache_work(
 /// How much of `[address, address + size)` one call may do: the budget, cut at a line so that
 /// the next call does not split one.
 fn budget(address: u64, size: u64, line: u64) -> u64 {
-    let cut = (address + attributes::WORK_BUDGET) & !(line - 1);
+    // Saturating: `address` is the guest's, and may lie anywhere up to 2^64 - 1.
+    let cut = address.saturating_add(attributes::WORK_BUDGET) & !(line - 1);
     size.min(cut.saturating_sub(address).max(line.min(size)))
 }
 
@@ -233,6 +243,12 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
         return refused(function::CACHE_OP, Status::OutOfRange, address, size);
     }
     let vm = vm();
+    if !request.by_va {
+        // Like MEM_SET_ATTR, refuse a range that leaves guest RAM before doing any of it.
+        if let Err(error) = vm.attributes.read().check(address, size) {
+            return refused(function::CACHE_OP, error, address, size);
+        }
+    }
     let limit = budget(address, size, vm.dcache_line);
     let (done, widened, result) = {
         let manager = vm.attributes.read();
@@ -271,10 +287,11 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
 }
 
 fn lines(address: u64, len: u64, line: u64) -> u64 {
-    if len == 0 {
-        return 0;
+    // `address + len` does not overflow (checked by the caller), `address + len - 1` neither.
+    match len {
+        0 => 0,
+        _ => (address + (len - 1)) / line - address / line + 1,
     }
-    ((address + len).next_multiple_of(line) - (address & !(line - 1))) / line
 }
 
 /// CACHE_OP_BATCH(array, count, cookie): x1 entries done, x2 resume cookie.

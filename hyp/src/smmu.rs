@@ -721,30 +721,17 @@ pub struct Issued {
     pub kinds: u16,
 }
 
-/// Above this many pages, one CMD_TLBI_S12_VMALL replaces per-page CMD_TLBI_S2_IPA.
-const TLBI_PAGE_THRESHOLD: u64 = 16;
-
-/// The TLB invalidation of `[ipa, ipa + size)` for `vmid`, without the CMD_SYNC that
-/// [`Smmu::submit`] appends.
+/// The TLB invalidation of `[ipa, ipa + size)` for `vmid` (`smmuv3::tlb_invalidation`, which
+/// host tests pin down), without the CMD_SYNC that [`Smmu::submit`] appends, and what the audit
+/// record counts (the CMD_SYNC included).
 fn tlbi_commands(vmid: u16, ipa: u64, size: u64) -> (Vec<Command>, Issued) {
-    use stagehand_abi::audit::smmu_command;
-    let pages = size.div_ceil(4096);
-    let commands: Vec<Command> = if pages > TLBI_PAGE_THRESHOLD {
-        alloc::vec![Command::tlbi_s12_vmall(vmid)]
-    } else {
-        (0..pages)
-            .map(|i| Command::tlbi_s2_ipa(vmid, ipa + i * 4096, true))
-            .collect()
-    };
-    let kind = if pages > TLBI_PAGE_THRESHOLD {
-        smmu_command::TLBI_S12_VMALL
-    } else {
-        smmu_command::TLBI_S2_IPA
-    };
+    let mut commands = smmuv3::tlb_invalidation(vmid, ipa, size);
     let issued = Issued {
-        count: commands.len() as u32 + 1,
-        kinds: kind | smmu_command::SYNC,
+        count: commands.len() as u32,
+        kinds: smmuv3::command_kinds(&commands),
     };
+    // `submit` ends every batch with its own CMD_SYNC.
+    commands.pop();
     (commands, issued)
 }
 

@@ -128,6 +128,17 @@ pub struct Progress {
     pub maintenance: Maintenance,
 }
 
+/// Who asks for a cache operation, which decides whether an INVALIDATE may discard data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Requester {
+    /// The guest (CACHE_OP, CACHE_OP_BATCH): an INVALIDATE on a page it does not own alone
+    /// (pinned for a device's DMA) is widened to CLEAN_INVALIDATE.
+    Guest,
+    /// The hypervisor's DMA path, which invalidates exactly where the DMA rules require it
+    /// (before a device writes, after it lost access): never widened.
+    Dma,
+}
+
 /// How far a cache operation got.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CacheProgress {
@@ -273,6 +284,15 @@ impl AttributeManager {
     /// Whether `ipa` is guest RAM (a stage-2 fault there is a transient break, to retry).
     pub fn is_ram(&self, ipa: u64) -> bool {
         self.ram.pa_of(ipa, 1).is_some()
+    }
+
+    /// Checks that `[start, start + size)` is guest RAM.
+    ///
+    /// # Errors
+    /// DENIED if it touches the guest's MMIO, OUT_OF_RANGE otherwise (beyond RAM, wrapping,
+    /// hypervisor or unassigned addresses).
+    pub fn check(&self, start: u64, size: u64) -> Result<(), Status> {
+        self.check_range(start, size)
     }
 
     /// The status for a range that is not all guest RAM: DENIED if it touches the guest's MMIO,
@@ -619,7 +639,8 @@ impl AttributeManager {
     /// CACHE_OP by IPA: `op` on `[ipa, ipa + size)`, to the point of coherency, through a
     /// window mapping with each page's own attribute. At most [`WORK_BUDGET`] bytes and one
     /// window's worth of pages per call. An INVALIDATE cleans and invalidates partial edge
-    /// lines, and is widened to CLEAN_INVALIDATE on a pinned page (shared with a device).
+    /// lines, and for the guest is widened to CLEAN_INVALIDATE on a pinned page (shared with a
+    /// device).
     ///
     /// # Errors
     /// INVALID_PARAMETER (zero size), OUT_OF_RANGE, DENIED.
@@ -631,6 +652,7 @@ impl AttributeManager {
         ipa: u64,
         size: u64,
         op: CacheOp,
+        requester: Requester,
     ) -> Result<CacheProgress, Status> {
         if size == 0 {
             return Err(Status::InvalidParameter);
@@ -647,7 +669,9 @@ impl AttributeManager {
         let pages = (high.next_multiple_of(PAGE_SIZE) - page_base) / PAGE_SIZE;
         let first = self.page_index(page_base);
         let page_run = &self.pages[first..first + pages as usize];
-        let widened = op == CacheOp::Invalidate && page_run.iter().any(|p| p.pins > 0);
+        let widened = requester == Requester::Guest
+            && op == CacheOp::Invalidate
+            && page_run.iter().any(|p| p.pins > 0);
 
         let pa = self.ram.pa + (page_base - self.ram.ipa);
         let va_base = window.map(memory, arch, pa, pages, |i| {
@@ -890,6 +914,7 @@ mod tests {
                 ipa,
                 size,
                 op,
+                Requester::Guest,
             )
         }
         fn check(&mut self) {
@@ -1138,6 +1163,20 @@ mod tests {
         f.manager.pin(R0 + 0x1000, PAGE_SIZE).unwrap();
         let p = f.cmo(ipa, 0x100, CacheOp::Invalidate).unwrap();
         assert!(p.widened);
+        // The hypervisor's own DMA maintenance invalidates exactly, pinned or not.
+        let dma = f
+            .manager
+            .cache_operation(
+                &mut f.memory,
+                &mut f.arch,
+                &mut f.window,
+                ipa,
+                0x100,
+                CacheOp::Invalidate,
+                Requester::Dma,
+            )
+            .unwrap();
+        assert!(!dma.widened);
         assert_eq!(f.arch.ops[3], Op::Dc(CacheOp::CleanInvalidate, va, 0x140));
         f.check();
     }

@@ -32,7 +32,11 @@ impl Rng {
     }
 }
 
-const RAM: GuestRam = GuestRam { ipa: 0x4000_0000, pa: 0x1_0000_0000, size: 16 << 20 };
+const RAM: GuestRam = GuestRam {
+    ipa: 0x4000_0000,
+    pa: 0x1_0000_0000,
+    size: 16 << 20,
+};
 
 /// Table memory in a vector (the crate's own fake is private to its unit tests).
 struct Tables(Vec<Box<Table>>);
@@ -115,14 +119,39 @@ fn run(seed: u64, deadline: Instant) -> u64 {
     ];
     while Instant::now() < deadline {
         iterations += 1;
-        let id = if rng.below(4) == 0 { rng.next() } else { functions[rng.below(functions.len() as u64) as usize] as u64 };
-        let args = [address(&mut rng), size(&mut rng), small_or_wild(&mut rng), rng.next(), rng.next(), rng.next()];
+        let id = if rng.below(4) == 0 {
+            rng.next()
+        } else {
+            functions[rng.below(functions.len() as u64) as usize] as u64
+        };
+        let args = [
+            address(&mut rng),
+            size(&mut rng),
+            small_or_wild(&mut rng),
+            rng.next(),
+            rng.next(),
+            rng.next(),
+        ];
         arch.clear();
         match call::decode(id, &args) {
-            Call::MemSetAttr { ipa, size, attribute } => {
+            Call::MemSetAttr {
+                ipa,
+                size,
+                attribute,
+            } => {
                 if let Some(attribute) = Attribute::from_abi(attribute) {
-                    if let Ok(p) = manager.set_attribute(&mut tables, &mut arch, &mut window, ipa, size, attribute) {
-                        assert!(p.done > 0 && p.done <= hyp_core::attributes::WORK_BUDGET, "seed {seed:#x}");
+                    if let Ok(p) = manager.set_attribute(
+                        &mut tables,
+                        &mut arch,
+                        &mut window,
+                        ipa,
+                        size,
+                        attribute,
+                    ) {
+                        assert!(
+                            p.done > 0 && p.done <= hyp_core::attributes::WORK_BUDGET,
+                            "seed {seed:#x}"
+                        );
                     }
                 }
             }
@@ -132,7 +161,15 @@ fn run(seed: u64, deadline: Instant) -> u64 {
             Call::CacheOp { address, size, op } => {
                 if let Ok(request) = requests::cache_request(op) {
                     if !request.by_va {
-                        if let Ok(p) = manager.cache_operation(&mut tables, &mut arch, &mut window, address, size, request.op) {
+                        if let Ok(p) = manager.cache_operation(
+                            &mut tables,
+                            &mut arch,
+                            &mut window,
+                            address,
+                            size,
+                            request.op,
+                            hyp_core::attributes::Requester::Guest,
+                        ) {
                             assert!(p.done > 0 && p.done <= size, "seed {seed:#x}");
                         }
                     }
@@ -151,7 +188,8 @@ fn run(seed: u64, deadline: Instant) -> u64 {
             Call::DmaMap { ipa, size, .. } => {
                 // Pins come and go as DMA mappings would.
                 if rng.below(2) == 0 {
-                    let _ = manager.pin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
+                    let _ =
+                        manager.pin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
                 } else {
                     manager.unpin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
                 }
@@ -167,11 +205,18 @@ fn run(seed: u64, deadline: Instant) -> u64 {
 
 #[test]
 fn fuzz_decoding_and_the_ledger() {
-    let seconds: u64 = std::env::var("STAGEHAND_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let seconds: u64 = std::env::var("STAGEHAND_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let seed: u64 = std::env::var("STAGEHAND_FUZZ_SEED")
         .ok()
         .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
-        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64));
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut total = 0;
     let mut round = 0u64;
