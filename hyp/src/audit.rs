@@ -15,8 +15,6 @@ use stagehand_abi::{function, Status};
 
 /// VM id the records carry.
 const VM_ID: u16 = 1;
-/// `log` target of the stream lines, so a log reader can tell them apart.
-pub const LOG_TARGET: &str = "audit";
 
 struct Audit {
     log: AuditLog,
@@ -28,6 +26,11 @@ struct Audit {
 }
 
 static AUDIT: spin::Mutex<Option<Audit>> = spin::Mutex::new(None);
+
+/// The configured level, readable without the lock: events the level leaves out (cache
+/// operations under `audit=changes`) cost one load, not a lock round trip.
+static LEVEL: core::sync::atomic::AtomicU8 =
+    core::sync::atomic::AtomicU8::new(AuditLevel::All as u8);
 
 fn with_audit<R>(f: impl FnOnce(&mut Audit) -> R) -> R {
     let mut guard = AUDIT.lock();
@@ -46,6 +49,7 @@ fn now() -> u64 {
 
 /// Sets the level from the configuration and says whether the UART is shared with the guest.
 pub fn configure(level: AuditLevel, shared_uart: bool) {
+    LEVEL.store(level as u8, core::sync::atomic::Ordering::Relaxed);
     with_audit(|audit| {
         audit.level = level;
         audit.shared_uart = shared_uart;
@@ -79,8 +83,10 @@ impl Audit {
         if self.shared_uart && self.guest_running {
             return;
         }
+        let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
         for record in self.log.take_unstreamed(now(), vcpu) {
-            log::info!(target: LOG_TARGET, "{record}");
+            let len = record.format_line(&mut line);
+            crate::console::write_audit_line(&line[..len]);
         }
     }
 }
@@ -88,6 +94,13 @@ impl Audit {
 /// Records `event`, caused by `vcpu`, and streams it. Returns its sequence number, or `None`
 /// when the configured level leaves such events out.
 pub fn record(vcpu: usize, event: &Event) -> Option<u64> {
+    let level = LEVEL.load(core::sync::atomic::Ordering::Relaxed);
+    if [AuditLevel::All, AuditLevel::Changes, AuditLevel::Off]
+        .into_iter()
+        .any(|l| l as u8 == level && !l.admits(event))
+    {
+        return None;
+    }
     with_audit(|audit| audit.record(vcpu as u16, event))
 }
 

@@ -51,11 +51,11 @@ pub unsafe fn init(base: u64, shared: bool) {
     set_level(log::LevelFilter::Info);
 }
 
-/// The most verbose level of ordinary log lines. Audit records (target `audit`) are the host
-/// stream, which the audit configuration filters, not the log level: they always pass.
+/// The most verbose level of log lines. (Audit records are not log lines: the audit
+/// configuration filters them, whatever the log level.)
 pub fn set_level(level: log::LevelFilter) {
     LEVEL.store(level as usize, Ordering::Relaxed);
-    log::set_max_level(level.max(log::LevelFilter::Info));
+    log::set_max_level(level);
 }
 
 /// The configured log level, as a `log::LevelFilter` discriminant.
@@ -70,6 +70,28 @@ pub fn set_guest_running(running: bool) {
         if lost > 0 {
             log::info!("{lost} log lines were held back while the guest owned the shared UART");
         }
+    }
+}
+
+/// Writes one audit line (`line` without its newline) on the hypervisor's UART, whole, under
+/// the lock. Audit lines skip the `log` machinery: they are written on every audited call and
+/// are their own stable format. The caller (the audit stream) decides when a shared UART may
+/// be used.
+pub fn write_audit_line(line: &[u8]) {
+    let base = CONSOLE.base.load(Ordering::Acquire);
+    if base == 0 {
+        return;
+    }
+    let _guard = CONSOLE.lock.lock();
+    // SAFETY: `base` was stored by `init`, whose contract keeps it mapped.
+    let uart = unsafe { uart_at(base) };
+    if CONSOLE.shared_with_guest.load(Ordering::Relaxed) {
+        // Not our FIFO settings: byte by byte.
+        uart.write_str(core::str::from_utf8(line).unwrap_or(""));
+        uart.write_str("\n");
+    } else {
+        uart.write_bursts(line);
+        uart.write_bursts(b"\r\n");
     }
 }
 
@@ -120,8 +142,7 @@ impl Write for LineBuffer {
 
 impl log::Log for Console {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.target() == crate::audit::LOG_TARGET
-            || metadata.level() as usize <= LEVEL.load(Ordering::Relaxed)
+        metadata.level() as usize <= LEVEL.load(Ordering::Relaxed)
     }
 
     fn log(&self, record: &log::Record) {

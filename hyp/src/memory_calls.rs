@@ -243,15 +243,16 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
         return refused(function::CACHE_OP, Status::OutOfRange, address, size);
     }
     let vm = vm();
-    if !request.by_va {
-        // Like MEM_SET_ATTR, refuse a range that leaves guest RAM before doing any of it.
-        if let Err(error) = vm.attributes.read().check(address, size) {
-            return refused(function::CACHE_OP, error, address, size);
-        }
-    }
     let limit = budget(address, size, vm.dcache_line);
     let (done, widened, result) = {
         let manager = vm.attributes.read();
+        if !request.by_va {
+            // Like MEM_SET_ATTR, refuse a range that leaves guest RAM before doing any of it.
+            if let Err(error) = manager.check(address, size) {
+                drop(manager);
+                return refused(function::CACHE_OP, error, address, size);
+            }
+        }
         let mut window = vm.windows[current_vcpu()].lock();
         cache_work(&manager, &mut window, request, address, limit)
     };

@@ -10,6 +10,8 @@ use crate::suites;
 pub const ERROR_PREFIX: &str = "stagehand: error: ";
 /// What every log line of the hypervisor starts with (`console`).
 pub const LOG_PREFIX: &str = "[stagehand ";
+/// How an audit record line starts (the hypervisor's other kind of line).
+pub const AUDIT_PREFIX: &str = stagehand_abi::audit::LINE_MARKER;
 /// QEMU's exit status after a boot error (`exit::fatal`).
 pub const BOOT_ERROR_STATUS: i32 = 1;
 /// QEMU's exit status after a fault of the hypervisor's own (`trap::hypervisor_fault`).
@@ -292,8 +294,11 @@ fn judge_suite(suite: &str, observed: &Observed) -> Result<(), String> {
 
 fn judge_shared_console(suite: &str, console: &str) -> Result<(), String> {
     let lines: Vec<&str> = console.lines().collect();
-    let is_log = |line: &str| line.starts_with(LOG_PREFIX);
-    if let Some(torn) = lines.iter().find(|l| !is_log(l) && l.contains(LOG_PREFIX)) {
+    let is_log = |line: &str| line.starts_with(LOG_PREFIX) || line.starts_with(AUDIT_PREFIX);
+    if let Some(torn) = lines
+        .iter()
+        .find(|l| !is_log(l) && (l.contains(LOG_PREFIX) || l.contains(AUDIT_PREFIX)))
+    {
         return Err(format!(
             "a hypervisor line starts inside a guest line: {torn:?}"
         ));

@@ -84,7 +84,10 @@ impl Window {
         if pages == 0 {
             return;
         }
-        memory.table(self.table)[..pages as usize].fill(0);
+        // A plain loop: for the usual few entries it is cheaper than a `memset` call.
+        for entry in &mut memory.table(self.table)[..pages as usize] {
+            *entry = 0;
+        }
         arch.table_write(TableWrite::WindowUnmap { va: self.va, pages });
         arch.dsb_ishst();
         if pages > WINDOW_TLBI_THRESHOLD {
