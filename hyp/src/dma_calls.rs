@@ -92,7 +92,7 @@ pub fn map(device: u64, ipa: u64, size: u64, direction: u64) -> Reply {
     if size == 0 || size > dma::MAX_MAPPING_BYTES {
         return refuse(Status::InvalidParameter);
     }
-    if ipa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+    if !ipa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
         return refuse(Status::Alignment);
     }
     let Some(device) = u32::try_from(device).ok().and_then(smmu::dma_device) else {

@@ -301,7 +301,7 @@ pub fn cache_batch(array: u64, count: u64, cookie: u64) -> Reply {
     if count == 0 || count > requests::BATCH_MAX_ENTRIES {
         return refuse(Status::InvalidParameter);
     }
-    if array % 8 != 0 {
+    if !array.is_multiple_of(8) {
         return refuse(Status::Alignment);
     }
     let Some(bytes) = count.checked_mul(BATCH_ENTRY_SIZE as u64) else {

@@ -14,6 +14,7 @@
 //!    write-back mapping let the CPU allocate speculatively after the first pass;
 //! 4. make the new entries, DSB; merge the 2 MiB region back into one block if all its pages
 //!    now agree.
+//!
 //! Non-cacheable to write-back is the same with one pass in step 3 (invalidate again).
 
 use crate::layout::GuestRam;
@@ -359,7 +360,7 @@ impl AttributeManager {
         if size == 0 {
             return Err(Status::InvalidParameter);
         }
-        if ipa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !ipa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Status::Alignment);
         }
         self.check_range(ipa, size)?;
@@ -602,7 +603,7 @@ impl AttributeManager {
         let Some(pages) = self.pages.get(first..first + PAGES_PER_BLOCK) else {
             return false;
         };
-        if region % BLOCK != 0 || !pages.iter().all(|p| p.non_cacheable == target_nc) {
+        if !region.is_multiple_of(BLOCK) || !pages.iter().all(|p| p.non_cacheable == target_nc) {
             return false;
         }
         let Some((table, index)) = self.stage2.slot(memory, region, 2) else {
@@ -644,6 +645,7 @@ impl AttributeManager {
     ///
     /// # Errors
     /// INVALID_PARAMETER (zero size), OUT_OF_RANGE, DENIED.
+    #[allow(clippy::too_many_arguments)] // Tables, CPU and window are three separate borrows.
     pub fn cache_operation(
         &self,
         memory: &mut impl TableMemory,
@@ -680,8 +682,8 @@ impl AttributeManager {
         let va = |address: u64| va_base + (address - page_base);
         match op {
             CacheOp::Invalidate if !widened => {
-                let head_partial = ipa % line != 0;
-                let tail_partial = chunk_end % line != 0;
+                let head_partial = !ipa.is_multiple_of(line);
+                let tail_partial = !chunk_end.is_multiple_of(line);
                 let mut full_low = low;
                 let mut full_high = high;
                 if head_partial {
@@ -776,7 +778,7 @@ impl AttributeManager {
                     "IPA {ipa:#x}: stage 2 says {memory_type:?}, ledger {want:?}"
                 ));
             }
-            if ipa % BLOCK == 0 && ipa + BLOCK <= self.ram.ipa_end() {
+            if ipa.is_multiple_of(BLOCK) && ipa + BLOCK <= self.ram.ipa_end() {
                 let region =
                     &self.pages[self.page_index(ipa)..self.page_index(ipa) + PAGES_PER_BLOCK];
                 let uniform = region
@@ -1039,10 +1041,7 @@ mod tests {
                 Op::DsbIshst,
             ]);
             assert_eq!(f.arch.ops, expected, "fwb={fwb}");
-            assert_eq!(
-                f.manager.get(&mut f.memory, ipa).unwrap().block_mapped,
-                true
-            );
+            assert!(f.manager.get(&mut f.memory, ipa).unwrap().block_mapped);
             f.check();
         }
     }
@@ -1257,7 +1256,7 @@ mod tests {
                         .iter()
                         .filter(|&&(b, len, _)| b <= ipa && ipa + size <= b + len)
                         .map(|&(_, _, at)| at)
-                        .last()
+                        .next_back()
                         .ok_or(format!("make of {ipa:#x} without a break"))?;
                     if last_tlbi_done < brk {
                         return Err(format!(

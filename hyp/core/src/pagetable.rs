@@ -362,7 +362,7 @@ impl<F: Format> PageTable<F> {
                 continue;
             };
             let leaf = level_size(t.level);
-            if at % leaf != 0 || end - at < leaf {
+            if !at.is_multiple_of(leaf) || end - at < leaf {
                 return Err(MapError::Misaligned);
             }
             let (table, index) = self.slot(memory, at, t.level).ok_or(MapError::OutOfRange)?;

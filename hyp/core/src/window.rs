@@ -49,7 +49,7 @@ impl Window {
         pages: u64,
         non_cacheable: impl Fn(u64) -> bool,
     ) -> u64 {
-        debug_assert!(self.mapped == 0 && pages <= WINDOW_PAGES && pa % PAGE_SIZE == 0);
+        debug_assert!(self.mapped == 0 && pages <= WINDOW_PAGES && pa.is_multiple_of(PAGE_SIZE));
         let table = memory.table(self.table);
         let mut all_nc = true;
         for i in 0..pages {

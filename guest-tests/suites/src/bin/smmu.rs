@@ -74,10 +74,10 @@ fn shared_dma_round_trip() -> Result<(), String> {
     }
     clean_invalidate(source);
     let copy = device_reads(edu, source.as_ptr() as u64)?;
-    for i in 0..PAGE {
+    for (i, &expected) in source.iter().enumerate().take(PAGE) {
         check_eq!(
             read_volatile(copy, i),
-            source[i],
+            expected,
             "byte {} after RAM -> edu -> RAM",
             i
         );
