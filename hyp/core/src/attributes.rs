@@ -430,21 +430,7 @@ impl AttributeManager {
 
         // Step 2: break.
         if is_block && whole_region {
-            let (table, index) = self
-                .stage2
-                .slot(memory, region, 2)
-                .ok_or(Status::InvalidParameter)?;
-            memory.table(table)[index] = 0;
-            arch.table_write(TableWrite::Break {
-                ipa: region,
-                level: 2,
-            });
-            arch.dsb_ish();
-            arch.tlbi_ipas2e1is(region);
-            arch.dsb_ish();
-            arch.tlbi_vmalle1is();
-            arch.dsb_ish();
-            arch.device_tlbi(region, BLOCK);
+            self.break_block(memory, arch, region)?;
             maintenance.tlbi = TlbiScope::ByIpa;
         } else if is_block {
             // Split: prepare the table first (the only step that can fail), with the pages to
@@ -472,21 +458,7 @@ impl AttributeManager {
                     )
                 };
             }
-            let (table, index) = self
-                .stage2
-                .slot(memory, region, 2)
-                .ok_or(Status::InvalidParameter)?;
-            memory.table(table)[index] = 0;
-            arch.table_write(TableWrite::Break {
-                ipa: region,
-                level: 2,
-            });
-            arch.dsb_ish();
-            arch.tlbi_ipas2e1is(region);
-            arch.dsb_ish();
-            arch.tlbi_vmalle1is();
-            arch.dsb_ish();
-            arch.device_tlbi(region, BLOCK);
+            let (table, index) = self.break_block(memory, arch, region)?;
             memory.table(table)[index] = new_table | TABLE_OR_PAGE | VALID;
             arch.table_write(TableWrite::Table { ipa: region });
             arch.dsb_ishst();
@@ -587,6 +559,33 @@ impl AttributeManager {
         }
         arch.dsb_ishst();
         Ok(())
+    }
+
+    /// Break-before-make's break of the 2 MiB block at `region`: the entry made invalid, then the
+    /// CPUs' TLBs (stage 2 by IPA; stage 1 of the VMID, for combined entries) and the devices'
+    /// TLBs, each completed. Returns the entry's slot, for the make.
+    fn break_block(
+        &self,
+        memory: &mut impl TableMemory,
+        arch: &mut impl Arch,
+        region: u64,
+    ) -> Result<(u64, usize), Status> {
+        let (table, index) = self
+            .stage2
+            .slot(memory, region, 2)
+            .ok_or(Status::InvalidParameter)?;
+        memory.table(table)[index] = 0;
+        arch.table_write(TableWrite::Break {
+            ipa: region,
+            level: 2,
+        });
+        arch.dsb_ish();
+        arch.tlbi_ipas2e1is(region);
+        arch.dsb_ish();
+        arch.tlbi_vmalle1is();
+        arch.dsb_ish();
+        arch.device_tlbi(region, BLOCK);
+        Ok((table, index))
     }
 
     /// Replaces the level-3 table of the 2 MiB region at `region` by one block when all its
