@@ -659,7 +659,6 @@ fn audit_lost_events() {
 /// guest and before AUDIT_READ. When nothing is new it costs one MMIO read (EVENTQ_PROD,
 /// compared with the cached CONS) and takes no lock; when another CPU is draining, it returns
 /// and leaves the work to that CPU.
-#[allow(dead_code)] // Called from the trap path once it is hooked up.
 pub fn drain_events() {
     let Some(registers) = REGISTERS.get() else {
         return;
@@ -677,7 +676,6 @@ pub fn drain_events() {
 
 /// FEATURES capability bits the SMMU contributes: [`feature::SMMU`] when it is enabled, and
 /// [`feature::DMA_STRICT`] when some device is in strict mode.
-#[allow(dead_code)] // For FEATURES.
 pub fn features() -> u64 {
     match SMMU.get() {
         Some(_) if ANY_STRICT.load(Ordering::Relaxed) => feature::SMMU | feature::DMA_STRICT,
@@ -701,7 +699,6 @@ pub struct DeviceInfo {
 }
 
 /// Device `index` in BDF order, or `None` past the last.
-#[allow(dead_code)] // For DEV_INFO.
 pub fn device_info(index: usize) -> Option<DeviceInfo> {
     let smmu = SMMU.get()?.lock();
     smmu.devices.get(index).map(|d| DeviceInfo {
