@@ -63,9 +63,13 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     let Some(log_uart) = board.hypervisor_uart().or(board.console_uart()) else {
         exit::system_off();
     };
-    let windows = match mmu::extend(&mut tables, &mut map, &board)
-        .and_then(|()| mmu::create_windows(&mut tables, &mut map, board.cpus.len()))
-    {
+    let windows = match mmu::extend(&mut tables, &mut map, &board).and_then(|()| {
+        mmu::create_windows(
+            &mut tables,
+            &mut map,
+            board.cpus.len().min(arch::entry::MAX_CPUS),
+        )
+    }) {
         Ok(windows) => windows,
         Err(_) => exit::system_off(), // The UART may be unmapped: nothing to print on.
     };

@@ -145,9 +145,6 @@ pub struct BootCpu {
 /// # Errors
 /// A [`BuildError`], whose `Display` is the one line printed before stopping.
 pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildError> {
-    if board.cpus.len() > MAX_CPUS {
-        return Err(BuildError::TooManyCpus(board.cpus.len()));
-    }
     let fw_cfg_region = board.fw_cfg.ok_or(BuildError::Missing("fw_cfg"))?;
     // SAFETY: the region comes from the device tree and `mmu::extend` mapped it as Device; only
     // this code drives fw_cfg.
@@ -164,6 +161,10 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     console::set_level(config.log_level);
     exit::use_semihosting(config.exit == ExitMethod::Semihosting);
     crate::audit::configure(config.audit, board.hypervisor_uart().is_none());
+    // After the configuration, so that the error stops QEMU with the configured exit method.
+    if board.cpus.len() > MAX_CPUS {
+        return Err(BuildError::TooManyCpus(board.cpus.len()));
+    }
 
     let bank = board
         .memory

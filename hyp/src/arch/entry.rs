@@ -5,7 +5,7 @@ use core::arch::global_asm;
 /// Bytes of stack per physical CPU (the linker script reserves `MAX_CPUS` of them).
 pub const STACK_SIZE: u64 = 0x10000;
 /// Physical CPUs the hypervisor supports (stacks reserved by the linker script).
-pub const MAX_CPUS: usize = 8;
+pub const MAX_CPUS: usize = 16;
 
 // QEMU starts the boot CPU at EL2 at physical address 0 (flash), MMU and caches off; the other
 // CPUs stay off until PSCI CPU_ON. The image is linked for RAM: copy it there, zero .bss, make
