@@ -109,7 +109,16 @@ fn smccc(frame: &mut TrapFrame) {
         },
         Call::AffinityInfo { target, level } => match vm.power.affinity_info(target, level) {
             Ok(state) => status(state as i64),
-            Err(error) => status(error as i64),
+            Err(error) => {
+                audit(
+                    vcpu,
+                    Event::Refused {
+                        function,
+                        status: error as i64,
+                    },
+                );
+                status(error as i64)
+            }
         },
         Call::MigrateInfoType => status(2), // No trusted OS needs migrating.
         Call::SystemOff => {
@@ -238,7 +247,15 @@ fn cpu_off(vm: &Vm, vcpu: usize) -> [u64; 4] {
     let _ = smccc::psci::cpu_off::<smccc::Smc>();
     // CPU_OFF only returns on failure.
     vm.power.mark_on(vcpu);
-    [PsciError::InternalFailure as i64 as u64, 0, 0, 0]
+    let failure = PsciError::InternalFailure as i64;
+    audit(
+        vcpu,
+        Event::Refused {
+            function: smccc::psci::PSCI_CPU_OFF,
+            status: failure,
+        },
+    );
+    [failure as u64, 0, 0, 0]
 }
 
 fn data_abort(frame: &mut TrapFrame, esr: u64) {
