@@ -55,7 +55,17 @@ fn guest_sync(frame: &mut TrapFrame) {
     let esr = read_sysreg!("esr_el2");
     match ExceptionClass::from_esr(esr) {
         ExceptionClass::Hvc64 if esr & 0xffff == 0 => smccc(frame),
-        ExceptionClass::Hvc64 => frame.x[0] = Status::NotSupported.code() as u64,
+        ExceptionClass::Hvc64 => {
+            // SMCCC uses HVC #0 only: another immediate is refused, and audited like any refusal.
+            audit(
+                current_vcpu(),
+                Event::Refused {
+                    function: frame.x[0] as u32,
+                    status: Status::NotSupported.code(),
+                },
+            );
+            frame.x[0] = Status::NotSupported.code() as u64;
+        }
         ExceptionClass::Smc64 => {
             // A trapped SMC returns to the SMC itself; step over it.
             frame.elr += 4;
