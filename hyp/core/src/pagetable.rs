@@ -249,20 +249,7 @@ impl<F: Format> PageTable<F> {
         leaf_level: usize,
         attributes: u64,
     ) -> Result<(), MapError> {
-        let mut table = self.root;
-        for level in self.start_level..leaf_level {
-            let slot = index(input, level);
-            let entry = memory.table(table)[slot];
-            table = if entry & VALID == 0 {
-                let next = memory.allocate().ok_or(MapError::OutOfTableMemory)?;
-                memory.table(table)[slot] = next | TABLE_OR_PAGE | VALID;
-                next
-            } else if entry & TABLE_OR_PAGE == 0 {
-                return Err(MapError::AlreadyMapped { address: input });
-            } else {
-                entry & ADDRESS_MASK
-            };
-        }
+        let table = self.table_at(memory, input, leaf_level)?;
         let slot = index(input, leaf_level);
         let entry = &mut memory.table(table)[slot];
         if *entry & VALID != 0 {
@@ -309,8 +296,8 @@ impl<F: Format> PageTable<F> {
     }
 
     /// Creates the tables down to `level` for `input` (which must not lie under a block) and
-    /// returns the physical address of the table at `level`, for a caller that manages that
-    /// table's entries itself (the per-CPU maintenance windows).
+    /// returns the physical address of the table at `level`: for the walker's own leaf writes,
+    /// and for a caller that manages that table's entries itself (the per-CPU windows).
     ///
     /// # Errors
     /// [`MapError::OutOfTableMemory`], [`MapError::AlreadyMapped`] under a block, or
@@ -321,7 +308,7 @@ impl<F: Format> PageTable<F> {
         input: u64,
         level: usize,
     ) -> Result<u64, MapError> {
-        if input >= 1u64 << self.input_bits || level <= self.start_level || level > 3 {
+        if input >= 1u64 << self.input_bits || level < self.start_level || level > 3 {
             return Err(MapError::OutOfRange);
         }
         let mut table = self.root;
