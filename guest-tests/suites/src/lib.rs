@@ -6,7 +6,9 @@ extern crate alloc;
 
 pub mod edu;
 
-use stagehand_abi::Regs;
+use alloc::format;
+use alloc::string::String;
+use stagehand_abi::{Regs, Status};
 
 /// Issues a stagehand hypercall over HVC with up to six arguments.
 pub fn hypercall(function: u32, args: &[u64]) -> Regs {
@@ -29,3 +31,29 @@ pub fn dt_initrd_byte(index: usize) -> u8 {
 
 /// The kernel command line the runner passes to suite `dt` with `-append`.
 pub const DT_BOOTARGS: &str = "stagehand.suite=dt answer=42 quiet";
+
+/// The name of a status code (for messages).
+pub fn status_name(x0: u64) -> String {
+    match Status::from_code(x0 as i64) {
+        Some(status) => String::from(status.name()),
+        None => format!("unknown status {}", x0 as i64),
+    }
+}
+
+/// Fails unless the call answered `want`.
+///
+/// # Errors
+/// A message naming `what`, the status received and the one expected.
+pub fn expect_status(regs: &Regs, want: Status, what: &str) -> Result<(), String> {
+    if regs.x0 as i64 != want.code() {
+        return Err(format!(
+            "{}: got {} (x1 {:#x}, x2 {:#x}), expected {}",
+            what,
+            status_name(regs.x0),
+            regs.x1,
+            regs.x2,
+            want.name()
+        ));
+    }
+    Ok(())
+}

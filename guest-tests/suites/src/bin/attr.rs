@@ -21,6 +21,7 @@ use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use guest_rt::mmu::{self, MemoryType};
 use guest_rt::{check, check_eq, cpu, println};
+use guest_suites::{expect_status, status_name};
 use stagehand_abi::driver::{
     Access, Addressing, Attribute, Batch, BatchEntry, Client, Conduit, Error, Hvc, Operation, Range,
 };
@@ -100,28 +101,6 @@ fn line_size() -> u64 {
 /// One raw hypercall with up to three arguments.
 fn call(function: u32, x1: u64, x2: u64, x3: u64) -> Regs {
     guest_suites::hypercall(function, &[x1, x2, x3])
-}
-
-/// The name of a status code (for messages).
-fn status_name(x0: u64) -> String {
-    match Status::from_code(x0 as i64) {
-        Some(status) => String::from(status.name()),
-        None => format!("unknown status {}", x0 as i64),
-    }
-}
-
-/// Fails unless the call answered `want`.
-fn expect_status(regs: &Regs, want: Status, what: &str) -> Result<(), String> {
-    check!(
-        regs.x0 as i64 == want.code(),
-        "{}: got {} (x1 {:#x}, x2 {:#x}), expected {}",
-        what,
-        status_name(regs.x0),
-        regs.x1,
-        regs.x2,
-        want.name()
-    );
-    Ok(())
 }
 
 /// A conduit that counts the calls it passes on.

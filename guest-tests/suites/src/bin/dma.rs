@@ -22,6 +22,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use guest_rt::{check, check_eq, cpu, println};
 use guest_suites::edu::{self, Edu};
+use guest_suites::{expect_status, status_name};
 use stagehand_abi::audit::{kind, Record, RECORD_SIZE};
 use stagehand_abi::{attr, cache_op, feature, function, page_flag, Regs, Status, PAGE_SIZE};
 
@@ -144,28 +145,6 @@ fn area(offset: u64) -> u64 {
 /// One raw hypercall.
 fn call(function: u32, args: &[u64]) -> Regs {
     guest_suites::hypercall(function, args)
-}
-
-/// The name of a status code (for messages).
-fn status_name(x0: u64) -> String {
-    match Status::from_code(x0 as i64) {
-        Some(status) => String::from(status.name()),
-        None => format!("unknown status {}", x0 as i64),
-    }
-}
-
-/// Fails unless the call answered `want`.
-fn expect_status(regs: &Regs, want: Status, what: &str) -> Result<(), String> {
-    check!(
-        regs.x0 as i64 == want.code(),
-        "{}: got {} (x1 {:#x}, x2 {:#x}), expected {}",
-        what,
-        status_name(regs.x0),
-        regs.x1,
-        regs.x2,
-        want.name()
-    );
-    Ok(())
 }
 
 /// DMA_MAP of edu that must succeed, with IOVA = IPA; returns the handle.
