@@ -129,8 +129,11 @@ pub fn query_va(va: u64, access: u64) -> Reply {
     let vm = vm();
     let mmu_on = read_sysreg!("sctlr_el1") & 1 != 0;
     let (ipa, stage1) = if mmu_on {
-        match requests::par(arch::translate_guest_va(va, false, write)) {
-            Translation::Ok { address, attribute } => (address | (va & (PAGE_SIZE - 1)), attribute),
+        // A walk that took an external abort (tables in MMIO) is a translation that failed.
+        match arch::translate_guest_va(va, false, write).map(requests::par) {
+            Ok(Translation::Ok { address, attribute }) => {
+                (address | (va & (PAGE_SIZE - 1)), attribute)
+            }
             _ => return refused(function::MEM_QUERY_VA, Status::InvalidParameter, va, 0),
         }
     } else {
@@ -143,8 +146,8 @@ pub fn query_va(va: u64, access: u64) -> Reply {
     // Both stages through the CPU itself. (Not with the guest's MMU off: QEMU crashes on an
     // AT S12E1W stage-2 permission fault then, and stage 1 is the identity anyway.)
     let effective = if mmu_on {
-        match requests::par(arch::translate_guest_va(va, true, write)) {
-            Translation::Ok { attribute, .. } => attribute,
+        match arch::translate_guest_va(va, true, write).map(requests::par) {
+            Ok(Translation::Ok { attribute, .. }) => attribute,
             _ => return refused(function::MEM_QUERY_VA, Status::OutOfRange, va, 0),
         }
     } else {
@@ -165,8 +168,8 @@ fn va_run(va: u64, limit: u64) -> Result<(u64, u64), Status> {
         if read_sysreg!("sctlr_el1") & 1 == 0 {
             return Ok(va);
         }
-        match requests::par(arch::translate_guest_va(va, false, false)) {
-            Translation::Ok { address, .. } => Ok(address | (va & (PAGE_SIZE - 1))),
+        match arch::translate_guest_va(va, false, false).map(requests::par) {
+            Ok(Translation::Ok { address, .. }) => Ok(address | (va & (PAGE_SIZE - 1))),
             _ => Err(Status::InvalidParameter),
         }
     };

@@ -5,7 +5,7 @@
 use crate::arch::entry::{MAX_CPUS, STACK_SIZE};
 use crate::arch::mmu::HeapTables;
 use crate::arch::vectors::{enter_guest, TrapFrame};
-use crate::arch::{self, read_sysreg, write_sysreg};
+use crate::arch::{self, read_sysreg, recover, write_sysreg};
 use crate::fw_cfg::{FwCfg, FwCfgError};
 use crate::guest_memory;
 use crate::{console, exit, QEMU_DTB};
@@ -20,6 +20,7 @@ use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
+use hyp_core::traps::{self, IdRegisters};
 use hyp_core::window::Window;
 use hyp_core::{audit, gic};
 use stagehand_platform::board::{Board, Region};
@@ -52,7 +53,7 @@ pub struct Vm {
     pub vttbr: u64,
     /// Stage 2 uses FEAT_S2FWB encodings.
     pub fwb: bool,
-    /// Redistributor regions (their first page of each frame is trapped).
+    /// The redistributor frames that exist (the first page of each is trapped).
     pub redistributors: Vec<Region>,
     /// Smallest D-cache line in bytes.
     pub dcache_line: u64,
@@ -175,15 +176,12 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
         layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
     let fwb = config.fwb && cpu_has_fwb();
 
-    let redistributors = board
-        .gic
-        .as_ref()
-        .map(|g| g.redistributors.clone())
-        .unwrap_or_default();
+    let redistributors = populated_redistributors(board);
     let guest_mmio = guest_mmio(board);
     let mut attributes =
         AttributeManager::new(&mut HeapTables, fwb, ram, IPA_BITS).map_err(BuildError::Stage2)?;
-    map_guest_mmio(&mut attributes, &guest_mmio, &redistributors).map_err(BuildError::Stage2)?;
+    map_guest_mmio(&mut attributes, &guest_mmio, board, &redistributors)
+        .map_err(BuildError::Stage2)?;
     // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
     // the entries visible; they are not live until VTTBR_EL2 is written.
     arch::dsb_ish();
@@ -305,31 +303,59 @@ fn guest_mmio(board: &Board) -> Vec<Region> {
     regions
 }
 
-/// Identity-maps the guest's MMIO in stage 2, except the first page of each redistributor
-/// frame, which `trap` emulates (see `hyp_core::gic`).
+/// The redistributor frames that exist. The device tree's region has room for the most CPUs
+/// the board could have; frames past the last populated one answer nothing (an access aborts),
+/// so they are neither mapped for the guest nor touched by the emulation.
+fn populated_redistributors(board: &Board) -> Vec<Region> {
+    let regions = board
+        .gic
+        .as_ref()
+        .map_or(&[][..], |g| &g.redistributors[..]);
+    let mut frames = Vec::new();
+    for region in regions {
+        let found = gic::populated_frames(region.base, region.size, |frame| {
+            // SAFETY: inside the redistributor region from the device tree, mapped Device at
+            // EL2 by `mmu::extend`; GICR_TYPER is read-only and reading it has no effect.
+            unsafe { recover::mmio_read(frame + 8, 8) }.ok()
+        });
+        frames.extend(
+            found
+                .into_iter()
+                .map(|(base, size)| Region::new(base, size)),
+        );
+    }
+    frames
+}
+
+/// Identity-maps the guest's MMIO in stage 2. Redistributor regions are mapped frame by frame,
+/// only the populated frames, and without the first page of each, which `trap` emulates (see
+/// `hyp_core::gic`).
 fn map_guest_mmio(
     attributes: &mut AttributeManager,
     mmio: &[Region],
-    redistributors: &[Region],
+    board: &Board,
+    frames: &[Region],
 ) -> Result<(), MapError> {
     let tables = &mut HeapTables;
+    let redistributor_regions = board
+        .gic
+        .as_ref()
+        .map_or(&[][..], |g| &g.redistributors[..]);
     for region in mmio {
+        if redistributor_regions.contains(region) {
+            continue;
+        }
         let start = region.base & !(PAGE_SIZE - 1);
         let end = (region.base + region.size).next_multiple_of(PAGE_SIZE);
-        if redistributors.contains(region) {
-            let mut frame = start;
-            while frame < end {
-                let mapped = frame + gic::TRAPPED_PAGE;
-                let frame_end = (frame + gic::REDISTRIBUTOR_STRIDE).min(end);
-                attributes.note_trapped_mmio(frame, gic::TRAPPED_PAGE);
-                if mapped < frame_end {
-                    attributes.map_mmio(tables, mapped, frame_end - mapped)?;
-                }
-                frame += gic::REDISTRIBUTOR_STRIDE;
-            }
-        } else {
-            attributes.map_mmio(tables, start, end - start)?;
-        }
+        attributes.map_mmio(tables, start, end - start)?;
+    }
+    for frame in frames {
+        attributes.note_trapped_mmio(frame.base, gic::TRAPPED_PAGE);
+        attributes.map_mmio(
+            tables,
+            frame.base + gic::TRAPPED_PAGE,
+            frame.size - gic::TRAPPED_PAGE,
+        )?;
     }
     Ok(())
 }
@@ -403,8 +429,8 @@ fn cpu_has_fwb() -> bool {
 }
 
 /// HCR_EL2 for the guest: AArch64 EL1 (RW), stage 2 on (VM), SMC trapped (TSC), set/way
-/// invalidates upgraded to clean+invalidate (SWIO), pointer authentication and MTE tags left to
-/// the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
+/// invalidates upgraded to clean+invalidate (SWIO), pointer authentication, MTE tags and
+/// SCXTNUM left to the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
 /// is the guest's.
 fn hcr_value(fwb: bool) -> u64 {
     const VM: u64 = 1 << 0;
@@ -421,6 +447,9 @@ fn hcr_value(fwb: bool) -> u64 {
         (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
     let has_mte2 = (read_sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
     let mut hcr = VM | SWIO | TSC | RW;
+    if id_registers().has_scxtnum() {
+        hcr |= traps::HCR_ENSCXT; // SCXTNUM_EL0/EL1 are the guest's, as without EL2
+    }
     if has_pauth {
         hcr |= APK | API;
     }
@@ -433,28 +462,61 @@ fn hcr_value(fwb: bool) -> u64 {
     hcr
 }
 
-/// Per-CPU EL2 state for running the guest on this CPU as vCPU `vcpu`.
+/// The ID registers the EL2 trap controls depend on.
+fn id_registers() -> IdRegisters {
+    IdRegisters {
+        pfr0: read_sysreg!("id_aa64pfr0_el1"),
+        pfr1: read_sysreg!("id_aa64pfr1_el1"),
+        dfr0: read_sysreg!("id_aa64dfr0_el1"),
+        mmfr0: read_sysreg!("id_aa64mmfr0_el1"),
+        mmfr1: read_sysreg!("id_aa64mmfr1_el1"),
+        mmfr3: read_sysreg!("s3_0_c0_c7_3"), // ID_AA64MMFR3_EL1 (reads 0 before it existed)
+        isar2: read_sysreg!("id_aa64isar2_el1"),
+    }
+}
+
+/// Per-CPU EL2 state for running the guest on this CPU as vCPU `vcpu`. Every trap control
+/// whose reset value hardware leaves UNKNOWN is written, from what the ID registers say (see
+/// `hyp_core::traps`).
 fn configure_cpu(vm: &Vm, vcpu: usize) {
-    let pfr0 = read_sysreg!("id_aa64pfr0_el1");
-    let pfr1 = read_sysreg!("id_aa64pfr1_el1");
-    let has_sve = (pfr0 >> 32) & 0xf != 0;
-    let has_sme = (pfr1 >> 24) & 0xf != 0;
+    let id = id_registers();
     // CPTR_EL2 (non-VHE): RES1 bits 13, 9, 7:0, and 12/8 when SME/SVE are absent; no FP, SVE or
     // SME traps: the guest owns those registers on its pinned CPU, and EL2 never uses them.
     let mut cptr: u64 = 0x33ff;
-    if has_sve {
+    if id.has_sve() {
         cptr &= !(1 << 8);
     }
-    if has_sme {
+    if id.has_sme() {
         cptr &= !(1 << 12);
     }
     write_sysreg!("cptr_el2", cptr);
     arch::isb();
-    if has_sve {
+    if id.has_sve() {
         write_sysreg!("s3_4_c1_c2_0", 0xf); // ZCR_EL2.LEN: the largest vector length
     }
-    if has_sme {
+    if id.has_sme() {
         write_sysreg!("s3_4_c1_c2_6", 0xf); // SMCR_EL2.LEN
+    }
+    let counters = if id.has_pmu() {
+        (read_sysreg!("pmcr_el0") >> 11) & 0x1f
+    } else {
+        0
+    };
+    write_sysreg!("mdcr_el2", traps::mdcr(&id, counters));
+    write_sysreg!("hstr_el2", traps::HSTR);
+    if id.has_fgt() {
+        let read_write = traps::fine_grained_read_write_traps(&id);
+        write_sysreg!("s3_4_c1_c1_4", read_write); // HFGRTR_EL2
+        write_sysreg!("s3_4_c1_c1_5", read_write); // HFGWTR_EL2
+        write_sysreg!("s3_4_c1_c1_6", traps::FINE_GRAINED_OTHER_TRAPS); // HFGITR_EL2
+        write_sysreg!("s3_4_c3_c1_4", traps::FINE_GRAINED_OTHER_TRAPS); // HDFGRTR_EL2
+        write_sysreg!("s3_4_c3_c1_5", traps::FINE_GRAINED_OTHER_TRAPS); // HDFGWTR_EL2
+        if id.has_amu() {
+            write_sysreg!("s3_4_c3_c1_6", traps::FINE_GRAINED_OTHER_TRAPS); // HAFGRTR_EL2
+        }
+    }
+    if id.has_hcx() {
+        write_sysreg!("s3_4_c1_c2_2", traps::hcrx(&id)); // HCRX_EL2
     }
     write_sysreg!("hcr_el2", vm.hcr);
     write_sysreg!("vtcr_el2", vm.vtcr);
@@ -463,7 +525,11 @@ fn configure_cpu(vm: &Vm, vcpu: usize) {
     write_sysreg!("cntvoff_el2", 0);
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
-    write_sysreg!("s3_4_c12_c9_5", 0xf); // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use SRE)
+    if id.has_gic_system_registers() {
+        // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use the system-register interface).
+        // UNDEFINED on a CPU without it (a GICv2 board).
+        write_sysreg!("s3_4_c12_c9_5", 0xf);
+    }
     write_sysreg!("tpidr_el2", vcpu as u64);
     write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
     arch::isb();

@@ -21,4 +21,5 @@ pub mod maintenance;
 pub mod pagetable;
 pub mod psci;
 pub mod requests;
+pub mod traps;
 pub mod window;
