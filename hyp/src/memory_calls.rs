@@ -37,68 +37,89 @@ fn refused(function: u32, error: Status, ipa: u64, size: u64) -> Reply {
     status(error, 0, 0)
 }
 
-/// MEM_SET_ATTR(ipa, size, attr).
+/// MEM_SET_ATTR(ipa, size, attr). The records are written while the attribute manager is
+/// still held alone: the change and its records take their place in the audit stream
+/// together, so a replay of any interleaving of calls equals what MEM_GET_ATTR answers.
 pub fn set_attribute(ipa: u64, size: u64, value: u64) -> Reply {
     let Some(attribute) = Attribute::from_abi(value) else {
         return refused(function::MEM_SET_ATTR, Status::InvalidParameter, ipa, size);
     };
     let vm = vm();
-    let result = {
-        let mut manager = vm.attributes.write();
-        let mut window = vm.windows[current_vcpu()].lock();
-        let result = manager.set_attribute(
-            &mut HeapTables,
-            &mut Cpu::new(),
-            &mut window,
-            ipa,
-            size,
-            attribute,
-        );
-        // Debug builds check stage 2, the ledger and the window after every change.
-        #[cfg(debug_assertions)]
-        if let Err(problem) = manager.check_invariants(&mut HeapTables, &window) {
-            crate::exit::fatal(format_args!(
-                "attribute invariant broken after MEM_SET_ATTR: {problem}"
-            ));
+    let mut manager = vm.attributes.write();
+    let mut window = vm.windows[current_vcpu()].lock();
+    // What each page was before, for the records: runs of one old attribute, within the most
+    // one call may do (the rest of the 2 MiB region).
+    let before = match manager.check(ipa, size) {
+        Ok(()) if ipa.is_multiple_of(PAGE_SIZE) => {
+            let region_end = (ipa | (attributes::BLOCK - 1)) + 1;
+            manager.attribute_runs(ipa, size.min(region_end - ipa) & !(PAGE_SIZE - 1))
         }
-        result
+        _ => alloc::vec::Vec::new(),
     };
-    match result {
-        Ok(progress) => {
-            let code = if progress.complete {
-                Status::Success
-            } else {
-                Status::Incomplete
-            };
-            let m = progress.maintenance;
-            let old = match (m.pages, attribute) {
-                (0, same) => same,
-                (_, Attribute::NonCacheable) => Attribute::WriteBack,
-                (_, Attribute::WriteBack) => Attribute::NonCacheable,
-            };
-            audit(
-                current_vcpu(),
-                Event::AttributeChange {
-                    ipa,
-                    size: progress.done,
-                    old,
-                    new: attribute,
-                    maintenance: Maintenance {
-                        cmo: (m.cmo_bytes > 0).then_some(CacheOp::CleanInvalidate),
-                        cmo_lines: m.cmo_bytes / vm.dcache_line,
+    let result = manager.set_attribute(
+        &mut HeapTables,
+        &mut Cpu::new(),
+        &mut window,
+        ipa,
+        size,
+        attribute,
+    );
+    // Debug builds check stage 2, the ledger and the window after every change.
+    #[cfg(debug_assertions)]
+    if let Err(problem) = manager.check_invariants(&mut HeapTables, &window) {
+        crate::exit::fatal(format_args!(
+            "attribute invariant broken after MEM_SET_ATTR: {problem}"
+        ));
+    }
+    let progress = match result {
+        Ok(progress) => progress,
+        Err(error) => return refused(function::MEM_SET_ATTR, error, ipa, size),
+    };
+    let code = if progress.complete {
+        Status::Success
+    } else {
+        Status::Incomplete
+    };
+    let m = progress.maintenance;
+    let passes = match attribute {
+        Attribute::NonCacheable => 2, // through a write-back alias, then a non-cacheable one
+        Attribute::WriteBack => 1,
+    };
+    // One record per run of pages that had one attribute before.
+    let done_end = ipa + progress.done;
+    for &(start, bytes, old) in &before {
+        let bytes = bytes.min(done_end.saturating_sub(start));
+        if bytes == 0 {
+            break;
+        }
+        let changed = old != attribute;
+        audit(
+            current_vcpu(),
+            Event::AttributeChange {
+                ipa: start,
+                size: bytes,
+                old,
+                new: attribute,
+                maintenance: if changed {
+                    Maintenance {
+                        cmo: Some(CacheOp::CleanInvalidate),
+                        cmo_lines: passes * bytes / vm.dcache_line,
                         tlbi: m.tlbi,
                         tlbi_count: m.tlbi_count,
-                        break_before_make: m.pages > 0,
-                        hypervisor_alias: m.pages > 0,
+                        break_before_make: true,
+                        hypervisor_alias: true,
                         ..Maintenance::default()
-                    },
-                    status: code.code(),
+                    }
+                } else {
+                    Maintenance::default()
                 },
-            );
-            status(code, progress.done, 0)
-        }
-        Err(error) => refused(function::MEM_SET_ATTR, error, ipa, size),
+                status: code.code(),
+            },
+        );
     }
+    drop(window);
+    drop(manager);
+    status(code, progress.done, 0)
 }
 
 /// MEM_GET_ATTR(ipa): x1 attribute, x2 flags (bit 0 pinned, bit 1 block-mapped), x3 pins.

@@ -188,8 +188,12 @@ fn run(seed: u64, deadline: Instant) -> u64 {
             Call::DmaMap { ipa, size, .. } => {
                 // Pins come and go as DMA mappings would.
                 if rng.below(2) == 0 {
-                    let _ =
-                        manager.pin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
+                    let _ = manager.pin(
+                        &mut tables,
+                        &mut arch,
+                        ipa & !(PAGE_SIZE - 1),
+                        size.min(1 << 20) & !(PAGE_SIZE - 1),
+                    );
                 } else {
                     manager.unpin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
                 }
