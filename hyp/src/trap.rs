@@ -378,7 +378,16 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
             frame.x[register] = value;
         }
     }
-    frame.elr += 4;
+    frame.elr += instruction_length(read_sysreg!("esr_el2"));
+}
+
+/// Bytes of the trapped instruction: ESR.IL is 0 for a 16-bit T32 instruction (AArch32 EL0).
+fn instruction_length(esr: u64) -> u64 {
+    if esr & (1 << 25) != 0 {
+        4
+    } else {
+        2
+    }
 }
 
 /// What the guest was doing, for an exception injected into it.
