@@ -30,7 +30,7 @@ pub struct Launch {
     pub cpus: u32,
     /// `-m`.
     pub memory: String,
-    /// The hypervisor configuration string (`opt/stagehand/config`).
+    /// The hypervisor configuration string (`opt/stagehand/config`; empty: no such file).
     pub config: String,
     /// File that receives the second UART (the hypervisor's log); `None` gives the machine one
     /// UART, which the hypervisor then shares with the guest.
@@ -88,13 +88,16 @@ impl Launch {
         if let Some(log) = &self.hypervisor_log {
             args.extend(["-serial".into(), format!("file:{}", path_arg(log))]);
         }
-        args.extend([
-            "-fw_cfg".into(),
-            format!(
-                "name=opt/stagehand/config,string={}",
-                qemu_escape(&self.config)
-            ),
-        ]);
+        // QEMU refuses an empty `string=`; no configuration file gives the defaults.
+        if !self.config.is_empty() {
+            args.extend([
+                "-fw_cfg".into(),
+                format!(
+                    "name=opt/stagehand/config,string={}",
+                    qemu_escape(&self.config)
+                ),
+            ]);
+        }
         if let Some(initrd) = &self.initrd {
             args.extend(["-initrd".into(), path_arg(initrd)]);
         }
@@ -239,6 +242,8 @@ mod tests {
         assert!(args
             .join(" ")
             .contains("-bios build/stagehand.bin -serial stdio -fw_cfg"));
+        launch.config = String::new();
+        assert!(!launch.arguments().contains(&"-fw_cfg".to_string()));
     }
 
     /// Writes an executable shell script with `body` at `path` and returns the path.
