@@ -16,7 +16,7 @@ use hyp_core::esr::{self, DataAbort, ExceptionClass, Syndrome};
 use hyp_core::gic::{self, Decision};
 use hyp_core::inject::{self, Access, GuestContext};
 use hyp_core::psci::PsciError;
-use stagehand_abi::{feature, Status};
+use stagehand_abi::{exit_status, feature, Status};
 
 /// Points VBAR_EL2 at the vector table.
 ///
@@ -156,7 +156,7 @@ fn smccc(frame: &mut TrapFrame) {
                 },
             );
             log::info!("guest powered off");
-            exit::exit(0)
+            exit::exit(exit_status::GUEST_POWERED_OFF)
         }
         Call::SystemReset => {
             console::set_guest_running(false);
@@ -461,12 +461,12 @@ fn stop_guest(frame: &TrapFrame, why: &'static str) -> ! {
             reason: StopReason::Fault,
         },
     );
-    exit::exit(3)
+    exit::exit(exit_status::GUEST_STOPPED)
 }
 
 /// The hypervisor itself faulted: report and stop.
 fn hypervisor_fault(frame: &TrapFrame, why: &str) -> ! {
     console::set_guest_running(false);
     report(frame, why);
-    exit::exit(4)
+    exit::exit(exit_status::HYPERVISOR_FAULT)
 }

@@ -15,7 +15,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::attributes::AttributeManager;
-use hyp_core::config::{self, Config, ExitMethod};
+use hyp_core::config::{self, Config};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
@@ -152,17 +152,12 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     let fw_cfg = unsafe { FwCfg::new(fw_cfg_region.base) }?;
     let config = match fw_cfg.file(config::FW_CFG_NAME)? {
         Some(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            // Known before parsing, so that a bad item stops QEMU with the error's status.
-            exit::use_semihosting(config::exit_method(&text) == ExitMethod::Semihosting);
-            config::parse(&text).map_err(BuildError::Config)?
+            config::parse(&String::from_utf8_lossy(&bytes)).map_err(BuildError::Config)?
         }
         None => Config::default(),
     };
     console::set_level(config.log_level);
-    exit::use_semihosting(config.exit == ExitMethod::Semihosting);
     crate::audit::configure(config.audit, board.hypervisor_uart().is_none());
-    // After the configuration, so that the error stops QEMU with the configured exit method.
     if board.cpus.len() > MAX_CPUS {
         return Err(BuildError::TooManyCpus(board.cpus.len()));
     }
