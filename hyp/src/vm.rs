@@ -16,6 +16,7 @@ use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::attributes::AttributeManager;
 use hyp_core::config::{self, Config};
+use hyp_core::geometry::{Geometry, UnsupportedPaRange};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
@@ -29,9 +30,6 @@ use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
 
 /// VMID of the one guest.
 const VMID: u64 = 1;
-/// IPA bits of stage 2 (T0SZ = 20, walk from level 0): covers the PCIe 64-bit window and works
-/// on both the CPU and QEMU's SMMU (which mis-walks concatenated root tables).
-const IPA_BITS: u32 = 44;
 /// SCTLR_EL1 a guest starts with: RES1 bits, MMU and caches off.
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 /// PSTATE a guest starts with: EL1h, D, A, I, F masked.
@@ -49,6 +47,8 @@ pub struct Vm {
     pub hcr: u64,
     /// VTCR_EL2.
     pub vtcr: u64,
+    /// The shape of stage 2 (strict devices' own tables take the same).
+    pub geometry: Geometry,
     /// VTTBR_EL2 (VMID and stage-2 root).
     pub vttbr: u64,
     /// Stage 2 uses FEAT_S2FWB encodings.
@@ -102,6 +102,10 @@ pub enum BuildError {
     GuestMemory(stagehand_abi::Status),
     /// More CPUs than the hypervisor has stacks for.
     TooManyCpus(usize),
+    /// The CPU's physical address size is not one stage 2 supports.
+    Geometry(UnsupportedPaRange),
+    /// Guest RAM does not fit the IPA space this CPU allows (bits).
+    RamBeyondIpaSpace(u32),
 }
 
 impl fmt::Display for BuildError {
@@ -118,6 +122,11 @@ impl fmt::Display for BuildError {
             BuildError::GuestMemory(status) => {
                 write!(f, "guest RAM access refused: {}", status.name())
             }
+            BuildError::Geometry(e) => write!(f, "{e}"),
+            BuildError::RamBeyondIpaSpace(bits) => write!(
+                f,
+                "guest RAM does not fit this CPU's {bits}-bit IPA space: give QEMU less -m"
+            ),
             BuildError::TooManyCpus(n) => {
                 write!(f, "{n} CPUs, but this build supports at most {MAX_CPUS}")
             }
@@ -170,11 +179,28 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     let ram =
         layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
     let fwb = config.fwb && cpu_has_fwb();
+    let geometry =
+        Geometry::for_cpu(read_sysreg!("id_aa64mmfr0_el1") & 0xf).map_err(BuildError::Geometry)?;
+    if !geometry.contains(ram.ipa, ram.size) {
+        return Err(BuildError::RamBeyondIpaSpace(geometry.ipa_bits));
+    }
 
     let redistributors = populated_redistributors(board);
-    let guest_mmio = guest_mmio(board);
+    let guest_mmio: Vec<Region> = guest_mmio(board)
+        .into_iter()
+        .filter(|region| {
+            let reachable = geometry.contains(region.base, region.size);
+            if !reachable {
+                log::warn!(
+                    "MMIO {region} lies beyond this CPU's {}-bit IPA space: not given to the guest",
+                    geometry.ipa_bits
+                );
+            }
+            reachable
+        })
+        .collect();
     let mut attributes =
-        AttributeManager::new(&mut HeapTables, fwb, ram, IPA_BITS).map_err(BuildError::Stage2)?;
+        AttributeManager::new(&mut HeapTables, fwb, ram, &geometry).map_err(BuildError::Stage2)?;
     map_guest_mmio(&mut attributes, &guest_mmio, board, &redistributors)
         .map_err(BuildError::Stage2)?;
     // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
@@ -242,7 +268,6 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     .map_err(BuildError::GuestMemory)?;
 
     let root = attributes.root();
-    let parange = read_sysreg!("id_aa64mmfr0_el1") & 0xf;
     VM.call_once(|| Vm {
         ram,
         power: PowerStates::new(board.cpus.clone(), boot_vcpu),
@@ -250,15 +275,8 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
             .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
             .collect(),
         hcr: hcr_value(fwb),
-        // T0SZ 20, SL0 = 2 (start at level 0), inner/outer write-back walks, inner shareable,
-        // 4 KiB granule, PS = the CPU's PA size capped at 44 bits, RES1 bit 31.
-        vtcr: (64 - IPA_BITS as u64)
-            | 2 << 6
-            | 1 << 8
-            | 1 << 10
-            | 3 << 12
-            | parange.min(4) << 16
-            | 1 << 31,
+        vtcr: geometry.vtcr(),
+        geometry,
         vttbr: VMID << 48 | root,
         fwb,
         redistributors,

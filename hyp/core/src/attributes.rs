@@ -220,9 +220,14 @@ impl AttributeManager {
         memory: &mut impl TableMemory,
         fwb: bool,
         ram: GuestRam,
-        input_bits: u32,
+        geometry: &crate::geometry::Geometry,
     ) -> Result<Self, MapError> {
-        let mut stage2 = PageTable::new(memory, Stage2 { fwb }, 0, input_bits)?;
+        let mut stage2 = PageTable::new(
+            memory,
+            Stage2 { fwb },
+            geometry.start_level,
+            geometry.ipa_bits,
+        )?;
         stage2.map(
             memory,
             ram.ipa,
@@ -943,7 +948,10 @@ mod tests {
 
     fn fixture(fwb: bool) -> Fixture {
         let mut memory = VecMemory::new(256);
-        let mut manager = AttributeManager::new(&mut memory, fwb, RAM, 44).unwrap();
+        // Both stage-2 shapes: a 44-bit space from a level-0 root with FWB, and the 39-bit one
+        // from a level-1 root of a 40-bit CPU (which has no FWB, as cortex-a53) without.
+        let geometry = crate::geometry::Geometry::for_cpu(if fwb { 4 } else { 2 }).unwrap();
+        let mut manager = AttributeManager::new(&mut memory, fwb, RAM, &geometry).unwrap();
         manager.map_mmio(&mut memory, UART.0, UART.1).unwrap();
         let window = Window::new(WINDOW_VA, memory.allocate().unwrap());
         Fixture {

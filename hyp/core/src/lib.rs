@@ -13,6 +13,7 @@ pub mod call;
 pub mod config;
 pub mod dma;
 pub mod esr;
+pub mod geometry;
 pub mod gic;
 pub mod image;
 pub mod inject;
