@@ -18,6 +18,7 @@ use hyp_core::attributes::AttributeManager;
 use hyp_core::config::{self, Config, ExitMethod};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
+use hyp_core::lock::FairRwLock;
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
 use hyp_core::window::Window;
@@ -57,8 +58,10 @@ pub struct Vm {
     /// Smallest D-cache line in bytes.
     pub dcache_line: u64,
     /// Stage 2 and its ledger. Readers (cache operations, queries, guest-memory copies) share
-    /// it; an attribute change holds it alone, which serialises operations on a page.
-    pub attributes: spin::RwLock<AttributeManager>,
+    /// it; an attribute change holds it alone, which serialises operations on a page. The lock
+    /// is phase-fair: vCPUs looping cache operations cannot hold off an attribute change for
+    /// more than the sections already inside.
+    pub attributes: FairRwLock<AttributeManager>,
     /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one).
     pub windows: Vec<spin::Mutex<Window>>,
 }
@@ -270,7 +273,7 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
         fwb,
         redistributors,
         dcache_line: arch::dcache_line_size(),
-        attributes: spin::RwLock::new(attributes),
+        attributes: FairRwLock::new(attributes),
         windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
     crate::smmu::init(board, &config, vm());
