@@ -22,6 +22,7 @@ use hyp_core::config::{self, Config};
 use hyp_core::geometry::{Geometry, UnsupportedPaRange};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
+use hyp_core::lock::FairRwLock;
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
 use hyp_core::traps::{self, IdRegisters};
@@ -60,8 +61,10 @@ pub struct Vm {
     /// Smallest D-cache line in bytes.
     pub dcache_line: u64,
     /// Stage 2 and its ledger. Readers (cache operations, queries, guest-memory copies) share
-    /// it; an attribute change holds it alone, which serialises operations on a page.
-    pub attributes: spin::RwLock<AttributeManager>,
+    /// it; an attribute change holds it alone, which serialises operations on a page. The lock
+    /// is phase-fair: vCPUs looping cache operations cannot hold off an attribute change for
+    /// more than the sections already inside.
+    pub attributes: FairRwLock<AttributeManager>,
     /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one).
     pub windows: Vec<spin::Mutex<Window>>,
 }
@@ -284,7 +287,7 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
         fwb,
         gic,
         dcache_line: arch::dcache_line_size(),
-        attributes: spin::RwLock::new(attributes),
+        attributes: FairRwLock::new(attributes),
         windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
     crate::smmu::init(board, &config, vm());
