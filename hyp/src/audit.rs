@@ -1,10 +1,16 @@
 //! The hypervisor's one audit log ([`hyp_core::audit::AuditLog`]) behind a lock, the host
 //! stream of its records on the hypervisor's UART, and the AUDIT_READ / AUDIT_MARK calls.
 //!
-//! Records are streamed in sequence order while the lock is held, so two vCPUs never interleave
-//! or reorder lines. When the hypervisor shares its UART with the guest, records wait in the
-//! ring while the guest runs and are streamed when it stops (a loss meanwhile is reported by a
-//! STREAM_LOSS overflow record; see `hyp_core::audit`).
+//! Recording an event on a call's path only encodes it into the ring ([`record`]): its hash,
+//! its text line and the UART write happen later, in [`drain`], which runs when a vCPU idles
+//! (the guest's WFI traps), before AUDIT_READ answers, when the guest starts or stops, and,
+//! synchronously on the recording vCPU, when the records waiting reach [`HIGH_WATER`] (so that
+//! a guest that never idles loses nothing). One drain at a time (the `STREAM` lock) takes
+//! records in sequence order in small batches under the log's lock and writes their lines
+//! outside it, so lines never interleave or reorder and other vCPUs are held for a batch at
+//! most. When the hypervisor shares its UART with the guest, records wait in the ring while the
+//! guest runs and are streamed when it stops (a loss meanwhile is reported by a STREAM_LOSS
+//! overflow record; see `hyp_core::audit`).
 
 use crate::arch::read_sysreg;
 use crate::guest_memory;
@@ -26,6 +32,16 @@ struct Audit {
 }
 
 static AUDIT: spin::Mutex<Option<Audit>> = spin::Mutex::new(None);
+
+/// Held by the one vCPU draining records to the UART.
+static STREAM: spin::Mutex<()> = spin::Mutex::new(());
+
+/// Records waiting for the stream at which the recording vCPU drains them itself: well below
+/// the ring's capacity, so that a busy guest loses none.
+pub const HIGH_WATER: u64 = (RING_CAPACITY as u64) / 2;
+
+/// Records one drain takes from the log at a time (the log is held while they are sealed).
+const BATCH: usize = 16;
 
 /// The configured level, readable without the lock: events the level leaves out (cache
 /// operations under `audit=changes`) cost one load, not a lock round trip.
@@ -63,36 +79,30 @@ pub fn enabled() -> bool {
 }
 
 impl Audit {
-    fn record(&mut self, vcpu: u16, event: &Event) -> Option<u64> {
+    /// Writes the record of `event` into the ring; returns its sequence number and whether the
+    /// records waiting for the stream reached [`HIGH_WATER`].
+    fn record(&mut self, vcpu: u16, event: &Event) -> Option<(u64, bool)> {
         if !self.level.admits(event) {
             return None;
         }
-        if matches!(event, Event::GuestStop { .. }) {
-            self.guest_running = false;
+        match event {
+            Event::GuestStop { .. } => self.guest_running = false,
+            Event::GuestStart { .. } => self.guest_running = true,
+            _ => {}
         }
         let sequence = self.log.record(now(), vcpu, event);
-        self.stream(vcpu);
-        if matches!(event, Event::GuestStart { .. }) {
-            self.guest_running = true;
-        }
-        Some(sequence)
+        Some((sequence, self.log.unstreamed() >= HIGH_WATER))
     }
 
-    /// Writes the records the stream has not had, unless the guest owns the UART now.
-    fn stream(&mut self, vcpu: u16) {
-        if self.shared_uart && self.guest_running {
-            return;
-        }
-        let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
-        for record in self.log.take_unstreamed(now(), vcpu) {
-            let len = record.format_line(&mut line);
-            crate::console::write_audit_line(&line[..len]);
-        }
+    /// Whether lines may go to the UART now (not while a guest owns a shared one).
+    fn may_stream(&self) -> bool {
+        !(self.shared_uart && self.guest_running)
     }
 }
 
-/// Records `event`, caused by `vcpu`, and streams it. Returns its sequence number, or `None`
-/// when the configured level leaves such events out.
+/// Records `event`, caused by `vcpu`. Returns its sequence number, or `None` when the
+/// configured level leaves such events out. Start and stop records, and a log at its high
+/// water, are drained at once.
 pub fn record(vcpu: usize, event: &Event) -> Option<u64> {
     let level = LEVEL.load(core::sync::atomic::Ordering::Relaxed);
     if [AuditLevel::All, AuditLevel::Changes, AuditLevel::Off]
@@ -101,7 +111,50 @@ pub fn record(vcpu: usize, event: &Event) -> Option<u64> {
     {
         return None;
     }
-    with_audit(|audit| audit.record(vcpu as u16, event))
+    let (sequence, full) = with_audit(|audit| audit.record(vcpu as u16, event))?;
+    if matches!(event, Event::GuestStart { .. } | Event::GuestStop { .. }) {
+        // Nothing may be left behind when the guest stops (QEMU exits next).
+        drain_all(vcpu);
+    } else if full {
+        drain(vcpu);
+    }
+    Some(sequence)
+}
+
+/// Seals the records waiting and writes their lines to the UART, oldest first, unless another
+/// vCPU is draining (it takes these too) or a running guest owns the UART.
+pub fn drain(vcpu: usize) {
+    if let Some(stream) = STREAM.try_lock() {
+        drain_locked(vcpu, stream);
+    }
+}
+
+/// [`drain`], waiting for a drain in progress to finish first: every record written before
+/// the call is streamed when it returns (unless a running guest owns the UART).
+pub fn drain_all(vcpu: usize) {
+    drain_locked(vcpu, STREAM.lock());
+}
+
+fn drain_locked(vcpu: usize, _stream: spin::MutexGuard<'_, ()>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
+    loop {
+        batch.clear();
+        with_audit(|audit| {
+            if audit.may_stream() {
+                audit
+                    .log
+                    .take_unstreamed_into(now(), vcpu as u16, &mut batch, BATCH);
+            }
+        });
+        if batch.is_empty() {
+            return;
+        }
+        for record in &batch {
+            let len = record.format_line(&mut line);
+            crate::console::write_audit_line(&line[..len]);
+        }
+    }
 }
 
 /// The results of AUDIT_READ or AUDIT_MARK, or the refusal (already audited).
@@ -121,7 +174,7 @@ pub fn mark(vcpu: usize, tag: u64) -> CallResult {
             Err(status)
         };
         match audit.record(vcpu as u16, &Event::Mark { tag }) {
-            Some(sequence) => Ok([sequence, 0, 0]),
+            Some((sequence, _)) => Ok([sequence, 0, 0]),
             None => refused(audit, Status::NotSupported),
         }
     })
@@ -161,10 +214,10 @@ pub fn read(vcpu: usize, buffer: u64, size: u64, first: u64) -> CallResult {
     }
     // SMMU faults not yet drained must be in the ring before the guest reads it.
     crate::smmu::drain_events();
+    drain(vcpu);
     let max = (size / RECORD_SIZE as u64) as usize;
     let read = with_audit(|audit| {
         audit.log.report_losses(now(), vcpu as u16);
-        audit.stream(vcpu as u16);
         audit.log.read(first, max.min(RING_CAPACITY))
     });
     let mut bytes = Vec::with_capacity(read.records.len() * RECORD_SIZE);

@@ -85,6 +85,9 @@ fn maintain(
 
 /// DMA_MAP(device, ipa, size, direction): x1 IOVA (= IPA), x2 handle.
 pub fn map(device: u64, ipa: u64, size: u64, direction: u64) -> Reply {
+    // A driver's DMA calls are where its device's faults matter: drain them into the log
+    // (one register read when there are none).
+    smmu::drain_events();
     let refuse = |error| refused(function::DMA_MAP, error, ipa, size);
     let Some(direction) = dma::direction(direction) else {
         return refuse(Status::InvalidParameter);

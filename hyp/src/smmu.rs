@@ -9,8 +9,9 @@
 //! (same VTCR fields, same root, same VMID); strict-mode devices get a stage-2 table of their
 //! own, empty until DMA_MAP fills it; blocked devices get an abort entry.
 //!
-//! [`drain_events`] turns SMMU fault events into audit records. It is meant to run on every
-//! hypervisor entry, so its common case (nothing new) costs one MMIO read.
+//! [`drain_events`] turns SMMU fault events into audit records. It runs when the guest idles
+//! (its WFI traps), on DMA_MAP and before AUDIT_READ, not on every trap; its common case
+//! (nothing new) costs one MMIO read.
 //!
 //! The encodings (STE, commands, event records, queue arithmetic) are portable and host-tested
 //! in `stagehand_platform::smmuv3`; this file only moves them to and from memory and registers.
@@ -659,8 +660,8 @@ fn audit_lost_events() {
     );
 }
 
-/// Turns new SMMU fault events into audit records. Call on every hypervisor entry from the
-/// guest and before AUDIT_READ. When nothing is new it costs one MMIO read (EVENTQ_PROD,
+/// Turns new SMMU fault events into audit records. Called when the guest idles, on DMA_MAP and
+/// before AUDIT_READ. When nothing is new it costs one MMIO read (EVENTQ_PROD,
 /// compared with the cached CONS) and takes no lock; when another CPU is draining, it returns
 /// and leaves the work to that CPU.
 pub fn drain_events() {

@@ -38,11 +38,7 @@ pub fn current_vcpu() -> usize {
 #[unsafe(no_mangle)]
 extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
     match Vector::from_raw(vector) {
-        Vector::GuestSync => {
-            // SMMU faults become audit records as soon as the hypervisor runs.
-            crate::smmu::drain_events();
-            guest_sync(frame)
-        }
+        Vector::GuestSync => guest_sync(frame),
         Vector::El2Sync => match recover::resume_address(frame.elr) {
             // An access made on the guest's behalf (emulated MMIO, an AT walk through the
             // guest's tables) took an abort: the caller gets an error instead.
@@ -79,6 +75,7 @@ fn guest_sync(frame: &mut TrapFrame) {
             frame.elr += 4;
             smccc(frame);
         }
+        ExceptionClass::WaitForInterrupt if esr & 1 == 0 => idle(frame, esr),
         ExceptionClass::DataAbortLower => data_abort(frame, esr),
         ExceptionClass::InstructionAbortLower => {
             let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
@@ -90,6 +87,19 @@ fn guest_sync(frame: &mut TrapFrame) {
         // coprocessor access, HVC/SMC from AArch32): what a CPU without the feature gives.
         _ => inject_undefined(frame, esr),
     }
+}
+
+/// The guest waits for an interrupt (HCR_EL2.TWI): the hypervisor's deferred work runs on this
+/// idle time (SMMU fault events into the log, the log's records hashed and streamed), then the
+/// CPU waits for the guest as the guest asked. An interrupt for the guest (routed to EL1) ends
+/// the wait even though EL2 runs with interrupts masked: WFI wakes on a pending interrupt
+/// whatever PSTATE's masks.
+fn idle(frame: &mut TrapFrame, esr: u64) {
+    let vcpu = current_vcpu();
+    crate::smmu::drain_events();
+    crate::audit::drain(vcpu);
+    arch::wait_for_interrupt();
+    frame.elr += instruction_length(esr);
 }
 
 /// A data abort taken at EL2 itself (the only kind a recoverable access may take).

@@ -402,13 +402,15 @@ fn cpu_has_fwb() -> bool {
     (read_sysreg!("id_aa64mmfr2_el1") >> 40) & 0xf != 0
 }
 
-/// HCR_EL2 for the guest: AArch64 EL1 (RW), stage 2 on (VM), SMC trapped (TSC), set/way
+/// HCR_EL2 for the guest: AArch64 EL1 (RW), stage 2 on (VM), SMC trapped (TSC), WFI trapped
+/// (TWI, the hypervisor's deferred work runs then), set/way
 /// invalidates upgraded to clean+invalidate (SWIO), pointer authentication, MTE tags and
 /// SCXTNUM left to the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
 /// is the guest's.
 fn hcr_value(fwb: bool) -> u64 {
     const VM: u64 = 1 << 0;
     const SWIO: u64 = 1 << 1;
+    const TWI: u64 = 1 << 13;
     const TSC: u64 = 1 << 19;
     const RW: u64 = 1 << 31;
     const APK: u64 = 1 << 40;
@@ -420,7 +422,9 @@ fn hcr_value(fwb: bool) -> u64 {
     let has_pauth =
         (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
     let has_mte2 = (read_sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
-    let mut hcr = VM | SWIO | TSC | RW;
+    // TWI: the guest's idle time is when the hypervisor streams its audit log and drains SMMU
+    // events (see `trap::idle`).
+    let mut hcr = VM | SWIO | TSC | RW | TWI;
     if id_registers().has_scxtnum() {
         hcr |= traps::HCR_ENSCXT; // SCXTNUM_EL0/EL1 are the guest's, as without EL2
     }

@@ -847,15 +847,27 @@ impl AttributeManager {
     /// that share one attribute, in order: `(start, bytes, attribute)`. What an audit record
     /// describes when a range is not uniform.
     pub fn attribute_runs(&self, ipa: u64, size: u64) -> Vec<(u64, u64, Attribute)> {
-        let mut runs: Vec<(u64, u64, Attribute)> = Vec::new();
-        let mut at = ipa;
-        while at < ipa + size {
-            let attribute = self.attribute_of(at);
-            match runs.last_mut() {
-                Some((_, bytes, last)) if *last == attribute => *bytes += PAGE_SIZE,
-                _ => runs.push((at, PAGE_SIZE, attribute)),
-            }
-            at += PAGE_SIZE;
+        let first = self.page_index(ipa);
+        let pages = &self.pages[first..first + (size / PAGE_SIZE) as usize];
+        let mut runs = Vec::new();
+        let mut start = 0;
+        while start < pages.len() {
+            let non_cacheable = pages[start].non_cacheable;
+            let len = pages[start..]
+                .iter()
+                .position(|p| p.non_cacheable != non_cacheable)
+                .unwrap_or(pages.len() - start);
+            let attribute = if non_cacheable {
+                Attribute::NonCacheable
+            } else {
+                Attribute::WriteBack
+            };
+            runs.push((
+                ipa + start as u64 * PAGE_SIZE,
+                len as u64 * PAGE_SIZE,
+                attribute,
+            ));
+            start += len;
         }
         runs
     }

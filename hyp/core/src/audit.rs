@@ -24,6 +24,15 @@
 //!   ([`AuditLog::take_unstreamed`]). A reader of the stream therefore sees a gap `a..b` only
 //!   where a later STREAM_LOSS record says `detail = a, dropped = b - a`, and checks the chain
 //!   at `b` from that record's `tag`. Any other gap is a missing record.
+//!
+//! # What a record costs its caller
+//!
+//! Writing a record ([`AuditLog::record`]) encodes it and appends it to the ring: a few stores.
+//! Its hash is computed later, in sequence order, by [`AuditLog::seal`], which everything that
+//! lets a record out of the ring calls first (reading, streaming, and evicting: the chain
+//! anchor of a lost record is its hash). The sequence number, the content and the order are
+//! fixed at the moment of writing, so sealing later changes nothing a reader can see; it only
+//! moves the SipHash off the path of the call being audited.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -530,6 +539,8 @@ pub struct AuditLog {
     newest_overflow: Option<u64>,
     /// Records `0..streamed` went to the host stream (or were reported lost to it).
     streamed: u64,
+    /// Records `0..sealed` have their hash; `last_hash` is the hash of record `sealed - 1`.
+    sealed: u64,
 }
 
 impl AuditLog {
@@ -548,7 +559,24 @@ impl AuditLog {
             reported: 0,
             newest_overflow: None,
             streamed: 0,
+            sealed: 0,
         }
+    }
+
+    /// Records written but not yet sent to the host stream (or reported lost to it).
+    pub fn unstreamed(&self) -> u64 {
+        self.next_sequence - self.streamed.max(self.dropped)
+    }
+
+    /// Computes the hash of every record that has none yet, in sequence order.
+    pub fn seal(&mut self) {
+        let held_from = self.dropped;
+        let first = (self.sealed.max(held_from) - held_from) as usize;
+        for record in self.ring.iter_mut().skip(first) {
+            record.hash = U64::new(abi::chain_hash(self.last_hash, record));
+            self.last_hash = record.hash.get();
+        }
+        self.sealed = self.next_sequence;
     }
 
     /// The sequence number the next record will get.
@@ -604,7 +632,8 @@ impl AuditLog {
     /// Up to `max` records from `first` on, oldest first. A `first` older than the oldest record
     /// held reads from the oldest held; one beyond the newest reads nothing and says where the
     /// next record will be.
-    pub fn read(&self, first: u64, max: usize) -> ReadResult {
+    pub fn read(&mut self, first: u64, max: usize) -> ReadResult {
+        self.seal();
         let oldest = self.dropped;
         let start = first.clamp(oldest, self.next_sequence);
         let skip = (start - oldest) as usize;
@@ -620,20 +649,48 @@ impl AuditLog {
     /// some were evicted before they could be streamed, they are followed by a
     /// [`flag::STREAM_LOSS`] overflow record covering exactly those.
     pub fn take_unstreamed(&mut self, time: u64, vcpu: u16) -> impl Iterator<Item = &Record> {
-        if self.streamed < self.dropped {
-            // Make room first: the eviction may lose more unstreamed records, which the overflow
-            // record must then count too.
-            self.make_room(1);
-            self.append_overflow(time, vcpu, self.streamed, flag::STREAM_LOSS);
-        }
+        self.note_stream_loss(time, vcpu);
+        self.seal();
         let first = self.streamed.max(self.dropped);
         self.streamed = self.next_sequence;
         let skip = (first - self.dropped) as usize;
         self.ring.iter().skip(skip)
     }
 
+    /// Like [`take_unstreamed`](Self::take_unstreamed), at most `max` records, copied into
+    /// `out`: a drain can then write them out without holding the log.
+    pub fn take_unstreamed_into(
+        &mut self,
+        time: u64,
+        vcpu: u16,
+        out: &mut Vec<Record>,
+        max: usize,
+    ) {
+        self.note_stream_loss(time, vcpu);
+        self.seal();
+        let first = self.streamed.max(self.dropped);
+        let skip = (first - self.dropped) as usize;
+        let before = out.len();
+        out.extend(self.ring.iter().skip(skip).take(max).copied());
+        self.streamed = first + (out.len() - before) as u64;
+    }
+
+    /// Writes a STREAM_LOSS overflow record if records were evicted before they were streamed.
+    fn note_stream_loss(&mut self, time: u64, vcpu: u16) {
+        if self.streamed < self.dropped {
+            // Make room first: the eviction may lose more unstreamed records, which the overflow
+            // record must then count too.
+            self.make_room(1);
+            self.append_overflow(time, vcpu, self.streamed, flag::STREAM_LOSS);
+        }
+    }
+
     /// Evicts the oldest records until `count` more fit.
     fn make_room(&mut self, count: usize) {
+        if self.ring.len() + count > self.capacity && self.sealed <= self.dropped {
+            // The oldest record leaves unsealed: its hash is the anchor of the loss.
+            self.seal();
+        }
         while self.ring.len() + count > self.capacity {
             if let Some(old) = self.ring.pop_front() {
                 self.evicted_hash = old.hash.get();
@@ -658,8 +715,8 @@ impl AuditLog {
         r.timestamp = U64::new(time);
         r.vm = U16::new(self.vm);
         r.vcpu = U16::new(vcpu);
-        r.hash = U64::new(abi::chain_hash(self.last_hash, &r));
-        self.last_hash = r.hash.get();
+        // Hashed by `seal`, in order, before the record leaves the ring.
+        r.hash = U64::new(0);
         self.next_sequence += 1;
         self.ring.push_back(r);
         sequence

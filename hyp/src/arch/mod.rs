@@ -110,6 +110,14 @@ pub fn mpidr() -> u64 {
     v
 }
 
+/// Waits for an interrupt (WFI): returns when one is pending for this CPU, whatever exception
+/// level it targets and whatever PSTATE masks, or spuriously.
+pub fn wait_for_interrupt() {
+    dsb_sy();
+    // SAFETY: WFI only waits.
+    unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
+}
+
 /// Waits for an event, forever (a CPU with nothing left to do).
 pub fn halt() -> ! {
     loop {
