@@ -89,6 +89,9 @@ pub struct BootCheck {
     pub kernel: Kernel,
     /// Configuration items beyond [`suites::COMMON_CONFIG`].
     pub config: &'static [&'static str],
+    /// QEMU arguments after the usual ones (QEMU merges a second `-M` into the first, and a
+    /// second `-m` wins): the board the hypervisor cannot run on.
+    pub qemu_args: &'static [&'static str],
     /// QEMU gets one UART, which the hypervisor shares with the guest.
     pub shared_uart: bool,
     /// Seconds before QEMU is killed.
@@ -102,6 +105,7 @@ const fn check(name: &'static str, kernel: Kernel, expect: Expect) -> BootCheck 
         name,
         kernel,
         config: &[],
+        qemu_args: &[],
         shared_uart: false,
         timeout_secs: 30,
         expect,
@@ -177,6 +181,30 @@ pub const BOOT_CHECKS: &[BootCheck] = &[
     BootCheck {
         config: &["selftest=el2-fault"],
         ..check("el2-fault", Kernel::Elf("discovery"), Expect::El2Fault)
+    },
+    // Boards the hypervisor cannot run on: one error line and a status within a second, never a
+    // hang. QEMU without `virtualization=on` starts the firmware at EL1.
+    BootCheck {
+        qemu_args: &["-M", "virtualization=off"],
+        timeout_secs: 10,
+        ..check(
+            "no-el2",
+            Kernel::Elf("discovery"),
+            Expect::BootError {
+                message: "started at EL1, not EL2: the hypervisor needs EL2",
+            },
+        )
+    },
+    BootCheck {
+        qemu_args: &["-m", "64M"],
+        timeout_secs: 10,
+        ..check(
+            "small-ram",
+            Kernel::Elf("discovery"),
+            Expect::BootError {
+                message: "RAM is too small: 64 MiB found",
+            },
+        )
     },
 ];
 
@@ -480,6 +508,8 @@ mod tests {
             "no-kernel",
             "single-uart",
             "el2-fault",
+            "no-el2",
+            "small-ram",
         ] {
             assert!(find(name).is_some(), "{name}");
         }
@@ -512,6 +542,11 @@ mod tests {
                     let error = config::parse(&text).unwrap_err();
                     assert!(error.to_string().contains(message), "{error}");
                 }
+                _ if check.name == "small-ram" => {
+                    let error = hyp_core::layout::guest_ram(ram.0, 64 << 20, None).unwrap_err();
+                    assert!(error.to_string().contains(message), "{error}");
+                }
+                _ if !check.qemu_args.is_empty() => {}
                 _ => assert_eq!(check.kernel, Kernel::None),
             }
         }

@@ -306,7 +306,7 @@ fn boot_check_launch(
         config: check.config_string(),
         hypervisor_log: (!check.shared_uart)
             .then(|| logs.join(format!("boot-{}.hyp.log", check.name))),
-        extra_args: Vec::new(),
+        extra_args: check.qemu_args.iter().map(|&arg| arg.into()).collect(),
         timeout: Duration::from_secs(options.timeout.unwrap_or(check.timeout_secs)),
     }
 }
