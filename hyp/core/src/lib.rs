@@ -19,6 +19,7 @@ pub mod image;
 pub mod inject;
 pub mod layout;
 pub mod maintenance;
+pub mod noncoherent;
 pub mod pagetable;
 pub mod psci;
 pub mod requests;
