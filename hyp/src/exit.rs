@@ -4,6 +4,7 @@
 //! it, or any guest could run host commands.
 
 use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, Ordering};
 use stagehand_abi::exit_status;
 
 /// Writes the exit status line for `status` (one of [`exit_status`]'s constants) and powers
@@ -24,9 +25,22 @@ pub fn fatal(message: core::fmt::Arguments) -> ! {
     exit(exit_status::ERROR)
 }
 
+/// The platform firmware's PSCI is reached with HVC rather than SMC: only when the hypervisor
+/// was started below EL2 (QEMU's PSCI then answers HVC, and SMC is UNDEFINED).
+static PSCI_OVER_HVC: AtomicBool = AtomicBool::new(false);
+
+/// Makes [`exit`] call PSCI with HVC (the device tree's conduit when started at EL1).
+pub fn use_hvc_for_psci() {
+    PSCI_OVER_HVC.store(true, Ordering::Relaxed);
+}
+
 /// PSCI SYSTEM_OFF through the platform firmware (QEMU exits with status 0).
 fn system_off() -> ! {
-    let _ = smccc::psci::system_off::<smccc::Smc>();
+    let _ = if PSCI_OVER_HVC.load(Ordering::Relaxed) {
+        smccc::psci::system_off::<smccc::Hvc>()
+    } else {
+        smccc::psci::system_off::<smccc::Smc>()
+    };
     crate::arch::halt()
 }
 

@@ -12,7 +12,7 @@ unsafe extern "C" {
 /// Hands `[__heap_start, end)` to the allocator.
 ///
 /// # Safety
-/// Call once, with the MMU on, with `end` the end of RAM reserved for the hypervisor.
+/// Call once, with `end` the end of RAM reserved for the hypervisor.
 pub unsafe fn init(end: u64) {
     // SAFETY: taking a linker symbol's address reads nothing.
     let start = unsafe { &__heap_start as *const u8 as usize };

@@ -48,6 +48,10 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     // The reserved region is the aligned block the image is linked into: QEMU's DTB, the
     // image, stacks, boot tables and the heap.
     let reserved = image & !(HYP_RESERVED - 1);
+    let el = arch::current_el();
+    if el != 2 {
+        not_at_el2(el, reserved);
+    }
     let mut tables = BootTables::new();
     // Until `console::init`, no UART is known: the exit status line cannot be written.
     let Ok(mut map) = mmu::build(&mut tables, &[(reserved, HYP_RESERVED)], &[]) else {
@@ -78,6 +82,9 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     };
     // SAFETY: the UART was just mapped as Device memory and stays mapped.
     unsafe { console::init(log_uart.region.base, board.hypervisor_uart().is_none()) };
+    if let Some(missing) = board.missing_device() {
+        exit::fatal(format_args!("{missing}"));
+    }
     // SAFETY: the vector table is part of the image.
     unsafe { trap::install_vectors() };
     log::info!(
@@ -96,6 +103,29 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
         }
         Err(error) => exit::fatal(format_args!("{error}")),
     }
+}
+
+/// Started below EL2 (QEMU without `virtualization=on` starts its firmware at EL1): nothing
+/// of the hypervisor can run, but the error must still reach a person. The MMU stays off (every
+/// access is to Device memory, which QEMU lets the heap's and the console's locks use), the
+/// device tree gives a UART and the PSCI conduit, and the machine powers off after one error
+/// line.
+fn not_at_el2(el: u64, reserved: u64) -> ! {
+    // SAFETY: the heap follows the image inside the reserved region, which nothing else uses.
+    unsafe { heap::init(reserved + HYP_RESERVED) };
+    if let Ok(board) = Board::from_fdt(dtb_slice(QEMU_DTB)) {
+        if board.psci_method == Some(stagehand_platform::board::PsciMethod::Hvc) {
+            exit::use_hvc_for_psci();
+        }
+        if let Some(uart) = board.hypervisor_uart().or(board.console_uart()) {
+            // SAFETY: with the MMU off every address is reachable as Device memory, and the
+            // UART is the device tree's PL011.
+            unsafe { console::init(uart.region.base, board.hypervisor_uart().is_none()) };
+        }
+    }
+    exit::fatal(format_args!(
+        "started at EL{el}, not EL2: the hypervisor needs EL2 (QEMU: -M virt,virtualization=on)"
+    ))
 }
 
 /// Configuration `selftest=el2-fault`: a data abort at EL2 on purpose, so that tests can check

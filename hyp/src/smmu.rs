@@ -16,6 +16,7 @@
 //! The encodings (STE, commands, event records, queue arithmetic) are portable and host-tested
 //! in `stagehand_platform::smmuv3`; this file only moves them to and from memory and registers.
 
+use crate::arch::cpu::Cpu;
 use crate::arch::mmu::HeapTables;
 use crate::arch::{self, read_sysreg};
 use crate::vm::Vm;
@@ -25,6 +26,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use hyp_core::audit::Event;
 use hyp_core::config::{Config, DmaMode};
 use hyp_core::inject::Access;
+use hyp_core::noncoherent::{self, CleaningTables};
 use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2};
 use stagehand_abi::{feature, Status};
 use stagehand_platform::board::Board;
@@ -241,7 +243,12 @@ fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), Sm
     if !idr5.is_set(IDR5::GRAN4K) {
         return Err(SmmuError::Unsupported("the 4 KiB granule"));
     }
-    let coherent = idr0.is_set(IDR0::COHACC);
+    // `smmu-coherent=off` takes the non-coherent path on an SMMU that snoops (QEMU's), so that
+    // every clean below runs and is tested end to end.
+    let coherent = idr0.is_set(IDR0::COHACC) && !config.smmu_noncoherent;
+    if config.smmu_noncoherent && idr0.is_set(IDR0::COHACC) {
+        log::info!("SMMU: treated as non-coherent (smmu-coherent=off)");
+    }
     let sid_bits = idr1.read(IDR1::SIDSIZE);
     let fwb = vm.fwb && registers.idr3.is_set(IDR3::FWB);
     if vm.fwb && !fwb {
@@ -318,6 +325,27 @@ fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), Sm
         event_cons: 0,
         devices,
     };
+    if !coherent {
+        // The SMMU reads memory, not the caches: the zeroed stream table (invalid STEs) and
+        // command queue go out to memory, and the event queue leaves no line the CPU could
+        // write back over a record the SMMU wrote.
+        arch::clean_range(smmu.stream_table.pa, smmu.stream_table.bytes);
+        arch::clean_range(smmu.command_queue.pa, smmu.command_queue.bytes);
+        arch::clean_invalidate_range(smmu.event_queue.pa, smmu.event_queue.bytes);
+        // The tables the STEs will point at: strict devices' own (empty) ones, and the guest's
+        // stage 2, from now on cleaned entry by entry whenever an attribute change edits it.
+        let mut cpu = Cpu::new();
+        for device in &smmu.devices {
+            if let Some(table) = &device.stage2 {
+                noncoherent::clean_all_tables(table, &mut HeapTables, &mut cpu);
+            }
+        }
+        if smmu.devices.iter().any(|d| d.mode == DmaMode::Shared) {
+            vm.attributes
+                .write()
+                .set_noncoherent_walker(&mut HeapTables, &mut cpu);
+        }
+    }
     // Every entry before the SMMU may read one.
     for index in 0..smmu.devices.len() {
         let sid = smmu.devices[index].stream_id;
@@ -765,9 +793,7 @@ pub fn dma_device(stream_id: u32) -> Option<DmaDevice> {
 /// New entries only replace invalid ones, so no TLB invalidation is needed.
 ///
 /// # Errors
-/// NO_DEVICE, BUSY (part of the range is mapped for this device already), NO_MEMORY (tables),
-/// NOT_SUPPORTED (an SMMU whose table walks do not snoop the CPU caches, whose tables this
-/// driver does not clean).
+/// NO_DEVICE, BUSY (part of the range is mapped for this device already), NO_MEMORY (tables).
 pub fn map_strict(
     stream_id: u32,
     ipa: u64,
@@ -777,26 +803,34 @@ pub fn map_strict(
     memory: MemoryType,
 ) -> Result<(), Status> {
     let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
-    if !smmu.coherent {
-        return Err(Status::NotSupported);
-    }
+    let coherent = smmu.coherent;
     let device = smmu
         .devices
         .iter_mut()
         .find(|d| d.stream_id == stream_id)
         .ok_or(Status::NoDevice)?;
     let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
-    table
-        .map(&mut HeapTables, ipa, pa, size, memory, permissions)
-        .map_err(|error| match error {
-            MapError::AlreadyMapped { .. } => Status::Busy,
-            MapError::OutOfTableMemory => Status::NoMemory,
-            MapError::Misaligned => Status::Alignment,
-            MapError::OutOfRange => Status::OutOfRange,
-        })?;
-    // The SMMU walks write-back, inner-shareable tables (CR1): a DSB makes the entries visible.
-    arch::dsb_ish();
-    Ok(())
+    let mapped = if coherent {
+        let mapped = table.map(&mut HeapTables, ipa, pa, size, memory, permissions);
+        // The SMMU walks write-back, inner-shareable tables (CR1): a DSB makes the entries
+        // visible.
+        arch::dsb_ish();
+        mapped
+    } else {
+        // It reads memory: every line written (new tables whole) is cleaned to the point of
+        // coherency, even on failure (a partial map may have written some), before it may walk.
+        let mut heap = HeapTables;
+        let mut tables = CleaningTables::new(&mut heap);
+        let mapped = table.map(&mut tables, ipa, pa, size, memory, permissions);
+        tables.clean(&mut Cpu::new());
+        mapped
+    };
+    mapped.map_err(|error| match error {
+        MapError::AlreadyMapped { .. } => Status::Busy,
+        MapError::OutOfTableMemory => Status::NoMemory,
+        MapError::Misaligned => Status::Alignment,
+        MapError::OutOfRange => Status::OutOfRange,
+    })
 }
 
 /// Removes `[ipa, ipa + size)` from a strict device's stage 2, invalidates the SMMU's TLB for
@@ -807,6 +841,7 @@ pub fn map_strict(
 /// from the tables, but the caller must not reuse the buffer as if it were unreachable).
 pub fn unmap_strict(stream_id: u32, ipa: u64, size: u64) -> Result<Issued, Status> {
     let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
+    let coherent = smmu.coherent;
     let device = smmu
         .devices
         .iter_mut()
@@ -814,12 +849,23 @@ pub fn unmap_strict(stream_id: u32, ipa: u64, size: u64) -> Result<Issued, Statu
         .ok_or(Status::NoDevice)?;
     let vmid = device.vmid;
     let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
-    if table.unmap(&mut HeapTables, ipa, size).is_err() {
+    let unmapped = if coherent {
+        let unmapped = table.unmap(&mut HeapTables, ipa, size);
+        arch::dsb_ish();
+        unmapped
+    } else {
+        // The invalid entries must be in memory before the TLBI makes the SMMU walk again.
+        let mut heap = HeapTables;
+        let mut tables = CleaningTables::new(&mut heap);
+        let unmapped = table.unmap(&mut tables, ipa, size);
+        tables.clean(&mut Cpu::new());
+        unmapped
+    };
+    if unmapped.is_err() {
         log::error!(
             "SMMU: unmap of {ipa:#x}+{size:#x} for StreamID {stream_id:#x} did not match its map"
         );
     }
-    arch::dsb_ish();
     let (commands, issued) = tlbi_commands(vmid, ipa, size);
     smmu.submit(&commands).map_err(|error| {
         log::error!("SMMU: TLB invalidation failed: {error}");

@@ -407,8 +407,16 @@ fn guest_context(frame: &TrapFrame) -> GuestContext {
     }
 }
 
-/// Delivers `injection` to the guest's EL1.
+/// Delivers `injection` to the guest's EL1, unless it would only fault again (a guest that
+/// faults before it has vectors): the guest is then stopped with the report, never left to
+/// spin between its fault and its vector.
 fn deliver(frame: &mut TrapFrame, injection: inject::Injection) {
+    let is_ram = |ipa: u64| vm().attributes.read().is_ram(ipa);
+    if let Err(undeliverable) = inject::check_delivery(&guest_context(frame), &injection, is_ram) {
+        let mut why = LineBuffer::new();
+        let _ = write!(why, "{undeliverable}");
+        stop_guest(frame, why.as_str());
+    }
     write_sysreg!("elr_el1", injection.elr_el1);
     write_sysreg!("spsr_el1", injection.spsr_el1);
     write_sysreg!("esr_el1", injection.esr_el1);
@@ -420,18 +428,18 @@ fn deliver(frame: &mut TrapFrame, injection: inject::Injection) {
 /// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
 fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
     let far = read_sysreg!("far_el2");
+    audit(current_vcpu(), Event::Stage2Fault { ipa, access });
     deliver(
         frame,
         inject::external_abort(&guest_context(frame), far, access),
     );
-    audit(current_vcpu(), Event::Stage2Fault { ipa, access });
 }
 
 /// Gives the guest an UNDEF for a trapped instruction the hypervisor does not emulate.
 fn inject_undefined(frame: &mut TrapFrame, esr: u64) {
     let far = read_sysreg!("far_el1");
-    deliver(frame, inject::undefined(&guest_context(frame), far));
     audit(current_vcpu(), Event::Undefined { esr });
+    deliver(frame, inject::undefined(&guest_context(frame), far));
 }
 
 fn report(frame: &TrapFrame, title: &str) {
@@ -459,7 +467,7 @@ fn report(frame: &TrapFrame, title: &str) {
 }
 
 /// The guest did something the hypervisor cannot handle: report it and stop the guest.
-fn stop_guest(frame: &TrapFrame, why: &'static str) -> ! {
+fn stop_guest(frame: &TrapFrame, why: &str) -> ! {
     console::set_guest_running(false);
     report(frame, why);
     audit(

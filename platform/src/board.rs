@@ -321,7 +321,7 @@ impl Board {
                 board.flash.extend(mmio_regions(&tree, index)?);
             } else if tree.is_compatible(index, "arm,gic-v3") && board.gic.is_none() {
                 board.gic = Some(read_gic(&tree, index)?);
-            } else if crate::guest_dt::GICV2_COMPATIBLES
+            } else if GICV2_COMPATIBLES
                 .iter()
                 .any(|compatible| tree.is_compatible(index, compatible))
                 && board.gic.is_none()
@@ -357,6 +357,79 @@ impl Board {
             .iter()
             .find(|uart| uart.is_stdout)
             .or_else(|| self.uarts.first())
+    }
+}
+
+/// Interrupt controllers the hypervisor drives, by `compatible`. A board with none of them
+/// cannot run a guest: [`Board::missing_device`] names the list in its error.
+pub const SUPPORTED_INTERRUPT_CONTROLLERS: &[&str] = &[
+    "arm,gic-v3",
+    "arm,cortex-a15-gic",
+    "arm,gic-400",
+    "arm,cortex-a7-gic",
+    "arm,cortex-a9-gic",
+];
+
+/// GICv2 interrupt controllers: `reg` is distributor, CPU interface, then (with the
+/// virtualization extensions) GICH and GICV, which the guest does not get.
+pub const GICV2_COMPATIBLES: [&str; 4] = [
+    "arm,cortex-a15-gic",
+    "arm,gic-400",
+    "arm,cortex-a7-gic",
+    "arm,cortex-a9-gic",
+];
+
+/// A device the hypervisor cannot run without, absent from the device tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MissingDevice {
+    /// No `device_type = "memory"` node.
+    Memory,
+    /// No interrupt controller of [`SUPPORTED_INTERRUPT_CONTROLLERS`].
+    InterruptController,
+    /// No `qemu,fw-cfg-mmio` node (the guest and the configuration come through it).
+    FwCfg,
+    /// No PSCI node (secondary CPUs and power-off go through it).
+    Psci,
+}
+
+impl fmt::Display for MissingDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MissingDevice::Memory => write!(f, "the device tree has no memory node"),
+            MissingDevice::InterruptController => {
+                write!(
+                    f,
+                    "the device tree has no interrupt controller the hypervisor supports (compatible"
+                )?;
+                for (i, compatible) in SUPPORTED_INTERRUPT_CONTROLLERS.iter().enumerate() {
+                    write!(f, "{} \"{compatible}\"", if i == 0 { "" } else { " or" })?;
+                }
+                write!(f, ")")
+            }
+            MissingDevice::FwCfg => write!(
+                f,
+                "the device tree has no fw_cfg (compatible \"qemu,fw-cfg-mmio\"): no guest can be loaded"
+            ),
+            MissingDevice::Psci => write!(f, "the device tree has no PSCI node"),
+        }
+    }
+}
+
+impl Board {
+    /// The first device the hypervisor needs that this board lacks, if any. (A board without a
+    /// PL011 is not named here: with no UART there is nowhere to print the error.)
+    pub fn missing_device(&self) -> Option<MissingDevice> {
+        if self.memory.is_empty() {
+            Some(MissingDevice::Memory)
+        } else if self.gic.is_none() {
+            Some(MissingDevice::InterruptController)
+        } else if self.fw_cfg.is_none() {
+            Some(MissingDevice::FwCfg)
+        } else if self.psci_method.is_none() {
+            Some(MissingDevice::Psci)
+        } else {
+            None
+        }
     }
 }
 
@@ -758,5 +831,56 @@ mod tests {
                 "device tree: malformed at offset {first_prop:#x}: property name outside the strings block"
             )
         );
+    }
+
+    /// The fixture with every occurrence of the NUL-terminated string `from` renamed to `to`
+    /// (same length), as if the node had another `compatible`.
+    fn renamed(dtb: &[u8], from: &str, to: &str) -> Vec<u8> {
+        let (from, to) = (
+            [from.as_bytes(), b"\0"].concat(),
+            [to.as_bytes(), b"\0"].concat(),
+        );
+        assert_eq!(from.len(), to.len());
+        let mut bytes = dtb.to_vec();
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from.as_slice())
+            .expect("string in fixture");
+        bytes[at..at + to.len()].copy_from_slice(&to);
+        bytes
+    }
+
+    #[test]
+    fn a_board_without_a_device_the_hypervisor_needs_names_it() {
+        assert_eq!(Board::from_fdt(TWO_SERIALS).unwrap().missing_device(), None);
+        assert_eq!(
+            Board::default().missing_device(),
+            Some(MissingDevice::Memory)
+        );
+        let no_gic = Board::from_fdt(&renamed(TWO_SERIALS, "arm,gic-v3", "arm,gic-v9")).unwrap();
+        assert_eq!(
+            no_gic.missing_device(),
+            Some(MissingDevice::InterruptController)
+        );
+        assert_eq!(
+            MissingDevice::InterruptController.to_string(),
+            "the device tree has no interrupt controller the hypervisor supports \
+             (compatible \"arm,gic-v3\" or \"arm,cortex-a15-gic\" or \"arm,gic-400\" or \
+             \"arm,cortex-a7-gic\" or \"arm,cortex-a9-gic\")"
+        );
+        assert!(GICV2_COMPATIBLES
+            .iter()
+            .all(|c| SUPPORTED_INTERRUPT_CONTROLLERS.contains(c)));
+        let no_fw_cfg = Board::from_fdt(&renamed(
+            TWO_SERIALS,
+            "qemu,fw-cfg-mmio",
+            "qemu,fw-cfg-none",
+        ))
+        .unwrap();
+        assert_eq!(no_fw_cfg.missing_device(), Some(MissingDevice::FwCfg));
+        let no_psci = renamed(TWO_SERIALS, "arm,psci-1.0", "arm,pscx-1.0");
+        let no_psci = renamed(&no_psci, "arm,psci-0.2", "arm,pscx-0.2");
+        let no_psci = Board::from_fdt(&renamed(&no_psci, "arm,psci", "arm,pscx")).unwrap();
+        assert_eq!(no_psci.missing_device(), Some(MissingDevice::Psci));
     }
 }

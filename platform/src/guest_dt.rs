@@ -38,7 +38,7 @@ use alloc::{collections::BTreeMap, format};
 use stagehand_abi::DT_COMPATIBLE;
 use vm_fdt::FdtWriter;
 
-use crate::board::{DtError, Region};
+use crate::board::{DtError, Region, GICV2_COMPATIBLES};
 use crate::fdt_reader::{be32, string_value, Tree, ROOT};
 
 /// Zero bytes left at the end of the guest's blob (inside `totalsize`), so the guest can add
@@ -60,14 +60,6 @@ const CONTAINER_ONLY_PROPERTIES: [&str; 3] = ["compatible", "phandle", "linux,ph
 
 const PSCI_COMPATIBLES: [&str; 3] = ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"];
 
-/// GICv2 interrupt controllers: `reg` is distributor, CPU interface, then (with the
-/// virtualization extensions) GICH and GICV, which the guest does not get.
-pub const GICV2_COMPATIBLES: [&str; 4] = [
-    "arm,cortex-a15-gic",
-    "arm,gic-400",
-    "arm,cortex-a7-gic",
-    "arm,cortex-a9-gic",
-];
 /// The `reg` entries of a GICv2 node the guest needs: distributor and CPU interface.
 const GICV2_GUEST_REG_ENTRIES: usize = 2;
 

@@ -37,7 +37,21 @@ pub enum Kernel {
     Raw(&'static str),
     /// A malformed image, written to the log directory before the run.
     Malformed(Malformed),
+    /// A few instructions as a raw image, written to the log directory before the run.
+    Tiny(TinyGuest),
 }
+
+/// A raw guest of a few instructions, for what no test guest can do on purpose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TinyGuest {
+    /// Jumps to IPA [`TINY_GUEST_TARGET`] (flash: never in a guest's stage 2) as its first
+    /// instruction, MMU off and VBAR_EL1 at its reset value (0): the abort it takes cannot be
+    /// delivered, since its vector is not RAM either.
+    JumpOutOfRam,
+}
+
+/// Where [`TinyGuest::JumpOutOfRam`] jumps: an IPA in the flash, which no guest may reach.
+pub const TINY_GUEST_TARGET: u64 = 0x100;
 
 /// A malformed guest image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +87,18 @@ pub enum Expect {
         /// Text the error line must contain.
         message: &'static str,
     },
+    /// The hypervisor stops the guest after a fault it cannot give back: exit status
+    /// [`exit_status::GUEST_STOPPED`], a `[stagehand FATAL]` report whose title contains
+    /// `message`, with a decoded ESR line saying `syndrome` and FAR = `far`, then an `s2-fault`
+    /// and a `guest-stop` audit record, and a silent guest console.
+    GuestStopped {
+        /// Text the report's title must contain.
+        message: &'static str,
+        /// Text the decoded ESR line must contain.
+        syndrome: &'static str,
+        /// The FAR the report must give.
+        far: u64,
+    },
     /// The hypervisor faults on purpose at EL2 (`selftest=el2-fault`): its exit status line
     /// says [`HYPERVISOR_FAULT_STATUS`], the report names the exception, decodes the syndrome as a
     /// translation fault on a read, gives FAR = [`EL2_FAULT_ADDRESS`] and dumps x0-x30, and the
@@ -89,6 +115,9 @@ pub struct BootCheck {
     pub kernel: Kernel,
     /// Configuration items beyond [`suites::COMMON_CONFIG`].
     pub config: &'static [&'static str],
+    /// QEMU arguments after the usual ones (QEMU merges a second `-M` into the first, and a
+    /// second `-m` wins): the board the hypervisor cannot run on.
+    pub qemu_args: &'static [&'static str],
     /// QEMU gets one UART, which the hypervisor shares with the guest.
     pub shared_uart: bool,
     /// Seconds before QEMU is killed.
@@ -102,6 +131,7 @@ const fn check(name: &'static str, kernel: Kernel, expect: Expect) -> BootCheck 
         name,
         kernel,
         config: &[],
+        qemu_args: &[],
         shared_uart: false,
         timeout_secs: 30,
         expect,
@@ -178,6 +208,43 @@ pub const BOOT_CHECKS: &[BootCheck] = &[
         config: &["selftest=el2-fault"],
         ..check("el2-fault", Kernel::Elf("discovery"), Expect::El2Fault)
     },
+    // A guest that faults before it has vectors: stopped with a report, never left spinning.
+    BootCheck {
+        timeout_secs: 30,
+        ..check(
+            "undeliverable-fault",
+            Kernel::Tiny(TinyGuest::JumpOutOfRam),
+            Expect::GuestStopped {
+                message: "guest fault not deliverable: its vector 0x200 (MMU off) is not guest RAM",
+                syndrome: "(instruction abort from lower EL)",
+                far: TINY_GUEST_TARGET,
+            },
+        )
+    },
+    // Boards the hypervisor cannot run on: one error line and a status within a second, never a
+    // hang. QEMU without `virtualization=on` starts the firmware at EL1.
+    BootCheck {
+        qemu_args: &["-M", "virtualization=off"],
+        timeout_secs: 30,
+        ..check(
+            "no-el2",
+            Kernel::Elf("discovery"),
+            Expect::BootError {
+                message: "started at EL1, not EL2: the hypervisor needs EL2",
+            },
+        )
+    },
+    BootCheck {
+        qemu_args: &["-m", "64M"],
+        timeout_secs: 30,
+        ..check(
+            "small-ram",
+            Kernel::Elf("discovery"),
+            Expect::BootError {
+                message: "RAM is too small: 64 MiB found",
+            },
+        )
+    },
 ];
 
 /// Finds a boot check by name.
@@ -219,6 +286,27 @@ impl Malformed {
                 bytes
             }
         }
+    }
+}
+
+impl TinyGuest {
+    /// The file name the image is written under.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            TinyGuest::JumpOutOfRam => "boot-jump-out-of-ram.bin",
+        }
+    }
+
+    /// The image's bytes: little-endian A64 instructions.
+    pub fn bytes(self) -> Vec<u8> {
+        let code: &[u32] = match self {
+            TinyGuest::JumpOutOfRam => &[
+                // MOVZ x1, #TINY_GUEST_TARGET
+                0xd280_0001 | ((TINY_GUEST_TARGET as u32) << 5),
+                0xd61f_0020, // BR x1
+            ],
+        };
+        code.iter().flat_map(|word| word.to_le_bytes()).collect()
     }
 }
 
@@ -291,7 +379,50 @@ pub fn judge(expect: &Expect, observed: &Observed) -> Result<(), String> {
         }
         Expect::BootError { message } => judge_boot_error(message, observed),
         Expect::El2Fault => judge_el2_fault(observed),
+        Expect::GuestStopped {
+            message,
+            syndrome,
+            far,
+        } => judge_guest_stopped(message, syndrome, far, observed),
     }
+}
+
+fn judge_guest_stopped(
+    message: &str,
+    syndrome: &str,
+    far: u64,
+    observed: &Observed,
+) -> Result<(), String> {
+    expect_exit(observed.exit, exit_status::GUEST_STOPPED)?;
+    let log = observed.hypervisor_log;
+    if !log
+        .lines()
+        .any(|line| line.starts_with("[stagehand FATAL] ") && line.contains(message))
+    {
+        return Err(format!("no `[stagehand FATAL]` report saying {message:?}"));
+    }
+    if !log
+        .lines()
+        .any(|line| line.trim_start().starts_with("ESR ") && line.contains(syndrome))
+    {
+        return Err(format!("no ESR line decoded as {syndrome:?}"));
+    }
+    let expected_far = format!("FAR {far:#x} ");
+    if !log
+        .lines()
+        .any(|line| line.trim_start().starts_with(&expected_far))
+    {
+        return Err(format!("no `{}` in the report", expected_far.trim_end()));
+    }
+    for kind in ["kind=s2-fault", "kind=guest-stop"] {
+        if !log
+            .lines()
+            .any(|line| line.starts_with(AUDIT_PREFIX) && line.contains(kind))
+        {
+            return Err(format!("no audit record with {kind}"));
+        }
+    }
+    expect_silent_guest(observed.console)
 }
 
 /// The suite's normal judgement, with its first failure as the reason.
@@ -480,6 +611,9 @@ mod tests {
             "no-kernel",
             "single-uart",
             "el2-fault",
+            "no-el2",
+            "small-ram",
+            "undeliverable-fault",
         ] {
             assert!(find(name).is_some(), "{name}");
         }
@@ -512,6 +646,11 @@ mod tests {
                     let error = config::parse(&text).unwrap_err();
                     assert!(error.to_string().contains(message), "{error}");
                 }
+                _ if check.name == "small-ram" => {
+                    let error = hyp_core::layout::guest_ram(ram.0, 64 << 20, None).unwrap_err();
+                    assert!(error.to_string().contains(message), "{error}");
+                }
+                _ if !check.qemu_args.is_empty() => {}
                 _ => assert_eq!(check.kernel, Kernel::None),
             }
         }

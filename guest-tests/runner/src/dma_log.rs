@@ -7,11 +7,19 @@ use std::path::Path;
 use crate::protocol::TestOutcome;
 
 /// Suites whose hypervisor log gets the check.
-pub const CHECKED: &[&str] = &["dma", "dma-shared"];
+pub const CHECKED: &[&str] = &["dma", "dma-shared", "dma-nc-smmu", "dma-shared-nc-smmu"];
 /// edu's StreamID (00:02.0).
 pub const EDU_STREAM_ID: u64 = 0x10;
 /// End of guest RAM in the checked rows (`ram=256M` from IPA 0x4000_0000).
 pub const GUEST_RAM_END: u64 = 0x4000_0000 + (256 << 20);
+
+/// What the hypervisor's SMMU line ends with when it treats the SMMU as non-coherent (smmu.rs).
+pub const NONCOHERENT_SMMU_SAYS: &str = "-entry event queue, non-coherent";
+
+/// Whether suite `name` runs with `smmu-coherent=off`.
+fn noncoherent_smmu(name: &str) -> bool {
+    crate::suites::find(name).is_some_and(|suite| suite.config.contains(&"smmu-coherent=off"))
+}
 
 /// Whether suite `name` gets the check.
 pub fn applies(name: &str) -> bool {
@@ -39,14 +47,23 @@ fn is_fault_past_ram(line: &str) -> bool {
 }
 
 /// `<suite>/smmu-fault-audited`: `<logs>/<suite>.hyp.log` holds an `smmu-fault` record of edu
-/// past guest RAM.
+/// past guest RAM, and, for a row with `smmu-coherent=off`, says the SMMU was driven as
+/// non-coherent (so the cleans ran).
 pub fn check(suite: &str, logs: &Path) -> TestOutcome {
     let name = format!("{suite}/smmu-fault-audited");
     let path = logs.join(format!("{suite}.hyp.log"));
     match std::fs::read(&path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
-            if text.lines().any(is_fault_past_ram) {
+            if noncoherent_smmu(suite) && !text.contains(NONCOHERENT_SMMU_SAYS) {
+                TestOutcome::fail(
+                    name,
+                    format!(
+                        "{} does not say {NONCOHERENT_SMMU_SAYS:?}: the SMMU was not driven as non-coherent",
+                        path.display()
+                    ),
+                )
+            } else if text.lines().any(is_fault_past_ram) {
                 TestOutcome::pass(name)
             } else {
                 TestOutcome::fail(
@@ -90,6 +107,8 @@ mod tests {
             let suite = crate::suites::find(name).expect("a row");
             assert!(suite.config.contains(&"ram=256M"), "{name}");
         }
+        assert!(noncoherent_smmu("dma-nc-smmu") && noncoherent_smmu("dma-shared-nc-smmu"));
+        assert!(!noncoherent_smmu("dma") && !noncoherent_smmu("dma-shared"));
         let outcome = check("dma", Path::new("/nonexistent"));
         assert!(outcome.failure.is_some());
     }

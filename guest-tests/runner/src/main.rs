@@ -250,6 +250,13 @@ fn run_boot_check(check: &BootCheck, options: &Options, logs: &Path) -> TestOutc
             }
             Some(path)
         }
+        Kernel::Tiny(image) => {
+            let path = logs.join(image.file_name());
+            if let Err(error) = std::fs::write(&path, image.bytes()) {
+                return TestOutcome::fail(name, format!("writing {}: {error}", path.display()));
+            }
+            Some(path)
+        }
     };
     if let Some(kernel) = kernel.as_deref().filter(|k| !k.is_file()) {
         return TestOutcome::fail(name, format!("guest image {} not found", kernel.display()));
@@ -306,7 +313,7 @@ fn boot_check_launch(
         config: check.config_string(),
         hypervisor_log: (!check.shared_uart)
             .then(|| logs.join(format!("boot-{}.hyp.log", check.name))),
-        extra_args: Vec::new(),
+        extra_args: check.qemu_args.iter().map(|&arg| arg.into()).collect(),
         timeout: Duration::from_secs(options.timeout.unwrap_or(check.timeout_secs)),
     }
 }

@@ -142,6 +142,24 @@ pub const SUITES: &[Suite] = &[
         extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
         ..guest("dma-shared", 4, "512M")
     },
+    // Both again with the SMMU treated as not snooping the caches: every clean of the stream
+    // table, queues and tables runs (QEMU's SMMU is coherent, so the data would not tell).
+    Suite {
+        config: &[
+            "ram=256M",
+            "devices=00:02.0/strict/noncoherent",
+            "smmu-coherent=off",
+        ],
+        append: Some("stagehand.expect_dma=strict/noncoherent"),
+        extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
+        ..guest("dma-nc-smmu", 4, "512M")
+    },
+    Suite {
+        config: &["ram=256M", "smmu-coherent=off"],
+        append: Some("stagehand.expect_dma=shared/coherent"),
+        extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
+        ..guest("dma-shared-nc-smmu", 4, "512M")
+    },
     // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
     Suite {
         image: Image::Linux,

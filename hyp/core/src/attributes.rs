@@ -171,6 +171,9 @@ impl<A: Arch> Arch for Counting<'_, A> {
     fn dsb_ishst(&mut self) {
         self.arch.dsb_ishst()
     }
+    fn dsb_sy(&mut self) {
+        self.arch.dsb_sy()
+    }
     fn isb(&mut self) {
         self.arch.isb()
     }
@@ -208,6 +211,10 @@ pub struct AttributeManager {
     ram: GuestRam,
     mmio: Vec<(u64, u64)>,
     pages: Vec<Page>,
+    /// A walker that does not snoop the CPU caches reads these tables (a device sharing the
+    /// guest's stage 2 behind a non-coherent SMMU): every entry written is cleaned to the point
+    /// of coherency, and barriers are DSB SY, before that walker may read it.
+    noncoherent_walker: bool,
 }
 
 impl AttributeManager {
@@ -242,7 +249,52 @@ impl AttributeManager {
             ram,
             mmio: Vec::new(),
             pages,
+            noncoherent_walker: false,
         })
+    }
+
+    /// From now on a walker that does not snoop the CPU caches reads the tables (a shared
+    /// device behind a non-coherent SMMU): cleans every table written so far to the point of
+    /// coherency, and makes every later edit clean the entries it writes before the barrier
+    /// and TLB invalidation (device TLBI included) that follow them.
+    pub fn set_noncoherent_walker(&mut self, memory: &mut impl TableMemory, arch: &mut impl Arch) {
+        self.noncoherent_walker = true;
+        crate::noncoherent::clean_all_tables(&self.stage2, memory, arch);
+    }
+
+    /// Cleans the line holding entry `index` of `table` for a non-coherent walker.
+    fn clean_entry(&self, arch: &mut impl Arch, table: u64, index: usize) {
+        if self.noncoherent_walker {
+            let line = arch.line_size();
+            let address = table + index as u64 * 8;
+            arch.dcache_range(CacheOp::Clean, address & !(line - 1), line);
+        }
+    }
+
+    /// Cleans a whole table for a non-coherent walker (one about to be linked in).
+    fn clean_table(&self, arch: &mut impl Arch, table: u64) {
+        if self.noncoherent_walker {
+            arch.dcache_range(CacheOp::Clean, table, PAGE_SIZE);
+        }
+    }
+
+    /// The barrier after breaking entries, before TLB invalidation: DSB ISH, or DSB SY when a
+    /// non-coherent walker must see the cleaned entries.
+    fn complete_writes(&self, arch: &mut impl Arch) {
+        if self.noncoherent_walker {
+            arch.dsb_sy();
+        } else {
+            arch.dsb_ish();
+        }
+    }
+
+    /// The barrier after making entries: DSB ISHST, or DSB SY for a non-coherent walker.
+    fn complete_stores(&self, arch: &mut impl Arch) {
+        if self.noncoherent_walker {
+            arch.dsb_sy();
+        } else {
+            arch.dsb_ishst();
+        }
     }
 
     /// Identity-maps an MMIO range for the guest (Device, never executable). Memory calls on it
@@ -458,8 +510,9 @@ impl AttributeManager {
                     ipa: page_ipa,
                     level: 3,
                 });
+                self.clean_entry(arch, table, index);
             }
-            arch.dsb_ish();
+            self.complete_writes(arch);
             if changed > STAGE2_TLBI_THRESHOLD {
                 arch.tlbi_vmalls12e1is();
                 maintenance.tlbi = TlbiScope::Vmid;
@@ -521,6 +574,7 @@ impl AttributeManager {
                 level: 2,
                 non_cacheable: attribute == Attribute::NonCacheable,
             });
+            self.clean_entry(arch, table, index);
         } else {
             for (i, _) in changing.iter().enumerate().filter(|(_, &c)| c) {
                 let page_ipa = ipa + i as u64 * PAGE_SIZE;
@@ -537,9 +591,10 @@ impl AttributeManager {
                     level: 3,
                     non_cacheable: attribute == Attribute::NonCacheable,
                 });
+                self.clean_entry(arch, table, index);
             }
         }
-        arch.dsb_ishst();
+        self.complete_stores(arch);
         Ok(())
     }
 
@@ -579,10 +634,13 @@ impl AttributeManager {
                 )
             };
         }
+        // Cleaned before the break, whose barrier completes it before the table is linked in.
+        self.clean_table(arch, new_table);
         let (table, index) = self.break_block(memory, arch, region)?;
         memory.table(table)[index] = new_table | TABLE_OR_PAGE | VALID;
         arch.table_write(TableWrite::Table { ipa: region });
-        arch.dsb_ishst();
+        self.clean_entry(arch, table, index);
+        self.complete_stores(arch);
         Ok(())
     }
 
@@ -604,7 +662,8 @@ impl AttributeManager {
             ipa: region,
             level: 2,
         });
-        arch.dsb_ish();
+        self.clean_entry(arch, table, index);
+        self.complete_writes(arch);
         arch.tlbi_ipas2e1is(region);
         arch.dsb_ish();
         arch.tlbi_vmalle1is();
@@ -649,7 +708,8 @@ impl AttributeManager {
             ipa: region,
             level: 2,
         });
-        arch.dsb_ish();
+        self.clean_entry(arch, table, index);
+        self.complete_writes(arch);
         // Every page of the region may be cached, and the walk caches hold the old table.
         arch.tlbi_vmalls12e1is();
         arch.dsb_ish();
@@ -662,7 +722,8 @@ impl AttributeManager {
             ipa: region,
             non_cacheable: target_nc,
         });
-        arch.dsb_ishst();
+        self.clean_entry(arch, table, index);
+        self.complete_stores(arch);
         memory.free(old_table);
         true
     }
@@ -1050,6 +1111,101 @@ mod tests {
         }
         ops.extend([Op::DsbIsh, Op::Isb]);
         ops
+    }
+
+    /// The address of the line holding the stage-2 entry a recorded write describes.
+    fn written_line(f: &mut Fixture, write: TableWrite) -> Option<u64> {
+        let (ipa, level) = match write {
+            Break { ipa, level } | Make { ipa, level, .. } => (ipa, level),
+            Table { ipa } | Merge { ipa, .. } => (ipa, 2),
+            WindowMap { .. } | WindowUnmap { .. } => return None,
+        };
+        let (table, index) = f.manager.stage2.slot(&mut f.memory, ipa, level)?;
+        Some((table + index as u64 * 8) & !63)
+    }
+
+    #[test]
+    fn a_noncoherent_walker_gets_every_written_entry_cleaned_before_it_may_read_it() {
+        let mut f = fixture(false);
+        f.manager.set_noncoherent_walker(&mut f.memory, &mut f.arch);
+        // Everything built so far is cleaned whole, then DSB SY.
+        let mut tables = Vec::new();
+        f.manager
+            .stage2
+            .for_each_table(&mut f.memory, &mut |pa| tables.push(pa));
+        let expected: Vec<Op> = tables
+            .iter()
+            .map(|&pa| Op::Dc(CacheOp::Clean, pa, PAGE_SIZE))
+            .chain([Op::DsbSy])
+            .collect();
+        assert_eq!(f.arch.ops, expected);
+
+        // A split (one page of a block to NC), a change of split pages, a merge back to WB.
+        for (ipa, size, attribute) in [
+            (R0 + PAGE_SIZE, PAGE_SIZE, Attribute::NonCacheable),
+            (R0 + 2 * PAGE_SIZE, 2 * PAGE_SIZE, Attribute::NonCacheable),
+            (R0 + PAGE_SIZE, 3 * PAGE_SIZE, Attribute::WriteBack),
+        ] {
+            f.arch.clear();
+            f.set(ipa, size, attribute).unwrap();
+            f.check();
+            let ops = f.arch.ops.clone();
+            if attribute == Attribute::NonCacheable && ipa == R0 + PAGE_SIZE {
+                // The split's new level-3 table is cleaned whole before it is linked in.
+                let (l3, _) = f.manager.stage2.slot(&mut f.memory, R0, 3).unwrap();
+                let cleaned = ops
+                    .iter()
+                    .position(|op| *op == Op::Dc(CacheOp::Clean, l3, PAGE_SIZE))
+                    .expect("new table cleaned");
+                let linked = ops
+                    .iter()
+                    .position(|op| *op == Op::Write(Table { ipa: R0 }))
+                    .unwrap();
+                assert!(cleaned < linked);
+                assert!(ops[cleaned..linked].contains(&Op::DsbSy));
+            }
+            let mut unclean_since_barrier = false;
+            for (at, op) in ops.iter().enumerate() {
+                match *op {
+                    Op::Write(write) => {
+                        let Some(line) = written_line(&mut f, write) else {
+                            continue;
+                        };
+                        if matches!(
+                            write,
+                            Merge { .. } | Table { .. } | Make { .. } | Break { .. }
+                        ) {
+                            assert_eq!(
+                                ops.get(at + 1),
+                                Some(&Op::Dc(CacheOp::Clean, line, 64)),
+                                "{write:?} not followed by a clean of its line: {ops:?}"
+                            );
+                            unclean_since_barrier = true;
+                        }
+                    }
+                    Op::DsbSy => unclean_since_barrier = false,
+                    Op::DsbIsh | Op::DsbIshst => {
+                        assert!(
+                            !unclean_since_barrier,
+                            "a table clean completed by DSB ISH only"
+                        )
+                    }
+                    Op::DeviceTlbi(..) => {
+                        assert!(
+                            !unclean_since_barrier,
+                            "device TLBI before the cleans completed"
+                        )
+                    }
+                    _ => {}
+                }
+            }
+            assert!(
+                !unclean_since_barrier,
+                "cleans not completed at the end: {ops:?}"
+            );
+        }
+        let region_table = f.manager.stage2.slot(&mut f.memory, R0, 3).map(|(t, _)| t);
+        assert!(region_table.is_none(), "merged back into a block");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! | `audit` | `all`, `changes` (no records of CMO calls or DMA syncs), `off`: which events become audit records ([`AuditLevel`]) | `all` |
 //! | `selftest` | `el2-fault`: fault at EL2 on purpose before entering the guest, to test the fault report | none |
 //! | `dma` | `shared`, `strict`, `blocked`: DMA mode of every PCI device behind the SMMU ([`DmaMode`]) | `shared` |
+//! | `smmu-coherent` | `auto`, `off`: `off` treats the SMMU as not snooping CPU caches even when SMMU_IDR0.COHACC says it does, so every clean its tables and queues need runs (tests the non-coherent path on QEMU, whose SMMU is coherent) | `auto` |
 //! | `devices` | per-device overrides: `<bus:dev.fn>/<option>[/<option>]...`, several joined by `+`; options `shared`, `strict`, `blocked`, `coherent`, `noncoherent` (e.g. `devices=00:02.0/strict/noncoherent+00:03.0/shared`) | none: every device takes `dma`, coherent |
 //!
 //! To add a key, add one entry to [`KEYS`]. A key that is removed moves to [`REMOVED_KEYS`], so
@@ -137,6 +138,9 @@ pub struct Config {
     pub dma: DmaMode,
     /// Per-device overrides.
     pub devices: DeviceRules,
+    /// Treat the SMMU's table walks and queue accesses as not snooping CPU caches, whatever
+    /// SMMU_IDR0.COHACC says (`smmu-coherent=off`).
+    pub smmu_noncoherent: bool,
 }
 
 impl Config {
@@ -160,6 +164,7 @@ impl Default for Config {
             audit: AuditLevel::All,
             dma: DmaMode::Shared,
             devices: DeviceRules::EMPTY,
+            smmu_noncoherent: false,
         }
     }
 }
@@ -250,7 +255,7 @@ const REMOVED_KEYS: [(&str, &str); 1] = [(
 )];
 
 /// Every key the configuration accepts.
-const KEYS: [Key; 7] = [
+const KEYS: [Key; 8] = [
     Key {
         name: "ram",
         expected:
@@ -284,6 +289,18 @@ const KEYS: [Key; 7] = [
             config.fwb = match value {
                 "on" => true,
                 "off" => false,
+                _ => return None,
+            };
+            Some(())
+        },
+    },
+    Key {
+        name: "smmu-coherent",
+        expected: "auto or off",
+        apply: |config, value| {
+            config.smmu_noncoherent = match value {
+                "auto" => false,
+                "off" => true,
                 _ => return None,
             };
             Some(())
@@ -477,6 +494,7 @@ mod tests {
                 audit: AuditLevel::All,
                 dma: DmaMode::Shared,
                 devices: DeviceRules::EMPTY,
+                smmu_noncoherent: false,
             }
         );
     }
@@ -495,9 +513,12 @@ mod tests {
                 audit: AuditLevel::All,
                 dma: DmaMode::Shared,
                 devices: DeviceRules::EMPTY,
+                smmu_noncoherent: false,
             }
         );
         assert_eq!(parse("audit=changes").unwrap().audit, AuditLevel::Changes);
+        assert!(parse("smmu-coherent=off").unwrap().smmu_noncoherent);
+        assert!(!parse("smmu-coherent=auto").unwrap().smmu_noncoherent);
         assert_eq!(parse("audit=off").unwrap().audit, AuditLevel::Off);
         assert!(parse("audit=some").is_err());
         assert!(parse("fwb=on,log=warn").unwrap().fwb);
@@ -656,7 +677,7 @@ mod tests {
         let cases = [
             ("ram", "config: `ram` is not key=value".to_string()),
             ("=5", "config: `=5` is not key=value".to_string()),
-            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, selftest, audit, dma, devices)".to_string()),
+            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, smmu-coherent, selftest, audit, dma, devices)".to_string()),
             ("log=info log=warn", "config: `log` given twice".to_string()),
             ("ram=3M", alloc::format!("config: bad value `3M` for `ram`: expected {ram}")),
             ("ram=0", alloc::format!("config: bad value `0` for `ram`: expected {ram}")),
@@ -682,7 +703,7 @@ mod tests {
                 "selftest=panic",
                 "config: bad value `panic` for `selftest`: expected el2-fault".to_string(),
             ),
-            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, selftest, audit, dma, devices)".to_string()),
+            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, smmu-coherent, selftest, audit, dma, devices)".to_string()),
         ];
         for (text, message) in cases {
             assert_eq!(parse(text).unwrap_err().to_string(), message, "{text}");

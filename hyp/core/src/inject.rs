@@ -117,6 +117,62 @@ pub fn undefined(guest: &GuestContext, far: u64) -> Injection {
     enter(guest, IL, far)
 }
 
+/// SCTLR_EL1.M: the guest's stage-1 MMU is on.
+const SCTLR_M: u64 = 1 << 0;
+
+/// Why an exception cannot usefully be given to the guest: delivering it would fault again at
+/// once, and again, forever (a guest that faults before it has set up its vectors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undeliverable {
+    /// The guest's MMU is off, so its vector address is an IPA, and that IPA is not its RAM.
+    VectorNotRam {
+        /// The vector the exception would enter.
+        vector: u64,
+    },
+    /// The guest faulted on the very instruction the exception would enter.
+    FaultAtVector {
+        /// The vector the exception would enter.
+        vector: u64,
+    },
+}
+
+impl core::fmt::Display for Undeliverable {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Undeliverable::VectorNotRam { vector } => write!(
+                f,
+                "guest fault not deliverable: its vector {vector:#x} (MMU off) is not guest RAM"
+            ),
+            Undeliverable::FaultAtVector { vector } => write!(
+                f,
+                "guest fault not deliverable: it faulted at its own vector {vector:#x}"
+            ),
+        }
+    }
+}
+
+/// Checks that `injection` can run in the guest: with its MMU off its vector must be guest RAM
+/// (`is_ram` of an IPA), and it must not have faulted at that same vector (it would only
+/// fault there again). A guest whose MMU is on may have mapped its vectors anywhere; only the
+/// second check applies then.
+///
+/// # Errors
+/// The [`Undeliverable`] reason; the caller stops the guest instead of injecting.
+pub fn check_delivery(
+    guest: &GuestContext,
+    injection: &Injection,
+    is_ram: impl Fn(u64) -> bool,
+) -> Result<(), Undeliverable> {
+    let vector = injection.elr_el2;
+    if guest.sctlr & SCTLR_M == 0 && !is_ram(vector) {
+        return Err(Undeliverable::VectorNotRam { vector });
+    }
+    if guest.elr == vector {
+        return Err(Undeliverable::FaultAtVector { vector });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +242,49 @@ mod tests {
             assert_eq!((i.elr_el1, i.spsr_el1, i.far_el1), (GUEST.elr, spsr, 0x55));
             assert_eq!(i.spsr_el2 & 0x3cf, 0x3c5, "EL1h, DAIF masked");
         }
+    }
+
+    #[test]
+    fn an_exception_that_would_only_fault_again_is_not_delivered() {
+        let ram = |ipa: u64| (0x4000_0000..0x6000_0000).contains(&ipa);
+        // MMU off, VBAR_EL1 at its reset value 0: the vector is flash, not RAM.
+        let reset = GuestContext {
+            spsr: 0x3c5,
+            elr: 0x100,
+            vbar: 0,
+            sctlr: 0x30d0_0800,
+        };
+        let i = external_abort(&reset, 0x100, Access::Fetch);
+        assert_eq!(
+            check_delivery(&reset, &i, ram),
+            Err(Undeliverable::VectorNotRam { vector: 0x200 })
+        );
+        assert_eq!(
+            Undeliverable::VectorNotRam { vector: 0x200 }.to_string(),
+            "guest fault not deliverable: its vector 0x200 (MMU off) is not guest RAM"
+        );
+        // MMU off, vectors in RAM: delivered.
+        let i = external_abort(&GUEST, 0x100, Access::Fetch);
+        let mmu_off = GuestContext { sctlr: 0, ..GUEST };
+        assert_eq!(check_delivery(&mmu_off, &i, ram), Ok(()));
+        // MMU on: any vector address may be mapped, unless the fault was at the vector itself.
+        let mmu_on = GuestContext {
+            vbar: 0xffff_0000_0000_0000,
+            sctlr: 1,
+            ..GUEST
+        };
+        let i = external_abort(&mmu_on, 0x100, Access::Fetch);
+        assert_eq!(check_delivery(&mmu_on, &i, ram), Ok(()));
+        let at_vector = GuestContext {
+            elr: 0xffff_0000_0000_0200,
+            ..mmu_on
+        };
+        let i = external_abort(&at_vector, 0xffff_0000_0000_0200, Access::Fetch);
+        assert_eq!(
+            check_delivery(&at_vector, &i, ram),
+            Err(Undeliverable::FaultAtVector {
+                vector: 0xffff_0000_0000_0200
+            })
+        );
     }
 }

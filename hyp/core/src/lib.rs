@@ -21,6 +21,7 @@ pub mod inject;
 pub mod layout;
 pub mod lock;
 pub mod maintenance;
+pub mod noncoherent;
 pub mod pagetable;
 pub mod psci;
 pub mod requests;

@@ -83,6 +83,9 @@ pub trait Arch {
     fn dsb_ish(&mut self);
     /// DSB ISHST.
     fn dsb_ishst(&mut self);
+    /// DSB SY: completes earlier cache maintenance for every observer, including one outside
+    /// the inner-shareable domain that does not snoop the caches (a non-coherent SMMU).
+    fn dsb_sy(&mut self);
     /// ISB.
     fn isb(&mut self);
     /// TLBI IPAS2E1IS: stage-2 entries for one IPA of the current VMID.
@@ -113,6 +116,8 @@ pub enum Op {
     DsbIsh,
     /// DSB ISHST.
     DsbIshst,
+    /// DSB SY.
+    DsbSy,
     /// ISB.
     Isb,
     /// TLBI IPAS2E1IS.
@@ -190,6 +195,9 @@ impl Arch for Recorder {
     }
     fn dsb_ishst(&mut self) {
         self.ops.push(Op::DsbIshst);
+    }
+    fn dsb_sy(&mut self) {
+        self.ops.push(Op::DsbSy);
     }
     fn isb(&mut self) {
         self.ops.push(Op::Isb);

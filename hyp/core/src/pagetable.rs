@@ -393,6 +393,30 @@ impl<F: Format> PageTable<F> {
         self.walk(memory, self.root, self.start_level, 0, visit);
     }
 
+    /// Calls `visit(pa)` for every table, the root first, each before the tables it points to.
+    pub fn for_each_table(&self, memory: &mut impl TableMemory, visit: &mut impl FnMut(u64)) {
+        self.tables_from(memory, self.root, self.start_level, visit);
+    }
+
+    fn tables_from(
+        &self,
+        memory: &mut impl TableMemory,
+        table: u64,
+        level: usize,
+        visit: &mut impl FnMut(u64),
+    ) {
+        visit(table);
+        if level == 3 {
+            return;
+        }
+        for slot in 0..ENTRIES {
+            let entry = memory.table(table)[slot];
+            if entry & VALID != 0 && entry & TABLE_OR_PAGE != 0 {
+                self.tables_from(memory, entry & ADDRESS_MASK, level + 1, visit);
+            }
+        }
+    }
+
     fn walk(
         &self,
         memory: &mut impl TableMemory,

@@ -88,6 +88,10 @@ impl Arch for Cpu {
         unsafe { asm!("dsb ishst", options(nostack, preserves_flags)) };
     }
 
+    fn dsb_sy(&mut self) {
+        super::dsb_sy();
+    }
+
     fn isb(&mut self) {
         super::isb();
     }

@@ -118,6 +118,14 @@ pub fn wait_for_interrupt() {
     unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
 }
 
+/// The exception level this code runs at (CurrentEL.EL).
+pub fn current_el() -> u64 {
+    let v: u64;
+    // SAFETY: reading CurrentEL has no side effects and is allowed at EL1 and above.
+    unsafe { asm!("mrs {}, currentel", out(reg) v, options(nomem, nostack, preserves_flags)) };
+    (v >> 2) & 0b11
+}
+
 /// Waits for an event, forever (a CPU with nothing left to do).
 pub fn halt() -> ! {
     loop {

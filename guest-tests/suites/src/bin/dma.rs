@@ -1,7 +1,9 @@
 //! Suite `dma`: the DMA calls (DEV_INFO, DMA_MAP, DMA_UNMAP, DMA_SYNC) with QEMU's `edu` device
-//! behind the hypervisor's SMMU, from a guest with 4 vCPUs. The same guest runs twice (runner
-//! rows `dma` and `dma-shared`): with edu in strict mode and declared non-coherent
-//! (`devices=00:02.0/strict/noncoherent`), and in the default shared mode (coherent). The row
+//! behind the hypervisor's SMMU, from a guest with 4 vCPUs. The same guest runs in several runner
+//! rows: `dma`, with edu in strict mode and declared non-coherent
+//! (`devices=00:02.0/strict/noncoherent`), `dma-shared`, in the default shared mode (coherent),
+//! and both again with the SMMU treated as non-coherent (`smmu-coherent=off`: `dma-nc-smmu`,
+//! `dma-shared-nc-smmu`), which runs every clean of its tables and queues. The row
 //! says which on the command line, `stagehand.expect_dma=strict/noncoherent` or
 //! `stagehand.expect_dma=shared/coherent`, and the suite's name is its binary's name.
 //!
@@ -28,7 +30,7 @@ use stagehand_abi::{attr, cache_op, feature, function, page_flag, Regs, Status, 
 
 guest_rt::main!(main);
 
-/// The suite's name: `dma` or `dma-shared`, after the binary.
+/// The suite's name (`dma`, `dma-shared`, ...), after the binary.
 const SUITE: &str = env!("CARGO_BIN_NAME");
 
 fn main() -> ! {
