@@ -154,6 +154,11 @@ pub const SUITES: &[Suite] = &[
         ..guest("hostile", 4, "512M")
     },
     Suite {
+        config: &["ram=256M", "devices=00:02.0/strict/noncoherent"],
+        extra_args: EDU,
+        ..guest("hostile-mixed", 1, "512M")
+    },
+    Suite {
         config: &["ram=256M"],
         extra_args: EDU,
         timeout_secs: 120,
