@@ -133,6 +133,9 @@ pub mod kind {
     pub const OVERFLOW: u8 = 12;
     /// A guest register write the hypervisor changed or dropped (GIC: LPI enabling).
     pub const FILTERED_WRITE: u8 = 13;
+    /// A guest instruction trapped to the hypervisor, which does not emulate it (a system
+    /// register the guest may not use, say); the guest got an UNDEF (`detail` = ESR_EL2).
+    pub const UNDEFINED: u8 = 14;
 }
 
 /// Flag bits.
@@ -280,7 +283,7 @@ impl Record {
 }
 
 /// Kind numbers and their names in the line format.
-pub const KINDS: [(u8, &str); 13] = [
+pub const KINDS: [(u8, &str); 14] = [
     (kind::ATTRIBUTE_CHANGE, "attr"),
     (kind::CMO, "cmo"),
     (kind::DMA_MAP, "dma-map"),
@@ -294,6 +297,7 @@ pub const KINDS: [(u8, &str); 13] = [
     (kind::MARK, "mark"),
     (kind::OVERFLOW, "overflow"),
     (kind::FILTERED_WRITE, "filtered"),
+    (kind::UNDEFINED, "undef"),
 ];
 
 const ATTR_NAMES: [(u8, &str); 3] = [(attr::WB, "wb"), (attr::NC, "nc"), (attr::NONE, "-")];

@@ -1,5 +1,6 @@
 //! The stagehand hypercall ABI, version 1.0: function IDs, status codes, flags and the
-//! guest-side client.
+//! guest-side client; and the lines the hypervisor writes for the host on its UART (audit
+//! records, [`exit_status`]).
 //!
 //! This crate is the single definition shared by the hypervisor, the test guests and guest
 //! drivers. It is `no_std` and has no dependencies. The calls follow SMCCC 1.1 fast-call
@@ -13,6 +14,7 @@
 pub mod audit;
 pub mod client;
 pub mod driver;
+pub mod exit_status;
 
 /// Major version of the ABI this crate describes (REVISION x0).
 pub const ABI_MAJOR: u64 = 1;

@@ -106,6 +106,30 @@ pub fn emergency_write(text: &str) {
     }
 }
 
+/// Writes the last line before the machine stops (the exit status line), whole when it can:
+/// under the lock if its holder lets go soon, else without it (the holder may be the code that
+/// faulted, which will never let go); then waits until the UART has sent every byte.
+pub fn write_final_line(line: &str) {
+    /// Attempts at the lock: far longer than any line takes to write, still a bounded wait.
+    const LOCK_ATTEMPTS: u32 = 1 << 20;
+    let base = CONSOLE.base.load(Ordering::Acquire);
+    if base == 0 {
+        return;
+    }
+    let guard = (0..LOCK_ATTEMPTS).find_map(|_| {
+        let guard = CONSOLE.lock.try_lock();
+        if guard.is_none() {
+            core::hint::spin_loop();
+        }
+        guard
+    });
+    // SAFETY: `base` was stored by `init`, whose contract keeps it mapped.
+    let uart = unsafe { uart_at(base) };
+    uart.write_str(line);
+    uart.flush();
+    drop(guard);
+}
+
 /// A fixed-size line, formatted without allocating (longer text is cut).
 pub struct LineBuffer {
     bytes: [u8; 512],

@@ -101,35 +101,31 @@ pub fn map(device: u64, ipa: u64, size: u64, direction: u64) -> Reply {
     let vm = vm();
     let mut manager = vm.attributes.write();
     let mut mappings = MAPPINGS.lock();
-    if let Err(error) = manager.pin(ipa, size) {
+    // Pinning splits the blocks the buffer touches, so that no attribute change elsewhere in
+    // them ever breaks the translation a device uses (shared mode walks the CPU's stage 2).
+    if let Err(error) = manager.pin(&mut HeapTables, &mut Cpu::new(), ipa, size) {
         return refuse(error);
     }
-    let mut maintenance = Maintenance::default();
-    let mut attribute = None;
+    // The runs of one attribute: a strict device gets each with that attribute in its own
+    // stage 2 too (no cacheable device alias of a non-cacheable page, I1), and each gets its
+    // own record.
+    let runs = manager.attribute_runs(ipa, size);
     if device.strict {
         if mappings.overlaps(device.stream_id, ipa, size) {
             manager.unpin(ipa, size);
             return refuse(Status::Busy);
         }
-        // Each run of pages with one attribute gets that attribute in the device's stage 2 too:
-        // no cacheable device alias of a non-cacheable page (I1).
-        let mut at = ipa;
-        while at < ipa + size {
-            let run_attribute = manager.attribute_of(at);
-            let mut end = at + PAGE_SIZE;
-            while end < ipa + size && manager.attribute_of(end) == run_attribute {
-                end += PAGE_SIZE;
-            }
+        for &(at, bytes, run_attribute) in &runs {
             let memory = match run_attribute {
                 Attribute::WriteBack => MemoryType::NormalWriteBack,
                 Attribute::NonCacheable => MemoryType::NormalNonCacheable,
             };
-            let pa = vm.ram.pa_of(at, end - at).unwrap_or_default();
+            let pa = vm.ram.pa_of(at, bytes).unwrap_or_default();
             if let Err(error) = smmu::map_strict(
                 device.stream_id,
                 at,
                 pa,
-                end - at,
+                bytes,
                 dma::device_permissions(direction),
                 memory,
             ) {
@@ -139,8 +135,6 @@ pub fn map(device: u64, ipa: u64, size: u64, direction: u64) -> Reply {
                 manager.unpin(ipa, size);
                 return refuse(error);
             }
-            attribute.get_or_insert(run_attribute);
-            at = end;
         }
     }
     let handle = match mappings.insert(Mapping {
@@ -158,26 +152,51 @@ pub fn map(device: u64, ipa: u64, size: u64, direction: u64) -> Reply {
             return refuse(error);
         }
     };
-    if !device.coherent {
-        if let Some(op) = dma::maintenance(direction, Step::Map) {
-            let mut window = vm.windows[current_vcpu()].lock();
-            maintenance.cmo = Some(op);
-            maintenance.cmo_lines = maintain(&manager, &mut window, op, ipa, size).unwrap_or(0);
+    let op = if device.coherent {
+        None
+    } else {
+        dma::maintenance(direction, Step::Map)
+    };
+    if let Some(op) = op {
+        let mut window = vm.windows[current_vcpu()].lock();
+        if let Err(error) = maintain(&manager, &mut window, op, ipa, size) {
+            // Not expected (the pin checked the range): undo the mapping rather than hand
+            // the device a buffer that was not maintained.
+            let _ = mappings.remove(handle);
+            if device.strict {
+                let _ = smmu::unmap_strict(device.stream_id, ipa, size);
+            }
+            manager.unpin(ipa, size);
+            return refuse(error);
         }
     }
-    audit(
-        current_vcpu(),
-        Event::DmaMap {
-            stream_id: device.stream_id,
-            ipa,
-            size,
-            direction,
-            handle,
-            attribute,
-            maintenance,
-            status: 0,
-        },
-    );
+    // One record per run in strict mode (each with the attribute the device's mapping of it
+    // has); one for the whole buffer when the device shares the guest's stage 2.
+    let whole = [(ipa, size, Attribute::WriteBack)];
+    let records = if device.strict { &runs[..] } else { &whole[..] };
+    for &(at, bytes, run_attribute) in records {
+        audit(
+            current_vcpu(),
+            Event::DmaMap {
+                stream_id: device.stream_id,
+                ipa: at,
+                size: bytes,
+                direction,
+                handle,
+                attribute: device.strict.then_some(run_attribute),
+                maintenance: Maintenance {
+                    cmo: op,
+                    cmo_lines: if op.is_some() {
+                        bytes.div_ceil(vm.dcache_line)
+                    } else {
+                        0
+                    },
+                    ..Maintenance::default()
+                },
+                status: 0,
+            },
+        );
+    }
     reply(Status::Success, ipa, handle)
 }
 

@@ -1,46 +1,37 @@
-//! Stopping the machine: through semihosting when the configuration says QEMU has it enabled
-//! (the only way to hand QEMU a non-zero exit status), else through PSCI SYSTEM_OFF.
+//! Stopping the machine. The exit status goes out as one line on the hypervisor's UART
+//! ([`stagehand_abi::exit_status`]), then PSCI SYSTEM_OFF powers the machine off (QEMU exits
+//! with status 0). Never semihosting: `HLT` cannot be trapped at EL2, so QEMU must never enable
+//! it, or any guest could run host commands.
 
-use core::arch::asm;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::fmt::Write;
+use stagehand_abi::exit_status;
 
-static SEMIHOSTING: AtomicBool = AtomicBool::new(false);
-
-/// The configuration says QEMU runs with `-semihosting-config enable=on`.
-pub fn use_semihosting(enabled: bool) {
-    SEMIHOSTING.store(enabled, Ordering::Relaxed);
-}
-
-/// Stops the machine with `code` as QEMU's exit status where possible.
-pub fn exit(code: u8) -> ! {
-    if SEMIHOSTING.load(Ordering::Relaxed) {
-        // SYS_EXIT_EXTENDED with ADP_Stopped_ApplicationExit and the status.
-        let block: [u64; 2] = [0x20026, code as u64];
-        // SAFETY: semihosting is enabled (configuration), so HLT #0xF000 is a call into QEMU
-        // that reads the two words at x1 and ends the emulation.
-        unsafe {
-            asm!("hlt #0xf000", in("w0") 0x20u32, in("x1") block.as_ptr(), options(nostack));
-        }
-    }
+/// Writes the exit status line for `status` (one of [`exit_status`]'s constants) and powers
+/// the machine off. Before the UART is known nothing can be written: the run then ends without
+/// the line, which the host treats as an abnormal end.
+pub fn exit(status: u8) -> ! {
+    let mut line = crate::console::LineBuffer::new();
+    let _ = writeln!(line, "{}", exit_status::Line(status));
+    crate::console::write_final_line(line.as_str());
     system_off()
 }
 
-/// Prints one clear error line and stops the machine with status 1.
+/// Prints one clear error line and stops the machine with status [`exit_status::ERROR`].
 pub fn fatal(message: core::fmt::Arguments) -> ! {
-    use core::fmt::Write;
     let mut line = crate::console::LineBuffer::new();
     let _ = writeln!(line, "stagehand: error: {message}");
     crate::console::emergency_write(line.as_str());
-    exit(1)
+    exit(exit_status::ERROR)
 }
 
 /// PSCI SYSTEM_OFF through the platform firmware (QEMU exits with status 0).
-pub fn system_off() -> ! {
+fn system_off() -> ! {
     let _ = smccc::psci::system_off::<smccc::Smc>();
     crate::arch::halt()
 }
 
-/// PSCI SYSTEM_RESET through the platform firmware.
+/// PSCI SYSTEM_RESET through the platform firmware. No exit status line: the machine restarts
+/// (under `-no-reboot`, QEMU exits with status 0 and no status line).
 pub fn system_reset() -> ! {
     let _ = smccc::psci::system_reset::<smccc::Smc>();
     crate::arch::halt()

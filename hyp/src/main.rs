@@ -28,6 +28,7 @@ use arch::mmu::{self, BootTables};
 use core::fmt::Write;
 use hyp_core::config::SelfTest;
 use hyp_core::layout::HYP_RESERVED;
+use stagehand_abi::exit_status;
 use stagehand_platform::board::Board;
 
 /// QEMU places its device tree at the start of RAM when booting firmware; no register points at
@@ -47,8 +48,9 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     // image, stacks, boot tables and the heap.
     let reserved = image & !(HYP_RESERVED - 1);
     let mut tables = BootTables::new();
+    // Until `console::init`, no UART is known: the exit status line cannot be written.
     let Ok(mut map) = mmu::build(&mut tables, &[(reserved, HYP_RESERVED)], &[]) else {
-        exit::system_off();
+        exit::exit(exit_status::ERROR);
     };
     // SAFETY: the map covers the whole reserved region, which holds all code, data and stacks.
     unsafe { mmu::enable(&map) };
@@ -58,10 +60,10 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     let dtb = dtb_slice(QEMU_DTB);
     let board = match Board::from_fdt(dtb) {
         Ok(board) => board,
-        Err(_) => exit::system_off(), // No UART known yet: nothing to print on.
+        Err(_) => exit::exit(exit_status::ERROR), // No UART known yet: nothing to print on.
     };
     let Some(log_uart) = board.hypervisor_uart().or(board.console_uart()) else {
-        exit::system_off();
+        exit::exit(exit_status::ERROR);
     };
     let windows = match mmu::extend(&mut tables, &mut map, &board).and_then(|()| {
         mmu::create_windows(
@@ -71,7 +73,7 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
         )
     }) {
         Ok(windows) => windows,
-        Err(_) => exit::system_off(), // The UART may be unmapped: nothing to print on.
+        Err(_) => exit::exit(exit_status::ERROR), // The UART may be unmapped: nothing to print on.
     };
     // SAFETY: the UART was just mapped as Device memory and stays mapped.
     unsafe { console::init(log_uart.region.base, board.hypervisor_uart().is_none()) };
@@ -138,5 +140,5 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
         arch::mpidr() & 0xff_ffff
     );
     console::emergency_write(line.as_str());
-    exit::exit(2)
+    exit::exit(exit_status::PANIC)
 }

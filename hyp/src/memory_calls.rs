@@ -37,68 +37,89 @@ fn refused(function: u32, error: Status, ipa: u64, size: u64) -> Reply {
     status(error, 0, 0)
 }
 
-/// MEM_SET_ATTR(ipa, size, attr).
+/// MEM_SET_ATTR(ipa, size, attr). The records are written while the attribute manager is
+/// still held alone: the change and its records take their place in the audit stream
+/// together, so a replay of any interleaving of calls equals what MEM_GET_ATTR answers.
 pub fn set_attribute(ipa: u64, size: u64, value: u64) -> Reply {
     let Some(attribute) = Attribute::from_abi(value) else {
         return refused(function::MEM_SET_ATTR, Status::InvalidParameter, ipa, size);
     };
     let vm = vm();
-    let result = {
-        let mut manager = vm.attributes.write();
-        let mut window = vm.windows[current_vcpu()].lock();
-        let result = manager.set_attribute(
-            &mut HeapTables,
-            &mut Cpu::new(),
-            &mut window,
-            ipa,
-            size,
-            attribute,
-        );
-        // Debug builds check stage 2, the ledger and the window after every change.
-        #[cfg(debug_assertions)]
-        if let Err(problem) = manager.check_invariants(&mut HeapTables, &window) {
-            crate::exit::fatal(format_args!(
-                "attribute invariant broken after MEM_SET_ATTR: {problem}"
-            ));
+    let mut manager = vm.attributes.write();
+    let mut window = vm.windows[current_vcpu()].lock();
+    // What each page was before, for the records: runs of one old attribute, within the most
+    // one call may do (the rest of the 2 MiB region).
+    let before = match manager.check(ipa, size) {
+        Ok(()) if ipa.is_multiple_of(PAGE_SIZE) => {
+            let region_end = (ipa | (attributes::BLOCK - 1)) + 1;
+            manager.attribute_runs(ipa, size.min(region_end - ipa) & !(PAGE_SIZE - 1))
         }
-        result
+        _ => alloc::vec::Vec::new(),
     };
-    match result {
-        Ok(progress) => {
-            let code = if progress.complete {
-                Status::Success
-            } else {
-                Status::Incomplete
-            };
-            let m = progress.maintenance;
-            let old = match (m.pages, attribute) {
-                (0, same) => same,
-                (_, Attribute::NonCacheable) => Attribute::WriteBack,
-                (_, Attribute::WriteBack) => Attribute::NonCacheable,
-            };
-            audit(
-                current_vcpu(),
-                Event::AttributeChange {
-                    ipa,
-                    size: progress.done,
-                    old,
-                    new: attribute,
-                    maintenance: Maintenance {
-                        cmo: (m.cmo_bytes > 0).then_some(CacheOp::CleanInvalidate),
-                        cmo_lines: m.cmo_bytes / vm.dcache_line,
+    let result = manager.set_attribute(
+        &mut HeapTables,
+        &mut Cpu::new(),
+        &mut window,
+        ipa,
+        size,
+        attribute,
+    );
+    // Debug builds check stage 2, the ledger and the window after every change.
+    #[cfg(debug_assertions)]
+    if let Err(problem) = manager.check_invariants(&mut HeapTables, &window) {
+        crate::exit::fatal(format_args!(
+            "attribute invariant broken after MEM_SET_ATTR: {problem}"
+        ));
+    }
+    let progress = match result {
+        Ok(progress) => progress,
+        Err(error) => return refused(function::MEM_SET_ATTR, error, ipa, size),
+    };
+    let code = if progress.complete {
+        Status::Success
+    } else {
+        Status::Incomplete
+    };
+    let m = progress.maintenance;
+    let passes = match attribute {
+        Attribute::NonCacheable => 2, // through a write-back alias, then a non-cacheable one
+        Attribute::WriteBack => 1,
+    };
+    // One record per run of pages that had one attribute before.
+    let done_end = ipa + progress.done;
+    for &(start, bytes, old) in &before {
+        let bytes = bytes.min(done_end.saturating_sub(start));
+        if bytes == 0 {
+            break;
+        }
+        let changed = old != attribute;
+        audit(
+            current_vcpu(),
+            Event::AttributeChange {
+                ipa: start,
+                size: bytes,
+                old,
+                new: attribute,
+                maintenance: if changed {
+                    Maintenance {
+                        cmo: Some(CacheOp::CleanInvalidate),
+                        cmo_lines: passes * bytes / vm.dcache_line,
                         tlbi: m.tlbi,
                         tlbi_count: m.tlbi_count,
-                        break_before_make: m.pages > 0,
-                        hypervisor_alias: m.pages > 0,
+                        break_before_make: true,
+                        hypervisor_alias: true,
                         ..Maintenance::default()
-                    },
-                    status: code.code(),
+                    }
+                } else {
+                    Maintenance::default()
                 },
-            );
-            status(code, progress.done, 0)
-        }
-        Err(error) => refused(function::MEM_SET_ATTR, error, ipa, size),
+                status: code.code(),
+            },
+        );
     }
+    drop(window);
+    drop(manager);
+    status(code, progress.done, 0)
 }
 
 /// MEM_GET_ATTR(ipa): x1 attribute, x2 flags (bit 0 pinned, bit 1 block-mapped), x3 pins.
@@ -129,8 +150,11 @@ pub fn query_va(va: u64, access: u64) -> Reply {
     let vm = vm();
     let mmu_on = read_sysreg!("sctlr_el1") & 1 != 0;
     let (ipa, stage1) = if mmu_on {
-        match requests::par(arch::translate_guest_va(va, false, write)) {
-            Translation::Ok { address, attribute } => (address | (va & (PAGE_SIZE - 1)), attribute),
+        // A walk that took an external abort (tables in MMIO) is a translation that failed.
+        match arch::translate_guest_va(va, false, write).map(requests::par) {
+            Ok(Translation::Ok { address, attribute }) => {
+                (address | (va & (PAGE_SIZE - 1)), attribute)
+            }
             _ => return refused(function::MEM_QUERY_VA, Status::InvalidParameter, va, 0),
         }
     } else {
@@ -143,8 +167,8 @@ pub fn query_va(va: u64, access: u64) -> Reply {
     // Both stages through the CPU itself. (Not with the guest's MMU off: QEMU crashes on an
     // AT S12E1W stage-2 permission fault then, and stage 1 is the identity anyway.)
     let effective = if mmu_on {
-        match requests::par(arch::translate_guest_va(va, true, write)) {
-            Translation::Ok { attribute, .. } => attribute,
+        match arch::translate_guest_va(va, true, write).map(requests::par) {
+            Ok(Translation::Ok { attribute, .. }) => attribute,
             _ => return refused(function::MEM_QUERY_VA, Status::OutOfRange, va, 0),
         }
     } else {
@@ -165,8 +189,8 @@ fn va_run(va: u64, limit: u64) -> Result<(u64, u64), Status> {
         if read_sysreg!("sctlr_el1") & 1 == 0 {
             return Ok(va);
         }
-        match requests::par(arch::translate_guest_va(va, false, false)) {
-            Translation::Ok { address, .. } => Ok(address | (va & (PAGE_SIZE - 1))),
+        match arch::translate_guest_va(va, false, false).map(requests::par) {
+            Ok(Translation::Ok { address, .. }) => Ok(address | (va & (PAGE_SIZE - 1))),
             _ => Err(Status::InvalidParameter),
         }
     };

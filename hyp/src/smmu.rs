@@ -45,8 +45,6 @@ const COMMAND_QUEUE_LOG2: u32 = 8;
 const MIN_STREAM_TABLE_LOG2: u32 = 8;
 /// VMIDs of strict-mode devices start here (the guest, and shared devices, use the CPU's).
 const FIRST_STRICT_VMID: u16 = 0x100;
-/// Bits of IPA of a strict device's own stage 2 (as the guest's: one level-0 root).
-const STRICT_IPA_BITS: u32 = 44;
 /// Fault groups one drain keeps open before reporting the oldest.
 const OPEN_FAULT_GROUPS: usize = 8;
 
@@ -417,8 +415,14 @@ fn discover(
         let policy = config.device_policy(bdf.rid());
         let (vmid, stage2) = match policy.mode {
             DmaMode::Strict => {
-                let table = PageTable::new(&mut HeapTables, Stage2 { fwb }, 0, STRICT_IPA_BITS)
-                    .map_err(SmmuError::Stage2)?;
+                // The guest's geometry: the STE takes the same VTCR fields.
+                let table = PageTable::new(
+                    &mut HeapTables,
+                    Stage2 { fwb },
+                    vm.geometry.start_level,
+                    vm.geometry.ipa_bits,
+                )
+                .map_err(SmmuError::Stage2)?;
                 next_vmid += 1;
                 (next_vmid - 1, Some(table))
             }
@@ -463,7 +467,7 @@ impl Smmu {
                 root: table.root(),
                 fwb,
             }),
-            // Shared: the guest's own tables (one level-0 root, which QEMU walks correctly).
+            // Shared: the guest's own tables (one root, which QEMU walks correctly).
             _ => Ste::stage2(&Stage2Config {
                 vmid: device.vmid,
                 vtcr,

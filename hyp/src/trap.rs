@@ -3,7 +3,7 @@
 //! decisions (PSCI state, GIC filtering, abort injection) are made in `hyp_core`.
 
 use crate::arch::vectors::{el2_vectors, TrapFrame, Vector};
-use crate::arch::{self, entry::secondary_entry, read_sysreg, write_sysreg};
+use crate::arch::{self, entry::secondary_entry, read_sysreg, recover, write_sysreg};
 use crate::console::{self, LineBuffer};
 use crate::exit;
 use crate::vm::{audit, vm, Vm};
@@ -16,7 +16,7 @@ use hyp_core::esr::{self, DataAbort, ExceptionClass, Syndrome};
 use hyp_core::gic::{self, Decision};
 use hyp_core::inject::{self, Access, GuestContext};
 use hyp_core::psci::PsciError;
-use stagehand_abi::{feature, Status};
+use stagehand_abi::{exit_status, feature, Status};
 
 /// Points VBAR_EL2 at the vector table.
 ///
@@ -43,7 +43,15 @@ extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
             crate::smmu::drain_events();
             guest_sync(frame)
         }
-        Vector::El2Sync => hypervisor_fault(frame, "synchronous exception at EL2"),
+        Vector::El2Sync => match recover::resume_address(frame.elr) {
+            // An access made on the guest's behalf (emulated MMIO, an AT walk through the
+            // guest's tables) took an abort: the caller gets an error instead.
+            Some(resume) if is_data_abort_at_el2(read_sysreg!("esr_el2")) => {
+                frame.x[recover::FLAG_REGISTER] = 1;
+                frame.elr = resume;
+            }
+            _ => hypervisor_fault(frame, "synchronous exception at EL2"),
+        },
         Vector::El2Async => hypervisor_fault(frame, "interrupt or SError at EL2"),
         Vector::GuestSError => stop_guest(frame, "SError from the guest"),
         Vector::GuestAsync => stop_guest(frame, "interrupt routed to EL2"),
@@ -78,8 +86,15 @@ fn guest_sync(frame: &mut TrapFrame) {
                 inject_abort(frame, Access::Fetch, ipa);
             }
         }
-        _ => stop_guest(frame, "unhandled trap from the guest"),
+        // Everything else that traps (a system register the guest may not use, an AArch32
+        // coprocessor access, HVC/SMC from AArch32): what a CPU without the feature gives.
+        _ => inject_undefined(frame, esr),
     }
+}
+
+/// A data abort taken at EL2 itself (the only kind a recoverable access may take).
+fn is_data_abort_at_el2(esr: u64) -> bool {
+    ExceptionClass::from_esr(esr) == ExceptionClass::DataAbortSame
 }
 
 fn set_results(frame: &mut TrapFrame, results: [u64; 4]) {
@@ -141,7 +156,7 @@ fn smccc(frame: &mut TrapFrame) {
                 },
             );
             log::info!("guest powered off");
-            exit::exit(0)
+            exit::exit(exit_status::GUEST_POWERED_OFF)
         }
         Call::SystemReset => {
             console::set_guest_running(false);
@@ -275,7 +290,7 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
     let redistributor = vm
         .redistributors
         .iter()
-        .find_map(|r| gic::trapped_offset(r.base, r.size, ipa));
+        .find_map(|frame| gic::trapped_offset(frame.base, ipa));
     match redistributor {
         Some(offset)
             if abort.valid_syndrome
@@ -313,6 +328,11 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
         (1u64 << (8 * width as u32)) - 1
     };
     let register = abort.register as usize;
+    let access = if abort.write {
+        Access::Write
+    } else {
+        Access::Read
+    };
     if abort.write {
         let value = if register == 31 {
             0
@@ -330,13 +350,20 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
             );
         }
         if let Decision::Write(value) = decision {
-            // SAFETY: MMIO identity: `ipa` is a redistributor register, mapped Device at EL2.
-            unsafe { arch::mmio_write(ipa, width, value) };
+            // SAFETY: `ipa` is in a populated redistributor frame (identity-mapped, Device at
+            // EL2), naturally aligned; the write is the guest's own, filtered above.
+            if unsafe { recover::mmio_write(ipa, width, value) }.is_err() {
+                return inject_abort(frame, access, ipa);
+            }
         }
     } else {
         let mut value = match gic::decide(offset, None) {
-            // SAFETY: as above.
-            Decision::Read { clear } => (unsafe { arch::mmio_read(ipa, width) }) & !clear,
+            // SAFETY: as above, for the guest's own read.
+            Decision::Read { clear } => match unsafe { recover::mmio_read(ipa, width) } {
+                Ok(value) => value & !clear,
+                // A register nothing answers: the guest gets the abort it would get without us.
+                Err(_) => return inject_abort(frame, access, ipa),
+            },
             Decision::ReadAs(value) => value,
             Decision::Write(_) | Decision::Ignore => 0,
         } & size_mask;
@@ -351,26 +378,53 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
             frame.x[register] = value;
         }
     }
-    frame.elr += 4;
+    frame.elr += instruction_length(read_sysreg!("esr_el2"));
 }
 
-/// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
-fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
-    let far = read_sysreg!("far_el2");
-    let guest = GuestContext {
+/// Bytes of the trapped instruction: ESR.IL is 0 for a 16-bit T32 instruction (AArch32 EL0).
+fn instruction_length(esr: u64) -> u64 {
+    if esr & (1 << 25) != 0 {
+        4
+    } else {
+        2
+    }
+}
+
+/// What the guest was doing, for an exception injected into it.
+fn guest_context(frame: &TrapFrame) -> GuestContext {
+    GuestContext {
         spsr: frame.spsr,
         elr: frame.elr,
         vbar: read_sysreg!("vbar_el1"),
         sctlr: read_sysreg!("sctlr_el1"),
-    };
-    let injection = inject::external_abort(&guest, far, access);
+    }
+}
+
+/// Delivers `injection` to the guest's EL1.
+fn deliver(frame: &mut TrapFrame, injection: inject::Injection) {
     write_sysreg!("elr_el1", injection.elr_el1);
     write_sysreg!("spsr_el1", injection.spsr_el1);
     write_sysreg!("esr_el1", injection.esr_el1);
     write_sysreg!("far_el1", injection.far_el1);
     frame.elr = injection.elr_el2;
     frame.spsr = injection.spsr_el2;
+}
+
+/// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
+fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
+    let far = read_sysreg!("far_el2");
+    deliver(
+        frame,
+        inject::external_abort(&guest_context(frame), far, access),
+    );
     audit(current_vcpu(), Event::Stage2Fault { ipa, access });
+}
+
+/// Gives the guest an UNDEF for a trapped instruction the hypervisor does not emulate.
+fn inject_undefined(frame: &mut TrapFrame, esr: u64) {
+    let far = read_sysreg!("far_el1");
+    deliver(frame, inject::undefined(&guest_context(frame), far));
+    audit(current_vcpu(), Event::Undefined { esr });
 }
 
 fn report(frame: &TrapFrame, title: &str) {
@@ -407,12 +461,12 @@ fn stop_guest(frame: &TrapFrame, why: &'static str) -> ! {
             reason: StopReason::Fault,
         },
     );
-    exit::exit(3)
+    exit::exit(exit_status::GUEST_STOPPED)
 }
 
 /// The hypervisor itself faulted: report and stop.
 fn hypervisor_fault(frame: &TrapFrame, why: &str) -> ! {
     console::set_guest_running(false);
     report(frame, why);
-    exit::exit(4)
+    exit::exit(exit_status::HYPERVISOR_FAULT)
 }

@@ -5,7 +5,7 @@
 use crate::arch::entry::{MAX_CPUS, STACK_SIZE};
 use crate::arch::mmu::HeapTables;
 use crate::arch::vectors::{enter_guest, TrapFrame};
-use crate::arch::{self, read_sysreg, write_sysreg};
+use crate::arch::{self, read_sysreg, recover, write_sysreg};
 use crate::fw_cfg::{FwCfg, FwCfgError};
 use crate::guest_memory;
 use crate::{console, exit, QEMU_DTB};
@@ -15,11 +15,13 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::attributes::AttributeManager;
-use hyp_core::config::{self, Config, ExitMethod};
+use hyp_core::config::{self, Config};
+use hyp_core::geometry::{Geometry, UnsupportedPaRange};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
+use hyp_core::traps::{self, IdRegisters};
 use hyp_core::window::Window;
 use hyp_core::{audit, gic};
 use stagehand_platform::board::{Board, Region};
@@ -28,9 +30,6 @@ use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
 
 /// VMID of the one guest.
 const VMID: u64 = 1;
-/// IPA bits of stage 2 (T0SZ = 20, walk from level 0): covers the PCIe 64-bit window and works
-/// on both the CPU and QEMU's SMMU (which mis-walks concatenated root tables).
-const IPA_BITS: u32 = 44;
 /// SCTLR_EL1 a guest starts with: RES1 bits, MMU and caches off.
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 /// PSTATE a guest starts with: EL1h, D, A, I, F masked.
@@ -48,11 +47,13 @@ pub struct Vm {
     pub hcr: u64,
     /// VTCR_EL2.
     pub vtcr: u64,
+    /// The shape of stage 2 (strict devices' own tables take the same).
+    pub geometry: Geometry,
     /// VTTBR_EL2 (VMID and stage-2 root).
     pub vttbr: u64,
     /// Stage 2 uses FEAT_S2FWB encodings.
     pub fwb: bool,
-    /// Redistributor regions (their first page of each frame is trapped).
+    /// The redistributor frames that exist (the first page of each is trapped).
     pub redistributors: Vec<Region>,
     /// Smallest D-cache line in bytes.
     pub dcache_line: u64,
@@ -101,6 +102,10 @@ pub enum BuildError {
     GuestMemory(stagehand_abi::Status),
     /// More CPUs than the hypervisor has stacks for.
     TooManyCpus(usize),
+    /// The CPU's physical address size is not one stage 2 supports.
+    Geometry(UnsupportedPaRange),
+    /// Guest RAM does not fit the IPA space this CPU allows (bits).
+    RamBeyondIpaSpace(u32),
 }
 
 impl fmt::Display for BuildError {
@@ -117,6 +122,11 @@ impl fmt::Display for BuildError {
             BuildError::GuestMemory(status) => {
                 write!(f, "guest RAM access refused: {}", status.name())
             }
+            BuildError::Geometry(e) => write!(f, "{e}"),
+            BuildError::RamBeyondIpaSpace(bits) => write!(
+                f,
+                "guest RAM does not fit this CPU's {bits}-bit IPA space: give QEMU less -m"
+            ),
             BuildError::TooManyCpus(n) => {
                 write!(f, "{n} CPUs, but this build supports at most {MAX_CPUS}")
             }
@@ -151,17 +161,12 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     let fw_cfg = unsafe { FwCfg::new(fw_cfg_region.base) }?;
     let config = match fw_cfg.file(config::FW_CFG_NAME)? {
         Some(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            // Known before parsing, so that a bad item stops QEMU with the error's status.
-            exit::use_semihosting(config::exit_method(&text) == ExitMethod::Semihosting);
-            config::parse(&text).map_err(BuildError::Config)?
+            config::parse(&String::from_utf8_lossy(&bytes)).map_err(BuildError::Config)?
         }
         None => Config::default(),
     };
     console::set_level(config.log_level);
-    exit::use_semihosting(config.exit == ExitMethod::Semihosting);
     crate::audit::configure(config.audit, board.hypervisor_uart().is_none());
-    // After the configuration, so that the error stops QEMU with the configured exit method.
     if board.cpus.len() > MAX_CPUS {
         return Err(BuildError::TooManyCpus(board.cpus.len()));
     }
@@ -174,16 +179,30 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     let ram =
         layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
     let fwb = config.fwb && cpu_has_fwb();
+    let geometry =
+        Geometry::for_cpu(read_sysreg!("id_aa64mmfr0_el1") & 0xf).map_err(BuildError::Geometry)?;
+    if !geometry.contains(ram.ipa, ram.size) {
+        return Err(BuildError::RamBeyondIpaSpace(geometry.ipa_bits));
+    }
 
-    let redistributors = board
-        .gic
-        .as_ref()
-        .map(|g| g.redistributors.clone())
-        .unwrap_or_default();
-    let guest_mmio = guest_mmio(board);
+    let redistributors = populated_redistributors(board);
+    let guest_mmio: Vec<Region> = guest_mmio(board)
+        .into_iter()
+        .filter(|region| {
+            let reachable = geometry.contains(region.base, region.size);
+            if !reachable {
+                log::warn!(
+                    "MMIO {region} lies beyond this CPU's {}-bit IPA space: not given to the guest",
+                    geometry.ipa_bits
+                );
+            }
+            reachable
+        })
+        .collect();
     let mut attributes =
-        AttributeManager::new(&mut HeapTables, fwb, ram, IPA_BITS).map_err(BuildError::Stage2)?;
-    map_guest_mmio(&mut attributes, &guest_mmio, &redistributors).map_err(BuildError::Stage2)?;
+        AttributeManager::new(&mut HeapTables, fwb, ram, &geometry).map_err(BuildError::Stage2)?;
+    map_guest_mmio(&mut attributes, &guest_mmio, board, &redistributors)
+        .map_err(BuildError::Stage2)?;
     // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
     // the entries visible; they are not live until VTTBR_EL2 is written.
     arch::dsb_ish();
@@ -249,7 +268,6 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     .map_err(BuildError::GuestMemory)?;
 
     let root = attributes.root();
-    let parange = read_sysreg!("id_aa64mmfr0_el1") & 0xf;
     VM.call_once(|| Vm {
         ram,
         power: PowerStates::new(board.cpus.clone(), boot_vcpu),
@@ -257,15 +275,8 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
             .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
             .collect(),
         hcr: hcr_value(fwb),
-        // T0SZ 20, SL0 = 2 (start at level 0), inner/outer write-back walks, inner shareable,
-        // 4 KiB granule, PS = the CPU's PA size capped at 44 bits, RES1 bit 31.
-        vtcr: (64 - IPA_BITS as u64)
-            | 2 << 6
-            | 1 << 8
-            | 1 << 10
-            | 3 << 12
-            | parange.min(4) << 16
-            | 1 << 31,
+        vtcr: geometry.vtcr(),
+        geometry,
         vttbr: VMID << 48 | root,
         fwb,
         redistributors,
@@ -305,31 +316,59 @@ fn guest_mmio(board: &Board) -> Vec<Region> {
     regions
 }
 
-/// Identity-maps the guest's MMIO in stage 2, except the first page of each redistributor
-/// frame, which `trap` emulates (see `hyp_core::gic`).
+/// The redistributor frames that exist. The device tree's region has room for the most CPUs
+/// the board could have; frames past the last populated one answer nothing (an access aborts),
+/// so they are neither mapped for the guest nor touched by the emulation.
+fn populated_redistributors(board: &Board) -> Vec<Region> {
+    let regions = board
+        .gic
+        .as_ref()
+        .map_or(&[][..], |g| &g.redistributors[..]);
+    let mut frames = Vec::new();
+    for region in regions {
+        let found = gic::populated_frames(region.base, region.size, |frame| {
+            // SAFETY: inside the redistributor region from the device tree, mapped Device at
+            // EL2 by `mmu::extend`; GICR_TYPER is read-only and reading it has no effect.
+            unsafe { recover::mmio_read(frame + 8, 8) }.ok()
+        });
+        frames.extend(
+            found
+                .into_iter()
+                .map(|(base, size)| Region::new(base, size)),
+        );
+    }
+    frames
+}
+
+/// Identity-maps the guest's MMIO in stage 2. Redistributor regions are mapped frame by frame,
+/// only the populated frames, and without the first page of each, which `trap` emulates (see
+/// `hyp_core::gic`).
 fn map_guest_mmio(
     attributes: &mut AttributeManager,
     mmio: &[Region],
-    redistributors: &[Region],
+    board: &Board,
+    frames: &[Region],
 ) -> Result<(), MapError> {
     let tables = &mut HeapTables;
+    let redistributor_regions = board
+        .gic
+        .as_ref()
+        .map_or(&[][..], |g| &g.redistributors[..]);
     for region in mmio {
+        if redistributor_regions.contains(region) {
+            continue;
+        }
         let start = region.base & !(PAGE_SIZE - 1);
         let end = (region.base + region.size).next_multiple_of(PAGE_SIZE);
-        if redistributors.contains(region) {
-            let mut frame = start;
-            while frame < end {
-                let mapped = frame + gic::TRAPPED_PAGE;
-                let frame_end = (frame + gic::REDISTRIBUTOR_STRIDE).min(end);
-                attributes.note_trapped_mmio(frame, gic::TRAPPED_PAGE);
-                if mapped < frame_end {
-                    attributes.map_mmio(tables, mapped, frame_end - mapped)?;
-                }
-                frame += gic::REDISTRIBUTOR_STRIDE;
-            }
-        } else {
-            attributes.map_mmio(tables, start, end - start)?;
-        }
+        attributes.map_mmio(tables, start, end - start)?;
+    }
+    for frame in frames {
+        attributes.note_trapped_mmio(frame.base, gic::TRAPPED_PAGE);
+        attributes.map_mmio(
+            tables,
+            frame.base + gic::TRAPPED_PAGE,
+            frame.size - gic::TRAPPED_PAGE,
+        )?;
     }
     Ok(())
 }
@@ -403,8 +442,8 @@ fn cpu_has_fwb() -> bool {
 }
 
 /// HCR_EL2 for the guest: AArch64 EL1 (RW), stage 2 on (VM), SMC trapped (TSC), set/way
-/// invalidates upgraded to clean+invalidate (SWIO), pointer authentication and MTE tags left to
-/// the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
+/// invalidates upgraded to clean+invalidate (SWIO), pointer authentication, MTE tags and
+/// SCXTNUM left to the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
 /// is the guest's.
 fn hcr_value(fwb: bool) -> u64 {
     const VM: u64 = 1 << 0;
@@ -421,6 +460,9 @@ fn hcr_value(fwb: bool) -> u64 {
         (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
     let has_mte2 = (read_sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
     let mut hcr = VM | SWIO | TSC | RW;
+    if id_registers().has_scxtnum() {
+        hcr |= traps::HCR_ENSCXT; // SCXTNUM_EL0/EL1 are the guest's, as without EL2
+    }
     if has_pauth {
         hcr |= APK | API;
     }
@@ -433,28 +475,61 @@ fn hcr_value(fwb: bool) -> u64 {
     hcr
 }
 
-/// Per-CPU EL2 state for running the guest on this CPU as vCPU `vcpu`.
+/// The ID registers the EL2 trap controls depend on.
+fn id_registers() -> IdRegisters {
+    IdRegisters {
+        pfr0: read_sysreg!("id_aa64pfr0_el1"),
+        pfr1: read_sysreg!("id_aa64pfr1_el1"),
+        dfr0: read_sysreg!("id_aa64dfr0_el1"),
+        mmfr0: read_sysreg!("id_aa64mmfr0_el1"),
+        mmfr1: read_sysreg!("id_aa64mmfr1_el1"),
+        mmfr3: read_sysreg!("s3_0_c0_c7_3"), // ID_AA64MMFR3_EL1 (reads 0 before it existed)
+        isar2: read_sysreg!("id_aa64isar2_el1"),
+    }
+}
+
+/// Per-CPU EL2 state for running the guest on this CPU as vCPU `vcpu`. Every trap control
+/// whose reset value hardware leaves UNKNOWN is written, from what the ID registers say (see
+/// `hyp_core::traps`).
 fn configure_cpu(vm: &Vm, vcpu: usize) {
-    let pfr0 = read_sysreg!("id_aa64pfr0_el1");
-    let pfr1 = read_sysreg!("id_aa64pfr1_el1");
-    let has_sve = (pfr0 >> 32) & 0xf != 0;
-    let has_sme = (pfr1 >> 24) & 0xf != 0;
+    let id = id_registers();
     // CPTR_EL2 (non-VHE): RES1 bits 13, 9, 7:0, and 12/8 when SME/SVE are absent; no FP, SVE or
     // SME traps: the guest owns those registers on its pinned CPU, and EL2 never uses them.
     let mut cptr: u64 = 0x33ff;
-    if has_sve {
+    if id.has_sve() {
         cptr &= !(1 << 8);
     }
-    if has_sme {
+    if id.has_sme() {
         cptr &= !(1 << 12);
     }
     write_sysreg!("cptr_el2", cptr);
     arch::isb();
-    if has_sve {
+    if id.has_sve() {
         write_sysreg!("s3_4_c1_c2_0", 0xf); // ZCR_EL2.LEN: the largest vector length
     }
-    if has_sme {
+    if id.has_sme() {
         write_sysreg!("s3_4_c1_c2_6", 0xf); // SMCR_EL2.LEN
+    }
+    let counters = if id.has_pmu() {
+        (read_sysreg!("pmcr_el0") >> 11) & 0x1f
+    } else {
+        0
+    };
+    write_sysreg!("mdcr_el2", traps::mdcr(&id, counters));
+    write_sysreg!("hstr_el2", traps::HSTR);
+    if id.has_fgt() {
+        let read_write = traps::fine_grained_read_write_traps(&id);
+        write_sysreg!("s3_4_c1_c1_4", read_write); // HFGRTR_EL2
+        write_sysreg!("s3_4_c1_c1_5", read_write); // HFGWTR_EL2
+        write_sysreg!("s3_4_c1_c1_6", traps::FINE_GRAINED_OTHER_TRAPS); // HFGITR_EL2
+        write_sysreg!("s3_4_c3_c1_4", traps::FINE_GRAINED_OTHER_TRAPS); // HDFGRTR_EL2
+        write_sysreg!("s3_4_c3_c1_5", traps::FINE_GRAINED_OTHER_TRAPS); // HDFGWTR_EL2
+        if id.has_amu() {
+            write_sysreg!("s3_4_c3_c1_6", traps::FINE_GRAINED_OTHER_TRAPS); // HAFGRTR_EL2
+        }
+    }
+    if id.has_hcx() {
+        write_sysreg!("s3_4_c1_c2_2", traps::hcrx(&id)); // HCRX_EL2
     }
     write_sysreg!("hcr_el2", vm.hcr);
     write_sysreg!("vtcr_el2", vm.vtcr);
@@ -463,7 +538,11 @@ fn configure_cpu(vm: &Vm, vcpu: usize) {
     write_sysreg!("cntvoff_el2", 0);
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
-    write_sysreg!("s3_4_c12_c9_5", 0xf); // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use SRE)
+    if id.has_gic_system_registers() {
+        // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use the system-register interface).
+        // UNDEFINED on a CPU without it (a GICv2 board).
+        write_sysreg!("s3_4_c12_c9_5", 0xf);
+    }
     write_sysreg!("tpidr_el2", vcpu as u64);
     write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
     arch::isb();

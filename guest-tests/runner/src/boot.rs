@@ -1,10 +1,11 @@
 //! Boot checks: QEMU runs whose verdict comes from the hypervisor's own behaviour (its exit
-//! status, the lines on its UART, where they land on a shared console) rather than from a
+//! status line, the lines on its UART, where they land on a shared console) rather than from a
 //! guest's TEST lines. Each check is one test, `boot/<name>`. The malformed images some checks
 //! boot are made at run time from the descriptions here, never kept as files.
 
 use crate::protocol::{self, Exit};
 use crate::suites;
+use stagehand_abi::exit_status;
 
 /// What every boot error line of the hypervisor starts with (`exit::fatal`).
 pub const ERROR_PREFIX: &str = "stagehand: error: ";
@@ -12,10 +13,10 @@ pub const ERROR_PREFIX: &str = "stagehand: error: ";
 pub const LOG_PREFIX: &str = "[stagehand ";
 /// How an audit record line starts (the hypervisor's other kind of line).
 pub const AUDIT_PREFIX: &str = stagehand_abi::audit::LINE_MARKER;
-/// QEMU's exit status after a boot error (`exit::fatal`).
-pub const BOOT_ERROR_STATUS: i32 = 1;
-/// QEMU's exit status after a fault of the hypervisor's own (`trap::hypervisor_fault`).
-pub const HYPERVISOR_FAULT_STATUS: i32 = 4;
+/// The hypervisor's exit status after a boot error (`exit::fatal`).
+pub const BOOT_ERROR_STATUS: u8 = exit_status::ERROR;
+/// The hypervisor's exit status after a fault of its own (`trap::hypervisor_fault`).
+pub const HYPERVISOR_FAULT_STATUS: u8 = exit_status::HYPERVISOR_FAULT;
 /// The address `selftest=el2-fault` reads. Keep in step with `el2_fault_selftest` in
 /// hyp/src/main.rs.
 pub const EL2_FAULT_ADDRESS: u64 = 0x0000_f000_0000_0000;
@@ -65,15 +66,15 @@ pub enum Expect {
         /// The suite the guest runs.
         suite: &'static str,
     },
-    /// The hypervisor refuses to boot: QEMU exits with [`BOOT_ERROR_STATUS`], the hypervisor's
+    /// The hypervisor refuses to boot: its exit status line says [`BOOT_ERROR_STATUS`], its
     /// UART holds exactly one line starting with [`ERROR_PREFIX`], that line contains `message`,
     /// and the guest console stays empty.
     BootError {
         /// Text the error line must contain.
         message: &'static str,
     },
-    /// The hypervisor faults on purpose at EL2 (`selftest=el2-fault`): QEMU exits with
-    /// [`HYPERVISOR_FAULT_STATUS`], the report names the exception, decodes the syndrome as a
+    /// The hypervisor faults on purpose at EL2 (`selftest=el2-fault`): its exit status line
+    /// says [`HYPERVISOR_FAULT_STATUS`], the report names the exception, decodes the syndrome as a
     /// translation fault on a read, gives FAR = [`EL2_FAULT_ADDRESS`] and dumps x0-x30, and the
     /// guest console stays empty.
     El2Fault,
@@ -128,6 +129,17 @@ pub const BOOT_CHECKS: &[BootCheck] = &[
             Kernel::Elf("discovery"),
             Expect::BootError {
                 message: "unknown key `bogus`",
+            },
+        )
+    },
+    // The old `exit=semihosting` (the test rig's own setting once): refused, never obeyed.
+    BootCheck {
+        config: &["exit=semihosting"],
+        ..check(
+            "removed-exit-key",
+            Kernel::Elf("discovery"),
+            Expect::BootError {
+                message: "config: `exit` was removed: semihosting is never enabled",
             },
         )
     },
@@ -254,7 +266,7 @@ pub struct Observed<'a> {
     pub console: &'a str,
     /// The hypervisor's UART: the second UART, or the console itself when shared.
     pub hypervisor_log: &'a str,
-    /// How QEMU ended.
+    /// How the run ended (the hypervisor's exit status line included).
     pub exit: &'a Exit,
 }
 
@@ -294,7 +306,11 @@ fn judge_suite(suite: &str, observed: &Observed) -> Result<(), String> {
 
 fn judge_shared_console(suite: &str, console: &str) -> Result<(), String> {
     let lines: Vec<&str> = console.lines().collect();
-    let is_log = |line: &str| line.starts_with(LOG_PREFIX) || line.starts_with(AUDIT_PREFIX);
+    let is_log = |line: &str| {
+        line.starts_with(LOG_PREFIX)
+            || line.starts_with(AUDIT_PREFIX)
+            || exit_status::parse_line(line).is_some()
+    };
     if let Some(torn) = lines
         .iter()
         .find(|l| !is_log(l) && (l.contains(LOG_PREFIX) || l.contains(AUDIT_PREFIX)))
@@ -403,15 +419,17 @@ fn dumped_register(log: &str, n: usize) -> Option<u64> {
     })
 }
 
-fn expect_exit(exit: &Exit, status: i32) -> Result<(), String> {
+fn expect_exit(exit: &Exit, status: u8) -> Result<(), String> {
     let ended = match exit {
-        Exit::Exited(Some(code)) if *code == status => return Ok(()),
-        Exit::Exited(Some(code)) => format!("exited with status {code}"),
-        Exit::Exited(None) => String::from("was killed by a signal"),
-        Exit::TimedOut(seconds) => format!("was still running after {seconds} s (killed)"),
-        Exit::NotStarted(why) => format!("did not start: {why}"),
+        Exit::Status(reported) if *reported == status => return Ok(()),
+        Exit::Status(reported) => format!("the hypervisor reported exit status {reported}"),
+        Exit::NoStatusLine => String::from("QEMU exited without the hypervisor's exit status line"),
+        Exit::QemuFailed(Some(code)) => format!("QEMU exited with status {code}"),
+        Exit::QemuFailed(None) => String::from("QEMU was killed by a signal"),
+        Exit::TimedOut(seconds) => format!("QEMU was still running after {seconds} s (killed)"),
+        Exit::NotStarted(why) => format!("QEMU did not start: {why}"),
     };
-    Err(format!("QEMU {ended}, expected exit status {status}"))
+    Err(format!("{ended}, expected exit status {status}"))
 }
 
 fn expect_silent_guest(console: &str) -> Result<(), String> {
@@ -457,6 +475,7 @@ mod tests {
         for name in [
             "raw-image",
             "bad-config",
+            "removed-exit-key",
             "bad-image",
             "no-kernel",
             "single-uart",
@@ -467,7 +486,7 @@ mod tests {
         assert_eq!(find("el2-fault").unwrap().test_name(), "boot/el2-fault");
         assert_eq!(
             find("el2-fault").unwrap().config_string(),
-            "exit=semihosting log=debug selftest=el2-fault"
+            "log=debug selftest=el2-fault"
         );
     }
 
@@ -492,8 +511,6 @@ mod tests {
                     let text = check.config_string();
                     let error = config::parse(&text).unwrap_err();
                     assert!(error.to_string().contains(message), "{error}");
-                    // The hypervisor can still stop QEMU with the error's status.
-                    assert_eq!(config::exit_method(&text), config::ExitMethod::Semihosting);
                 }
                 _ => assert_eq!(check.kernel, Kernel::None),
             }
@@ -540,24 +557,21 @@ mod tests {
         };
         let log = "[stagehand INFO ] kernel: Raw, 43624 bytes, 1 segment(s)\n";
         assert_eq!(
-            judge(&expect, &observed(DISCOVERY, log, &Exit::Exited(Some(0)))),
+            judge(&expect, &observed(DISCOVERY, log, &Exit::Status(0))),
             Ok(())
         );
-        assert!(reason(
-            expect,
-            DISCOVERY,
-            "kernel: Elf, 1 bytes",
-            Exit::Exited(Some(0))
-        )
-        .contains("does not say \"kernel: Raw,\""));
+        assert!(
+            reason(expect, DISCOVERY, "kernel: Elf, 1 bytes", Exit::Status(0))
+                .contains("does not say \"kernel: Raw,\"")
+        );
         assert_eq!(
-            reason(expect, "", log, Exit::Exited(Some(0))),
+            reason(expect, "", log, Exit::Status(0)),
             "suite discovery: FAIL discovery/result: no RESULT line (after 0 TEST line(s))"
         );
         assert!(reason(expect, DISCOVERY, log, Exit::TimedOut(60)).contains("discovery/run"));
         let failing = "TEST discovery/a: FAIL no\nRESULT discovery: 0 passed, 1 failed\n";
         assert_eq!(
-            reason(expect, failing, log, Exit::Exited(Some(0))),
+            reason(expect, failing, log, Exit::Status(0)),
             "suite discovery: FAIL discovery/a: no"
         );
     }
@@ -566,30 +580,35 @@ mod tests {
     fn a_shared_console_holds_the_log_while_the_guest_runs() {
         let expect = Expect::SharedConsole { suite: "discovery" };
         let before = "[stagehand INFO ] stagehand 0.1.0 on CPU 0\n[stagehand INFO ] entering\n";
-        let after = "[stagehand INFO ] guest powered off\n";
+        let after = "[stagehand INFO ] guest powered off\nstagehand: exit status 0\n";
         let good = format!("{before}{DISCOVERY}{after}");
-        let exit = Exit::Exited(Some(0));
+        let exit = Exit::of_run(Some(0), &good);
+        assert_eq!(exit, Exit::Status(0));
         assert_eq!(judge(&expect, &observed(&good, &good, &exit)), Ok(()));
+        // The status line alone counts as the hypervisor's line after the guest's.
+        let only_status = format!("{before}{DISCOVERY}stagehand: exit status 0\n");
+        assert_eq!(judge(&expect, &observed(&only_status, "", &exit)), Ok(()));
 
         let between = format!(
             "{before}TEST discovery/a: PASS\n[stagehand INFO ] AUDIT x\n\
              TEST discovery/b: PASS\nRESULT discovery: 2 passed, 0 failed\n{after}"
         );
-        assert!(reason(expect, &between, "", Exit::Exited(Some(0)))
-            .starts_with("a hypervisor line between"));
+        assert!(
+            reason(expect, &between, "", Exit::Status(0)).starts_with("a hypervisor line between")
+        );
         let torn = format!(
             "{before}TEST discovery/a: PASS\nTES[stagehand INFO ] x\n\
              TEST discovery/b: PASS\nRESULT discovery: 2 passed, 0 failed\n{after}"
         );
-        assert!(reason(expect, &torn, "", Exit::Exited(Some(0))).contains("inside a guest line"));
+        assert!(reason(expect, &torn, "", Exit::Status(0)).contains("inside a guest line"));
         let silent_before = format!("{DISCOVERY}{after}");
-        assert!(reason(expect, &silent_before, "", Exit::Exited(Some(0)))
+        assert!(reason(expect, &silent_before, "", Exit::Status(0))
             .starts_with("no hypervisor line before"));
         let silent_after = format!("{before}{DISCOVERY}");
-        assert!(reason(expect, &silent_after, "", Exit::Exited(Some(0)))
+        assert!(reason(expect, &silent_after, "", Exit::Status(0))
             .starts_with("no hypervisor line after"));
         // The suite's own judgement comes first.
-        assert!(reason(expect, before, "", Exit::Exited(Some(0))).starts_with("suite discovery"));
+        assert!(reason(expect, before, "", Exit::Status(0)).starts_with("suite discovery"));
     }
 
     #[test]
@@ -600,46 +619,45 @@ mod tests {
         let line = "stagehand: error: configuration (opt/stagehand/config): config: unknown key \
                     `bogus` (known: ram, log)";
         let log = format!("[stagehand INFO ] stagehand 0.1.0 on CPU 0\n{line}\n");
-        let exit = Exit::Exited(Some(1));
+        let exit = Exit::Status(1);
         assert_eq!(judge(&expect, &observed("", &log, &exit)), Ok(()));
         assert_eq!(
-            reason(expect, "", &log, Exit::Exited(Some(0))),
-            "QEMU exited with status 0, expected exit status 1"
+            reason(expect, "", &log, Exit::Status(0)),
+            "the hypervisor reported exit status 0, expected exit status 1"
         );
+        assert_eq!(
+            reason(expect, "", &log, Exit::NoStatusLine),
+            "QEMU exited without the hypervisor's exit status line, expected exit status 1"
+        );
+        assert!(reason(expect, "", &log, Exit::QemuFailed(Some(1)))
+            .starts_with("QEMU exited with status 1,"));
         assert!(reason(expect, "", &log, Exit::TimedOut(30)).contains("still running after 30 s"));
+        assert!(reason(expect, "", "[stagehand INFO ] x\n", Exit::Status(1))
+            .starts_with("no `stagehand: error:` line"));
         assert!(
-            reason(expect, "", "[stagehand INFO ] x\n", Exit::Exited(Some(1)))
-                .starts_with("no `stagehand: error:` line")
-        );
-        assert!(
-            reason(expect, "", &format!("{log}{line}\n"), Exit::Exited(Some(1)))
+            reason(expect, "", &format!("{log}{line}\n"), Exit::Status(1))
                 .starts_with("2 error lines")
         );
-        assert!(
-            reason(expect, "", &format!("x {line}\n"), Exit::Exited(Some(1)))
-                .contains("does not start the line")
-        );
+        assert!(reason(expect, "", &format!("x {line}\n"), Exit::Status(1))
+            .contains("does not start the line"));
         assert!(reason(
             Expect::BootError {
                 message: "unknown key `other`"
             },
             "",
             &log,
-            Exit::Exited(Some(1))
+            Exit::Status(1)
         )
         .contains("does not say"));
-        assert!(reason(
-            expect,
-            "TEST discovery/a: PASS\n",
-            &log,
-            Exit::Exited(Some(1))
-        )
-        .starts_with("the guest console is not empty"));
+        assert!(
+            reason(expect, "TEST discovery/a: PASS\n", &log, Exit::Status(1))
+                .starts_with("the guest console is not empty")
+        );
         assert!(reason(
             expect,
             "",
             &format!("{log}[stagehand FATAL] panic\n"),
-            Exit::Exited(Some(1))
+            Exit::Status(1)
         )
         .contains("fatal fault"));
     }
@@ -663,11 +681,11 @@ mod tests {
     #[test]
     fn an_el2_fault_is_reported_in_full() {
         let expect = Expect::El2Fault;
-        let exit = Exit::Exited(Some(4));
+        let exit = Exit::Status(4);
         assert_eq!(judge(&expect, &observed("", FAULT_REPORT, &exit)), Ok(()));
         assert_eq!(dumped_register(FAULT_REPORT, 8), Some(EL2_FAULT_ADDRESS));
         assert_eq!(dumped_register(FAULT_REPORT, 30), Some(0x4020_3558));
-        assert!(reason(expect, "", FAULT_REPORT, Exit::Exited(Some(1))).contains("status 1"));
+        assert!(reason(expect, "", FAULT_REPORT, Exit::Status(1)).contains("status 1"));
         let cases = [
             (
                 "[stagehand FATAL] synchronous",
@@ -692,13 +710,11 @@ mod tests {
             let log = FAULT_REPORT.replace(from, to);
             assert_ne!(log, FAULT_REPORT, "{from}");
             assert!(
-                reason(expect, "", &log, Exit::Exited(Some(4))).contains(why),
+                reason(expect, "", &log, Exit::Status(4)).contains(why),
                 "{from} -> {to}"
             );
         }
-        assert!(
-            reason(expect, "hello\n", FAULT_REPORT, Exit::Exited(Some(4)))
-                .starts_with("the guest console is not empty")
-        );
+        assert!(reason(expect, "hello\n", FAULT_REPORT, Exit::Status(4))
+            .starts_with("the guest console is not empty"));
     }
 }

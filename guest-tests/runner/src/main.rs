@@ -139,27 +139,13 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
             }
         },
     };
-    let timeout = options.timeout.unwrap_or(suite.timeout_secs);
-    let hypervisor_log = logs.join(format!("{}.hyp.log", suite.name));
-    let launch = qemu::Launch {
-        qemu: options
-            .qemu
-            .clone()
-            .unwrap_or_else(|| "qemu-system-aarch64".into()),
-        firmware: options.firmware.clone().unwrap_or_default(),
-        kernel: Some(kernel),
-        initrd,
-        append: suite.append.map(String::from),
-        cpus: suite.cpus,
-        memory: suite.memory.into(),
-        config: suite.config_string(),
-        hypervisor_log: Some(hypervisor_log.clone()),
-        extra_args,
-        timeout: Duration::from_secs(timeout),
-    };
+    let launch = suite_launch(suite, options, logs, kernel, initrd, extra_args);
     eprintln!(
         "guest-runner: {} ({} CPUs, {} RAM, timeout {} s)",
-        suite.name, suite.cpus, suite.memory, timeout
+        suite.name,
+        suite.cpus,
+        suite.memory,
+        launch.timeout.as_secs()
     );
     let outcome = launch.run();
     let console_log = logs.join(format!("{}.console.log", suite.name));
@@ -181,9 +167,10 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
     for test in outcomes.iter_mut().skip(transcript.tests.len()) {
         if let Some(reason) = &mut test.failure {
             reason.push_str(&format!(" (console: {}", console_log.display()));
-            if matches!(outcome.exit, Exit::Exited(Some(code)) if code != 0)
-                || matches!(outcome.exit, Exit::NotStarted(_))
-            {
+            if matches!(
+                outcome.exit,
+                Exit::QemuFailed(_) | Exit::NoStatusLine | Exit::NotStarted(_)
+            ) {
                 if let Some(hint) = &stderr_hint {
                     reason.push_str(hint);
                 }
@@ -192,14 +179,46 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
         }
     }
     if let Some(image) = &disk {
-        let log = std::fs::read(&hypervisor_log).unwrap_or_default();
         outcomes.push(disk::check_image(suite.name, image));
         outcomes.push(disk::check_hypervisor_log(
             suite.name,
-            &String::from_utf8_lossy(&log),
+            &outcome.hypervisor_uart,
         ));
     }
     outcomes
+}
+
+/// The QEMU run of `suite` with its guest `kernel`, `initrd` and `extra_args` (its own and its
+/// disk's); the hypervisor logs to `<logs>/<suite>.hyp.log`.
+fn suite_launch(
+    suite: &Suite,
+    options: &Options,
+    logs: &Path,
+    kernel: PathBuf,
+    initrd: Option<PathBuf>,
+    extra_args: Vec<String>,
+) -> qemu::Launch {
+    qemu::Launch {
+        qemu: qemu_binary(options),
+        firmware: options.firmware.clone().unwrap_or_default(),
+        kernel: Some(kernel),
+        initrd,
+        append: suite.append.map(String::from),
+        cpus: suite.cpus,
+        memory: suite.memory.into(),
+        config: suite.config_string(),
+        hypervisor_log: Some(logs.join(format!("{}.hyp.log", suite.name))),
+        extra_args,
+        timeout: Duration::from_secs(options.timeout.unwrap_or(suite.timeout_secs)),
+    }
+}
+
+/// The QEMU binary `--qemu` names, else `qemu-system-aarch64` from the PATH.
+fn qemu_binary(options: &Options) -> PathBuf {
+    options
+        .qemu
+        .clone()
+        .unwrap_or_else(|| "qemu-system-aarch64".into())
 }
 
 /// The boot checks `--only` selects: all of them when it is not given, else those named
@@ -236,42 +255,21 @@ fn run_boot_check(check: &BootCheck, options: &Options, logs: &Path) -> TestOutc
         return TestOutcome::fail(name, format!("guest image {} not found", kernel.display()));
     }
     let stem = format!("boot-{}", check.name);
-    let hypervisor_log = (!check.shared_uart).then(|| logs.join(format!("{stem}.hyp.log")));
-    if let Some(path) = &hypervisor_log {
-        // The verdict reads this file: no line of an earlier run may count.
-        let _ = std::fs::remove_file(path);
-    }
-    let timeout = options.timeout.unwrap_or(check.timeout_secs);
-    let launch = qemu::Launch {
-        qemu: options
-            .qemu
-            .clone()
-            .unwrap_or_else(|| "qemu-system-aarch64".into()),
-        firmware: options.firmware.clone().unwrap_or_default(),
-        kernel,
-        initrd: None,
-        append: None,
-        cpus: 1,
-        memory: "512M".into(),
-        config: check.config_string(),
-        hypervisor_log: hypervisor_log.clone(),
-        extra_args: Vec::new(),
-        timeout: Duration::from_secs(timeout),
-    };
-    eprintln!("guest-runner: {name} (timeout {timeout} s)");
+    // `Launch::run` removes an earlier run's hypervisor log: no line of it can count.
+    let launch = boot_check_launch(check, options, logs, kernel);
+    eprintln!(
+        "guest-runner: {name} (timeout {} s)",
+        launch.timeout.as_secs()
+    );
     let outcome = launch.run();
     let console_log = logs.join(format!("{stem}.console.log"));
     let _ = std::fs::write(&console_log, &outcome.console);
     if !outcome.stderr.is_empty() {
         let _ = std::fs::write(logs.join(format!("{stem}.qemu.log")), &outcome.stderr);
     }
-    let hypervisor_text = match &hypervisor_log {
-        Some(path) => std::fs::read_to_string(path).unwrap_or_default(),
-        None => outcome.console.clone(),
-    };
     let observed = boot::Observed {
         console: &outcome.console,
-        hypervisor_log: &hypervisor_text,
+        hypervisor_log: &outcome.hypervisor_uart,
         exit: &outcome.exit,
     };
     match boot::judge(&check.expect, &observed) {
@@ -286,6 +284,30 @@ fn run_boot_check(check: &BootCheck, options: &Options, logs: &Path) -> TestOutc
             }
             TestOutcome::fail(name, reason)
         }
+    }
+}
+
+/// The QEMU run of boot check `check` with guest `kernel`; the hypervisor logs to
+/// `<logs>/boot-<name>.hyp.log`, or shares the console when the check says so.
+fn boot_check_launch(
+    check: &BootCheck,
+    options: &Options,
+    logs: &Path,
+    kernel: Option<PathBuf>,
+) -> qemu::Launch {
+    qemu::Launch {
+        qemu: qemu_binary(options),
+        firmware: options.firmware.clone().unwrap_or_default(),
+        kernel,
+        initrd: None,
+        append: None,
+        cpus: 1,
+        memory: "512M".into(),
+        config: check.config_string(),
+        hypervisor_log: (!check.shared_uart)
+            .then(|| logs.join(format!("boot-{}.hyp.log", check.name))),
+        extra_args: Vec::new(),
+        timeout: Duration::from_secs(options.timeout.unwrap_or(check.timeout_secs)),
     }
 }
 
@@ -376,6 +398,72 @@ mod tests {
         assert!(parse_options(args("--firmware f --guests g --only boot/nosuch")).is_err());
         assert!(parse_options(args("--firmware f --guests g --only boot/")).is_err());
         assert!(parse_options(args("--firmware f --guests g --only raw-image")).is_err());
+    }
+
+    /// Semihosting would let any guest run host commands: no QEMU the runner starts may have
+    /// it, whatever the suite or check (their disks and extra arguments included).
+    #[test]
+    fn no_command_line_enables_semihosting() {
+        let options = parse_options(args("--firmware f.bin --guests g")).unwrap();
+        let logs = Path::new("logs");
+        let mut launches = Vec::new();
+        for suite in suites::SUITES {
+            let mut extra_args: Vec<String> =
+                suite.extra_args.iter().map(|s| s.to_string()).collect();
+            if suite.disk == Disk::VirtioBlk {
+                extra_args.extend(disk::qemu_args(&logs.join("disk.img")));
+            }
+            launches.push(suite_launch(
+                suite,
+                &options,
+                logs,
+                "k.elf".into(),
+                Some("i".into()),
+                extra_args,
+            ));
+        }
+        for check in boot::BOOT_CHECKS {
+            launches.push(boot_check_launch(
+                check,
+                &options,
+                logs,
+                Some("k.elf".into()),
+            ));
+        }
+        assert_eq!(
+            launches.len(),
+            suites::SUITES.len() + boot::BOOT_CHECKS.len()
+        );
+        for launch in &launches {
+            let arguments = launch.arguments();
+            // The hypervisor's configuration is data for the hypervisor, not for QEMU (boot
+            // check removed-exit-key passes the old `exit=semihosting` there to see it refused).
+            let config = |arg: &String| arg.starts_with("name=opt/stagehand/config,");
+            assert_eq!(arguments.iter().filter(|arg| config(arg)).count(), 1);
+            assert!(
+                arguments
+                    .iter()
+                    .filter(|arg| !config(arg))
+                    .all(|arg| !arg.to_ascii_lowercase().contains("semihosting")),
+                "{arguments:?}"
+            );
+        }
+    }
+
+    /// scripts/run and scripts/bench start QEMU themselves and read the exit status line with
+    /// a sed pattern of their own: it must match the hypervisor's format, and neither script
+    /// may enable semihosting.
+    #[test]
+    fn the_scripts_read_the_status_line_and_never_enable_semihosting() {
+        let pattern = format!("'s/^{}\\([0-9]", stagehand_abi::exit_status::PREFIX);
+        for (name, text) in [
+            ("scripts/run", include_str!("../../../scripts/run")),
+            ("scripts/bench", include_str!("../../../scripts/bench")),
+        ] {
+            assert!(text.contains(&pattern), "{name} lacks {pattern}");
+            assert!(!text.contains("-semihosting"), "{name}");
+            assert!(!text.contains("exit=semihosting"), "{name}");
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! RESULT <suite>: <passed> passed, <failed> failed
 //! ```
 //!
-//! and the judgement of one suite's run from its lines, its exit status and whether it timed out.
+//! and the judgement of one suite's run from its lines, the hypervisor's exit status and whether
+//! it timed out.
 
 /// The outcome of one test, as the guest reported it or as the runner decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,38 +117,62 @@ pub fn parse_console(suite: &str, console: &str) -> Transcript {
     transcript
 }
 
-/// How the QEMU process of a suite ended.
+/// How a run ended. QEMU never enables semihosting, so its own exit status is 0 whenever the
+/// hypervisor powers the machine off: the hypervisor's status comes from its exit status line
+/// ([`stagehand_abi::exit_status`]) on its UART.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// It exited by itself with this status (`None`: killed by a signal).
-    Exited(Option<i32>),
-    /// The runner killed it after this many seconds.
+    /// The hypervisor wrote its exit status line with this status, and QEMU exited with status 0.
+    Status(u8),
+    /// QEMU exited with status 0, but the hypervisor wrote no exit status line (it stopped
+    /// without one, e.g. on a guest reset under `-no-reboot`, or died before its UART was up).
+    NoStatusLine,
+    /// QEMU itself failed: it exited with this non-zero status (`None`: killed by a signal).
+    QemuFailed(Option<i32>),
+    /// The runner killed QEMU after this many seconds.
     TimedOut(u64),
-    /// It could not be started.
+    /// QEMU could not be started.
     NotStarted(String),
 }
 
+impl Exit {
+    /// How a run ended whose QEMU process exited by itself with `process_status` (`None`:
+    /// killed by a signal), given the text of the hypervisor's UART (its log file, or the
+    /// console when the UART is shared): the last exit status line there counts.
+    pub fn of_run(process_status: Option<i32>, hypervisor_uart: &str) -> Exit {
+        match process_status {
+            Some(0) => match stagehand_abi::exit_status::last_in(hypervisor_uart) {
+                Some(status) => Exit::Status(status),
+                None => Exit::NoStatusLine,
+            },
+            other => Exit::QemuFailed(other),
+        }
+    }
+
+    /// What went wrong, as the end of a sentence; `None` for a clean end (status 0).
+    pub fn problem(&self) -> Option<String> {
+        Some(match self {
+            Exit::Status(0) => return None,
+            Exit::Status(status) => format!("the hypervisor ended with exit status {status}"),
+            Exit::NoStatusLine => {
+                String::from("QEMU exited without the hypervisor's exit status line")
+            }
+            Exit::QemuFailed(Some(code)) => format!("QEMU exited with status {code}"),
+            Exit::QemuFailed(None) => String::from("QEMU was killed by a signal"),
+            Exit::TimedOut(seconds) => format!("timed out after {seconds} s; QEMU killed"),
+            Exit::NotStarted(why) => format!("QEMU did not start: {why}"),
+        })
+    }
+}
+
 /// Judges one suite: the guest's own outcomes, plus one failure (named `<suite>/<what>`) for
-/// each way the run itself went wrong: timeout, non-zero exit, no RESULT line, a RESULT line
-/// whose counts disagree with the TEST lines, or no test at all.
+/// each way the run itself went wrong: timeout, a non-zero or missing hypervisor exit status,
+/// a failure of QEMU itself, no RESULT line, a RESULT line whose counts disagree with the TEST
+/// lines, or no test at all.
 pub fn judge(suite: &str, transcript: &Transcript, exit: &Exit) -> Vec<TestOutcome> {
     let mut outcomes = transcript.tests.clone();
-    let run = format!("{suite}/run");
-    match exit {
-        Exit::Exited(Some(0)) => {}
-        Exit::Exited(Some(code)) => outcomes.push(TestOutcome::fail(
-            &run,
-            format!("QEMU exited with status {code}"),
-        )),
-        Exit::Exited(None) => outcomes.push(TestOutcome::fail(&run, "QEMU was killed by a signal")),
-        Exit::TimedOut(seconds) => outcomes.push(TestOutcome::fail(
-            &run,
-            format!("timed out after {seconds} s; QEMU killed"),
-        )),
-        Exit::NotStarted(why) => outcomes.push(TestOutcome::fail(
-            &run,
-            format!("QEMU did not start: {why}"),
-        )),
+    if let Some(problem) = exit.problem() {
+        outcomes.push(TestOutcome::fail(format!("{suite}/run"), problem));
     }
     let passed = transcript
         .tests
@@ -268,7 +293,7 @@ mod tests {
                 failed: 1
             })
         );
-        let outcomes = judge("s", &transcript, &Exit::Exited(Some(0)));
+        let outcomes = judge("s", &transcript, &Exit::Status(0));
         assert_eq!(
             outcomes,
             vec![TestOutcome::pass("s/a"), TestOutcome::fail("s/b", "broke")]
@@ -281,7 +306,7 @@ mod tests {
     #[test]
     fn a_missing_result_line_is_a_failure() {
         let transcript = parse_console("s", "TEST s/a: PASS\n");
-        let outcomes = judge("s", &transcript, &Exit::Exited(Some(0)));
+        let outcomes = judge("s", &transcript, &Exit::Status(0));
         assert_eq!(totals(&outcomes), (1, 1));
         assert_eq!(outcomes[1].name, "s/result");
         assert!(outcomes[1]
@@ -294,7 +319,7 @@ mod tests {
     #[test]
     fn disagreeing_counts_are_a_failure() {
         let transcript = parse_console("s", "TEST s/a: PASS\nRESULT s: 2 passed, 0 failed\n");
-        let outcomes = judge("s", &transcript, &Exit::Exited(Some(0)));
+        let outcomes = judge("s", &transcript, &Exit::Status(0));
         assert_eq!(totals(&outcomes), (1, 1));
         assert!(outcomes[1]
             .failure
@@ -313,8 +338,23 @@ mod tests {
             .as_deref()
             .unwrap()
             .contains("timed out after 60 s"));
-        let bad_exit = judge("s", &transcript, &Exit::Exited(Some(3)));
-        assert_eq!(bad_exit[2].line(), "FAIL s/run: QEMU exited with status 3");
+        let bad_exit = judge("s", &transcript, &Exit::Status(3));
+        assert_eq!(
+            bad_exit[2].line(),
+            "FAIL s/run: the hypervisor ended with exit status 3"
+        );
+        let no_line = judge("s", &transcript, &Exit::NoStatusLine);
+        assert_eq!(
+            no_line[2].line(),
+            "FAIL s/run: QEMU exited without the hypervisor's exit status line"
+        );
+        let qemu_failed = judge("s", &transcript, &Exit::QemuFailed(Some(1)));
+        assert_eq!(
+            qemu_failed[2].line(),
+            "FAIL s/run: QEMU exited with status 1"
+        );
+        let killed = judge("s", &transcript, &Exit::QemuFailed(None));
+        assert_eq!(killed[2].line(), "FAIL s/run: QEMU was killed by a signal");
         let not_started = judge(
             "s",
             &Transcript::default(),
@@ -324,9 +364,31 @@ mod tests {
     }
 
     #[test]
+    fn the_status_comes_from_the_hypervisors_line() {
+        let line = |status| format!("{}\r\n", stagehand_abi::exit_status::Line(status));
+        let log = format!("[stagehand INFO ] guest powered off\r\n{}", line(0));
+        assert_eq!(Exit::of_run(Some(0), &log), Exit::Status(0));
+        assert_eq!(Exit::of_run(Some(0), &line(3)), Exit::Status(3));
+        // A guest's forged line on a shared console is followed by the hypervisor's own.
+        let shared = format!("{}TEST s/a: PASS\n{}", line(0), line(4));
+        assert_eq!(Exit::of_run(Some(0), &shared), Exit::Status(4));
+        // No line: abnormal, like a failed QEMU.
+        assert_eq!(
+            Exit::of_run(Some(0), "[stagehand INFO ] x\n"),
+            Exit::NoStatusLine
+        );
+        assert_eq!(Exit::of_run(Some(0), ""), Exit::NoStatusLine);
+        // QEMU's own failure wins over any line.
+        assert_eq!(Exit::of_run(Some(1), &line(0)), Exit::QemuFailed(Some(1)));
+        assert_eq!(Exit::of_run(None, &line(0)), Exit::QemuFailed(None));
+        assert_eq!(Exit::Status(0).problem(), None);
+        assert!(Exit::NoStatusLine.problem().is_some());
+    }
+
+    #[test]
     fn an_empty_suite_is_a_failure() {
         let transcript = parse_console("s", "RESULT s: 0 passed, 0 failed\n");
-        let outcomes = judge("s", &transcript, &Exit::Exited(Some(0)));
+        let outcomes = judge("s", &transcript, &Exit::Status(0));
         assert_eq!(totals(&outcomes), (0, 1));
     }
 
@@ -337,9 +399,6 @@ mod tests {
             "TEST s/a: PASS\nRESULT s: 1 passed, 0 failed\nTEST s/b: PASS\n",
         );
         assert_eq!(transcript.tests.len(), 1);
-        assert_eq!(
-            totals(&judge("s", &transcript, &Exit::Exited(Some(0)))),
-            (1, 0)
-        );
+        assert_eq!(totals(&judge("s", &transcript, &Exit::Status(0))), (1, 0));
     }
 }

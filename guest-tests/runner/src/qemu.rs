@@ -1,5 +1,9 @@
 //! Running one guest in its own QEMU under the hypervisor firmware, with a timeout, capturing
-//! the guest console.
+//! the guest console and the hypervisor's exit status line.
+//!
+//! QEMU never gets `-semihosting-config`: semihosting cannot be kept from the guest (`HLT`
+//! does not trap to EL2), and would let it run host commands. The hypervisor reports its exit
+//! status as a line on its UART instead ([`stagehand_abi::exit_status`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -26,7 +30,7 @@ pub struct Launch {
     pub cpus: u32,
     /// `-m`.
     pub memory: String,
-    /// The hypervisor configuration string (`opt/stagehand/config`).
+    /// The hypervisor configuration string (`opt/stagehand/config`; empty: no such file).
     pub config: String,
     /// File that receives the second UART (the hypervisor's log); `None` gives the machine one
     /// UART, which the hypervisor then shares with the guest.
@@ -42,9 +46,11 @@ pub struct Launch {
 pub struct Outcome {
     /// The guest console (first UART), as text.
     pub console: String,
+    /// The hypervisor's UART, as text: its log file, or the console when the UART is shared.
+    pub hypervisor_uart: String,
     /// QEMU's own standard error.
     pub stderr: String,
-    /// How QEMU ended.
+    /// How the run ended, the hypervisor's exit status line included.
     pub exit: Exit,
 }
 
@@ -82,15 +88,16 @@ impl Launch {
         if let Some(log) = &self.hypervisor_log {
             args.extend(["-serial".into(), format!("file:{}", path_arg(log))]);
         }
-        args.extend([
-            "-fw_cfg".into(),
-            format!(
-                "name=opt/stagehand/config,string={}",
-                qemu_escape(&self.config)
-            ),
-            "-semihosting-config".into(),
-            "enable=on,target=native".into(),
-        ]);
+        // QEMU refuses an empty `string=`; no configuration file gives the defaults.
+        if !self.config.is_empty() {
+            args.extend([
+                "-fw_cfg".into(),
+                format!(
+                    "name=opt/stagehand/config,string={}",
+                    qemu_escape(&self.config)
+                ),
+            ]);
+        }
         if let Some(initrd) = &self.initrd {
             args.extend(["-initrd".into(), path_arg(initrd)]);
         }
@@ -103,6 +110,10 @@ impl Launch {
 
     /// Runs QEMU to completion or until the timeout, when it is killed.
     pub fn run(&self) -> Outcome {
+        if let Some(path) = &self.hypervisor_log {
+            // The exit status is read from this file: no line of an earlier run may count.
+            let _ = std::fs::remove_file(path);
+        }
         let mut command = Command::new(&self.qemu);
         command
             .args(self.arguments())
@@ -114,6 +125,7 @@ impl Launch {
             Err(error) => {
                 return Outcome {
                     console: String::new(),
+                    hypervisor_uart: String::new(),
                     stderr: String::new(),
                     exit: Exit::NotStarted(format!("{}: {error}", self.qemu.display())),
                 }
@@ -121,9 +133,21 @@ impl Launch {
         };
         let stdout = reader(child.stdout.take());
         let stderr = reader(child.stderr.take());
-        let exit = wait_with_timeout(&mut child, self.timeout);
+        let ended = wait_with_timeout(&mut child, self.timeout);
+        let console = stdout.join().unwrap_or_default();
+        let hypervisor_uart = match &self.hypervisor_log {
+            Some(path) => std::fs::read(path)
+                .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+                .unwrap_or_default(),
+            None => console.clone(),
+        };
+        let exit = match ended {
+            Ok(process_status) => Exit::of_run(process_status, &hypervisor_uart),
+            Err(exit) => exit,
+        };
         Outcome {
-            console: stdout.join().unwrap_or_default(),
+            console,
+            hypervisor_uart,
             stderr: stderr.join().unwrap_or_default(),
             exit,
         }
@@ -145,21 +169,26 @@ fn reader(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String
     })
 }
 
-fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Exit {
+/// Waits for the process to exit by itself (`Ok` with its status, `None` when killed by a
+/// signal) or kills it at the timeout.
+///
+/// # Errors
+/// [`Exit::TimedOut`], or [`Exit::NotStarted`] when it cannot be waited for.
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Result<Option<i32>, Exit> {
     let start = Instant::now();
     loop {
         match child.try_wait() {
-            Ok(Some(status)) => return Exit::Exited(status.code()),
+            Ok(Some(status)) => return Ok(status.code()),
             Ok(None) if start.elapsed() >= timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Exit::TimedOut(timeout.as_secs());
+                return Err(Exit::TimedOut(timeout.as_secs()));
             }
             Ok(None) => thread::sleep(Duration::from_millis(50)),
             Err(error) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Exit::NotStarted(format!("waiting for QEMU: {error}"));
+                return Err(Exit::NotStarted(format!("waiting for QEMU: {error}")));
             }
         }
     }
@@ -178,7 +207,7 @@ mod tests {
             append: Some("a b".into()),
             cpus: 2,
             memory: "512M".into(),
-            config: "exit=semihosting,ram=256M".into(),
+            config: "log=debug,ram=256M".into(),
             hypervisor_log: Some("logs/dt.hyp.log".into()),
             extra_args: vec![],
             timeout: Duration::from_secs(5),
@@ -196,9 +225,8 @@ mod tests {
             joined.contains("-bios build/stagehand.bin -kernel build/guests/dt.elf -serial stdio")
         );
         assert!(joined.contains("-serial file:logs/dt.hyp.log"));
-        assert!(args
-            .contains(&"name=opt/stagehand/config,string=exit=semihosting,,ram=256M".to_string()));
-        assert!(joined.contains("-semihosting-config enable=on,target=native"));
+        assert!(args.contains(&"name=opt/stagehand/config,string=log=debug,,ram=256M".to_string()));
+        assert!(!joined.contains("semihosting"));
         assert!(joined.ends_with("-initrd logs/dt.initrd -append a b"));
         assert!(args.contains(&"-no-reboot".to_string()));
     }
@@ -214,6 +242,49 @@ mod tests {
         assert!(args
             .join(" ")
             .contains("-bios build/stagehand.bin -serial stdio -fw_cfg"));
+        launch.config = String::new();
+        assert!(!launch.arguments().contains(&"-fw_cfg".to_string()));
+    }
+
+    /// Writes an executable shell script with `body` at `path` and returns the path.
+    fn script(path: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_path_buf()
+    }
+
+    #[test]
+    fn the_exit_comes_from_the_hypervisors_status_line() {
+        // A stand-in for QEMU that writes a status line into the second UART's file, as the
+        // hypervisor does, then exits 0 as QEMU does after PSCI SYSTEM_OFF.
+        let dir = std::env::temp_dir().join(format!("guest-runner-qemu-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fake = script(
+            &dir.join("fake-qemu"),
+            "for arg; do case $arg in file:*) printf 'x\\r\\nstagehand: exit status 3\\r\\n' \
+             >\"${arg#file:}\";; esac; done\necho console",
+        );
+        let mut launch = launch();
+        launch.qemu = fake;
+        launch.hypervisor_log = Some(dir.join("hyp.log"));
+        let outcome = launch.run();
+        assert_eq!(outcome.exit, Exit::Status(3));
+        assert_eq!(outcome.console, "console\n");
+        assert!(outcome
+            .hypervisor_uart
+            .ends_with("stagehand: exit status 3\r\n"));
+        // A line left by an earlier run never counts: the file is removed first.
+        launch.qemu = "true".into();
+        assert_eq!(launch.run().exit, Exit::NoStatusLine);
+        // With a shared UART the console holds the line.
+        launch.hypervisor_log = None;
+        launch.qemu = script(
+            &dir.join("fake-qemu-shared"),
+            "echo 'stagehand: exit status 2'",
+        );
+        assert_eq!(launch.run().exit, Exit::Status(2));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -228,7 +299,7 @@ mod tests {
         let mut child = Command::new("sleep").arg("30").spawn().expect("sleep runs");
         let start = Instant::now();
         let exit = wait_with_timeout(&mut child, Duration::from_millis(200));
-        assert_eq!(exit, Exit::TimedOut(0));
+        assert_eq!(exit, Err(Exit::TimedOut(0)));
         assert!(start.elapsed() < Duration::from_secs(5));
     }
 
@@ -240,7 +311,7 @@ mod tests {
             .expect("sh runs");
         assert_eq!(
             wait_with_timeout(&mut child, Duration::from_secs(10)),
-            Exit::Exited(Some(3))
+            Ok(Some(3))
         );
     }
 }

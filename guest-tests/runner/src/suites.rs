@@ -21,8 +21,9 @@ pub const LINUX_KERNEL_VAR: &str = "STAGEHAND_LINUX_KERNEL";
 /// Environment variable naming the initramfs for suite `linux`.
 pub const LINUX_INITRD_VAR: &str = "STAGEHAND_LINUX_INITRD";
 
-/// Configuration items every suite passes to the hypervisor.
-pub const COMMON_CONFIG: &[&str] = &["exit=semihosting", "log=debug"];
+/// Configuration items every suite passes to the hypervisor. (None chooses how it exits: it
+/// always writes its exit status line and powers off; semihosting is never enabled.)
+pub const COMMON_CONFIG: &[&str] = &["log=debug"];
 
 /// Where a suite's guest image comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -265,14 +266,8 @@ mod tests {
 
     #[test]
     fn config_strings_start_with_the_common_items() {
-        assert_eq!(
-            find("dt").unwrap().config_string(),
-            "exit=semihosting log=debug ram=256M"
-        );
-        assert_eq!(
-            find("smccc").unwrap().config_string(),
-            "exit=semihosting log=debug"
-        );
+        assert_eq!(find("dt").unwrap().config_string(), "log=debug ram=256M");
+        assert_eq!(find("smccc").unwrap().config_string(), "log=debug");
     }
 
     #[test]

@@ -33,7 +33,8 @@ use stagehand_abi::{attr, Status};
 pub const WORK_BUDGET: u64 = 2 << 20;
 /// Above this many pages changed at once, stage-2 TLB maintenance is one TLBI VMALLS12E1IS.
 pub const STAGE2_TLBI_THRESHOLD: u64 = 16;
-const BLOCK: u64 = 2 << 20;
+/// Bytes of a level-2 block: the most one MEM_SET_ATTR call changes.
+pub const BLOCK: u64 = 2 << 20;
 const PAGES_PER_BLOCK: usize = 512;
 
 /// A page's stage-2 memory attribute.
@@ -219,9 +220,14 @@ impl AttributeManager {
         memory: &mut impl TableMemory,
         fwb: bool,
         ram: GuestRam,
-        input_bits: u32,
+        geometry: &crate::geometry::Geometry,
     ) -> Result<Self, MapError> {
-        let mut stage2 = PageTable::new(memory, Stage2 { fwb }, 0, input_bits)?;
+        let mut stage2 = PageTable::new(
+            memory,
+            Stage2 { fwb },
+            geometry.start_level,
+            geometry.ipa_bits,
+        )?;
         stage2.map(
             memory,
             ram.ipa,
@@ -433,35 +439,11 @@ impl AttributeManager {
             self.break_block(memory, arch, region)?;
             maintenance.tlbi = TlbiScope::ByIpa;
         } else if is_block {
-            // Split: prepare the table first (the only step that can fail), with the pages to
-            // change already invalid, then replace the block by it.
-            let new_table = memory.allocate().ok_or(Status::NoMemory)?;
-            let block_pa = self.ram.pa + (region - self.ram.ipa);
+            // Split, with the pages to change already invalid in the new table.
             let first_in_region = ((ipa - region) / PAGE_SIZE) as usize;
-            for i in 0..PAGES_PER_BLOCK {
-                let page_index = self.page_index(region) + i;
-                let breaking = i >= first_in_region
-                    && changing.get(i - first_in_region).copied().unwrap_or(false);
-                let attribute = if self.pages[page_index].non_cacheable {
-                    Attribute::NonCacheable
-                } else {
-                    Attribute::WriteBack
-                };
-                memory.table(new_table)[i] = if breaking {
-                    0
-                } else {
-                    self.stage2.leaf_descriptor(
-                        block_pa + i as u64 * PAGE_SIZE,
-                        3,
-                        attribute.memory_type(),
-                        Permissions::RWX,
-                    )
-                };
-            }
-            let (table, index) = self.break_block(memory, arch, region)?;
-            memory.table(table)[index] = new_table | TABLE_OR_PAGE | VALID;
-            arch.table_write(TableWrite::Table { ipa: region });
-            arch.dsb_ishst();
+            self.split_block(memory, arch, region, |i| {
+                i >= first_in_region && changing.get(i - first_in_region).copied().unwrap_or(false)
+            })?;
             maintenance.split = true;
             maintenance.tlbi = TlbiScope::ByIpa;
         } else {
@@ -561,6 +543,49 @@ impl AttributeManager {
         Ok(())
     }
 
+    /// Replaces the 2 MiB block at `region` by a table of pages, each with its ledger attribute,
+    /// except those for which `breaking(index in region)` holds, which are left invalid (the
+    /// caller makes them). The table is prepared first (the only step that can fail), then the
+    /// block is broken (see [`Self::break_block`]) and the table made. The break is the only
+    /// moment any page of the region is unmapped, so it must hold no pinned page: pinning
+    /// splits a page's block first ([`Self::pin`]), and merging waits for no pins.
+    ///
+    /// # Errors
+    /// NO_MEMORY when no table can be allocated; nothing changed then.
+    fn split_block(
+        &self,
+        memory: &mut impl TableMemory,
+        arch: &mut impl Arch,
+        region: u64,
+        breaking: impl Fn(usize) -> bool,
+    ) -> Result<(), Status> {
+        let new_table = memory.allocate().ok_or(Status::NoMemory)?;
+        let block_pa = self.ram.pa + (region - self.ram.ipa);
+        let first_page = self.page_index(region);
+        for i in 0..PAGES_PER_BLOCK {
+            let attribute = if self.pages[first_page + i].non_cacheable {
+                Attribute::NonCacheable
+            } else {
+                Attribute::WriteBack
+            };
+            memory.table(new_table)[i] = if breaking(i) {
+                0
+            } else {
+                self.stage2.leaf_descriptor(
+                    block_pa + i as u64 * PAGE_SIZE,
+                    3,
+                    attribute.memory_type(),
+                    Permissions::RWX,
+                )
+            };
+        }
+        let (table, index) = self.break_block(memory, arch, region)?;
+        memory.table(table)[index] = new_table | TABLE_OR_PAGE | VALID;
+        arch.table_write(TableWrite::Table { ipa: region });
+        arch.dsb_ishst();
+        Ok(())
+    }
+
     /// Break-before-make's break of the 2 MiB block at `region`: the entry made invalid, then the
     /// CPUs' TLBs (stage 2 by IPA; stage 1 of the VMID, for combined entries) and the devices'
     /// TLBs, each completed. Returns the entry's slot, for the make.
@@ -602,7 +627,13 @@ impl AttributeManager {
         let Some(pages) = self.pages.get(first..first + PAGES_PER_BLOCK) else {
             return false;
         };
-        if !region.is_multiple_of(BLOCK) || !pages.iter().all(|p| p.non_cacheable == target_nc) {
+        // A pinned page's translation is never broken: a device may be using it (shared mode
+        // reads the CPU's stage 2), and a device has no retry.
+        if !region.is_multiple_of(BLOCK)
+            || !pages
+                .iter()
+                .all(|p| p.non_cacheable == target_nc && p.pins == 0)
+        {
             return false;
         }
         let Some((table, index)) = self.stage2.slot(memory, region, 2) else {
@@ -740,7 +771,9 @@ impl AttributeManager {
     }
 
     /// Checks that stage 2 maps every page of guest RAM to its own PA with the ledger's
-    /// attribute, blocks exactly where a whole 2 MiB region agrees, and that `window` is empty.
+    /// attribute, blocks only where a whole 2 MiB region agrees and holds no pinned page, and
+    /// that `window` is empty. (A region that agrees may stay split after its pins went; the
+    /// next attribute change in it merges it.)
     ///
     /// # Errors
     /// A description of the first mismatch.
@@ -783,8 +816,11 @@ impl AttributeManager {
                 let uniform = region
                     .iter()
                     .all(|p| p.non_cacheable == region[0].non_cacheable);
-                if uniform && t.level != 2 {
-                    return Err(format!("2 MiB region {ipa:#x} agrees but is not a block"));
+                let pinned = region.iter().any(|p| p.pins > 0);
+                if t.level == 2 && (!uniform || pinned) {
+                    return Err(format!(
+                        "2 MiB region {ipa:#x} is a block but disagrees or holds a pinned page"
+                    ));
                 }
             }
             ipa += if t.level == 2 {
@@ -807,6 +843,23 @@ impl AttributeManager {
         self.pages[first..=last].iter().all(|p| p.non_cacheable)
     }
 
+    /// The runs of pages of `[ipa, ipa + size)` (page-aligned guest RAM, checked by the caller)
+    /// that share one attribute, in order: `(start, bytes, attribute)`. What an audit record
+    /// describes when a range is not uniform.
+    pub fn attribute_runs(&self, ipa: u64, size: u64) -> Vec<(u64, u64, Attribute)> {
+        let mut runs: Vec<(u64, u64, Attribute)> = Vec::new();
+        let mut at = ipa;
+        while at < ipa + size {
+            let attribute = self.attribute_of(at);
+            match runs.last_mut() {
+                Some((_, bytes, last)) if *last == attribute => *bytes += PAGE_SIZE,
+                _ => runs.push((at, PAGE_SIZE, attribute)),
+            }
+            at += PAGE_SIZE;
+        }
+        runs
+    }
+
     /// The attribute of the page holding `ipa` (guest RAM, checked by the caller).
     pub fn attribute_of(&self, ipa: u64) -> Attribute {
         match self.pages.get(self.page_index(ipa)) {
@@ -816,10 +869,21 @@ impl AttributeManager {
     }
 
     /// Adds a DMA pin to every page of `[ipa, ipa + size)` (page-aligned, checked by the caller).
+    /// A 2 MiB block holding one of the pages is split first (its pages keep their attributes),
+    /// so that no later change elsewhere in the block breaks the translation of a pinned page:
+    /// attribute changes break only the pages they change, and a region with a pin is never
+    /// merged. The split's own break holds no pinned page (any earlier pin split it already).
     ///
     /// # Errors
-    /// OUT_OF_RANGE/DENIED, or BUSY when a pin count would overflow.
-    pub fn pin(&mut self, ipa: u64, size: u64) -> Result<(), Status> {
+    /// OUT_OF_RANGE/DENIED, BUSY when a pin count would overflow, NO_MEMORY when a block
+    /// cannot be split (blocks split before that stay split, which changes nothing visible).
+    pub fn pin(
+        &mut self,
+        memory: &mut impl TableMemory,
+        arch: &mut impl Arch,
+        ipa: u64,
+        size: u64,
+    ) -> Result<(), Status> {
         self.check_range(ipa, size)?;
         let (first, count) = (self.page_index(ipa), (size / PAGE_SIZE) as usize);
         if self.pages[first..first + count]
@@ -827,6 +891,17 @@ impl AttributeManager {
             .any(|p| p.pins == u16::MAX)
         {
             return Err(Status::Busy);
+        }
+        let mut region = ipa & !(BLOCK - 1);
+        while region < ipa + size {
+            if self
+                .stage2
+                .translate(memory, region)
+                .is_some_and(|t| t.level == 2)
+            {
+                self.split_block(memory, arch, region, |_| false)?;
+            }
+            region += BLOCK;
         }
         self.pages[first..first + count]
             .iter_mut()
@@ -873,7 +948,10 @@ mod tests {
 
     fn fixture(fwb: bool) -> Fixture {
         let mut memory = VecMemory::new(256);
-        let mut manager = AttributeManager::new(&mut memory, fwb, RAM, 44).unwrap();
+        // Both stage-2 shapes: a 44-bit space from a level-0 root with FWB, and the 39-bit one
+        // from a level-1 root of a 40-bit CPU (which has no FWB, as cortex-a53) without.
+        let geometry = crate::geometry::Geometry::for_cpu(if fwb { 4 } else { 2 }).unwrap();
+        let mut manager = AttributeManager::new(&mut memory, fwb, RAM, &geometry).unwrap();
         manager.map_mmio(&mut memory, UART.0, UART.1).unwrap();
         let window = Window::new(WINDOW_VA, memory.allocate().unwrap());
         Fixture {
@@ -1131,7 +1209,10 @@ mod tests {
                 "{ipa:#x}+{size:#x}"
             );
         }
-        f.manager.pin(R0, PAGE_SIZE).unwrap();
+        f.manager
+            .pin(&mut f.memory, &mut f.arch, R0, PAGE_SIZE)
+            .unwrap();
+        f.arch.clear();
         assert_eq!(f.set(R0, BLOCK, Attribute::NonCacheable), Err(Status::Busy));
         assert!(f.arch.ops.is_empty());
         assert_eq!(f.manager.get(&mut f.memory, R0).unwrap().pins, 1);
@@ -1158,7 +1239,10 @@ mod tests {
         );
         assert_eq!(f.arch.ops[6], Op::DsbIsh);
         f.arch.clear();
-        f.manager.pin(R0 + 0x1000, PAGE_SIZE).unwrap();
+        f.manager
+            .pin(&mut f.memory, &mut f.arch, R0 + 0x1000, PAGE_SIZE)
+            .unwrap();
+        f.arch.clear();
         let p = f.cmo(ipa, 0x100, CacheOp::Invalidate).unwrap();
         assert!(p.widened);
         // The hypervisor's own DMA maintenance invalidates exactly, pinned or not.
@@ -1177,6 +1261,67 @@ mod tests {
         assert!(!dma.widened);
         assert_eq!(f.arch.ops[3], Op::Dc(CacheOp::CleanInvalidate, va, 0x140));
         f.check();
+    }
+
+    #[test]
+    fn pinning_splits_the_block_and_no_later_change_breaks_the_pinned_page() {
+        let mut f = fixture(true);
+        f.manager
+            .pin(&mut f.memory, &mut f.arch, R0 + 5 * PAGE_SIZE, PAGE_SIZE)
+            .unwrap();
+        // The pin's split: one break of the block (nothing pinned yet), then the table.
+        assert_eq!(
+            f.arch.writes(),
+            [Break { ipa: R0, level: 2 }, Table { ipa: R0 }]
+        );
+        let info = f.manager.get(&mut f.memory, R0 + 5 * PAGE_SIZE).unwrap();
+        assert!(!info.block_mapped && info.pins == 1);
+        // Changes of the neighbours, there and back (which would merge without the pin), break
+        // only the pages they change.
+        for attribute in [Attribute::NonCacheable, Attribute::WriteBack] {
+            f.arch.clear();
+            f.set(R0, 5 * PAGE_SIZE, attribute).unwrap();
+            f.set(R0 + 6 * PAGE_SIZE, BLOCK - 6 * PAGE_SIZE, attribute)
+                .unwrap();
+            for write in f.arch.writes() {
+                if let Break { ipa, level } = write {
+                    assert_eq!(level, 3, "{write:?}");
+                    assert_ne!(ipa, R0 + 5 * PAGE_SIZE);
+                }
+            }
+            f.check();
+        }
+        // Unpinned, the next change merges the region again.
+        f.manager.unpin(R0 + 5 * PAGE_SIZE, PAGE_SIZE);
+        let p = f.set(R0, PAGE_SIZE, Attribute::WriteBack).unwrap();
+        assert!(!p.maintenance.merged, "no change, no merge");
+        f.set(R0, PAGE_SIZE, Attribute::NonCacheable).unwrap();
+        assert!(
+            f.set(R0, PAGE_SIZE, Attribute::WriteBack)
+                .unwrap()
+                .maintenance
+                .merged
+        );
+        f.check();
+    }
+
+    #[test]
+    fn attribute_runs_split_a_range_where_the_attribute_changes() {
+        let mut f = fixture(false);
+        f.set(R0 + 2 * PAGE_SIZE, 3 * PAGE_SIZE, Attribute::NonCacheable)
+            .unwrap();
+        assert_eq!(
+            f.manager.attribute_runs(R0 + PAGE_SIZE, 7 * PAGE_SIZE),
+            [
+                (R0 + PAGE_SIZE, PAGE_SIZE, Attribute::WriteBack),
+                (R0 + 2 * PAGE_SIZE, 3 * PAGE_SIZE, Attribute::NonCacheable),
+                (R0 + 5 * PAGE_SIZE, 3 * PAGE_SIZE, Attribute::WriteBack),
+            ]
+        );
+        assert_eq!(
+            f.manager.attribute_runs(R1, BLOCK),
+            [(R1, BLOCK, Attribute::WriteBack)]
+        );
     }
 
     #[test]
@@ -1298,6 +1443,25 @@ mod tests {
         ]
     }
 
+    /// No break in `ops` covers a page pinned in `pins` (indexed from the start of RAM): a
+    /// device may be using it, and DMA has no retry.
+    fn no_pinned_page_broken(ops: &[Op], pins: &[u16]) -> Result<(), TestCaseError> {
+        for op in ops {
+            if let Op::Write(Break { ipa, level }) = *op {
+                let first = ((ipa - RAM.ipa) / PAGE_SIZE) as usize;
+                let pages = (level_size(level) / PAGE_SIZE) as usize;
+                if let Some(page) =
+                    (first..first + pages).find(|&i| pins.get(i).is_some_and(|&p| p > 0))
+                {
+                    return Err(TestCaseError::fail(format!(
+                        "break of {ipa:#x} (level {level}) covers pinned page {page}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Random operation sequences against a reference model: after every call the ledger
@@ -1328,6 +1492,7 @@ mod tests {
                                 Ok(p) => {
                                     prop_assert!(p.done <= WORK_BUDGET && p.done > 0);
                                     check_i2(&f.arch.ops).map_err(TestCaseError::fail)?;
+                                    no_pinned_page_broken(&f.arch.ops, &model_pins)?;
                                     let first = ((at - RAM.ipa) / PAGE_SIZE) as usize;
                                     model_nc[first..first + (p.done / PAGE_SIZE) as usize].fill(nc);
                                     at += p.done;
@@ -1345,7 +1510,9 @@ mod tests {
                         }
                     }
                     Step::Pin { page } => {
-                        f.manager.pin(RAM.ipa + page * PAGE_SIZE, PAGE_SIZE).unwrap();
+                        f.arch.clear();
+                        f.manager.pin(&mut f.memory, &mut f.arch, RAM.ipa + page * PAGE_SIZE, PAGE_SIZE).unwrap();
+                        no_pinned_page_broken(&f.arch.ops, &model_pins)?;
                         model_pins[page as usize] += 1;
                     }
                     Step::Unpin { page } => {

@@ -107,6 +107,12 @@ pub enum Event {
         /// Read, write or fetch.
         access: Access,
     },
+    /// A guest instruction the hypervisor does not emulate; the guest got an UNDEF.
+    Undefined {
+        /// ESR_EL2 of the trap: which instruction (system register encoding, for a trapped
+        /// MRS/MSR).
+        esr: u64,
+    },
     /// A guest register write the hypervisor changed or dropped (LPI enabling).
     Filtered {
         /// IPA of the register.
@@ -344,6 +350,10 @@ impl Event {
                 range(&mut r, ipa, 0);
                 r.access = access_code(access);
                 r.flags = U32::new(flag::STAGE2);
+            }
+            Event::Undefined { esr } => {
+                r = Record::empty(kind::UNDEFINED);
+                r.detail = U64::new(esr);
             }
             Event::Filtered { ipa, requested } => {
                 r = Record::empty(kind::FILTERED_WRITE);

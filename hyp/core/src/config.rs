@@ -9,13 +9,18 @@
 //! | `ram` | guest RAM size: decimal or `0x` hex, optional `K`/`M`/`G` suffix, a non-zero multiple of 2 MiB | all RAM the hypervisor does not keep |
 //! | `log` | `off`, `error`, `warn`, `info`, `debug`, `trace`           | `info`  |
 //! | `fwb` | `on`, `off`: use FEAT_S2FWB when the CPU has it            | `on`    |
-//! | `exit`| `psci`, `semihosting`: how the hypervisor ends QEMU        | `psci`  |
 //! | `audit` | `all`, `changes` (no records of CMO calls or DMA syncs), `off`: which events become audit records ([`AuditLevel`]) | `all` |
 //! | `selftest` | `el2-fault`: fault at EL2 on purpose before entering the guest, to test the fault report | none |
 //! | `dma` | `shared`, `strict`, `blocked`: DMA mode of every PCI device behind the SMMU ([`DmaMode`]) | `shared` |
 //! | `devices` | per-device overrides: `<bus:dev.fn>/<option>[/<option>]...`, several joined by `+`; options `shared`, `strict`, `blocked`, `coherent`, `noncoherent` (e.g. `devices=00:02.0/strict/noncoherent+00:03.0/shared`) | none: every device takes `dma`, coherent |
 //!
-//! To add a key, add one entry to [`KEYS`].
+//! To add a key, add one entry to [`KEYS`]. A key that is removed moves to [`REMOVED_KEYS`], so
+//! that a configuration still naming it gets the reason rather than "unknown key".
+//!
+//! There is no `exit` key any more: the hypervisor always reports its exit status with a line on
+//! its UART (`stagehand_abi::exit_status`) and powers off with PSCI. The old `exit=semihosting`
+//! needed QEMU to enable semihosting, which no guest may ever be given: `HLT` cannot be trapped at
+//! EL2, so any guest could then run host commands and read or write host files.
 
 #![forbid(unsafe_code)]
 
@@ -31,15 +36,6 @@ pub const FW_CFG_NAME: &str = "opt/stagehand/config";
 
 /// Guest RAM sizes are whole 2 MiB blocks, so stage 2 can map them with block entries.
 const RAM_GRANULE: u64 = 2 << 20;
-
-/// How the hypervisor ends the machine when the guest is done.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ExitMethod {
-    /// PSCI SYSTEM_OFF (QEMU exits with status 0).
-    Psci,
-    /// Semihosting SYS_EXIT, which carries an exit status (needs `-semihosting-config enable=on`).
-    Semihosting,
-}
 
 /// A deliberate failure the hypervisor performs at boot, so that tests can watch how it reports
 /// failures of its own.
@@ -133,8 +129,6 @@ pub struct Config {
     pub log_level: LevelFilter,
     /// Whether to use FEAT_S2FWB when the CPU has it.
     pub fwb: bool,
-    /// How to end the machine.
-    pub exit: ExitMethod,
     /// A failure to perform on purpose at boot (tests only).
     pub selftest: Option<SelfTest>,
     /// Which events become audit records.
@@ -162,7 +156,6 @@ impl Default for Config {
             ram_size: None,
             log_level: LevelFilter::Info,
             fwb: true,
-            exit: ExitMethod::Psci,
             selftest: None,
             audit: AuditLevel::All,
             dma: DmaMode::Shared,
@@ -183,6 +176,13 @@ pub enum ConfigError {
     UnknownKey {
         /// The key as written.
         key: String,
+    },
+    /// The key was removed; the configuration must drop it.
+    RemovedKey {
+        /// The key.
+        key: &'static str,
+        /// Why it was removed and what replaces it.
+        why: &'static str,
     },
     /// The key appears twice.
     DuplicateKey {
@@ -216,6 +216,9 @@ impl fmt::Display for ConfigError {
                 }
                 f.write_str(")")
             }
+            ConfigError::RemovedKey { key, why } => {
+                write!(f, "config: `{key}` was removed: {why}")
+            }
             ConfigError::DuplicateKey { key } => write!(f, "config: `{key}` given twice"),
             ConfigError::BadValue {
                 key,
@@ -238,8 +241,16 @@ struct Key {
     apply: fn(&mut Config, &str) -> Option<()>,
 }
 
+/// Keys the configuration no longer accepts, each with why: the error says so rather than
+/// calling the key unknown.
+const REMOVED_KEYS: [(&str, &str); 1] = [(
+    "exit",
+    "semihosting is never enabled, because any guest could use it to run host commands; \
+     the hypervisor always reports its exit status as a `stagehand: exit status N` line on its UART",
+)];
+
 /// Every key the configuration accepts.
-const KEYS: [Key; 8] = [
+const KEYS: [Key; 7] = [
     Key {
         name: "ram",
         expected:
@@ -275,14 +286,6 @@ const KEYS: [Key; 8] = [
                 "off" => false,
                 _ => return None,
             };
-            Some(())
-        },
-    },
-    Key {
-        name: "exit",
-        expected: "psci or semihosting",
-        apply: |config, value| {
-            config.exit = parse_exit_method(value)?;
             Some(())
         },
     },
@@ -379,29 +382,12 @@ fn parse_device_rule(entry: &str) -> Option<DeviceRule> {
     (options > 0).then_some(rule)
 }
 
-fn parse_exit_method(value: &str) -> Option<ExitMethod> {
-    match value {
-        "psci" => Some(ExitMethod::Psci),
-        "semihosting" => Some(ExitMethod::Semihosting),
-        _ => None,
-    }
-}
-
 /// The items of the configuration text: comments dropped, split at every separator.
 fn items(text: &str) -> impl Iterator<Item = &str> {
     text.lines()
         .map(|line| line.split('#').next().unwrap_or_default())
         .flat_map(|line| line.split(|c: char| c.is_whitespace() || c == ';' || c == ','))
         .filter(|item| !item.is_empty())
-}
-
-/// The exit method the text asks for (its first valid `exit=` item), found even when another
-/// item is bad: a configuration error can then still stop QEMU the way the configuration says.
-pub fn exit_method(text: &str) -> ExitMethod {
-    items(text)
-        .filter_map(|item| item.strip_prefix("exit="))
-        .find_map(parse_exit_method)
-        .unwrap_or(Config::default().exit)
 }
 
 /// Parses a size: decimal or `0x` hex digits, then an optional `K`, `M` or `G` (powers of
@@ -436,8 +422,8 @@ fn parse_size(text: &str) -> Option<u64> {
 ///
 /// # Errors
 ///
-/// A [`ConfigError`] for the first item that is not `key=value`, names an unknown key, repeats a
-/// key, or carries a value its key does not accept.
+/// A [`ConfigError`] for the first item that is not `key=value`, names an unknown or removed key,
+/// repeats a key, or carries a value its key does not accept.
 pub fn parse(text: &str) -> Result<Config, ConfigError> {
     let mut config = Config::default();
     let mut seen = [false; KEYS.len()];
@@ -446,6 +432,9 @@ pub fn parse(text: &str) -> Result<Config, ConfigError> {
             .split_once('=')
             .filter(|(key, _)| !key.is_empty())
             .ok_or_else(|| ConfigError::NotKeyValue { item: item.into() })?;
+        if let Some(&(key, why)) = REMOVED_KEYS.iter().find(|(removed, _)| *removed == key) {
+            return Err(ConfigError::RemovedKey { key, why });
+        }
         let (index, entry) = KEYS
             .iter()
             .enumerate()
@@ -484,7 +473,6 @@ mod tests {
                 ram_size: None,
                 log_level: LevelFilter::Info,
                 fwb: true,
-                exit: ExitMethod::Psci,
                 selftest: None,
                 audit: AuditLevel::All,
                 dma: DmaMode::Shared,
@@ -495,28 +483,24 @@ mod tests {
 
     #[test]
     fn every_key_and_separator() {
-        let config = parse(
-            "ram=512M log=debug\nfwb=off; exit=semihosting selftest=el2-fault # trailing comment",
-        )
-        .unwrap();
+        let config =
+            parse("ram=512M log=debug\nfwb=off; selftest=el2-fault # trailing comment").unwrap();
         assert_eq!(
             config,
             Config {
                 ram_size: Some(512 << 20),
                 log_level: LevelFilter::Debug,
                 fwb: false,
-                exit: ExitMethod::Semihosting,
                 selftest: Some(SelfTest::El2Fault),
                 audit: AuditLevel::All,
                 dma: DmaMode::Shared,
                 devices: DeviceRules::EMPTY,
             }
         );
-        assert_eq!(parse("fwb=on,exit=psci").unwrap().exit, ExitMethod::Psci);
         assert_eq!(parse("audit=changes").unwrap().audit, AuditLevel::Changes);
         assert_eq!(parse("audit=off").unwrap().audit, AuditLevel::Off);
         assert!(parse("audit=some").is_err());
-        assert!(parse("fwb=on,exit=psci").unwrap().fwb);
+        assert!(parse("fwb=on,log=warn").unwrap().fwb);
     }
 
     #[test]
@@ -672,7 +656,7 @@ mod tests {
         let cases = [
             ("ram", "config: `ram` is not key=value".to_string()),
             ("=5", "config: `=5` is not key=value".to_string()),
-            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, exit, selftest, audit, dma, devices)".to_string()),
+            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, selftest, audit, dma, devices)".to_string()),
             ("log=info log=warn", "config: `log` given twice".to_string()),
             ("ram=3M", alloc::format!("config: bad value `3M` for `ram`: expected {ram}")),
             ("ram=0", alloc::format!("config: bad value `0` for `ram`: expected {ram}")),
@@ -695,18 +679,10 @@ mod tests {
             ),
             ("fwb=yes", "config: bad value `yes` for `fwb`: expected on or off".to_string()),
             (
-                "exit=halt",
-                "config: bad value `halt` for `exit`: expected psci or semihosting".to_string(),
-            ),
-            (
                 "selftest=panic",
                 "config: bad value `panic` for `selftest`: expected el2-fault".to_string(),
             ),
-            (
-                "exit=psci=1",
-                "config: bad value `psci=1` for `exit`: expected psci or semihosting".to_string(),
-            ),
-            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, exit, selftest, audit, dma, devices)".to_string()),
+            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, selftest, audit, dma, devices)".to_string()),
         ];
         for (text, message) in cases {
             assert_eq!(parse(text).unwrap_err().to_string(), message, "{text}");
@@ -714,20 +690,40 @@ mod tests {
     }
 
     #[test]
-    fn the_exit_method_is_found_despite_other_errors() {
-        let cases = [
-            ("exit=semihosting bogus=1", ExitMethod::Semihosting),
-            ("bogus=1;exit=semihosting", ExitMethod::Semihosting),
-            ("ram=3M exit=semihosting", ExitMethod::Semihosting),
-            ("exit=halt exit=semihosting", ExitMethod::Semihosting),
-            ("exit=psci exit=semihosting", ExitMethod::Psci),
-            ("# exit=semihosting", ExitMethod::Psci),
-            ("noexit=semihosting", ExitMethod::Psci),
-            ("", ExitMethod::Psci),
-        ];
-        for (text, method) in cases {
-            assert_eq!(exit_method(text), method, "{text}");
+    fn the_exit_key_is_refused_with_the_reason() {
+        // Every value, alone or among good items: semihosting is never enabled, and there is
+        // no other exit method to choose.
+        for text in [
+            "exit=semihosting",
+            "exit=psci",
+            "exit=halt",
+            "exit=",
+            "log=debug exit=semihosting ram=256M",
+        ] {
+            let error = parse(text).unwrap_err();
+            assert!(
+                matches!(error, ConfigError::RemovedKey { key: "exit", .. }),
+                "{text}"
+            );
+            let message = error.to_string();
+            assert!(
+                message.starts_with("config: `exit` was removed: semihosting is never enabled"),
+                "{message}"
+            );
+            assert!(!message.contains('\n'), "{message}");
         }
+        // The message names the line that replaces it, in the form the hypervisor writes.
+        let message = parse("exit=psci").unwrap_err().to_string();
+        assert!(
+            message.contains(&alloc::format!("`{}N`", stagehand_abi::exit_status::PREFIX)),
+            "{message}"
+        );
+        // Not a key of any other spelling.
+        assert!(matches!(
+            parse("noexit=semihosting"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert_eq!(parse("# exit=semihosting"), Ok(Config::default()));
     }
 
     proptest! {
@@ -748,7 +744,7 @@ mod tests {
                 .map(|(key, value, separator)| alloc::format!("{key}={value}{separator}"))
                 .collect();
             if let Ok(config) = parse(&text) {
-                prop_assert_eq!(exit_method(&text), config.exit);
+                prop_assert!(super::items(&text).all(|item| !item.starts_with("exit=")));
                 if let Some(size) = config.ram_size {
                     prop_assert!(size != 0 && size % RAM_GRANULE == 0);
                 }

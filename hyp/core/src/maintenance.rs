@@ -159,6 +159,17 @@ impl Recorder {
         self.ops.iter().filter(|op| op.is_tlbi()).count()
     }
 
+    /// The stage-2 and window writes recorded, in order, without the instructions between them.
+    pub fn writes(&self) -> Vec<TableWrite> {
+        self.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Write(write) => Some(*write),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Forgets what was recorded.
     pub fn clear(&mut self) {
         self.ops.clear();

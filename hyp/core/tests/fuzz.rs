@@ -99,7 +99,9 @@ fn small_or_wild(rng: &mut Rng) -> u64 {
 fn run(seed: u64, deadline: Instant) -> u64 {
     let mut rng = Rng(seed | 1);
     let mut tables = Tables(Vec::new());
-    let mut manager = AttributeManager::new(&mut tables, seed & 2 == 0, RAM, 44).unwrap();
+    let geometry =
+        hyp_core::geometry::Geometry::for_cpu(if seed & 4 == 0 { 4 } else { 2 }).unwrap();
+    let mut manager = AttributeManager::new(&mut tables, seed & 2 == 0, RAM, &geometry).unwrap();
     manager.map_mmio(&mut tables, 0x0900_0000, 0x1000).unwrap();
     let window_table = tables.allocate().unwrap();
     let mut window = Window::new(0x7f00_0000_0000, window_table);
@@ -188,8 +190,12 @@ fn run(seed: u64, deadline: Instant) -> u64 {
             Call::DmaMap { ipa, size, .. } => {
                 // Pins come and go as DMA mappings would.
                 if rng.below(2) == 0 {
-                    let _ =
-                        manager.pin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
+                    let _ = manager.pin(
+                        &mut tables,
+                        &mut arch,
+                        ipa & !(PAGE_SIZE - 1),
+                        size.min(1 << 20) & !(PAGE_SIZE - 1),
+                    );
                 } else {
                     manager.unpin(ipa & !(PAGE_SIZE - 1), size.min(1 << 20) & !(PAGE_SIZE - 1));
                 }

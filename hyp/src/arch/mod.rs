@@ -4,6 +4,7 @@
 pub mod cpu;
 pub mod entry;
 pub mod mmu;
+pub mod recover;
 pub mod vectors;
 
 use core::arch::asm;
@@ -134,22 +135,6 @@ pub unsafe fn mmio_read(pa: u64, width: u8) -> u64 {
     }
 }
 
-/// Writes a `width`-byte device register at physical address `pa`.
-///
-/// # Safety
-/// As for [`mmio_read`].
-pub unsafe fn mmio_write(pa: u64, width: u8, value: u64) {
-    // SAFETY: per the contract above.
-    unsafe {
-        match width {
-            1 => (pa as *mut u8).write_volatile(value as u8),
-            2 => (pa as *mut u16).write_volatile(value as u16),
-            4 => (pa as *mut u32).write_volatile(value as u32),
-            _ => (pa as *mut u64).write_volatile(value),
-        }
-    }
-}
-
 /// Reads a system register by name; a macro because the name is part of the instruction.
 macro_rules! read_sysreg {
     ($name:literal) => {{
@@ -174,19 +159,25 @@ pub(crate) use {read_sysreg, write_sysreg};
 
 /// An address translation for the current guest: stage 1 only or both stages, for a read or a
 /// write. Returns PAR_EL1 and restores the guest's own PAR_EL1, which AT overwrites.
-pub fn translate_guest_va(va: u64, both_stages: bool, write: bool) -> u64 {
+///
+/// # Errors
+/// [`recover::ExternalAbort`] when the walk through the guest's tables took an external abort
+/// (the guest placed a table in MMIO that does not answer).
+pub fn translate_guest_va(
+    va: u64,
+    both_stages: bool,
+    write: bool,
+) -> Result<u64, recover::ExternalAbort> {
+    use recover::Translate;
     let saved: u64 = read_sysreg!("par_el1");
-    // SAFETY: AT only writes PAR_EL1 (restored below); the ISB makes the result visible.
-    unsafe {
-        match (both_stages, write) {
-            (false, false) => asm!("at s1e1r, {}", in(reg) va, options(nostack, preserves_flags)),
-            (false, true) => asm!("at s1e1w, {}", in(reg) va, options(nostack, preserves_flags)),
-            (true, false) => asm!("at s12e1r, {}", in(reg) va, options(nostack, preserves_flags)),
-            (true, true) => asm!("at s12e1w, {}", in(reg) va, options(nostack, preserves_flags)),
-        }
-        asm!("isb", options(nostack, preserves_flags));
-    }
+    let kind = match (both_stages, write) {
+        (false, false) => Translate::Stage1Read,
+        (false, true) => Translate::Stage1Write,
+        (true, false) => Translate::BothRead,
+        (true, true) => Translate::BothWrite,
+    };
+    let result = recover::translate(va, kind);
     let par: u64 = read_sysreg!("par_el1");
     write_sysreg!("par_el1", saved);
-    par
+    result.map(|()| par)
 }

@@ -28,13 +28,13 @@ pub enum Vector {
     El2Sync = 0,
     /// IRQ, FIQ or SError at EL2 (never expected).
     El2Async = 1,
-    /// Synchronous from the guest.
+    /// Synchronous from the guest (AArch64, or AArch32 at EL0).
     GuestSync = 2,
     /// IRQ/FIQ from the guest (not routed to EL2, so unexpected).
     GuestAsync = 3,
     /// SError from the guest.
     GuestSError = 4,
-    /// Anything from AArch32 or SP_EL0 at EL2.
+    /// Anything taken at EL2 with SP_EL0 (EL2 always runs on SP_EL2).
     Unexpected = 5,
 }
 
@@ -78,10 +78,10 @@ el2_vectors:
     VECTOR 3
     VECTOR 3
     VECTOR 4
-    VECTOR 5
-    VECTOR 5
-    VECTOR 5
-    VECTOR 5
+    VECTOR 2
+    VECTOR 3
+    VECTOR 3
+    VECTOR 4
 
 trap_save:
     stp     x2, x3, [sp, #16]

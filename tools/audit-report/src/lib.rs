@@ -676,6 +676,16 @@ fn apply(r: &Record, model: &mut Model, out: &mut Replay) -> Option<String> {
             ));
             None
         }
+        kind::UNDEFINED => {
+            out.faults.push((
+                s,
+                format!(
+                    "trapped instruction (ESR {:#x}) not emulated, UNDEF injected",
+                    r.detail.get()
+                ),
+            ));
+            None
+        }
         kind::SMMU_FAULT => {
             out.faults.push((
                 s,
