@@ -456,7 +456,11 @@ pub fn map_user(va: usize, pa: usize, size: usize, memory: MemoryType) -> Result
 /// [`MapError::OutOfRange`] for a level other than 1 or 2 or a VA outside the 48-bit space,
 /// [`MapError::ImageRange`] if `va` is in the running image's 1 GiB region, or a table
 /// allocation error.
-pub fn set_raw_table_entry(va: usize, level: usize, table_ipa: Option<usize>) -> Result<(), MapError> {
+pub fn set_raw_table_entry(
+    va: usize,
+    level: usize,
+    table_ipa: Option<usize>,
+) -> Result<(), MapError> {
     if !(1..=2).contains(&level) || va >= 1 << VA_BITS {
         return Err(MapError::OutOfRange);
     }
@@ -472,7 +476,9 @@ pub fn set_raw_table_entry(va: usize, level: usize, table_ipa: Option<usize>) ->
     }
     // SAFETY: as above.
     let slot = unsafe { table.add((va >> shift(level)) % ENTRIES) };
-    let new = table_ipa.map_or(0, |ipa| (ipa as u64 & DESC_ADDRESS) | DESC_TABLE_OR_PAGE | DESC_VALID);
+    let new = table_ipa.map_or(0, |ipa| {
+        (ipa as u64 & DESC_ADDRESS) | DESC_TABLE_OR_PAGE | DESC_VALID
+    });
     // Break, invalidate the whole VMID's stage 1 (a table entry), make.
     // SAFETY: `slot` is in a pool table; the lock is held.
     unsafe { slot.write_volatile(0) };

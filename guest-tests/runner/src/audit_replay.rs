@@ -7,7 +7,14 @@ use std::path::Path;
 use crate::protocol::TestOutcome;
 
 /// Suites whose audit stream is replayed after they run.
-pub const REPLAYED: &[&str] = &["smccc", "audit", "containment", "gic", "hostile", "hostile-mixed"];
+pub const REPLAYED: &[&str] = &[
+    "smccc",
+    "audit",
+    "containment",
+    "gic",
+    "hostile",
+    "hostile-mixed",
+];
 
 /// Whether suite `name` gets the audit checks.
 pub fn applies(name: &str) -> bool {

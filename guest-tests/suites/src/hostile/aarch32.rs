@@ -23,8 +23,13 @@ pub(crate) fn abort_into_aarch32_el0_uses_the_aarch32_vector() -> Result<(), Str
         return Ok(());
     }
     let target = guest_rt::dt::main_ram().end() + (64 << 20);
-    mmu::map_user(CODE_VA, stubs::base() + stubs::A32_LOAD, 4096, MemoryType::NormalWriteBack)
-        .map_err(|e| format!("mapping the A32 code: {e:?}"))?;
+    mmu::map_user(
+        CODE_VA,
+        stubs::base() + stubs::A32_LOAD,
+        4096,
+        MemoryType::NormalWriteBack,
+    )
+    .map_err(|e| format!("mapping the A32 code: {e:?}"))?;
     mmu::map_user(DATA_VA, target, 4096, MemoryType::Device)
         .map_err(|e| format!("mapping the data page: {e:?}"))?;
     // SAFETY: the generated A32 stub: a load that faults, then an SVC.
@@ -37,6 +42,10 @@ pub(crate) fn abort_into_aarch32_el0_uses_the_aarch32_vector() -> Result<(), Str
         exit.esr
     );
     // A data abort from a lower EL, synchronous external.
-    check_eq!((exit.class(), exit.esr & 0x3f), (0x24, 0x10), "ESR class and DFSC");
+    check_eq!(
+        (exit.class(), exit.esr & 0x3f),
+        (0x24, 0x10),
+        "ESR class and DFSC"
+    );
     super::alive("the AArch32 abort")
 }

@@ -35,8 +35,16 @@ fn calls(table_ipa: usize) -> Result<(), String> {
     batch[1] = 64;
     batch[2] = cache_op::CLEAN | cache_op::FLAG_VA;
     let attempts: [(&str, u32, [u64; 3]); 5] = [
-        ("MEM_QUERY_VA read", function::MEM_QUERY_VA, [VA as u64, 0, 0]),
-        ("MEM_QUERY_VA write", function::MEM_QUERY_VA, [VA as u64, 1, 0]),
+        (
+            "MEM_QUERY_VA read",
+            function::MEM_QUERY_VA,
+            [VA as u64, 0, 0],
+        ),
+        (
+            "MEM_QUERY_VA write",
+            function::MEM_QUERY_VA,
+            [VA as u64, 1, 0],
+        ),
         (
             "CACHE_OP CLEAN by VA",
             function::CACHE_OP,

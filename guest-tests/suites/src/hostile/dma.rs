@@ -138,7 +138,11 @@ fn start_workers(work: fn(usize)) -> Result<usize, String> {
     CALLS.store(0, Ordering::SeqCst);
     ERRORS.lock().clear();
     let workers = cpu::count().min(4).saturating_sub(1);
-    check!(workers >= 3, "needs 4 vCPUs, the device tree has {}", cpu::count());
+    check!(
+        workers >= 3,
+        "needs 4 vCPUs, the device tree has {}",
+        cpu::count()
+    );
     for index in 1..=workers {
         cpu::start(index, work).map_err(|e| format!("CPU_ON {index}: {e}"))?;
     }
@@ -273,7 +277,9 @@ pub(crate) fn escapes_are_blocked() -> Result<(), String> {
     if strict {
         let changed = differing(unmapped, Some(0x3c));
         if changed != 0 {
-            failures.push(format!("a DMA write changed {changed} bytes of an unmapped guest page"));
+            failures.push(format!(
+                "a DMA write changed {changed} bytes of an unmapped guest page"
+            ));
         }
     }
     // The device still reaches what it was given.
@@ -281,7 +287,9 @@ pub(crate) fn escapes_are_blocked() -> Result<(), String> {
     edu.write_to(landing, PAGE)?;
     let wrong = differing(landing, Some(0x5a));
     if wrong != 0 {
-        failures.push(format!("the mapped landing page got {wrong} wrong bytes afterwards"));
+        failures.push(format!(
+            "the mapped landing page got {wrong} wrong bytes afterwards"
+        ));
     }
     unmap(to_device)?;
     unmap(from_device)?;

@@ -95,7 +95,10 @@ fn bounds() -> Bounds {
     let ram = guest_rt::dt::main_ram();
     let info = guest_rt::dt::boot_info();
     let mut mmio = alloc::vec![info.uart_base as u64, 0x0902_0000, 0x0904_0000, 0x0905_0000];
-    for region in [info.gic_distributor, info.gic_redistributors].into_iter().flatten() {
+    for region in [info.gic_distributor, info.gic_redistributors]
+        .into_iter()
+        .flatten()
+    {
         mmio.push(region.base as u64);
     }
     Bounds {
@@ -190,7 +193,16 @@ fn generate(rng: &mut Rng, b: &Bounds) -> (u32, [u64; 6]) {
         }
         function::AUDIT_READ => {
             // Only a scratch buffer or one that is not RAM.
-            args[0] = rng.pick(&[0, 1, u64::MAX, b.ram_end, b.ram_end - 64, b.scratch, b.scratch + 1, b.scratch + 8]);
+            args[0] = rng.pick(&[
+                0,
+                1,
+                u64::MAX,
+                b.ram_end,
+                b.ram_end - 64,
+                b.scratch,
+                b.scratch + 1,
+                b.scratch + 8,
+            ]);
             args[1] = if args[0] >= b.scratch && args[0] < b.scratch + PAGE {
                 rng.pick(&[0, 1, 127, 128, PAGE, SCRATCH_SIZE - PAGE, u64::MAX, 1 << 40])
             } else {
@@ -265,12 +277,22 @@ fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
             } else {
                 None
             };
-            let allowed = &[Success, Incomplete, InvalidParameter, Alignment, OutOfRange, Denied, Busy, NoMemory];
+            let allowed = &[
+                Success,
+                Incomplete,
+                InvalidParameter,
+                Alignment,
+                OutOfRange,
+                Denied,
+                Busy,
+                NoMemory,
+            ];
             (list(allowed), exact)
         }
-        function::MEM_GET_ATTR => {
-            (list(&[Success, OutOfRange, Denied]), in_ram(a[0]).then_some(0))
-        }
+        function::MEM_GET_ATTR => (
+            list(&[Success, OutOfRange, Denied]),
+            in_ram(a[0]).then_some(0),
+        ),
         function::MEM_QUERY_VA => (
             list(&[Success, InvalidParameter, OutOfRange, Denied]),
             (a[1] > 1).then_some(S(InvalidParameter)),
@@ -283,7 +305,14 @@ fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
             let array_ok = a[0] % 8 == 0 && in_ram(a[0]) && a[0] + 24 * a[1].max(1) <= b.ram_end;
             let exact = (array_ok && (a[1] == 0 || a[1] > 1 << 24)).then_some(S(InvalidParameter));
             (
-                list(&[Success, Incomplete, InvalidParameter, Alignment, OutOfRange, Denied]),
+                list(&[
+                    Success,
+                    Incomplete,
+                    InvalidParameter,
+                    Alignment,
+                    OutOfRange,
+                    Denied,
+                ]),
                 exact,
             )
         }
@@ -297,20 +326,39 @@ fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
                 None
             };
             let allowed = &[
-                Success, InvalidParameter, Alignment, NoDevice, OutOfRange, Denied, Busy, NoMemory,
+                Success,
+                InvalidParameter,
+                Alignment,
+                NoDevice,
+                OutOfRange,
+                Denied,
+                Busy,
+                NoMemory,
                 NotSupported,
             ];
             (list(allowed), exact)
         }
         function::DMA_UNMAP => (list(&[Success, Busy, BadHandle]), None),
         function::DMA_SYNC => (
-            list(&[Success, NotRequired, BadHandle, InvalidParameter, OutOfRange]),
+            list(&[
+                Success,
+                NotRequired,
+                BadHandle,
+                InvalidParameter,
+                OutOfRange,
+            ]),
             None,
         ),
         function::AUDIT_READ => {
             let exact = (a[1] == 0 && a[0] % 8 == 0 && in_ram(a[0])).then_some(S(InvalidParameter));
             (
-                list(&[Success, InvalidParameter, Alignment, OutOfRange, NotSupported]),
+                list(&[
+                    Success,
+                    InvalidParameter,
+                    Alignment,
+                    OutOfRange,
+                    NotSupported,
+                ]),
                 exact,
             )
         }
@@ -325,7 +373,12 @@ fn judge(id: u32, args: &[u64; 6], regs: &Regs, b: &Bounds) -> Result<(), String
     match id {
         function::CALL_UID => {
             let words = stagehand_abi::uuid_words();
-            let got = [regs.x0 as u32, regs.x1 as u32, regs.x2 as u32, regs.x3 as u32];
+            let got = [
+                regs.x0 as u32,
+                regs.x1 as u32,
+                regs.x2 as u32,
+                regs.x3 as u32,
+            ];
             check!(got == words, "CALL_UID answered {got:x?}");
             return Ok(());
         }

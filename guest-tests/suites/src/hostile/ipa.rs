@@ -201,7 +201,11 @@ pub(crate) fn sweep_above_ram() -> Result<(), String> {
             plan.push((cursor, base, gap_stride(base - cursor)));
         }
         // Dense where it is small (the ECAM: every page), sampled where it is huge.
-        let stride = if size <= 256 * MIB { PAGE } else { gap_stride(size) };
+        let stride = if size <= 256 * MIB {
+            PAGE
+        } else {
+            gap_stride(size)
+        };
         plan.push((base, end, stride));
         cursor = end;
     }

@@ -54,7 +54,12 @@ fn from_el1(call: u64) -> Result<(), String> {
             result.unwrap_or(0)
         ));
     };
-    check_eq!(abort.class(), 0, "exception class of hlt #0xf000 at EL1 ({:?})", abort);
+    check_eq!(
+        abort.class(),
+        0,
+        "exception class of hlt #0xf000 at EL1 ({:?})",
+        abort
+    );
     super::alive("hlt at EL1")
 }
 
@@ -66,7 +71,12 @@ fn from_el0(call: u64) -> Result<(), String> {
         "hlt #0xf000 with w0 = {call:#x} at EL0 was a semihosting call (x0 = {:#x})",
         exit.x0
     );
-    check_eq!(exit.class(), 0, "exception class of hlt #0xf000 at EL0 ({:x?})", exit);
+    check_eq!(
+        exit.class(),
+        0,
+        "exception class of hlt #0xf000 at EL0 ({:x?})",
+        exit
+    );
     check_eq!(exit.vector, 0x400, "vector of hlt #0xf000 at EL0");
     super::alive("hlt at EL0")
 }

@@ -105,8 +105,12 @@ static USER: Once<usize> = Once::new();
 /// EL0 address of the table (an alias EL0 may execute), mapped on first use.
 pub fn user_base() -> usize {
     *USER.call_once(|| {
-        mmu::map_user_alias(base(), core::mem::size_of::<Table>(), MemoryType::NormalWriteBack)
-            .expect("mapping the stub table for EL0")
+        mmu::map_user_alias(
+            base(),
+            core::mem::size_of::<Table>(),
+            MemoryType::NormalWriteBack,
+        )
+        .expect("mapping the stub table for EL0")
     })
 }
 

@@ -109,7 +109,10 @@ fn sweep(el: &str, access: &dyn Fn(usize, u64) -> Outcome) -> Result<(), String>
             index,
             el,
             access,
-            (stubs::mrs(index) - stubs::base(), stubs::msr(index) - stubs::base()),
+            (
+                stubs::mrs(index) - stubs::base(),
+                stubs::msr(index) - stubs::base(),
+            ),
             &mut tally,
             &mut failures,
         );
@@ -147,14 +150,29 @@ fn one(index: usize, el0: bool) -> Result<(), String> {
     if el0 {
         read_write(index, "EL0", &at_el0, offsets, &mut tally, &mut failures);
     } else {
-        read_write(index, "EL1", &el1_access, offsets, &mut tally, &mut failures);
+        read_write(
+            index,
+            "EL1",
+            &el1_access,
+            offsets,
+            &mut tally,
+            &mut failures,
+        );
     }
     println!(
         "hostile: {} from {}: MRS {}, MSR {}",
         name(index),
         if el0 { "EL0" } else { "EL1" },
-        if tally.read_values == 1 { "value" } else { "exception" },
-        if tally.write_done == 1 { "done" } else { "exception" }
+        if tally.read_values == 1 {
+            "value"
+        } else {
+            "exception"
+        },
+        if tally.write_done == 1 {
+            "done"
+        } else {
+            "exception"
+        }
     );
     failures.result("system-register access")?;
     alive(&name(index))
