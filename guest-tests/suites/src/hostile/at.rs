@@ -7,7 +7,6 @@
 
 use alloc::format;
 use alloc::string::String;
-use alloc::vec;
 
 use guest_rt::mmu;
 use guest_rt::{check, println};
@@ -30,7 +29,7 @@ fn attack(table_ipa: usize) -> Result<(), String> {
 }
 
 fn calls(table_ipa: usize) -> Result<(), String> {
-    let mut batch = vec![0u64; 3];
+    let mut batch = [0u64; 3];
     batch[0] = VA as u64;
     batch[1] = 64;
     batch[2] = cache_op::CLEAN | cache_op::FLAG_VA;

@@ -114,21 +114,21 @@ fn address(rng: &mut Rng, b: &Bounds) -> u64 {
     match rng.below(20) {
         0 => 0,
         1 => u64::MAX,
-        2 => u64::MAX & !(PAGE - 1),
+        2 => !(PAGE - 1),
         3 => b.ram_base,
         4 => b.ram_end,
         5 => b.ram_end - PAGE,
         6 => b.ram_end + PAGE,
         7 => b.image + rng.below(4) * PAGE,
         8 => rng.pick(&b.mmio),
-        9 => b.ram_base + rng.below(b.ram_end - b.ram_base) & !(PAGE - 1),
+        9 => (b.ram_base + rng.below(b.ram_end - b.ram_base)) & !(PAGE - 1),
         10 => b.ram_base + rng.below(b.ram_end - b.ram_base),
         11 => b.scratch + rng.pick(&[0, 1, 8, 64, PAGE]),
         12 => 1 << rng.below(64),
-        13 => rng.next() & 0xffff_ffff_f000,
+        13 => rng.next_u64() & 0xffff_ffff_f000,
         14 => b.ram_base - PAGE,
         15 => b.ram_base + 1,
-        _ => rng.next(),
+        _ => rng.next_u64(),
     }
 }
 
@@ -145,9 +145,9 @@ fn size(rng: &mut Rng) -> u64 {
         8 => 16 * MIB + PAGE,
         9 => u64::MAX,
         10 => 1 << 63,
-        11 => u64::MAX & !(PAGE - 1),
+        11 => !(PAGE - 1),
         12 => rng.below(8) * PAGE,
-        _ => rng.next() >> rng.below(64),
+        _ => rng.next_u64() >> rng.below(64),
     }
 }
 
@@ -156,7 +156,7 @@ fn small(rng: &mut Rng) -> u64 {
         0..=2 => rng.below(4),
         3 => rng.below(0x200),
         4 => u64::MAX,
-        _ => rng.next(),
+        _ => rng.next_u64(),
     }
 }
 
@@ -168,7 +168,7 @@ fn generate(rng: &mut Rng, b: &Bounds) -> (u32, [u64; 6]) {
         7 => 0x8600_ff00 | rng.below(0x100) as u32,
         8 => rng.pick(&FIRMWARE),
         _ => loop {
-            let id = rng.next() as u32;
+            let id = rng.next_u64() as u32;
             if !firmware_range(id) {
                 break id;
             }
@@ -261,7 +261,7 @@ const S: fn(Status) -> i64 = Status::code;
 /// What the ABI allows for the call, and the exact status when the arguments decide it.
 fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
     use Status::*;
-    let page_misaligned = |x: u64| x % PAGE != 0;
+    let page_misaligned = |x: u64| !x.is_multiple_of(PAGE);
     let valid_op = |op: u64| matches!(op & !0x100, 1..=3) && op >> 9 == 0;
     let in_ram = |x: u64| x >= b.ram_base && x < b.ram_end;
     let list = |statuses: &[Status]| statuses.iter().map(|&s| S(s)).collect::<Vec<i64>>();
@@ -302,7 +302,9 @@ fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
             (!valid_op(a[2]) || a[1] == 0).then_some(S(InvalidParameter)),
         ),
         function::CACHE_OP_BATCH => {
-            let array_ok = a[0] % 8 == 0 && in_ram(a[0]) && a[0] + 24 * a[1].max(1) <= b.ram_end;
+            let array_ok = a[0].is_multiple_of(8)
+                && in_ram(a[0])
+                && a[0].saturating_add(a[1].max(1).saturating_mul(24)) <= b.ram_end;
             let exact = (array_ok && (a[1] == 0 || a[1] > 1 << 24)).then_some(S(InvalidParameter));
             (
                 list(&[
@@ -350,7 +352,8 @@ fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
             None,
         ),
         function::AUDIT_READ => {
-            let exact = (a[1] == 0 && a[0] % 8 == 0 && in_ram(a[0])).then_some(S(InvalidParameter));
+            let exact = (a[1] == 0 && a[0].is_multiple_of(8) && in_ram(a[0]))
+                .then_some(S(InvalidParameter));
             (
                 list(&[
                     Success,
@@ -420,7 +423,7 @@ fn fuzz(index: usize) {
     let mut rng = Rng::new(0xf022 + index as u64);
     for _ in 0..CALLS_PER_CPU {
         let (id, args) = generate(&mut rng, &b);
-        let (regs, changed) = call(id, &args, rng.next());
+        let (regs, changed) = call(id, &args, rng.next_u64());
         CALLS.fetch_add(1, Ordering::Relaxed);
         let mut verdict = judge(id, &args, &regs, &b);
         if let Some((register, before, after)) = changed {

@@ -63,7 +63,7 @@ fn probe_page(va: usize, ipa: usize, tally: &mut Tally, failures: &mut Failures)
         tally.writes_skipped += 1;
         return;
     }
-    if read.is_err() && (ipa / PAGE) % ABORTED_WRITE_STRIDE != 0 {
+    if read.is_err() && !(ipa / PAGE).is_multiple_of(ABORTED_WRITE_STRIDE) {
         return;
     }
     tally.writes += 1;
@@ -227,7 +227,7 @@ pub(crate) fn sweep_above_ram() -> Result<(), String> {
             }
             probe_page(WINDOW_VA + (ipa - gib), ipa, &mut tally, &mut failures);
             n += 1;
-            if n % BATCH == 0 {
+            if n.is_multiple_of(BATCH) {
                 alive(&format!("pages up to {ipa:#x}"))?;
             }
             ipa += stride;

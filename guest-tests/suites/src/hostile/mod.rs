@@ -45,7 +45,7 @@ use semihosting::*;
 use sysreg::*;
 
 /// Default seed; `stagehand.seed=<hex>` on the command line overrides it.
-const DEFAULT_SEED: u64 = 0x5eed_0f_57a6e4a1d;
+const DEFAULT_SEED: u64 = 0x05ee_d0f5_7a6e_4a1d;
 
 /// Runs the tests of the row named `suite` (the binary's name).
 pub fn run(suite: &'static str) -> ! {
@@ -136,13 +136,13 @@ impl Rng {
         }
         let mut rng = Rng(state);
         for _ in 0..4 {
-            rng.next();
+            rng.next_u64();
         }
         rng
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -153,7 +153,7 @@ impl Rng {
 
     /// A number below `bound` (not zero).
     pub fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
+        self.next_u64() % bound
     }
 
     /// One element of `items`.
