@@ -14,6 +14,8 @@ pub const REPLAYED: &[&str] = &[
     "gic",
     "hostile",
     "hostile-mixed",
+    "hostile-dma",
+    "hostile-fuzz",
 ];
 
 /// Whether suite `name` gets the audit checks.

@@ -181,7 +181,7 @@ pub const SUITES: &[Suite] = &[
     },
     guest("hostile-gicr", 4, "512M"),
     guest("hostile-at", 1, "512M"),
-    guest("hostile-semihosting", 1, "512M"),
+    guest("hostile-hlt", 1, "512M"),
     // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
     Suite {
         image: Image::Linux,

@@ -1,4 +1,4 @@
-//! Suite `hostile-semihosting`: one row of the hostile suites (see guest-tests/suites/src/hostile/mod.rs).
+//! Suite `hostile-hlt`: one row of the hostile suites (see guest-tests/suites/src/hostile/mod.rs).
 #![no_std]
 #![no_main]
 
