@@ -17,6 +17,7 @@ mod console;
 mod dma_calls;
 mod exit;
 mod fw_cfg;
+mod gic;
 mod guest_memory;
 mod heap;
 mod memory_calls;

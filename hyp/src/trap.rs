@@ -287,10 +287,7 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
     let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
     let abort = DataAbort::from_esr(esr);
     let vm = vm();
-    let redistributor = vm
-        .redistributors
-        .iter()
-        .find_map(|frame| gic::trapped_offset(frame.base, ipa));
+    let redistributor = vm.gic.trapped_offset(ipa);
     match redistributor {
         Some(offset)
             if abort.valid_syndrome

@@ -5,25 +5,28 @@
 use crate::arch::entry::{MAX_CPUS, STACK_SIZE};
 use crate::arch::mmu::HeapTables;
 use crate::arch::vectors::{enter_guest, TrapFrame};
-use crate::arch::{self, read_sysreg, recover, write_sysreg};
+use crate::arch::{self, read_sysreg, write_sysreg};
 use crate::fw_cfg::{FwCfg, FwCfgError};
+use crate::gic::InterruptController;
 use crate::guest_memory;
 use crate::{console, exit, QEMU_DTB};
+use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::attributes::AttributeManager;
+use hyp_core::audit;
 use hyp_core::config::{self, Config};
 use hyp_core::geometry::{Geometry, UnsupportedPaRange};
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
+use hyp_core::lock::FairRwLock;
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
 use hyp_core::traps::{self, IdRegisters};
 use hyp_core::window::Window;
-use hyp_core::{audit, gic};
 use stagehand_platform::board::{Board, Region};
 use stagehand_platform::fw_cfg::key;
 use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
@@ -53,13 +56,15 @@ pub struct Vm {
     pub vttbr: u64,
     /// Stage 2 uses FEAT_S2FWB encodings.
     pub fwb: bool,
-    /// The redistributor frames that exist (the first page of each is trapped).
-    pub redistributors: Vec<Region>,
+    /// The interrupt controller (GICv2 or GICv3), as the hypervisor uses it.
+    pub gic: Box<dyn InterruptController>,
     /// Smallest D-cache line in bytes.
     pub dcache_line: u64,
     /// Stage 2 and its ledger. Readers (cache operations, queries, guest-memory copies) share
-    /// it; an attribute change holds it alone, which serialises operations on a page.
-    pub attributes: spin::RwLock<AttributeManager>,
+    /// it; an attribute change holds it alone, which serialises operations on a page. The lock
+    /// is phase-fair: vCPUs looping cache operations cannot hold off an attribute change for
+    /// more than the sections already inside.
+    pub attributes: FairRwLock<AttributeManager>,
     /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one).
     pub windows: Vec<spin::Mutex<Window>>,
 }
@@ -185,8 +190,10 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
         return Err(BuildError::RamBeyondIpaSpace(geometry.ipa_bits));
     }
 
-    let redistributors = populated_redistributors(board);
-    let guest_mmio: Vec<Region> = guest_mmio(board)
+    let gic = crate::gic::from_board(board).ok_or(BuildError::Missing(
+        "interrupt controller it supports (arm,gic-v3 or a GICv2)",
+    ))?;
+    let guest_mmio: Vec<Region> = guest_mmio(board, gic.as_ref())
         .into_iter()
         .filter(|region| {
             let reachable = geometry.contains(region.base, region.size);
@@ -201,8 +208,7 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
         .collect();
     let mut attributes =
         AttributeManager::new(&mut HeapTables, fwb, ram, &geometry).map_err(BuildError::Stage2)?;
-    map_guest_mmio(&mut attributes, &guest_mmio, board, &redistributors)
-        .map_err(BuildError::Stage2)?;
+    map_guest_mmio(&mut attributes, &guest_mmio, gic.as_ref()).map_err(BuildError::Stage2)?;
     // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
     // the entries visible; they are not live until VTTBR_EL2 is written.
     arch::dsb_ish();
@@ -279,9 +285,9 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
         geometry,
         vttbr: VMID << 48 | root,
         fwb,
-        redistributors,
+        gic,
         dcache_line: arch::dcache_line_size(),
-        attributes: spin::RwLock::new(attributes),
+        attributes: FairRwLock::new(attributes),
         windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
     crate::smmu::init(board, &config, vm());
@@ -299,16 +305,13 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
     })
 }
 
-/// The MMIO the guest may touch, identity-mapped: its console UART, the RTC, the GIC
-/// distributor and redistributors, PCIe ECAM and windows.
-fn guest_mmio(board: &Board) -> Vec<Region> {
+/// The MMIO the guest may touch, identity-mapped: its console UART, the RTC, the GIC's
+/// guest registers, PCIe ECAM and windows.
+fn guest_mmio(board: &Board, gic: &dyn InterruptController) -> Vec<Region> {
     let mut regions = Vec::new();
     regions.extend(board.console_uart().map(|u| u.region));
     regions.extend(board.rtc);
-    if let Some(gic) = &board.gic {
-        regions.push(gic.distributor);
-        regions.extend(gic.redistributors.iter().copied());
-    }
+    regions.extend(gic.guest_regions());
     if let Some(pcie) = &board.pcie {
         regions.push(pcie.ecam);
         regions.extend(pcie.windows.iter().map(|w| Region::new(w.cpu_base, w.size)));
@@ -316,61 +319,19 @@ fn guest_mmio(board: &Board) -> Vec<Region> {
     regions
 }
 
-/// The redistributor frames that exist. The device tree's region has room for the most CPUs
-/// the board could have; frames past the last populated one answer nothing (an access aborts),
-/// so they are neither mapped for the guest nor touched by the emulation.
-fn populated_redistributors(board: &Board) -> Vec<Region> {
-    let regions = board
-        .gic
-        .as_ref()
-        .map_or(&[][..], |g| &g.redistributors[..]);
-    let mut frames = Vec::new();
-    for region in regions {
-        let found = gic::populated_frames(region.base, region.size, |frame| {
-            // SAFETY: inside the redistributor region from the device tree, mapped Device at
-            // EL2 by `mmu::extend`; GICR_TYPER is read-only and reading it has no effect.
-            unsafe { recover::mmio_read(frame + 8, 8) }.ok()
-        });
-        frames.extend(
-            found
-                .into_iter()
-                .map(|(base, size)| Region::new(base, size)),
-        );
-    }
-    frames
-}
-
-/// Identity-maps the guest's MMIO in stage 2. Redistributor regions are mapped frame by frame,
-/// only the populated frames, and without the first page of each, which `trap` emulates (see
-/// `hyp_core::gic`).
+/// Identity-maps the guest's MMIO in stage 2; the GIC maps its own (see [`crate::gic`]).
 fn map_guest_mmio(
     attributes: &mut AttributeManager,
     mmio: &[Region],
-    board: &Board,
-    frames: &[Region],
+    gic: &dyn InterruptController,
 ) -> Result<(), MapError> {
-    let tables = &mut HeapTables;
-    let redistributor_regions = board
-        .gic
-        .as_ref()
-        .map_or(&[][..], |g| &g.redistributors[..]);
-    for region in mmio {
-        if redistributor_regions.contains(region) {
-            continue;
-        }
+    let gic_regions = gic.guest_regions();
+    for region in mmio.iter().filter(|r| !gic_regions.contains(r)) {
         let start = region.base & !(PAGE_SIZE - 1);
         let end = (region.base + region.size).next_multiple_of(PAGE_SIZE);
-        attributes.map_mmio(tables, start, end - start)?;
+        attributes.map_mmio(&mut HeapTables, start, end - start)?;
     }
-    for frame in frames {
-        attributes.note_trapped_mmio(frame.base, gic::TRAPPED_PAGE);
-        attributes.map_mmio(
-            tables,
-            frame.base + gic::TRAPPED_PAGE,
-            frame.size - gic::TRAPPED_PAGE,
-        )?;
-    }
-    Ok(())
+    gic.map_for_guest(attributes)
 }
 
 /// Cleans and invalidates `[ipa, ipa + len)` to the point of coherency through the window: the
@@ -538,11 +499,7 @@ fn configure_cpu(vm: &Vm, vcpu: usize) {
     write_sysreg!("cntvoff_el2", 0);
     write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
     write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
-    if id.has_gic_system_registers() {
-        // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use the system-register interface).
-        // UNDEFINED on a CPU without it (a GICv2 board).
-        write_sysreg!("s3_4_c12_c9_5", 0xf);
-    }
+    vm.gic.configure_cpu(&id);
     write_sysreg!("tpidr_el2", vcpu as u64);
     write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
     arch::isb();

@@ -174,12 +174,26 @@ pub struct Uart {
     pub is_stdout: bool,
 }
 
-/// A GICv3 interrupt controller.
+/// The GIC architecture a board has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GicVersion {
+    /// GICv2 (GIC-400 and the like): memory-mapped CPU interface, no redistributors.
+    V2,
+    /// GICv3 or later: redistributors, system-register CPU interface.
+    V3,
+}
+
+/// The interrupt controller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Gic {
+    /// Which architecture.
+    pub version: GicVersion,
     /// GICD register block.
     pub distributor: Region,
-    /// GICR regions (`#redistributor-regions` of them, default one).
+    /// GICv2: the CPU interface (GICC). (GICH and GICV, which follow it in `reg`, are the
+    /// hypervisor's and are not read.)
+    pub cpu_interface: Option<Region>,
+    /// GICv3: GICR regions (`#redistributor-regions` of them, default one).
     pub redistributors: Vec<Region>,
     /// GIC ITS register blocks (enabled `arm,gic-v3-its` children).
     pub its: Vec<Region>,
@@ -307,6 +321,12 @@ impl Board {
                 board.flash.extend(mmio_regions(&tree, index)?);
             } else if tree.is_compatible(index, "arm,gic-v3") && board.gic.is_none() {
                 board.gic = Some(read_gic(&tree, index)?);
+            } else if crate::guest_dt::GICV2_COMPATIBLES
+                .iter()
+                .any(|compatible| tree.is_compatible(index, compatible))
+                && board.gic.is_none()
+            {
+                board.gic = Some(read_gicv2(&tree, index)?);
             } else if tree.is_compatible(index, "pci-host-ecam-generic") && board.pcie.is_none() {
                 board.pcie = Some(read_pcie(&tree, index)?);
             } else if PSCI_COMPATIBLES
@@ -413,9 +433,29 @@ fn read_gic(tree: &Tree<'_>, index: usize) -> Result<Gic, DtError> {
         }
     }
     Ok(Gic {
+        version: GicVersion::V3,
         distributor,
+        cpu_interface: None,
         redistributors: redistributors.to_vec(),
         its,
+    })
+}
+
+fn read_gicv2(tree: &Tree<'_>, index: usize) -> Result<Gic, DtError> {
+    let regions = mmio_regions(tree, index)?;
+    let (Some(&distributor), Some(&cpu_interface)) = (regions.first(), regions.get(1)) else {
+        return Err(DtError::BadProperty {
+            node: tree.path(index),
+            property: "reg",
+            reason: "a GICv2 needs its distributor and CPU interface",
+        });
+    };
+    Ok(Gic {
+        version: GicVersion::V2,
+        distributor,
+        cpu_interface: Some(cpu_interface),
+        redistributors: Vec::new(),
+        its: Vec::new(),
     })
 }
 
@@ -586,7 +626,9 @@ mod tests {
             cpus: vec![0, 1, 2, 3],
             psci_method: Some(PsciMethod::Smc),
             gic: Some(Gic {
+                version: GicVersion::V3,
                 distributor: Region::new(0x0800_0000, 0x1_0000),
+                cpu_interface: None,
                 redistributors: vec![Region::new(0x080a_0000, 0xf6_0000)],
                 its: vec![Region::new(0x0808_0000, 0x2_0000)],
             }),

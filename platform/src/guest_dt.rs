@@ -20,7 +20,10 @@
 //!   (and a phandle), such as `gpio-keys` once its key's GPIO controller is gone;
 //! - the properties `iommu-map`, `iommu-map-mask`, `iommus`, `msi-map`, `msi-map-mask` and
 //!   `msi-parent` on every node: the hypervisor owns the SMMU and the ITS is not the guest's;
-//! - `/aliases` entries whose path names a removed node.
+//! - `/aliases` entries whose path names a removed node;
+//! - from a GICv2 node, the GICH and GICV regions that follow its distributor and CPU interface
+//!   (`reg` is cut to the allowed leading entries; the virtualization interface stays the
+//!   hypervisor's, and Linux's driver needs only the first two).
 //!
 //! The memory reservation block of the host blob is not copied: its entries are host physical
 //! addresses, which mean nothing in the guest's IPA space.
@@ -56,6 +59,23 @@ const DELETED_PROPERTIES: [&str; 6] = [
 const CONTAINER_ONLY_PROPERTIES: [&str; 3] = ["compatible", "phandle", "linux,phandle"];
 
 const PSCI_COMPATIBLES: [&str; 3] = ["arm,psci-1.0", "arm,psci-0.2", "arm,psci"];
+
+/// GICv2 interrupt controllers: `reg` is distributor, CPU interface, then (with the
+/// virtualization extensions) GICH and GICV, which the guest does not get.
+pub const GICV2_COMPATIBLES: [&str; 4] = [
+    "arm,cortex-a15-gic",
+    "arm,gic-400",
+    "arm,cortex-a7-gic",
+    "arm,cortex-a9-gic",
+];
+/// The `reg` entries of a GICv2 node the guest needs: distributor and CPU interface.
+const GICV2_GUEST_REG_ENTRIES: usize = 2;
+
+fn is_gicv2(tree: &Tree<'_>, index: usize) -> bool {
+    GICV2_COMPATIBLES
+        .iter()
+        .any(|compatible| tree.is_compatible(index, compatible))
+}
 
 /// What the guest's device tree describes.
 #[derive(Clone, Copy, Debug)]
@@ -153,17 +173,38 @@ fn has_forbidden_mmio(tree: &Tree<'_>, index: usize, allowed: &[Region]) -> bool
     if size_cells == 0 || tree.device_type(parent) == Some("pci") {
         return false;
     }
-    match tree.reg(index) {
-        Ok(None) => false,
-        Ok(Some(entries)) => !entries.iter().all(|&entry| {
+    match allowed_reg_entries(tree, index, allowed) {
+        None => true,
+        Some((allowed_entries, total)) if is_gicv2(tree, index) => {
+            allowed_entries < GICV2_GUEST_REG_ENTRIES.min(total)
+        }
+        Some((allowed_entries, total)) => allowed_entries < total,
+    }
+}
+
+/// How many leading `reg` entries of node `index` lie inside `allowed`, and how many there are
+/// (`None`: `reg` cannot be decoded). An entry that cannot be translated is not allowed.
+fn allowed_reg_entries(
+    tree: &Tree<'_>,
+    index: usize,
+    allowed: &[Region],
+) -> Option<(usize, usize)> {
+    let entries = match tree.reg(index) {
+        Ok(None) => return Some((0, 0)),
+        Ok(Some(entries)) => entries,
+        Err(_) => return None,
+    };
+    let leading = entries
+        .iter()
+        .take_while(|&&entry| {
             tree.translate(index, entry).is_some_and(|physical| {
                 allowed
                     .iter()
                     .any(|region| region.contains_region(&physical))
             })
-        }),
-        Err(_) => true,
-    }
+        })
+        .count();
+    Some((leading, entries.len()))
 }
 
 /// The nodes a phandle-list property of node `index` refers to. `args_cells` names the
@@ -327,6 +368,10 @@ impl Editor<'_, '_> {
                 // stale without an initrd; rewritten below with one
             } else if Some(index) == self.aliases && self.alias_names_removed(property.value) {
                 // the alias would name a node the guest does not have
+            } else if name == "reg" && is_gicv2(tree, index) {
+                writer
+                    .property(name, self.gicv2_guest_reg(index, property.value))
+                    .map_err(write_error)?;
             } else {
                 writer.property(name, property.value).map_err(write_error)?;
             }
@@ -370,6 +415,17 @@ impl Editor<'_, '_> {
             self.write_hypervisor(writer)?;
         }
         writer.end_node(handle).map_err(write_error)
+    }
+
+    /// A GICv2 node's `reg` cut to the distributor and CPU interface.
+    fn gicv2_guest_reg<'v>(&self, index: usize, value: &'v [u8]) -> &'v [u8] {
+        let tree = self.tree;
+        let Some(parent) = tree.node(index).and_then(|node| node.parent) else {
+            return value;
+        };
+        let (address_cells, size_cells) = tree.child_cells(parent);
+        let entry = 4 * (address_cells + size_cells) as usize;
+        &value[..value.len().min(entry * GICV2_GUEST_REG_ENTRIES)]
     }
 
     fn alias_names_removed(&self, value: &[u8]) -> bool {
@@ -510,6 +566,43 @@ mod tests {
 
     fn property<'b>(parsed: &'b fdt::Fdt<'b>, path: &str, name: &str) -> Option<&'b [u8]> {
         Some(parsed.find_node(path)?.property(name)?.value)
+    }
+
+    #[test]
+    fn a_gicv2_keeps_its_distributor_and_cpu_interface_only() {
+        const GICV2: &[u8] = include_bytes!("../../tests/fixtures/qemu-virt-gicv2-a53-smp2-1g.dtb");
+        let board = crate::board::Board::from_fdt(GICV2).unwrap();
+        let gic = board.gic.as_ref().unwrap();
+        assert_eq!(gic.version, crate::board::GicVersion::V2);
+        assert_eq!(gic.distributor, Region::new(0x0800_0000, 0x1_0000));
+        assert_eq!(gic.cpu_interface, Some(Region::new(0x0801_0000, 0x1_0000)));
+        assert!(gic.redistributors.is_empty() && gic.its.is_empty());
+        let allowed = [
+            gic.distributor,
+            gic.cpu_interface.unwrap(),
+            Region::new(0x0900_0000, 0x1000),
+        ];
+        let config = GuestDtConfig {
+            allowed_mmio: &allowed,
+            ..standard_config()
+        };
+        let blob = guest_device_tree(GICV2, &config).unwrap();
+        assert_valid_layout(&blob);
+        let parsed = fdt::Fdt::new(&blob).unwrap();
+        let reg = property(&parsed, "/intc@8000000", "reg").expect("the GIC stays");
+        let mut expected = Vec::new();
+        for (base, size) in [(0x0800_0000u64, 0x1_0000u64), (0x0801_0000, 0x1_0000)] {
+            expected.extend_from_slice(&base.to_be_bytes());
+            expected.extend_from_slice(&size.to_be_bytes());
+        }
+        assert_eq!(reg, &expected[..], "GICH and GICV are cut");
+        // Without the CPU interface allowed, the node goes.
+        let config = GuestDtConfig {
+            allowed_mmio: &allowed[..1],
+            ..standard_config()
+        };
+        let blob = guest_device_tree(GICV2, &config).unwrap();
+        assert!(!node_names(&blob).iter().any(|name| name == "intc@8000000"));
     }
 
     #[test]

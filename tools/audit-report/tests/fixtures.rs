@@ -317,7 +317,7 @@ fn fixture(name: &str, text: &str) -> String {
 fn clean_stream_passes() {
     let report = analyse(&fixture("clean.log", &clean()));
     assert!(report.passed(), "{}", report.summary());
-    assert_eq!(report.chain.verified, report.stream.lines.len());
+    assert_eq!(report.chain.verified, report.stream.records);
     assert_eq!(report.replay.refusals.len(), 2);
     assert_eq!(report.replay.faults.len(), 2);
     let buffer = report
@@ -435,8 +435,7 @@ fn stream_overflow_gap_is_reported_not_flagged() {
     let loss = report.chain.losses.iter().find(|l| l.from_stream).unwrap();
     assert_eq!(loss.first, 1, "everything after the streamed guest start");
     assert_eq!(
-        report.chain.verified,
-        report.stream.lines.len(),
+        report.chain.verified, report.stream.records,
         "the chain is checked across the loss from the overflow record's anchor"
     );
     // The same stream with one more record cut is not excused.

@@ -23,6 +23,11 @@ guest_rt::main!(main);
 #[path = "bench/dma_rows.rs"]
 mod dma_rows;
 
+/// The lock rows (a one-page MEM_SET_ATTR while three vCPUs loop CACHE_OP), run alone when the
+/// command line says `stagehand.bench=lock`.
+#[path = "bench/lock_rows.rs"]
+mod lock_rows;
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
@@ -117,6 +122,10 @@ extern crate alloc;
 fn main() -> ! {
     if dma_rows::requested() {
         dma_rows::run();
+        guest_rt::psci::system_off()
+    }
+    if lock_rows::requested() {
+        lock_rows::run();
         guest_rt::psci::system_off()
     }
     let base = guest_rt::dt::main_ram().base as u64;
