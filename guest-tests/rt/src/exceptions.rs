@@ -196,6 +196,14 @@ extern "C" fn handle_exception(frame: &mut ExceptionFrame, index: u64) {
                 return;
             }
         }
+        Vector::Lower64(_) | Vector::Lower32(_) => {
+            crate::el0::take(
+                frame,
+                index,
+                crate::read_sysreg!(esr_el1),
+                crate::read_sysreg!(far_el1),
+            );
+        }
         _ => {}
     }
     let esr = crate::read_sysreg!(esr_el1);

@@ -22,6 +22,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod dt;
+pub mod el0;
 pub mod exceptions;
 mod heap;
 pub mod mmu;

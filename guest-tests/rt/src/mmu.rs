@@ -59,6 +59,8 @@ const LOW_MMIO: Region = Region {
 const DESC_VALID: u64 = 1 << 0;
 const DESC_TABLE_OR_PAGE: u64 = 1 << 1;
 const DESC_ATTR_SHIFT: u64 = 2;
+/// AP[1]: EL0 may access (read and write, with AP[2] clear).
+const DESC_AP_EL0: u64 = 1 << 6;
 const DESC_SH_INNER: u64 = 0b11 << 8;
 const DESC_AF: u64 = 1 << 10;
 const DESC_PXN: u64 = 1 << 53;
@@ -130,6 +132,12 @@ fn shift(level: usize) -> u32 {
     39 - 9 * level as u32
 }
 
+/// Attributes of a mapping EL0 can use: readable, writable and (for Normal memory) executable
+/// at EL0; never executable at EL1 (the architecture makes EL0-writable pages PXN anyway).
+fn user_attributes(memory: MemoryType) -> u64 {
+    attributes(memory) | DESC_AP_EL0 | DESC_PXN
+}
+
 fn attributes(memory: MemoryType) -> u64 {
     let base = DESC_AF | (memory.mair_index() << DESC_ATTR_SHIFT);
     match memory {
@@ -198,6 +206,17 @@ impl PageTables {
         size: usize,
         memory: MemoryType,
     ) -> Result<(), MapError> {
+        self.map_raw(va, pa, size, attributes(memory))
+    }
+
+    /// [`PageTables::map`] with the descriptor's attribute bits given.
+    fn map_raw(
+        &mut self,
+        va: usize,
+        pa: usize,
+        size: usize,
+        attributes: u64,
+    ) -> Result<(), MapError> {
         if !va.is_multiple_of(PAGE_SIZE)
             || !pa.is_multiple_of(PAGE_SIZE)
             || !size.is_multiple_of(PAGE_SIZE)
@@ -208,7 +227,7 @@ impl PageTables {
             return Err(MapError::OutOfRange);
         }
         let root = self.root();
-        self.map_level(root, 0, va, pa, size, attributes(memory))?;
+        self.map_level(root, 0, va, pa, size, attributes)?;
         arch::dsb_ish();
         arch::isb();
         Ok(())
@@ -400,6 +419,77 @@ pub fn map_alias(pa: usize, size: usize, memory: MemoryType) -> Result<usize, Ma
     tables.map(va_first, first, end - first, memory)?;
     tables.next_alias = va_first + (end - first);
     Ok(va_first + (pa - first))
+}
+
+/// Maps an alias of `[pa, pa + size)` that EL0 can read, write and (for Normal memory) execute,
+/// at a fresh VA, and returns the VA of `pa` (the offset within the page is kept). EL1 cannot
+/// execute from it.
+///
+/// # Errors
+/// See [`MapError`].
+pub fn map_user_alias(pa: usize, size: usize, memory: MemoryType) -> Result<usize, MapError> {
+    let mut tables = TABLES.lock();
+    let first = pa & !(PAGE_SIZE - 1);
+    let end = (pa + size + PAGE_SIZE - 1) & !(PAGE_SIZE - 1);
+    let va_first = tables.next_alias.next_multiple_of(0x20_0000) + first % 0x20_0000;
+    tables.map_raw(va_first, first, end - first, user_attributes(memory))?;
+    tables.next_alias = va_first + (end - first);
+    Ok(va_first + (pa - first))
+}
+
+/// Maps `[pa, pa + size)` at `va` (page-aligned) for EL0 as [`map_user_alias`] does, replacing
+/// any earlier mapping; for a VA an AArch32 EL0 can reach (below 4 GiB).
+///
+/// # Errors
+/// See [`MapError`].
+pub fn map_user(va: usize, pa: usize, size: usize, memory: MemoryType) -> Result<(), MapError> {
+    TABLES.lock().map_raw(va, pa, size, user_attributes(memory))
+}
+
+/// Writes a raw table descriptor in the level-`level` table (1 or 2) that translates `va`,
+/// pointing the next level of the walk at `table_ipa`, which may be anything: MMIO, memory the
+/// guest does not own. `None` removes the entry. Used to aim the hypervisor's own address
+/// translations (MEM_QUERY_VA, CACHE_OP by VA) at hostile tables; the guest must not touch `va`
+/// itself while the entry is there.
+///
+/// # Errors
+/// [`MapError::OutOfRange`] for a level other than 1 or 2 or a VA outside the 48-bit space,
+/// [`MapError::ImageRange`] if `va` is in the running image's 1 GiB region, or a table
+/// allocation error.
+pub fn set_raw_table_entry(
+    va: usize,
+    level: usize,
+    table_ipa: Option<usize>,
+) -> Result<(), MapError> {
+    if !(1..=2).contains(&level) || va >= 1 << VA_BITS {
+        return Err(MapError::OutOfRange);
+    }
+    if va >> 30 == image_start() >> 30 {
+        return Err(MapError::ImageRange);
+    }
+    let mut tables = TABLES.lock();
+    let mut table = tables.root();
+    for current in 0..level {
+        // SAFETY: index < ENTRIES; `table` is a pool table.
+        let slot = unsafe { table.add((va >> shift(current)) % ENTRIES) };
+        table = tables.child(slot, va, current)?;
+    }
+    // SAFETY: as above.
+    let slot = unsafe { table.add((va >> shift(level)) % ENTRIES) };
+    let new = table_ipa.map_or(0, |ipa| {
+        (ipa as u64 & DESC_ADDRESS) | DESC_TABLE_OR_PAGE | DESC_VALID
+    });
+    // Break, invalidate the whole VMID's stage 1 (a table entry), make.
+    // SAFETY: `slot` is in a pool table; the lock is held.
+    unsafe { slot.write_volatile(0) };
+    arch::dsb_ishst();
+    arch::tlbi_vmalle1is();
+    arch::dsb_ish();
+    // SAFETY: as above.
+    unsafe { slot.write_volatile(new) };
+    arch::dsb_ish();
+    arch::isb();
+    Ok(())
 }
 
 /// Translates `va` with `AT S1E1R` and returns PAR_EL1 (bit 0 set: the walk faulted).

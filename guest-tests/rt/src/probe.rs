@@ -194,3 +194,26 @@ pub unsafe fn execute(addr: usize) -> Result<(), Abort> {
         unsafe { asm!("blr {a}", a = in(reg) addr, clobber_abi("C")) }
     })
 }
+
+/// Calls the code at `addr` with x0 = `arg`, x1 = `arg1` and returns its x0; a synchronous exception in it
+/// (an UNDEF, a trapped system register, an abort) is returned as an [`Abort`] and execution
+/// resumes at the link register: the code must not have changed x30 or SP when it faults.
+/// Made for one-instruction stubs such as `mrs x0, <reg>; ret`.
+///
+/// # Errors
+/// The exception the code raised.
+///
+/// # Safety
+/// The code at `addr` runs at EL1 with the C calling convention: the caller vouches for it.
+pub unsafe fn call(addr: usize, arg: u64, arg1: u64) -> Result<u64, Abort> {
+    with_probe(Mode::ReturnToLink, || {
+        let value: u64;
+        // SAFETY: the caller vouches for the code; a fault resumes at the link register;
+        // all caller-saved registers are declared clobbered.
+        unsafe {
+            asm!("blr {a}", a = in(reg) addr, inout("x0") arg => value, inout("x1") arg1 => _,
+                clobber_abi("C"));
+        }
+        value
+    })
+}

@@ -7,7 +7,16 @@ use std::path::Path;
 use crate::protocol::TestOutcome;
 
 /// Suites whose audit stream is replayed after they run.
-pub const REPLAYED: &[&str] = &["smccc", "audit", "containment", "gic"];
+pub const REPLAYED: &[&str] = &[
+    "smccc",
+    "audit",
+    "containment",
+    "gic",
+    "hostile",
+    "hostile-mixed",
+    "hostile-dma",
+    "hostile-fuzz",
+];
 
 /// Whether suite `name` gets the audit checks.
 pub fn applies(name: &str) -> bool {

@@ -80,6 +80,9 @@ pub struct Suite {
     pub disk: Disk,
 }
 
+/// QEMU's `edu` DMA engine at 00:02.0, with a mask that does not clamp IOVAs.
+const EDU: &[&str] = &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"];
+
 const fn guest(name: &'static str, cpus: u32, memory: &'static str) -> Suite {
     Suite {
         name,
@@ -160,6 +163,43 @@ pub const SUITES: &[Suite] = &[
         extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
         ..guest("dma-shared-nc-smmu", 4, "512M")
     },
+    // The hostile suites (guest-tests/suites/src/hostile): a guest that attacks the hypervisor.
+    // An attack that kills the hypervisor ends its run, so the attacks are spread over rows by
+    // the QEMU setup they need and by how likely they are to end the run.
+    Suite {
+        config: &["ram=256M", "devices=00:02.0/strict/noncoherent"],
+        extra_args: EDU,
+        timeout_secs: 120,
+        ..guest("hostile", 4, "512M")
+    },
+    Suite {
+        config: &["ram=256M", "devices=00:02.0/strict/noncoherent"],
+        extra_args: EDU,
+        ..guest("hostile-mixed", 1, "512M")
+    },
+    Suite {
+        config: &["ram=256M"],
+        extra_args: EDU,
+        timeout_secs: 120,
+        ..guest("hostile-dma", 4, "512M")
+    },
+    Suite {
+        config: &["ram=256M", "devices=00:02.0/strict/noncoherent"],
+        extra_args: EDU,
+        timeout_secs: 90,
+        ..guest("hostile-fuzz", 4, "512M")
+    },
+    Suite {
+        timeout_secs: 90,
+        ..guest("hostile-sysreg", 1, "512M")
+    },
+    Suite {
+        timeout_secs: 120,
+        ..guest("hostile-ipa", 1, "512M")
+    },
+    guest("hostile-gicr", 4, "512M"),
+    guest("hostile-at", 1, "512M"),
+    guest("hostile-hlt", 1, "512M"),
     // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
     Suite {
         image: Image::Linux,

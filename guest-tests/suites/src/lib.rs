@@ -5,6 +5,7 @@
 extern crate alloc;
 
 pub mod edu;
+pub mod hostile;
 
 use alloc::format;
 use alloc::string::String;
