@@ -4,8 +4,9 @@
 //! Recording an event on a call's path only encodes it into the ring ([`record`]): its hash,
 //! its text line and the UART write happen later, in [`drain`], which runs when a vCPU idles
 //! (the guest's WFI traps), before AUDIT_READ answers, when the guest starts or stops, and,
-//! synchronously on the recording vCPU, when the records waiting reach [`HIGH_WATER`] (so that
-//! a guest that never idles loses nothing). One drain at a time (the `STREAM` lock) takes
+//! synchronously on every recording vCPU, when the records waiting reach [`HIGH_WATER`] (so
+//! that a guest that never idles, or whose vCPUs record faster than one drain streams, loses
+//! nothing: they wait for the stream instead). One drain at a time (the `STREAM` lock) takes
 //! records in sequence order in small batches under the log's lock and writes their lines
 //! outside it, so lines never interleave or reorder and other vCPUs are held for a batch at
 //! most. When the hypervisor shares its UART with the guest, records wait in the ring while the
@@ -112,11 +113,11 @@ pub fn record(vcpu: usize, event: &Event) -> Option<u64> {
         return None;
     }
     let (sequence, full) = with_audit(|audit| audit.record(vcpu as u16, event))?;
-    if matches!(event, Event::GuestStart { .. } | Event::GuestStop { .. }) {
-        // Nothing may be left behind when the guest stops (QEMU exits next).
+    if full || matches!(event, Event::GuestStart { .. } | Event::GuestStop { .. }) {
+        // Nothing may be left behind when the guest stops (QEMU exits next). At the high
+        // water, every recording vCPU waits for the drain: vCPUs that record faster than one
+        // drain streams would otherwise overrun the ring and lose records from the stream.
         drain_all(vcpu);
-    } else if full {
-        drain(vcpu);
     }
     Some(sequence)
 }
