@@ -55,7 +55,8 @@ pub struct Record {
     pub vcpu: U16,
     /// 0x1c: the function ID of the call that caused it (0 when no call did).
     pub function: U32,
-    /// 0x20: start of the range (IPA; a guest VA when [`flag::BY_VA`] is set).
+    /// 0x20: start of the range (an IPA; for a CMO asked by guest VA, [`flag::BY_VA`], the IPA
+    /// run it touched, whose VA is in `detail`).
     pub ipa: U64,
     /// 0x28: size of the range in bytes (for a partial call: the part done).
     pub size: U64,
@@ -147,7 +148,8 @@ pub mod flag {
     pub const HYPERVISOR_ALIAS: u32 = 1 << 1;
     /// An INVALIDATE was widened to CLEAN_INVALIDATE.
     pub const WIDENED: u32 = 1 << 2;
-    /// `ipa` is a guest virtual address.
+    /// A CMO the guest asked for by virtual address: `ipa` is the IPA run it touched and
+    /// `detail` the VA of that run's start.
     pub const BY_VA: u32 = 1 << 3;
     /// DMA sync for the device (clear: for the CPU).
     pub const FOR_DEVICE: u32 = 1 << 4;

@@ -205,14 +205,25 @@ fn va_run(va: u64, limit: u64) -> Result<(u64, u64), Status> {
     Ok((ipa, len))
 }
 
+/// A piece of a cache request: `len` bytes at IPA `ipa`, asked for at guest VA `va` (or at the
+/// IPA itself).
+#[derive(Clone, Copy)]
+struct Piece {
+    va: u64,
+    ipa: u64,
+    len: u64,
+}
+
 /// Up to `limit` bytes of one cache request from `address`; returns bytes done and whether an
-/// INVALIDATE was widened. An error after some progress still reports that progress.
+/// INVALIDATE was widened. An error after some progress still reports that progress. By VA,
+/// each IPA run touched is pushed on `pieces` (what the audit records say was maintained).
 fn cache_work(
     manager: &AttributeManager,
     window: &mut Window,
     request: CacheRequest,
     address: u64,
     limit: u64,
+    pieces: &mut alloc::vec::Vec<Piece>,
 ) -> (u64, bool, Result<(), Status>) {
     let (mut done, mut widened) = (0, false);
     while done < limit {
@@ -238,6 +249,13 @@ fn cache_work(
                 widened: w,
                 ..
             }) => {
+                if request.by_va {
+                    pieces.push(Piece {
+                        va: address + done,
+                        ipa,
+                        len: step,
+                    });
+                }
                 done += step;
                 widened |= w;
             }
@@ -268,6 +286,7 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
     }
     let vm = vm();
     let limit = budget(address, size, vm.dcache_line);
+    let mut pieces = alloc::vec::Vec::new();
     let (done, widened, result) = {
         let manager = vm.attributes.read();
         if !request.by_va {
@@ -278,7 +297,7 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
             }
         }
         let mut window = vm.windows[current_vcpu()].lock();
-        cache_work(&manager, &mut window, request, address, limit)
+        cache_work(&manager, &mut window, request, address, limit, &mut pieces)
     };
     let code = match result {
         Err(error) if done == 0 => return refused(function::CACHE_OP, error, address, size),
@@ -291,19 +310,30 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
     } else {
         request.op
     };
-    audit(
-        current_vcpu(),
-        Event::Cmo {
-            function: function::CACHE_OP,
-            address,
-            size: done,
-            op,
-            lines: lines(address, done, vm.dcache_line),
-            widened,
-            by_va: request.by_va,
-            status: code.code(),
-        },
-    );
+    // By IPA, one record for the range; by VA, one per IPA run touched, so that the record
+    // names the memory maintained (and its VA), not only the VA.
+    if !request.by_va {
+        pieces.push(Piece {
+            va: address,
+            ipa: address,
+            len: done,
+        });
+    }
+    for piece in &pieces {
+        audit(
+            current_vcpu(),
+            Event::Cmo {
+                function: function::CACHE_OP,
+                address: piece.ipa,
+                size: piece.len,
+                op,
+                lines: lines(piece.va, piece.len, vm.dcache_line),
+                widened,
+                va: request.by_va.then_some(piece.va),
+                status: code.code(),
+            },
+        );
+    }
     status(
         code,
         done,
@@ -344,6 +374,7 @@ pub fn cache_batch(array: u64, count: u64, cookie: u64) -> Reply {
     let mut result = Ok(());
     let mut entries_this_call = 0;
     let mut last_op = CacheOp::CleanInvalidate;
+    let mut pieces = alloc::vec::Vec::new();
     while at.entry < count
         && budget_left > 0
         && entries_this_call < requests::BATCH_ENTRIES_PER_CALL
@@ -375,7 +406,9 @@ pub fn cache_batch(array: u64, count: u64, cookie: u64) -> Reply {
         let (done, _, outcome) = {
             let manager = vm.attributes.read();
             let mut window = vm.windows[current_vcpu()].lock();
-            cache_work(&manager, &mut window, entry.request, start, limit)
+            // The batch's one record summarises it; its pieces are not listed.
+            pieces.clear();
+            cache_work(&manager, &mut window, entry.request, start, limit, &mut pieces)
         };
         at.offset += done;
         total += done;
@@ -406,7 +439,7 @@ pub fn cache_batch(array: u64, count: u64, cookie: u64) -> Reply {
             op: last_op,
             lines: total / vm.dcache_line,
             widened: false,
-            by_va: false,
+            va: None,
             status: code.code(),
         },
     );

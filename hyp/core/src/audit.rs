@@ -166,7 +166,7 @@ pub enum Event {
     Cmo {
         /// CACHE_OP or CACHE_OP_BATCH.
         function: u32,
-        /// Start (IPA, or guest VA when `by_va`).
+        /// Start of the IPA range maintained.
         address: u64,
         /// Bytes done.
         size: u64,
@@ -176,8 +176,9 @@ pub enum Event {
         lines: u64,
         /// An INVALIDATE was widened to CLEAN_INVALIDATE.
         widened: bool,
-        /// `address` is a guest VA.
-        by_va: bool,
+        /// The guest VA the range starts at, when the guest asked by VA (a request by VA that
+        /// spans IPA runs gives one record per run).
+        va: Option<u64>,
         /// Status returned.
         status: i64,
     },
@@ -408,7 +409,7 @@ impl Event {
                 op,
                 lines,
                 widened,
-                by_va,
+                va,
                 status,
             } => {
                 r = Record::empty(kind::CMO);
@@ -420,8 +421,9 @@ impl Event {
                 if widened {
                     flags |= flag::WIDENED;
                 }
-                if by_va {
+                if let Some(va) = va {
                     flags |= flag::BY_VA;
+                    r.detail = U64::new(va);
                 }
                 r.flags = U32::new(flags);
                 r.status = I64::new(status);
@@ -947,7 +949,7 @@ mod tests {
             op: CacheOp::Clean,
             lines: 1,
             widened: false,
-            by_va: false,
+            va: None,
             status: 0,
         };
         let mark = Event::Mark { tag: 1 };

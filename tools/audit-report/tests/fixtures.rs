@@ -169,7 +169,7 @@ fn clean() -> String {
         op: CacheOp::CleanInvalidate,
         lines: 1,
         widened: true,
-        by_va: false,
+        va: None,
         status: 0,
     });
     w.record(Event::Stage2Fault {

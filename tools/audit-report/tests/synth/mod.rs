@@ -170,7 +170,7 @@ pub fn synthesise<W: Write>(writer: &mut Writer<W>, records: u64, buffers: u64) 
                 op: CacheOp::Clean,
                 lines: 64 * BUFFER_PAGES,
                 widened: false,
-                by_va: false,
+                va: None,
                 status: 0,
             },
         );
