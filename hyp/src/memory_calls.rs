@@ -408,7 +408,14 @@ pub fn cache_batch(array: u64, count: u64, cookie: u64) -> Reply {
             let mut window = vm.windows[current_vcpu()].lock();
             // The batch's one record summarises it; its pieces are not listed.
             pieces.clear();
-            cache_work(&manager, &mut window, entry.request, start, limit, &mut pieces)
+            cache_work(
+                &manager,
+                &mut window,
+                entry.request,
+                start,
+                limit,
+                &mut pieces,
+            )
         };
         at.offset += done;
         total += done;

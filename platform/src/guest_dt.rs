@@ -21,6 +21,9 @@
 //! - the properties `iommu-map`, `iommu-map-mask`, `iommus`, `msi-map`, `msi-map-mask` and
 //!   `msi-parent` on every node: the hypervisor owns the SMMU and the ITS is not the guest's;
 //! - `/aliases` entries whose path names a removed node;
+//! - from a PCI host bridge's `ranges`, every window whose CPU range is not inside one
+//!   `allowed_mmio` region (a 64-bit window beyond the IPA space of a 40-bit CPU): the guest
+//!   would place BARs there and fault on every access;
 //! - from a GICv2 node, the GICH and GICV regions that follow its distributor and CPU interface
 //!   (`reg` is cut to the allowed leading entries; the virtualization interface stays the
 //!   hypervisor's, and Linux's driver needs only the first two).
@@ -39,7 +42,7 @@ use stagehand_abi::DT_COMPATIBLE;
 use vm_fdt::FdtWriter;
 
 use crate::board::{DtError, Region, GICV2_COMPATIBLES};
-use crate::fdt_reader::{be32, string_value, Tree, ROOT};
+use crate::fdt_reader::{be32, read_cells, string_value, Tree, ROOT};
 
 /// Zero bytes left at the end of the guest's blob (inside `totalsize`), so the guest can add
 /// or grow properties in place.
@@ -360,6 +363,10 @@ impl Editor<'_, '_> {
                 // stale without an initrd; rewritten below with one
             } else if Some(index) == self.aliases && self.alias_names_removed(property.value) {
                 // the alias would name a node the guest does not have
+            } else if name == "ranges" && tree.device_type(index) == Some("pci") {
+                writer
+                    .property(name, &self.pci_guest_ranges(index, property.value))
+                    .map_err(write_error)?;
             } else if name == "reg" && is_gicv2(tree, index) {
                 writer
                     .property(name, self.gicv2_guest_reg(index, property.value))
@@ -418,6 +425,41 @@ impl Editor<'_, '_> {
         let (address_cells, size_cells) = tree.child_cells(parent);
         let entry = 4 * (address_cells + size_cells) as usize;
         &value[..value.len().min(entry * GICV2_GUEST_REG_ENTRIES)]
+    }
+
+    /// A PCI host bridge's `ranges` with only the windows whose CPU range lies inside one
+    /// allowed region; an entry that cannot be decoded or translated is left out.
+    fn pci_guest_ranges(&self, index: usize, value: &[u8]) -> Vec<u8> {
+        let tree = self.tree;
+        let parent = tree
+            .node(index)
+            .and_then(|node| node.parent)
+            .unwrap_or(ROOT);
+        let (child_cells, size_cells) = tree.child_cells(index);
+        let (parent_cells, _) = tree.child_cells(parent);
+        let entry_bytes = 4 * (child_cells + parent_cells + size_cells) as usize;
+        if entry_bytes == 0 {
+            return Vec::new();
+        }
+        value
+            .chunks_exact(entry_bytes)
+            .filter(|entry| {
+                let cpu = read_cells(entry, child_cells as usize, parent_cells).zip(read_cells(
+                    entry,
+                    (child_cells + parent_cells) as usize,
+                    size_cells,
+                ));
+                cpu.and_then(|(base, size)| tree.translate(index, Region::new(base, size)))
+                    .is_some_and(|window| {
+                        self.config
+                            .allowed_mmio
+                            .iter()
+                            .any(|region| region.contains_region(&window))
+                    })
+            })
+            .flatten()
+            .copied()
+            .collect()
     }
 
     fn alias_names_removed(&self, value: &[u8]) -> bool {
@@ -489,13 +531,16 @@ mod tests {
     const FIXTURES: [&[u8]; 3] = [TWO_SERIALS, ONE_SERIAL, SMALL];
 
     /// The MMIO a guest of QEMU virt is given: UART0, RTC, GIC distributor and
-    /// redistributors, PCIe ECAM.
-    const VIRT_GUEST_MMIO: [Region; 5] = [
+    /// redistributors, PCIe ECAM and the PCIe I/O, 32-bit and 64-bit windows.
+    const VIRT_GUEST_MMIO: [Region; 8] = [
         Region::new(0x0900_0000, 0x1000),
         Region::new(0x0901_0000, 0x1000),
         Region::new(0x0800_0000, 0x1_0000),
         Region::new(0x080a_0000, 0xf6_0000),
         Region::new(0x40_1000_0000, 0x1000_0000),
+        Region::new(0x3eff_0000, 0x1_0000),
+        Region::new(0x1000_0000, 0x2eff_0000),
+        Region::new(0x80_0000_0000, 0x80_0000_0000),
     ];
     const RAM: Region = Region::new(0x4000_0000, 0x1000_0000);
     const INITRD: Region = Region::new(0x4800_0000, 0x12_3400);
@@ -813,6 +858,42 @@ mod tests {
             // Editing the edited tree again changes nothing but the free space it drops.
             let again = guest_device_tree(&blob, &standard_config()).unwrap();
             assert_eq!(again, blob);
+        }
+    }
+
+    /// On a CPU whose IPA space ends below QEMU's 64-bit PCIe window (cortex-a53: 40-bit PA,
+    /// a 39-bit stage 2), the hypervisor does not map that window: the guest's `ranges` must
+    /// not offer it, or Linux puts BARs there and faults on them.
+    #[test]
+    fn pci_windows_outside_the_allowed_mmio_are_cut_from_ranges() {
+        let below_39_bits: Vec<Region> = VIRT_GUEST_MMIO
+            .iter()
+            .copied()
+            .filter(|region| region.base < 1 << 39)
+            .collect();
+        let config = GuestDtConfig {
+            allowed_mmio: &below_39_bits,
+            ..standard_config()
+        };
+        for fixture in FIXTURES {
+            let all = Board::from_fdt(&guest_device_tree(fixture, &standard_config()).unwrap())
+                .unwrap()
+                .pcie
+                .unwrap()
+                .windows;
+            assert_eq!(all, Board::from_fdt(fixture).unwrap().pcie.unwrap().windows);
+            let cut = Board::from_fdt(&guest_device_tree(fixture, &config).unwrap())
+                .unwrap()
+                .pcie
+                .unwrap()
+                .windows;
+            let expected: Vec<_> = all
+                .iter()
+                .filter(|w| w.cpu_base < 1 << 39)
+                .cloned()
+                .collect();
+            assert_eq!(cut, expected);
+            assert_eq!(cut.len(), 2);
         }
     }
 

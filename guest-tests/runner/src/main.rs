@@ -97,7 +97,7 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
     let (kernel, linux_initrd) = match suite.image {
         Image::TestGuest => {
             let guests = options.guests.as_deref().unwrap_or(Path::new("."));
-            (guests.join(format!("{}.elf", suite.name)), None)
+            (guests.join(format!("{}.elf", suite.guest)), None)
         }
         Image::Linux => match Suite::linux_paths(|name| std::env::var(name).ok()) {
             Ok((kernel, initrd)) => (kernel, Some(initrd)),
@@ -141,8 +141,9 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
     };
     let launch = suite_launch(suite, options, logs, kernel, initrd, extra_args);
     eprintln!(
-        "guest-runner: {} ({} CPUs, {} RAM, timeout {} s)",
+        "guest-runner: {} ({}; {} CPUs, {} RAM, timeout {} s)",
         suite.name,
+        suite.machine.describe(),
         suite.cpus,
         suite.memory,
         launch.timeout.as_secs()
@@ -156,8 +157,17 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
             &outcome.stderr,
         );
     }
-    let transcript = protocol::parse_console(suite.name, &outcome.console);
-    let mut outcomes = protocol::judge(suite.name, &transcript, &outcome.exit);
+    // The guest names its lines after itself; a row on another board reports under its own name.
+    let transcript = protocol::parse_console(suite.guest, &outcome.console);
+    let mut outcomes = protocol::judge(suite.guest, &transcript, &outcome.exit);
+    if suite.guest != suite.name {
+        let guest_prefix = format!("{}/", suite.guest);
+        for test in &mut outcomes {
+            if let Some(rest) = test.name.strip_prefix(&guest_prefix) {
+                test.name = format!("{}/{rest}", suite.name);
+            }
+        }
+    }
     // Point the reader of a run-level failure at the evidence.
     let stderr_hint = outcome
         .stderr
@@ -200,6 +210,7 @@ fn suite_launch(
 ) -> qemu::Launch {
     qemu::Launch {
         qemu: qemu_binary(options),
+        machine: suite.machine,
         firmware: options.firmware.clone().unwrap_or_default(),
         kernel: Some(kernel),
         initrd,
@@ -304,6 +315,7 @@ fn boot_check_launch(
 ) -> qemu::Launch {
     qemu::Launch {
         qemu: qemu_binary(options),
+        machine: qemu::Machine::DEFAULT,
         firmware: options.firmware.clone().unwrap_or_default(),
         kernel,
         initrd: None,

@@ -13,11 +13,65 @@ use std::time::{Duration, Instant};
 
 use crate::protocol::Exit;
 
+/// A GIC version of the `virt` board.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gic {
+    /// GICv2 (GIC-400 style), what `-M virt,virtualization=on` gives when it names none.
+    V2,
+    /// GICv3, `gic-version=3`.
+    V3,
+}
+
+/// The board a guest runs on: `virt` with EL2, a CPU model, a GIC and an SMMU or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Machine {
+    /// `-cpu` (a QEMU CPU model with EL2).
+    pub cpu: &'static str,
+    /// The GIC version.
+    pub gic: Gic,
+    /// Whether the board has an SMMUv3 (`iommu=smmuv3`).
+    pub smmu: bool,
+}
+
+impl Machine {
+    /// The board every suite ran on before there was a choice: `-cpu max`, GICv3, SMMUv3.
+    pub const DEFAULT: Machine = Machine {
+        cpu: "max",
+        gic: Gic::V3,
+        smmu: true,
+    };
+
+    /// The `-M` value. A GICv2 board names no `gic-version` (QEMU's default is 2), so the
+    /// board without an SMMU is exactly the plain `virt,virtualization=on` people start with.
+    pub fn qemu_machine(&self) -> String {
+        let mut machine = String::from("virt,virtualization=on");
+        if self.gic == Gic::V3 {
+            machine.push_str(",gic-version=3");
+        }
+        if self.smmu {
+            machine.push_str(",iommu=smmuv3");
+        }
+        machine
+    }
+
+    /// A short description for the runner's progress lines, e.g. `cortex-a53, GICv2, no SMMU`.
+    pub fn describe(&self) -> String {
+        let gic = match self.gic {
+            Gic::V2 => "GICv2",
+            Gic::V3 => "GICv3",
+        };
+        let smmu = if self.smmu { "SMMUv3" } else { "no SMMU" };
+        format!("{}, {gic}, {smmu}", self.cpu)
+    }
+}
+
 /// Everything one QEMU run needs.
 #[derive(Clone, Debug)]
 pub struct Launch {
     /// The QEMU binary.
     pub qemu: PathBuf,
+    /// The board (`-M`, `-cpu`).
+    pub machine: Machine,
     /// The hypervisor firmware (`-bios`).
     pub firmware: PathBuf,
     /// The guest image (`-kernel`); `None` starts QEMU without one.
@@ -64,9 +118,9 @@ impl Launch {
     pub fn arguments(&self) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "-M".into(),
-            "virt,virtualization=on,gic-version=3,iommu=smmuv3".into(),
+            self.machine.qemu_machine(),
             "-cpu".into(),
-            "max".into(),
+            self.machine.cpu.into(),
             "-m".into(),
             self.memory.clone(),
             "-smp".into(),
@@ -201,6 +255,7 @@ mod tests {
     fn launch() -> Launch {
         Launch {
             qemu: "qemu-system-aarch64".into(),
+            machine: Machine::DEFAULT,
             firmware: "build/stagehand.bin".into(),
             kernel: Some("build/guests/dt.elf".into()),
             initrd: Some("logs/dt.initrd".into()),
@@ -229,6 +284,32 @@ mod tests {
         assert!(!joined.contains("semihosting"));
         assert!(joined.ends_with("-initrd logs/dt.initrd -append a b"));
         assert!(args.contains(&"-no-reboot".to_string()));
+    }
+
+    #[test]
+    fn the_machine_is_the_launchs_own() {
+        let mut launch = launch();
+        launch.machine = Machine {
+            cpu: "cortex-a53",
+            gic: Gic::V2,
+            smmu: false,
+        };
+        assert!(launch
+            .arguments()
+            .join(" ")
+            .starts_with("-M virt,virtualization=on -cpu cortex-a53 -m 512M"));
+        launch.machine.smmu = true;
+        assert_eq!(
+            launch.machine.qemu_machine(),
+            "virt,virtualization=on,iommu=smmuv3"
+        );
+        assert_eq!(launch.machine.describe(), "cortex-a53, GICv2, SMMUv3");
+        launch.machine.gic = Gic::V3;
+        launch.machine.smmu = false;
+        assert_eq!(
+            launch.machine.qemu_machine(),
+            "virt,virtualization=on,gic-version=3"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::qemu::{Gic, Machine};
+
 /// Length of the initrd generated for suite `dt`. Keep in step with `DT_INITRD_LEN` in
 /// guest-tests/suites/src/lib.rs.
 pub const DT_INITRD_LEN: usize = 65_831;
@@ -58,8 +60,15 @@ pub enum Disk {
 /// One row of the suite table.
 #[derive(Clone, Copy, Debug)]
 pub struct Suite {
-    /// Suite name: the guest binary's name and the prefix of its TEST lines.
+    /// Row name: the prefix of the TEST lines the runner prints and of the log files. The
+    /// guest's own name when the row runs it on the default machine, else the guest's name and
+    /// the board, e.g. `linux-a53-gicv2`.
     pub name: &'static str,
+    /// The guest: the test guest binary's name (`<guests>/<guest>.elf`), and the prefix of the
+    /// TEST and RESULT lines it prints (`linux` for Linux), which the runner renames to `name`.
+    pub guest: &'static str,
+    /// The board it runs on.
+    pub machine: Machine,
     /// `-smp`.
     pub cpus: u32,
     /// `-m`.
@@ -86,6 +95,8 @@ const EDU: &[&str] = &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"];
 const fn guest(name: &'static str, cpus: u32, memory: &'static str) -> Suite {
     Suite {
         name,
+        guest: name,
+        machine: Machine::DEFAULT,
         cpus,
         memory,
         config: &[],
@@ -97,6 +108,42 @@ const fn guest(name: &'static str, cpus: u32, memory: &'static str) -> Suite {
         disk: Disk::None,
     }
 }
+
+/// Suite `attr` on the default machine (`-cpu max` has FEAT_S2FWB).
+const ATTR: Suite = Suite {
+    config: &["ram=512M"],
+    append: Some("stagehand.expect_fwb=on"),
+    timeout_secs: 120,
+    ..guest("attr", 4, "1G")
+};
+
+/// Suite `attr-nofwb`: the same guest with `fwb=off`.
+const ATTR_NOFWB: Suite = Suite {
+    config: &["ram=512M", "fwb=off"],
+    append: Some("stagehand.expect_fwb=off"),
+    timeout_secs: 120,
+    ..guest("attr-nofwb", 4, "1G")
+};
+
+/// A board: `virt` with EL2, CPU model `cpu`, GIC `gic` and an SMMU or not.
+const fn board(cpu: &'static str, gic: Gic, smmu: bool) -> Machine {
+    Machine { cpu, gic, smmu }
+}
+
+/// The Linux row on the default machine; the variants on other boards start from it.
+const LINUX: Suite = Suite {
+    image: Image::Linux,
+    initrd: Initrd::Linux,
+    append: Some("console=ttyAMA0 stagehand.expect_cpus=2 stagehand.blk_test=1 panic=-1"),
+    timeout_secs: 180,
+    disk: Disk::VirtioBlk,
+    ..guest("linux", 2, "1G")
+};
+
+/// The command line of a Linux row without a disk: on a board without an SMMU the hypervisor
+/// cannot contain DMA (a device would write guest IPAs as physical addresses), so no row
+/// gives such a board a DMA-capable device.
+const LINUX_NO_DISK_APPEND: &str = "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1";
 
 /// Every suite, in the order they run.
 pub const SUITES: &[Suite] = &[
@@ -115,18 +162,8 @@ pub const SUITES: &[Suite] = &[
     guest("demo", 4, "512M"),
     // The attribute manager, twice: with FEAT_S2FWB encodings (the default) and without. The
     // guest reads what FEATURES must say from its command line.
-    Suite {
-        config: &["ram=512M"],
-        append: Some("stagehand.expect_fwb=on"),
-        timeout_secs: 120,
-        ..guest("attr", 4, "1G")
-    },
-    Suite {
-        config: &["ram=512M", "fwb=off"],
-        append: Some("stagehand.expect_fwb=off"),
-        timeout_secs: 120,
-        ..guest("attr-nofwb", 4, "1G")
-    },
+    ATTR,
+    ATTR_NOFWB,
     Suite {
         extra_args: &["-device", "edu,addr=02.0,dma_mask=0xffffffffffffffff"],
         ..guest("smmu", 1, "512M")
@@ -200,14 +237,60 @@ pub const SUITES: &[Suite] = &[
     guest("hostile-gicr", 4, "512M"),
     guest("hostile-at", 1, "512M"),
     guest("hostile-hlt", 1, "512M"),
-    // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
+    // The demo guest and the attribute manager on a CPU model without FEAT_S2FWB and with a
+    // 40-bit physical address space: FEATURES must say no FWB whatever the configuration asks,
+    // so the non-FWB encodings run on a real CPU model.
     Suite {
-        image: Image::Linux,
-        initrd: Initrd::Linux,
-        append: Some("console=ttyAMA0 stagehand.expect_cpus=2 stagehand.blk_test=1 panic=-1"),
-        timeout_secs: 180,
-        disk: Disk::VirtioBlk,
-        ..guest("linux", 2, "1G")
+        name: "demo-a53-gicv2",
+        machine: board("cortex-a53", Gic::V2, false),
+        ..guest("demo", 4, "512M")
+    },
+    Suite {
+        name: "attr-a53",
+        machine: board("cortex-a53", Gic::V3, true),
+        append: Some("stagehand.expect_fwb=off"),
+        ..ATTR
+    },
+    Suite {
+        name: "attr-nofwb-a53",
+        machine: board("cortex-a53", Gic::V3, true),
+        ..ATTR_NOFWB
+    },
+    // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
+    LINUX,
+    // Linux on other boards: every CPU model class (40-bit PA cortex-a53, 44-bit cortex-a72,
+    // max), GICv2 and GICv3, with and without an SMMU, each pair of values of two axes at least
+    // once. The rows with an SMMU keep the disk behind it.
+    Suite {
+        name: "linux-a53-gicv2",
+        machine: board("cortex-a53", Gic::V2, false),
+        append: Some(LINUX_NO_DISK_APPEND),
+        disk: Disk::None,
+        ..LINUX
+    },
+    Suite {
+        name: "linux-a53-gicv3-smmu",
+        machine: board("cortex-a53", Gic::V3, true),
+        ..LINUX
+    },
+    Suite {
+        name: "linux-a72-gicv2-smmu",
+        machine: board("cortex-a72", Gic::V2, true),
+        ..LINUX
+    },
+    Suite {
+        name: "linux-a72-gicv3",
+        machine: board("cortex-a72", Gic::V3, false),
+        append: Some(LINUX_NO_DISK_APPEND),
+        disk: Disk::None,
+        ..LINUX
+    },
+    Suite {
+        name: "linux-max-gicv2",
+        machine: board("max", Gic::V2, false),
+        append: Some(LINUX_NO_DISK_APPEND),
+        disk: Disk::None,
+        ..LINUX
     },
 ];
 
@@ -280,6 +363,65 @@ mod tests {
         }
         assert_eq!(find("linux").map(|s| s.timeout_secs), Some(180));
         assert!(find("nope").is_none());
+    }
+
+    /// A row on another board than the default says so in its name; a disk (a DMA-capable
+    /// device) only sits behind an SMMU.
+    #[test]
+    fn rows_on_other_boards_are_named_apart_and_keep_dma_behind_an_smmu() {
+        for suite in SUITES {
+            if suite.machine != Machine::DEFAULT {
+                assert_ne!(suite.name, suite.guest);
+                assert!(suite.name.starts_with(suite.guest), "{}", suite.name);
+            }
+            if suite.disk != Disk::None || !suite.extra_args.is_empty() {
+                assert!(suite.machine.smmu, "{}", suite.name);
+            }
+            let blk_test = suite.append.unwrap_or("").contains("stagehand.blk_test=1");
+            assert_eq!(blk_test, suite.disk == Disk::VirtioBlk, "{}", suite.name);
+        }
+    }
+
+    /// Linux runs on every CPU model class, both GICs, with and without an SMMU, and on each
+    /// pair of values of two of those axes; the demo guest and the attribute suites run on
+    /// cortex-a53 (no FEAT_S2FWB, 40-bit PA) too.
+    #[test]
+    fn linux_covers_the_board_matrix() {
+        let linux: Vec<Machine> = SUITES
+            .iter()
+            .filter(|s| s.image == Image::Linux)
+            .map(|s| s.machine)
+            .collect();
+        for cpu in ["cortex-a53", "cortex-a72", "max"] {
+            for gic in [Gic::V2, Gic::V3] {
+                assert!(
+                    linux.iter().any(|m| m.cpu == cpu && m.gic == gic),
+                    "{cpu} {gic:?}"
+                );
+            }
+            for smmu in [false, true] {
+                assert!(
+                    linux.iter().any(|m| m.cpu == cpu && m.smmu == smmu),
+                    "{cpu} {smmu}"
+                );
+            }
+        }
+        for gic in [Gic::V2, Gic::V3] {
+            for smmu in [false, true] {
+                assert!(
+                    linux.iter().any(|m| m.gic == gic && m.smmu == smmu),
+                    "{gic:?} {smmu}"
+                );
+            }
+        }
+        for guest in ["demo", "attr", "attr-nofwb"] {
+            assert!(
+                SUITES
+                    .iter()
+                    .any(|s| s.guest == guest && s.machine.cpu == "cortex-a53"),
+                "{guest}"
+            );
+        }
     }
 
     #[test]
