@@ -219,7 +219,10 @@ fn wait_for(what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), Sm
 /// it stops the machine with one line: without a working SMMU, DMA is not contained.
 pub fn init(board: &Board, config: &Config, vm: &Vm) {
     let Some(region) = board.smmu else {
-        log::warn!("no SMMUv3 in the device tree: PCI devices' DMA is NOT contained");
+        log::warn!(
+            "no SMMUv3 in the device tree: DMA cannot be contained, so the guest gets no PCIe \
+             and the DMA calls answer NO_DEVICE"
+        );
         return;
     };
     if let Err(error) = try_init(region.base, board, config, vm) {

@@ -307,14 +307,25 @@ pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildEr
 
 /// The MMIO the guest may touch, identity-mapped: its console UART, the RTC, the GIC's
 /// guest registers, PCIe ECAM and windows.
+///
+/// PCIe only behind an SMMU: the guest's IPAs are not physical addresses, so without an SMMU
+/// translating its devices' DMA, a device would read and write whatever physical memory the
+/// guest's addresses happen to name, the hypervisor's own included (I3).
 fn guest_mmio(board: &Board, gic: &dyn InterruptController) -> Vec<Region> {
     let mut regions = Vec::new();
     regions.extend(board.console_uart().map(|u| u.region));
     regions.extend(board.rtc);
     regions.extend(gic.guest_regions());
-    if let Some(pcie) = &board.pcie {
-        regions.push(pcie.ecam);
-        regions.extend(pcie.windows.iter().map(|w| Region::new(w.cpu_base, w.size)));
+    match &board.pcie {
+        Some(pcie) if board.smmu.is_some() && !pcie.iommu_map.is_empty() => {
+            regions.push(pcie.ecam);
+            regions.extend(pcie.windows.iter().map(|w| Region::new(w.cpu_base, w.size)));
+        }
+        Some(_) => log::warn!(
+            "PCIe is not given to the guest: no SMMU translates its devices' DMA, which could \
+             then reach any memory, the hypervisor's included"
+        ),
+        None => {}
     }
     regions
 }
