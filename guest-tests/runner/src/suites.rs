@@ -240,6 +240,13 @@ pub const SUITES: &[Suite] = &[
     // The demo guest and the attribute manager on a CPU model without FEAT_S2FWB and with a
     // 40-bit physical address space: FEATURES must say no FWB whatever the configuration asks,
     // so the non-FWB encodings run on a real CPU model.
+    // Containment on the plain board (GICv2, no SMMU): the guest must get no PCIe there.
+    Suite {
+        name: "containment-a53-gicv2",
+        machine: board("cortex-a53", Gic::V2, false),
+        append: Some("stagehand.expect_pcie=off"),
+        ..guest("containment", 1, "512M")
+    },
     Suite {
         name: "demo-a53-gicv2",
         machine: board("cortex-a53", Gic::V2, false),
