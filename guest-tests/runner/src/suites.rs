@@ -237,6 +237,25 @@ pub const SUITES: &[Suite] = &[
     guest("hostile-gicr", 4, "512M"),
     guest("hostile-at", 1, "512M"),
     guest("hostile-hlt", 1, "512M"),
+    // The sweeps again on the other CPU and GIC class: a 40-bit CPU without FGT, SME or FWB,
+    // on the plain board (GICv2: GICH and GICV must stay out of reach; no SMMU, no PCIe).
+    Suite {
+        name: "hostile-sysreg-a53",
+        machine: board("cortex-a53", Gic::V2, false),
+        timeout_secs: 90,
+        ..guest("hostile-sysreg", 1, "512M")
+    },
+    Suite {
+        name: "hostile-ipa-a53-gicv2",
+        machine: board("cortex-a53", Gic::V2, false),
+        timeout_secs: 120,
+        ..guest("hostile-ipa", 1, "512M")
+    },
+    Suite {
+        name: "hostile-at-a53-gicv2",
+        machine: board("cortex-a53", Gic::V2, false),
+        ..guest("hostile-at", 1, "512M")
+    },
     // The demo guest and the attribute manager on a CPU model without FEAT_S2FWB and with a
     // 40-bit physical address space: FEATURES must say no FWB whatever the configuration asks,
     // so the non-FWB encodings run on a real CPU model.
