@@ -62,7 +62,7 @@ pub fn device_info(index: u64) -> Reply {
 /// `size`). Returns the lines maintained.
 fn maintain(
     manager: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
     op: CacheOp,
     ipa: u64,
     size: u64,
@@ -70,7 +70,6 @@ fn maintain(
     let mut done = 0;
     while done < size {
         let progress = manager.cache_operation(
-            &mut HeapTables,
             &mut Cpu::new(),
             window,
             ipa + done,

@@ -18,7 +18,7 @@ use stagehand_abi::Status;
 /// OUT_OF_RANGE or DENIED when the range is not guest RAM (checked before anything is mapped).
 pub fn with_mapped(
     attributes: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
     ipa: u64,
     len: u64,
     mut visit: impl FnMut(u64, u64, u64),
@@ -32,10 +32,9 @@ pub fn with_mapped(
     let mut at = ipa;
     while at < end {
         let piece_end = end.min((at & !(PAGE_SIZE - 1)) + WINDOW_PAGES * PAGE_SIZE);
-        let va =
-            attributes.map_for_access(&mut HeapTables, &mut cpu, window, at, piece_end - at)?;
+        let va = attributes.map_for_access(&mut cpu, window, at, piece_end - at)?;
         visit(va, at - ipa, piece_end - at);
-        window.unmap(&mut HeapTables, &mut cpu);
+        window.unmap(&mut cpu);
         at = piece_end;
     }
     Ok(())

@@ -66,7 +66,7 @@ pub fn set_attribute(ipa: u64, size: u64, value: u64) -> Reply {
     );
     // Debug builds check stage 2, the ledger and the window after every change.
     #[cfg(debug_assertions)]
-    if let Err(problem) = manager.check_invariants(&mut HeapTables, &window) {
+    if let Err(problem) = manager.check_invariants(&HeapTables, &window) {
         crate::exit::fatal(format_args!(
             "attribute invariant broken after MEM_SET_ATTR: {problem}"
         ));
@@ -124,7 +124,7 @@ pub fn set_attribute(ipa: u64, size: u64, value: u64) -> Reply {
 
 /// MEM_GET_ATTR(ipa): x1 attribute, x2 flags (bit 0 pinned, bit 1 block-mapped), x3 pins.
 pub fn get_attribute(ipa: u64) -> Reply {
-    let info = vm().attributes.read().get(&mut HeapTables, ipa);
+    let info = vm().attributes.read().get(&HeapTables, ipa);
     match info {
         Ok(info) => {
             let flags = (info.pins > 0) as u64 | (info.block_mapped as u64) << 1;
@@ -161,7 +161,7 @@ pub fn query_va(va: u64, access: u64) -> Reply {
         (va, 0x00)
     };
     let manager = vm.attributes.read();
-    if let Err(error) = manager.get(&mut HeapTables, ipa) {
+    if let Err(error) = manager.get(&HeapTables, ipa) {
         return refused(function::MEM_QUERY_VA, error, va, 0);
     }
     // Both stages through the CPU itself. (Not with the guest's MMU off: QEMU crashes on an
@@ -219,7 +219,7 @@ struct Piece {
 /// each IPA run touched is pushed on `pieces` (what the audit records say was maintained).
 fn cache_work(
     manager: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
     request: CacheRequest,
     address: u64,
     limit: u64,
@@ -236,7 +236,6 @@ fn cache_work(
             (address + done, limit - done)
         };
         match manager.cache_operation(
-            &mut HeapTables,
             &mut Cpu::new(),
             window,
             ipa,

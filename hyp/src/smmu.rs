@@ -340,13 +340,13 @@ fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), Sm
         let mut cpu = Cpu::new();
         for device in &smmu.devices {
             if let Some(table) = &device.stage2 {
-                noncoherent::clean_all_tables(table, &mut HeapTables, &mut cpu);
+                noncoherent::clean_all_tables(table, &HeapTables, &mut cpu);
             }
         }
         if smmu.devices.iter().any(|d| d.mode == DmaMode::Shared) {
             vm.attributes
                 .write()
-                .set_noncoherent_walker(&mut HeapTables, &mut cpu);
+                .set_noncoherent_walker(&HeapTables, &mut cpu);
         }
     }
     // Every entry before the SMMU may read one.

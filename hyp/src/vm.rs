@@ -66,7 +66,7 @@ pub struct Vm {
     /// more than the sections already inside.
     pub attributes: FairRwLock<AttributeManager>,
     /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one).
-    pub windows: Vec<spin::Mutex<Window>>,
+    pub windows: Vec<spin::Mutex<Window<HeapTables>>>,
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
@@ -159,7 +159,7 @@ pub struct BootCpu {
 ///
 /// # Errors
 /// A [`BuildError`], whose `Display` is the one line printed before stopping.
-pub fn build(board: &Board, mut windows: Vec<Window>) -> Result<BootCpu, BuildError> {
+pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<BootCpu, BuildError> {
     let fw_cfg_region = board.fw_cfg.ok_or(BuildError::Missing("fw_cfg"))?;
     // SAFETY: the region comes from the device tree and `mmu::extend` mapped it as Device; only
     // this code drives fw_cfg.
@@ -349,7 +349,7 @@ fn map_guest_mmio(
 /// guest starts with its MMU off, so its reads go to memory.
 fn clean_for_guest(
     attributes: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
     ipa: u64,
     len: u64,
 ) -> Result<(), BuildError> {
@@ -371,7 +371,7 @@ fn guest_pa(ram: &GuestRam, ipa: u64, len: u64) -> u64 {
 fn load_kernel(
     fw_cfg: &FwCfg,
     attributes: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
 ) -> Result<(u64, u64), BuildError> {
     let ram = attributes.ram();
     let size = fw_cfg.read_u32(key::KERNEL_SIZE)? as u64;

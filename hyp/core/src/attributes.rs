@@ -257,7 +257,7 @@ impl AttributeManager {
     /// device behind a non-coherent SMMU): cleans every table written so far to the point of
     /// coherency, and makes every later edit clean the entries it writes before the barrier
     /// and TLB invalidation (device TLBI included) that follow them.
-    pub fn set_noncoherent_walker(&mut self, memory: &mut impl TableMemory, arch: &mut impl Arch) {
+    pub fn set_noncoherent_walker(&mut self, memory: &impl TableMemory, arch: &mut impl Arch) {
         self.noncoherent_walker = true;
         crate::noncoherent::clean_all_tables(&self.stage2, memory, arch);
     }
@@ -382,7 +382,7 @@ impl AttributeManager {
     ///
     /// # Errors
     /// OUT_OF_RANGE or DENIED for an address that is not guest RAM.
-    pub fn get(&self, memory: &mut impl TableMemory, ipa: u64) -> Result<PageInfo, Status> {
+    pub fn get(&self, memory: &impl TableMemory, ipa: u64) -> Result<PageInfo, Status> {
         self.check_range(ipa, 1)?;
         let page = self.pages[self.page_index(ipa)];
         let block_mapped = self
@@ -410,7 +410,7 @@ impl AttributeManager {
         &mut self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        window: &mut Window,
+        window: &mut Window<impl TableMemory>,
         ipa: u64,
         size: u64,
         attribute: Attribute,
@@ -470,7 +470,7 @@ impl AttributeManager {
         &mut self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        window: &mut Window,
+        window: &mut Window<impl TableMemory>,
         ipa: u64,
         changing: &[bool],
         attribute: Attribute,
@@ -505,7 +505,7 @@ impl AttributeManager {
                     .stage2
                     .slot(memory, page_ipa, 3)
                     .ok_or(Status::InvalidParameter)?;
-                memory.table(table)[index] = 0;
+                memory.set_entry(table, index, 0);
                 arch.table_write(TableWrite::Break {
                     ipa: page_ipa,
                     level: 3,
@@ -551,10 +551,10 @@ impl AttributeManager {
                 Attribute::WriteBack => &[true],
             };
             for &non_cacheable in passes {
-                let va = window.map(memory, arch, pa, pages, |_| non_cacheable);
+                let va = window.map(arch, pa, pages, |_| non_cacheable);
                 arch.dcache_range(CacheOp::CleanInvalidate, va, bytes);
                 arch.dsb_ish();
-                window.unmap(memory, arch);
+                window.unmap(arch);
                 maintenance.cmo_bytes += bytes;
             }
         }
@@ -566,9 +566,12 @@ impl AttributeManager {
                 .stage2
                 .slot(memory, region, 2)
                 .ok_or(Status::InvalidParameter)?;
-            memory.table(table)[index] =
+            memory.set_entry(
+                table,
+                index,
                 self.stage2
-                    .leaf_descriptor(pa, 2, attribute.memory_type(), Permissions::RWX);
+                    .leaf_descriptor(pa, 2, attribute.memory_type(), Permissions::RWX),
+            );
             arch.table_write(TableWrite::Make {
                 ipa: region,
                 level: 2,
@@ -583,9 +586,12 @@ impl AttributeManager {
                     .stage2
                     .slot(memory, page_ipa, 3)
                     .ok_or(Status::InvalidParameter)?;
-                memory.table(table)[index] =
+                memory.set_entry(
+                    table,
+                    index,
                     self.stage2
-                        .leaf_descriptor(pa, 3, attribute.memory_type(), Permissions::RWX);
+                        .leaf_descriptor(pa, 3, attribute.memory_type(), Permissions::RWX),
+                );
                 arch.table_write(TableWrite::Make {
                     ipa: page_ipa,
                     level: 3,
@@ -623,7 +629,7 @@ impl AttributeManager {
             } else {
                 Attribute::WriteBack
             };
-            memory.table(new_table)[i] = if breaking(i) {
+            let entry = if breaking(i) {
                 0
             } else {
                 self.stage2.leaf_descriptor(
@@ -633,11 +639,12 @@ impl AttributeManager {
                     Permissions::RWX,
                 )
             };
+            memory.set_entry(new_table, i, entry);
         }
         // Cleaned before the break, whose barrier completes it before the table is linked in.
         self.clean_table(arch, new_table);
         let (table, index) = self.break_block(memory, arch, region)?;
-        memory.table(table)[index] = new_table | TABLE_OR_PAGE | VALID;
+        memory.set_entry(table, index, new_table | TABLE_OR_PAGE | VALID);
         arch.table_write(TableWrite::Table { ipa: region });
         self.clean_entry(arch, table, index);
         self.complete_stores(arch);
@@ -657,7 +664,7 @@ impl AttributeManager {
             .stage2
             .slot(memory, region, 2)
             .ok_or(Status::InvalidParameter)?;
-        memory.table(table)[index] = 0;
+        memory.set_entry(table, index, 0);
         arch.table_write(TableWrite::Break {
             ipa: region,
             level: 2,
@@ -698,12 +705,12 @@ impl AttributeManager {
         let Some((table, index)) = self.stage2.slot(memory, region, 2) else {
             return false;
         };
-        let entry = memory.table(table)[index];
+        let entry = memory.entry(table, index);
         if entry & VALID == 0 || entry & TABLE_OR_PAGE == 0 {
             return false; // Already a block.
         }
         let old_table = entry & ADDRESS_MASK;
-        memory.table(table)[index] = 0;
+        memory.set_entry(table, index, 0);
         arch.table_write(TableWrite::Break {
             ipa: region,
             level: 2,
@@ -715,9 +722,12 @@ impl AttributeManager {
         arch.dsb_ish();
         arch.device_tlbi(region, BLOCK);
         let pa = self.ram.pa + (region - self.ram.ipa);
-        memory.table(table)[index] =
+        memory.set_entry(
+            table,
+            index,
             self.stage2
-                .leaf_descriptor(pa, 2, attribute.memory_type(), Permissions::RWX);
+                .leaf_descriptor(pa, 2, attribute.memory_type(), Permissions::RWX),
+        );
         arch.table_write(TableWrite::Merge {
             ipa: region,
             non_cacheable: target_nc,
@@ -736,12 +746,10 @@ impl AttributeManager {
     ///
     /// # Errors
     /// INVALID_PARAMETER (zero size), OUT_OF_RANGE, DENIED.
-    #[allow(clippy::too_many_arguments)] // Tables, CPU and window are three separate borrows.
     pub fn cache_operation(
         &self,
-        memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        window: &mut Window,
+        window: &mut Window<impl TableMemory>,
         ipa: u64,
         size: u64,
         op: CacheOp,
@@ -767,9 +775,7 @@ impl AttributeManager {
             && page_run.iter().any(|p| p.pins > 0);
 
         let pa = self.ram.pa + (page_base - self.ram.ipa);
-        let va_base = window.map(memory, arch, pa, pages, |i| {
-            page_run[i as usize].non_cacheable
-        });
+        let va_base = window.map(arch, pa, pages, |i| page_run[i as usize].non_cacheable);
         let va = |address: u64| va_base + (address - page_base);
         match op {
             CacheOp::Invalidate if !widened => {
@@ -793,7 +799,7 @@ impl AttributeManager {
             other => arch.dcache_range(other, va(low), high - low),
         }
         arch.dsb_ish();
-        window.unmap(memory, arch);
+        window.unmap(arch);
         Ok(CacheProgress {
             done: chunk_end - ipa,
             complete: chunk_end == end,
@@ -810,9 +816,8 @@ impl AttributeManager {
     /// spans more than one window.
     pub fn map_for_access(
         &self,
-        memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        window: &mut Window,
+        window: &mut Window<impl TableMemory>,
         ipa: u64,
         len: u64,
     ) -> Result<u64, Status> {
@@ -825,7 +830,7 @@ impl AttributeManager {
         let first = self.page_index(page_base);
         let page_run = &self.pages[first..first + pages.max(1) as usize];
         let pa = self.ram.pa + (page_base - self.ram.ipa);
-        let va = window.map(memory, arch, pa, pages.max(1), |i| {
+        let va = window.map(arch, pa, pages.max(1), |i| {
             page_run[i as usize].non_cacheable
         });
         Ok(va + (ipa - page_base))
@@ -840,8 +845,8 @@ impl AttributeManager {
     /// A description of the first mismatch.
     pub fn check_invariants(
         &self,
-        memory: &mut impl TableMemory,
-        window: &Window,
+        memory: &impl TableMemory,
+        window: &Window<impl TableMemory>,
     ) -> Result<(), alloc::string::String> {
         use alloc::format;
         if window.mapped() != 0 {
@@ -1015,7 +1020,7 @@ mod tests {
     struct Fixture {
         memory: VecMemory,
         manager: AttributeManager,
-        window: Window,
+        window: Window<VecMemory>,
         arch: Recorder,
     }
 
@@ -1026,7 +1031,9 @@ mod tests {
         let geometry = crate::geometry::Geometry::for_cpu(if fwb { 4 } else { 2 }).unwrap();
         let mut manager = AttributeManager::new(&mut memory, fwb, RAM, &geometry).unwrap();
         manager.map_mmio(&mut memory, UART.0, UART.1).unwrap();
-        let window = Window::new(WINDOW_VA, memory.allocate().unwrap());
+        let mut window_memory = VecMemory::new(1);
+        let window_table = window_memory.allocate().unwrap();
+        let window = Window::new(WINDOW_VA, window_table, window_memory);
         Fixture {
             memory,
             manager,
@@ -1060,7 +1067,6 @@ mod tests {
         }
         fn cmo(&mut self, ipa: u64, size: u64, op: CacheOp) -> Result<CacheProgress, Status> {
             self.manager.cache_operation(
-                &mut self.memory,
                 &mut self.arch,
                 &mut self.window,
                 ipa,
@@ -1071,14 +1077,14 @@ mod tests {
         }
         fn check(&mut self) {
             self.manager
-                .check_invariants(&mut self.memory, &self.window)
+                .check_invariants(&self.memory, &self.window)
                 .unwrap();
         }
         fn mem_attr(&mut self, ipa: u64) -> u64 {
             (self
                 .manager
                 .stage2
-                .translate(&mut self.memory, ipa)
+                .translate(&self.memory, ipa)
                 .unwrap()
                 .descriptor
                 >> 2)
@@ -1120,19 +1126,19 @@ mod tests {
             Table { ipa } | Merge { ipa, .. } => (ipa, 2),
             WindowMap { .. } | WindowUnmap { .. } => return None,
         };
-        let (table, index) = f.manager.stage2.slot(&mut f.memory, ipa, level)?;
+        let (table, index) = f.manager.stage2.slot(&f.memory, ipa, level)?;
         Some((table + index as u64 * 8) & !63)
     }
 
     #[test]
     fn a_noncoherent_walker_gets_every_written_entry_cleaned_before_it_may_read_it() {
         let mut f = fixture(false);
-        f.manager.set_noncoherent_walker(&mut f.memory, &mut f.arch);
+        f.manager.set_noncoherent_walker(&f.memory, &mut f.arch);
         // Everything built so far is cleaned whole, then DSB SY.
         let mut tables = Vec::new();
         f.manager
             .stage2
-            .for_each_table(&mut f.memory, &mut |pa| tables.push(pa));
+            .for_each_table(&f.memory, &mut |pa| tables.push(pa));
         let expected: Vec<Op> = tables
             .iter()
             .map(|&pa| Op::Dc(CacheOp::Clean, pa, PAGE_SIZE))
@@ -1152,7 +1158,7 @@ mod tests {
             let ops = f.arch.ops.clone();
             if attribute == Attribute::NonCacheable && ipa == R0 + PAGE_SIZE {
                 // The split's new level-3 table is cleaned whole before it is linked in.
-                let (l3, _) = f.manager.stage2.slot(&mut f.memory, R0, 3).unwrap();
+                let (l3, _) = f.manager.stage2.slot(&f.memory, R0, 3).unwrap();
                 let cleaned = ops
                     .iter()
                     .position(|op| *op == Op::Dc(CacheOp::Clean, l3, PAGE_SIZE))
@@ -1204,7 +1210,7 @@ mod tests {
                 "cleans not completed at the end: {ops:?}"
             );
         }
-        let region_table = f.manager.stage2.slot(&mut f.memory, R0, 3).map(|(t, _)| t);
+        let region_table = f.manager.stage2.slot(&f.memory, R0, 3).map(|(t, _)| t);
         assert!(region_table.is_none(), "merged back into a block");
     }
 
@@ -1286,7 +1292,7 @@ mod tests {
                 Op::DsbIshst,
             ]);
             assert_eq!(f.arch.ops, expected, "fwb={fwb}");
-            assert!(f.manager.get(&mut f.memory, ipa).unwrap().block_mapped);
+            assert!(f.manager.get(&f.memory, ipa).unwrap().block_mapped);
             f.check();
         }
     }
@@ -1317,7 +1323,7 @@ mod tests {
             Op::DsbIshst,
         ]);
         assert_eq!(f.arch.ops, expected);
-        assert!(f.manager.get(&mut f.memory, R1).unwrap().block_mapped);
+        assert!(f.manager.get(&f.memory, R1).unwrap().block_mapped);
         f.check();
     }
 
@@ -1383,7 +1389,7 @@ mod tests {
         f.arch.clear();
         assert_eq!(f.set(R0, BLOCK, Attribute::NonCacheable), Err(Status::Busy));
         assert!(f.arch.ops.is_empty());
-        assert_eq!(f.manager.get(&mut f.memory, R0).unwrap().pins, 1);
+        assert_eq!(f.manager.get(&f.memory, R0).unwrap().pins, 1);
         f.manager.unpin(R0, PAGE_SIZE);
         assert!(f.set(R0, BLOCK, Attribute::NonCacheable).is_ok());
         assert_eq!(Attribute::from_abi(2), None);
@@ -1417,7 +1423,6 @@ mod tests {
         let dma = f
             .manager
             .cache_operation(
-                &mut f.memory,
                 &mut f.arch,
                 &mut f.window,
                 ipa,
@@ -1442,7 +1447,7 @@ mod tests {
             f.arch.writes(),
             [Break { ipa: R0, level: 2 }, Table { ipa: R0 }]
         );
-        let info = f.manager.get(&mut f.memory, R0 + 5 * PAGE_SIZE).unwrap();
+        let info = f.manager.get(&f.memory, R0 + 5 * PAGE_SIZE).unwrap();
         assert!(!info.block_mapped && info.pins == 1);
         // Changes of the neighbours, there and back (which would merge without the pin), break
         // only the pages they change.
@@ -1703,9 +1708,9 @@ mod tests {
                         }
                     }
                 }
-                f.manager.check_invariants(&mut f.memory, &f.window).map_err(TestCaseError::fail)?;
+                f.manager.check_invariants(&f.memory, &f.window).map_err(TestCaseError::fail)?;
                 for (i, &nc) in model_nc.iter().enumerate() {
-                    let info = f.manager.get(&mut f.memory, RAM.ipa + i as u64 * PAGE_SIZE).unwrap();
+                    let info = f.manager.get(&f.memory, RAM.ipa + i as u64 * PAGE_SIZE).unwrap();
                     prop_assert_eq!(info.attribute == Attribute::NonCacheable, nc, "page {}", i);
                     prop_assert_eq!(info.pins, model_pins[i]);
                 }
@@ -1721,7 +1726,7 @@ mod tests {
         let d = f
             .manager
             .stage2
-            .translate(&mut f.memory, R0)
+            .translate(&f.memory, R0)
             .unwrap()
             .descriptor;
         assert_eq!(

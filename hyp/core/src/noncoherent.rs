@@ -7,7 +7,7 @@
 //!
 //! [`CleaningTables`] does this for a strict device's own tables, whose edits are whole
 //! `PageTable::map`/`unmap` calls followed by commands: it wraps the table memory, remembers
-//! every table the edit touched (with a copy of its contents at first touch), and afterwards
+//! every table the edit writes (with a copy of its contents before the first write), and afterwards
 //! cleans exactly the lines that changed, and new tables (allocated, zeroed and filled in the
 //! cache) whole. The guest's own stage 2, which a shared device walks, is edited live with
 //! break-before-make; the attribute engine cleans each entry in its sequence
@@ -22,9 +22,9 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use crate::maintenance::{Arch, CacheOp};
-use crate::pagetable::{Format, PageTable, Table, TableMemory, PAGE_SIZE};
+use crate::pagetable::{Format, PageTable, Table, TableMemory, ENTRIES, PAGE_SIZE};
 
-/// A table the edit touched.
+/// A table the edit wrote.
 struct Touched {
     pa: u64,
     /// Its contents before the edit; `None` for a table the edit allocated (cleaned whole).
@@ -53,20 +53,19 @@ impl<'a, M: TableMemory> CleaningTables<'a, M> {
         let line = arch.line_size();
         let words_per_line = (line / 8) as usize;
         for touched in &self.touched {
-            let now = self.memory.table(touched.pa);
             let Some(before) = &touched.before else {
                 arch.dcache_range(CacheOp::Clean, touched.pa, PAGE_SIZE);
                 continue;
             };
             // Runs of changed lines, one range each.
             let mut run: Option<(u64, u64)> = None;
-            for (index, (old, new)) in before
-                .chunks(words_per_line)
-                .zip(now.chunks(words_per_line))
-                .enumerate()
-            {
+            for (index, old) in before.chunks(words_per_line).enumerate() {
+                let first_word = index * words_per_line;
+                let changed = old.iter().enumerate().any(|(word, &entry)| {
+                    self.memory.entry(touched.pa, first_word + word) != entry
+                });
                 let start = touched.pa + index as u64 * line;
-                match (old != new, run) {
+                match (changed, run) {
                     (true, Some((first, len))) => run = Some((first, len + line)),
                     (true, None) => run = Some((start, line)),
                     (false, Some((first, len))) => {
@@ -91,15 +90,20 @@ impl<M: TableMemory> TableMemory for CleaningTables<'_, M> {
         Some(pa)
     }
 
-    fn table(&mut self, pa: u64) -> &mut Table {
-        if !self.touched.iter().any(|t| t.pa == pa) {
-            let before = Box::new(*self.memory.table(pa));
+    fn entry(&self, table: u64, index: usize) -> u64 {
+        self.memory.entry(table, index)
+    }
+
+    fn set_entry(&mut self, table: u64, index: usize, value: u64) {
+        if !self.touched.iter().any(|t| t.pa == table) {
+            let mut before = Box::new([0; ENTRIES]);
+            self.memory.copy_table(table, &mut before);
             self.touched.push(Touched {
-                pa,
+                pa: table,
                 before: Some(before),
             });
         }
-        self.memory.table(pa)
+        self.memory.set_entry(table, index, value)
     }
 
     fn free(&mut self, pa: u64) {
@@ -113,7 +117,7 @@ impl<M: TableMemory> TableMemory for CleaningTables<'_, M> {
 /// before a non-coherent walker is pointed at them.
 pub fn clean_all_tables<F: Format>(
     table: &PageTable<F>,
-    memory: &mut impl TableMemory,
+    memory: &impl TableMemory,
     arch: &mut impl Arch,
 ) {
     let mut tables = Vec::new();
@@ -137,10 +141,10 @@ mod tests {
     }
 
     /// Every 64-byte line of `pa`'s table that differs between `before` and `memory`.
-    fn changed_lines(memory: &mut VecMemory, before: &[(u64, Table)]) -> Vec<u64> {
+    fn changed_lines(memory: &VecMemory, before: &[(u64, Table)]) -> Vec<u64> {
         let mut lines = Vec::new();
         for (pa, old) in before {
-            let new = memory.table(*pa);
+            let new = copy(memory, *pa);
             for line in 0..(PAGE_SIZE / 64) as usize {
                 if old[line * 8..line * 8 + 8] != new[line * 8..line * 8 + 8] {
                     lines.push(pa + line as u64 * 64);
@@ -148,6 +152,12 @@ mod tests {
             }
         }
         lines
+    }
+
+    fn copy(memory: &VecMemory, pa: u64) -> Table {
+        let mut table = [0; ENTRIES];
+        memory.copy_table(pa, &mut table);
+        table
     }
 
     fn cleaned(ops: &[Op]) -> Vec<u64> {
@@ -165,7 +175,7 @@ mod tests {
         let mut memory = VecMemory::new(16);
         let mut table = device_table(&mut memory);
         let root = table.root();
-        let root_before = *memory.table(root);
+        let root_before = copy(&memory, root);
         let mut arch = Recorder::new();
 
         let mut tracking = CleaningTables::new(&mut memory);
@@ -183,7 +193,7 @@ mod tests {
 
         // Root (existing: only its changed line) and three new tables (levels 1-3, whole).
         assert_eq!(memory.tables.len(), 4);
-        let mut expected = changed_lines(&mut memory, &[(root, root_before)]);
+        let mut expected = changed_lines(&memory, &[(root, root_before)]);
         assert_eq!(expected.len(), 1, "one root entry written");
         for pa in (1..4).map(|i| root + i * PAGE_SIZE) {
             expected.extend((0..PAGE_SIZE / 64).map(|i| pa + i * 64));
@@ -200,7 +210,7 @@ mod tests {
         // A second map into the same level-3 table cleans just its lines; the unmap, the lines
         // it zeroes.
         let snapshot: Vec<(u64, Table)> = (0..4)
-            .map(|i| (root + i * PAGE_SIZE, *memory.table(root + i * PAGE_SIZE)))
+            .map(|i| (root + i * PAGE_SIZE, copy(&memory, root + i * PAGE_SIZE)))
             .collect();
         arch.clear();
         let mut tracking = CleaningTables::new(&mut memory);
@@ -215,12 +225,12 @@ mod tests {
             )
             .unwrap();
         tracking.clean(&mut arch);
-        assert_eq!(cleaned(&arch.ops), changed_lines(&mut memory, &snapshot));
+        assert_eq!(cleaned(&arch.ops), changed_lines(&memory, &snapshot));
         assert_eq!(cleaned(&arch.ops).len(), 1);
         assert_eq!(arch.ops.last(), Some(&Op::DsbSy));
 
         let snapshot: Vec<(u64, Table)> = (0..4)
-            .map(|i| (root + i * PAGE_SIZE, *memory.table(root + i * PAGE_SIZE)))
+            .map(|i| (root + i * PAGE_SIZE, copy(&memory, root + i * PAGE_SIZE)))
             .collect();
         arch.clear();
         let mut tracking = CleaningTables::new(&mut memory);
@@ -228,7 +238,7 @@ mod tests {
             .unmap(&mut tracking, 0x4010_0000, 2 * PAGE_SIZE)
             .unwrap();
         tracking.clean(&mut arch);
-        let zeroed = changed_lines(&mut memory, &snapshot);
+        let zeroed = changed_lines(&memory, &snapshot);
         assert!(!zeroed.is_empty());
         assert_eq!(cleaned(&arch.ops), zeroed);
         assert_eq!(arch.ops.last(), Some(&Op::DsbSy));
@@ -249,7 +259,7 @@ mod tests {
             )
             .unwrap();
         let mut arch = Recorder::new();
-        clean_all_tables(&table, &mut memory, &mut arch);
+        clean_all_tables(&table, &memory, &mut arch);
         let root = table.root();
         // Root, level 1, level 2 (two 2 MiB blocks: no level 3).
         assert_eq!(

@@ -23,13 +23,27 @@ pub const TABLE_OR_PAGE: u64 = 1 << 1;
 /// Output-address bits of a descriptor (bits 47:12).
 pub const ADDRESS_MASK: u64 = 0x0000_FFFF_FFFF_F000;
 
-/// Memory the tables are built in.
+/// Memory the tables are built in, addressed by table and entry.
+///
+/// Readers need only `&self`: several CPUs walk the same tables at once (under the attribute
+/// manager's shared lock), and so does the hardware walker. Writers need `&mut self`, which the
+/// exclusive lock gives. No method hands out a reference into a table: an implementation
+/// backed by live table memory reads and writes each entry as a single 64-bit access, and a
+/// whole table is read as a copy.
 pub trait TableMemory {
     /// Allocates a zeroed, 4 KiB-aligned table and returns its physical address, or `None`
     /// when no memory is left.
     fn allocate(&mut self) -> Option<u64>;
-    /// The table at physical address `pa` (one returned by `allocate`).
-    fn table(&mut self, pa: u64) -> &mut Table;
+    /// Entry `index` of the table at physical address `table` (one returned by `allocate`).
+    fn entry(&self, table: u64, index: usize) -> u64;
+    /// Writes entry `index` of the table at physical address `table`.
+    fn set_entry(&mut self, table: u64, index: usize, value: u64);
+    /// Copies the whole table at `table` into `copy`.
+    fn copy_table(&self, table: u64, copy: &mut Table) {
+        for (index, entry) in copy.iter_mut().enumerate() {
+            *entry = self.entry(table, index);
+        }
+    }
     /// Returns a table no walker can reach any more (after its TLB invalidation completed).
     fn free(&mut self, pa: u64) {
         let _ = pa;
@@ -251,12 +265,11 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), MapError> {
         let table = self.table_at(memory, input, leaf_level)?;
         let slot = index(input, leaf_level);
-        let entry = &mut memory.table(table)[slot];
-        if *entry & VALID != 0 {
+        if memory.entry(table, slot) & VALID != 0 {
             return Err(MapError::AlreadyMapped { address: input });
         }
         let page_bit = if leaf_level == 3 { TABLE_OR_PAGE } else { 0 };
-        *entry = output | attributes | page_bit | VALID;
+        memory.set_entry(table, slot, output | attributes | page_bit | VALID);
         Ok(())
     }
 
@@ -277,7 +290,7 @@ impl<F: Format> PageTable<F> {
     /// invalid entry or a block).
     pub fn slot(
         &self,
-        memory: &mut impl TableMemory,
+        memory: &impl TableMemory,
         input: u64,
         level: usize,
     ) -> Option<(u64, usize)> {
@@ -286,7 +299,7 @@ impl<F: Format> PageTable<F> {
         }
         let mut table = self.root;
         for walk in self.start_level..level {
-            let entry = memory.table(table)[index(input, walk)];
+            let entry = memory.entry(table, index(input, walk));
             if entry & VALID == 0 || entry & TABLE_OR_PAGE == 0 {
                 return None;
             }
@@ -314,10 +327,10 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         for walk in self.start_level..level {
             let slot = index(input, walk);
-            let entry = memory.table(table)[slot];
+            let entry = memory.entry(table, slot);
             table = if entry & VALID == 0 {
                 let next = memory.allocate().ok_or(MapError::OutOfTableMemory)?;
-                memory.table(table)[slot] = next | TABLE_OR_PAGE | VALID;
+                memory.set_entry(table, slot, next | TABLE_OR_PAGE | VALID);
                 next
             } else if entry & TABLE_OR_PAGE == 0 {
                 return Err(MapError::AlreadyMapped { address: input });
@@ -353,20 +366,20 @@ impl<F: Format> PageTable<F> {
                 return Err(MapError::Misaligned);
             }
             let (table, index) = self.slot(memory, at, t.level).ok_or(MapError::OutOfRange)?;
-            memory.table(table)[index] = 0;
+            memory.set_entry(table, index, 0);
             at += leaf;
         }
         Ok(())
     }
 
     /// Looks up one input address.
-    pub fn translate(&self, memory: &mut impl TableMemory, input: u64) -> Option<Translation> {
+    pub fn translate(&self, memory: &impl TableMemory, input: u64) -> Option<Translation> {
         if input >= 1u64 << self.input_bits {
             return None;
         }
         let mut table = self.root;
         for level in self.start_level..=3 {
-            let entry = memory.table(table)[index(input, level)];
+            let entry = memory.entry(table, index(input, level));
             if entry & VALID == 0 {
                 return None;
             }
@@ -387,20 +400,20 @@ impl<F: Format> PageTable<F> {
     /// Calls `visit(input, output, size, descriptor)` for every leaf, in input-address order.
     pub fn for_each_leaf(
         &self,
-        memory: &mut impl TableMemory,
+        memory: &impl TableMemory,
         visit: &mut impl FnMut(u64, u64, u64, u64),
     ) {
         self.walk(memory, self.root, self.start_level, 0, visit);
     }
 
     /// Calls `visit(pa)` for every table, the root first, each before the tables it points to.
-    pub fn for_each_table(&self, memory: &mut impl TableMemory, visit: &mut impl FnMut(u64)) {
+    pub fn for_each_table(&self, memory: &impl TableMemory, visit: &mut impl FnMut(u64)) {
         self.tables_from(memory, self.root, self.start_level, visit);
     }
 
     fn tables_from(
         &self,
-        memory: &mut impl TableMemory,
+        memory: &impl TableMemory,
         table: u64,
         level: usize,
         visit: &mut impl FnMut(u64),
@@ -410,7 +423,7 @@ impl<F: Format> PageTable<F> {
             return;
         }
         for slot in 0..ENTRIES {
-            let entry = memory.table(table)[slot];
+            let entry = memory.entry(table, slot);
             if entry & VALID != 0 && entry & TABLE_OR_PAGE != 0 {
                 self.tables_from(memory, entry & ADDRESS_MASK, level + 1, visit);
             }
@@ -419,7 +432,7 @@ impl<F: Format> PageTable<F> {
 
     fn walk(
         &self,
-        memory: &mut impl TableMemory,
+        memory: &impl TableMemory,
         table: u64,
         level: usize,
         base: u64,
@@ -431,7 +444,7 @@ impl<F: Format> PageTable<F> {
             ENTRIES
         };
         for slot in 0..entries {
-            let entry = memory.table(table)[slot];
+            let entry = memory.entry(table, slot);
             if entry & VALID == 0 {
                 continue;
             }
@@ -596,8 +609,11 @@ pub(crate) mod fake {
             self.tables.push([0; ENTRIES]);
             Some(BASE + (self.tables.len() as u64 - 1) * PAGE_SIZE)
         }
-        fn table(&mut self, pa: u64) -> &mut Table {
-            &mut self.tables[((pa - BASE) / PAGE_SIZE) as usize]
+        fn entry(&self, table: u64, index: usize) -> u64 {
+            self.tables[((table - BASE) / PAGE_SIZE) as usize][index]
+        }
+        fn set_entry(&mut self, table: u64, index: usize, value: u64) {
+            self.tables[((table - BASE) / PAGE_SIZE) as usize][index] = value;
         }
     }
 }
@@ -628,17 +644,17 @@ mod tests {
             Permissions::RWX,
         )
         .unwrap();
-        let t = s2.translate(&mut mem, 0x4000_1234).unwrap();
+        let t = s2.translate(&mem, 0x4000_1234).unwrap();
         assert_eq!(t.output, 0x4400_1234);
         assert_eq!(t.level, 2);
         assert_eq!(
-            s2.translate(&mut mem, 0x4400_0000),
+            s2.translate(&mem, 0x4400_0000),
             None,
             "end of range is unmapped"
         );
-        assert_eq!(s2.translate(&mut mem, 0x3fff_f000), None);
+        assert_eq!(s2.translate(&mem, 0x3fff_f000), None);
         let mut leaves = Vec::new();
-        s2.for_each_leaf(&mut mem, &mut |i, o, s, _| leaves.push((i, o, s)));
+        s2.for_each_leaf(&mem, &mut |i, o, s, _| leaves.push((i, o, s)));
         assert_eq!(leaves.len(), 32);
         assert!(leaves.iter().all(|&(_, _, s)| s == MIB2));
     }
@@ -656,7 +672,7 @@ mod tests {
             Permissions::RW,
         )
         .unwrap();
-        assert_eq!(s2.translate(&mut mem, 0x80_4000_0000).unwrap().level, 1);
+        assert_eq!(s2.translate(&mem, 0x80_4000_0000).unwrap().level, 1);
         s2.map(
             &mut mem,
             0x0900_0000,
@@ -666,7 +682,7 @@ mod tests {
             Permissions::RW,
         )
         .unwrap();
-        assert_eq!(s2.translate(&mut mem, 0x0900_0fff).unwrap().level, 3);
+        assert_eq!(s2.translate(&mem, 0x0900_0fff).unwrap().level, 3);
         s2.map(
             &mut mem,
             0x4000_1000,
@@ -676,7 +692,7 @@ mod tests {
             Permissions::RWX,
         )
         .unwrap();
-        assert_eq!(s2.translate(&mut mem, 0x4000_1000).unwrap().level, 3);
+        assert_eq!(s2.translate(&mem, 0x4000_1000).unwrap().level, 3);
     }
 
     #[test]
@@ -759,8 +775,8 @@ mod tests {
             "inside a block"
         );
         s2.unmap(&mut mem, 0x4000_0000, MIB2 + 0x2000).unwrap();
-        assert_eq!(s2.translate(&mut mem, 0x4000_0000), None);
-        assert_eq!(s2.translate(&mut mem, 0x4020_1000), None);
+        assert_eq!(s2.translate(&mem, 0x4000_0000), None);
+        assert_eq!(s2.translate(&mem, 0x4020_1000), None);
         s2.map(
             &mut mem,
             0x4000_0000,
@@ -770,7 +786,7 @@ mod tests {
             Permissions::RO,
         )
         .unwrap();
-        let d = s2.translate(&mut mem, 0x4000_0000).unwrap().descriptor;
+        let d = s2.translate(&mem, 0x4000_0000).unwrap().descriptor;
         assert_eq!(Stage2 { fwb: true }.decode(d).unwrap().1, Permissions::RO);
     }
 

@@ -3,6 +3,10 @@
 //! with the attribute the guest's stage 2 gives it. The hypervisor keeps no other mapping of
 //! guest RAM once the guest runs, so it never holds a cacheable alias of a non-cacheable page
 //! (invariant I1). Each CPU owns its window, so no other CPU can remap it mid-operation.
+//!
+//! A window writes its table through table memory of its own, so mapping it needs `&mut` of the
+//! window alone: a CPU that only reads the guest's stage 2 (under the attribute manager's
+//! shared lock) never needs write access to the guest's tables to use its window.
 
 use crate::maintenance::{Arch, TableWrite};
 use crate::pagetable::{
@@ -15,22 +19,24 @@ pub const WINDOW_PAGES: u64 = 512;
 /// page, so the TLBI count stays constant for large operations.
 pub const WINDOW_TLBI_THRESHOLD: u64 = 16;
 
-/// One CPU's window.
+/// One CPU's window, writing its table through `M`.
 #[derive(Debug)]
-pub struct Window {
+pub struct Window<M: TableMemory> {
     va: u64,
     table: u64,
     mapped: u64,
+    memory: M,
 }
 
-impl Window {
+impl<M: TableMemory> Window<M> {
     /// A window at EL2 address `va` (2 MiB-aligned) whose level-3 table, already linked into
-    /// the EL2 map, is at physical address `table`.
-    pub const fn new(va: u64, table: u64) -> Self {
+    /// the EL2 map, is at physical address `table` in `memory`.
+    pub const fn new(va: u64, table: u64, memory: M) -> Self {
         Self {
             va,
             table,
             mapped: 0,
+            memory,
         }
     }
 
@@ -43,14 +49,12 @@ impl Window {
     /// `non_cacheable(i)`. Returns the VA of `pa`. The window must be empty.
     pub fn map(
         &mut self,
-        memory: &mut impl TableMemory,
         arch: &mut impl Arch,
         pa: u64,
         pages: u64,
         non_cacheable: impl Fn(u64) -> bool,
     ) -> u64 {
         debug_assert!(self.mapped == 0 && pages <= WINDOW_PAGES && pa.is_multiple_of(PAGE_SIZE));
-        let table = memory.table(self.table);
         let mut all_nc = true;
         for i in 0..pages {
             let nc = non_cacheable(i);
@@ -60,10 +64,14 @@ impl Window {
             } else {
                 MemoryType::NormalWriteBack
             };
-            table[i as usize] = (pa + i * PAGE_SIZE)
-                | El2.leaf_attributes(memory_type, Permissions::RW)
-                | TABLE_OR_PAGE
-                | VALID;
+            self.memory.set_entry(
+                self.table,
+                i as usize,
+                (pa + i * PAGE_SIZE)
+                    | El2.leaf_attributes(memory_type, Permissions::RW)
+                    | TABLE_OR_PAGE
+                    | VALID,
+            );
         }
         self.mapped = pages;
         arch.table_write(TableWrite::WindowMap {
@@ -79,14 +87,14 @@ impl Window {
     }
 
     /// Unmaps whatever is mapped and removes it from every TLB.
-    pub fn unmap(&mut self, memory: &mut impl TableMemory, arch: &mut impl Arch) {
+    pub fn unmap(&mut self, arch: &mut impl Arch) {
         let pages = core::mem::take(&mut self.mapped);
         if pages == 0 {
             return;
         }
         // A plain loop: for the usual few entries it is cheaper than a `memset` call.
-        for entry in &mut memory.table(self.table)[..pages as usize] {
-            *entry = 0;
+        for index in 0..pages as usize {
+            self.memory.set_entry(self.table, index, 0);
         }
         arch.table_write(TableWrite::WindowUnmap { va: self.va, pages });
         arch.dsb_ishst();

@@ -51,8 +51,11 @@ impl TableMemory for Tables {
         self.0.push(Box::new([0; ENTRIES]));
         Some(TABLE_BASE + (self.0.len() as u64 - 1) * PAGE_SIZE)
     }
-    fn table(&mut self, pa: u64) -> &mut Table {
-        &mut self.0[((pa - TABLE_BASE) / PAGE_SIZE) as usize]
+    fn entry(&self, table: u64, index: usize) -> u64 {
+        self.0[((table - TABLE_BASE) / PAGE_SIZE) as usize][index]
+    }
+    fn set_entry(&mut self, table: u64, index: usize, value: u64) {
+        self.0[((table - TABLE_BASE) / PAGE_SIZE) as usize][index] = value;
     }
 }
 
@@ -103,8 +106,9 @@ fn run(seed: u64, deadline: Instant) -> u64 {
         hyp_core::geometry::Geometry::for_cpu(if seed & 4 == 0 { 4 } else { 2 }).unwrap();
     let mut manager = AttributeManager::new(&mut tables, seed & 2 == 0, RAM, &geometry).unwrap();
     manager.map_mmio(&mut tables, 0x0900_0000, 0x1000).unwrap();
-    let window_table = tables.allocate().unwrap();
-    let mut window = Window::new(0x7f00_0000_0000, window_table);
+    let mut window_tables = Tables(Vec::new());
+    let window_table = window_tables.allocate().unwrap();
+    let mut window = Window::new(0x7f00_0000_0000, window_table, window_tables);
     let mut arch = Recorder::new();
     let mut iterations = 0;
     let functions = [
@@ -158,13 +162,12 @@ fn run(seed: u64, deadline: Instant) -> u64 {
                 }
             }
             Call::MemGetAttr { ipa } => {
-                let _ = manager.get(&mut tables, ipa);
+                let _ = manager.get(&tables, ipa);
             }
             Call::CacheOp { address, size, op } => {
                 if let Ok(request) = requests::cache_request(op) {
                     if !request.by_va {
                         if let Ok(p) = manager.cache_operation(
-                            &mut tables,
                             &mut arch,
                             &mut window,
                             address,
@@ -202,7 +205,7 @@ fn run(seed: u64, deadline: Instant) -> u64 {
             }
             _ => {}
         }
-        if let Err(problem) = manager.check_invariants(&mut tables, &window) {
+        if let Err(problem) = manager.check_invariants(&tables, &window) {
             panic!("seed {seed:#x}, iteration {iterations}: {problem}");
         }
     }

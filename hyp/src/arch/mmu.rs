@@ -6,7 +6,7 @@ use super::{dsb_sy, invalidate_range, isb};
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::pagetable::{
-    El2, MapError, MemoryType, PageTable, Permissions, Table, TableMemory, PAGE_SIZE,
+    El2, MapError, MemoryType, PageTable, Permissions, TableMemory, ENTRIES, PAGE_SIZE,
 };
 use hyp_core::window::{Window, WINDOW_PAGES};
 
@@ -22,6 +22,24 @@ const SCTLR_EL2_ON: u64 = SCTLR_EL2_RES1 | 1 << 0 | 1 << 2 | 1 << 3 | 1 << 12;
 /// assembly with their MMU still off (so the boot CPU cleans them to the point of coherency).
 #[unsafe(no_mangle)]
 static SECONDARY_MMU: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// The entry `index` of the table at `table`, as an atomic: tables are read by other CPUs and
+/// by the hardware walker while they are written, so each entry is accessed with one 64-bit
+/// load or store, and no reference to a whole table (let alone a `&mut`) is ever made.
+/// Relaxed ordering suffices: the barriers the stage-2 engine issues (DSB) order the writes
+/// for the walker, and the attribute lock orders them between CPUs.
+///
+/// # Safety
+/// `table` must be the address of a live table (4 KiB-aligned, identity-mapped, or accessed
+/// with the MMU off) that no code accesses other than through these atomics, and `index` must be
+/// below [`ENTRIES`].
+unsafe fn entry_at<'a>(table: u64, index: usize) -> &'a AtomicU64 {
+    debug_assert!(index < ENTRIES && table.is_multiple_of(PAGE_SIZE));
+    let pointer = (table as *mut u64).wrapping_add(index);
+    // SAFETY: the caller guarantees `pointer` is an aligned entry of a live table that is only
+    // ever accessed atomically.
+    unsafe { AtomicU64::from_ptr(pointer) }
+}
 
 /// Table memory between two linker symbols, handed out front to back. Used before the MMU (and
 /// hence the heap) is on.
@@ -58,18 +76,29 @@ impl TableMemory for BootTables {
         }
         let pa = self.next;
         self.next += PAGE_SIZE;
-        self.table(pa).fill(0);
+        for index in 0..ENTRIES {
+            self.set_entry(pa, index, 0);
+        }
         Some(pa)
     }
 
-    fn table(&mut self, pa: u64) -> &mut Table {
-        // SAFETY: `pa` was handed out by `allocate` from the linker-reserved region, which only
-        // this allocator uses; VA == PA with the MMU off and under the identity map.
-        unsafe { &mut *(pa as *mut Table) }
+    fn entry(&self, table: u64, index: usize) -> u64 {
+        // SAFETY: `table` was handed out by `allocate` from the linker-reserved region, which
+        // only this allocator uses; VA == PA with the MMU off and under the identity map.
+        unsafe { entry_at(table, index) }.load(Ordering::Relaxed)
+    }
+
+    fn set_entry(&mut self, table: u64, index: usize, value: u64) {
+        // SAFETY: as in `entry`.
+        unsafe { entry_at(table, index) }.store(value, Ordering::Relaxed)
     }
 }
 
-/// Table memory from the heap (after the MMU is on).
+/// Table memory from the heap (after the MMU is on). It holds nothing: each entry is read or
+/// written where it lies, atomically, so CPUs that share the attribute lock can read the same
+/// tables at once with `&HeapTables`, and a writer, which holds the lock alone, edits them with
+/// `&mut HeapTables`. Entries of the boot tables (a CPU's window) are reached the same way.
+#[derive(Debug)]
 pub struct HeapTables;
 
 impl TableMemory for HeapTables {
@@ -81,10 +110,16 @@ impl TableMemory for HeapTables {
         (!ptr.is_null()).then_some(ptr as u64)
     }
 
-    fn table(&mut self, pa: u64) -> &mut Table {
-        // SAFETY: `pa` came from `allocate` (a live heap block of table size, not yet freed) and
-        // the hypervisor's map is the identity.
-        unsafe { &mut *(pa as *mut Table) }
+    fn entry(&self, table: u64, index: usize) -> u64 {
+        // SAFETY: `table` came from `allocate` (a live heap block of table size, not yet freed)
+        // or from the boot tables (never freed), is only accessed through `entry_at`, and the
+        // hypervisor's map is the identity.
+        unsafe { entry_at(table, index) }.load(Ordering::Relaxed)
+    }
+
+    fn set_entry(&mut self, table: u64, index: usize, value: u64) {
+        // SAFETY: as in `entry`.
+        unsafe { entry_at(table, index) }.store(value, Ordering::Relaxed)
     }
 
     fn free(&mut self, pa: u64) {
@@ -242,12 +277,12 @@ pub fn create_windows(
     tables: &mut BootTables,
     map: &mut PageTable<El2>,
     cpus: usize,
-) -> Result<alloc::vec::Vec<Window>, MapError> {
+) -> Result<alloc::vec::Vec<Window<HeapTables>>, MapError> {
     let windows = (0..cpus as u64)
         .map(|i| {
             let va = WINDOW_BASE + i * (WINDOW_PAGES * PAGE_SIZE);
             map.table_at(tables, va, 3)
-                .map(|table| Window::new(va, table))
+                .map(|table| Window::new(va, table, HeapTables))
         })
         .collect();
     super::dsb_ish();
