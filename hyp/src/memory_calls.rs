@@ -310,15 +310,15 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
         request.op
     };
     // By IPA, one record for the range; by VA, one per IPA run touched, so that the record
-    // names the memory maintained (and its VA), not only the VA.
-    if !request.by_va {
-        pieces.push(Piece {
-            va: address,
-            ipa: address,
-            len: done,
-        });
-    }
-    for piece in &pieces {
+    // names the memory maintained (and its VA), not only the VA. (By IPA nothing is collected:
+    // `pieces` never allocates on that path.)
+    let whole = [Piece {
+        va: address,
+        ipa: address,
+        len: done,
+    }];
+    let pieces = if request.by_va { &pieces[..] } else { &whole[..] };
+    for piece in pieces {
         audit(
             current_vcpu(),
             Event::Cmo {
