@@ -13,8 +13,8 @@
 //! guest runs and are streamed when it stops (a loss meanwhile is reported by a STREAM_LOSS
 //! overflow record; see `hyp_core::audit`).
 
-use crate::arch::read_sysreg;
 use crate::guest_memory;
+use aarch64_cpu::registers::{Readable, CNTPCT_EL0};
 use alloc::vec::Vec;
 use hyp_core::audit::{AuditLevel, AuditLog, Event, RING_CAPACITY};
 use stagehand_abi::audit::RECORD_SIZE;
@@ -61,7 +61,7 @@ fn with_audit<R>(f: impl FnOnce(&mut Audit) -> R) -> R {
 }
 
 fn now() -> u64 {
-    read_sysreg!("cntpct_el0")
+    CNTPCT_EL0.get()
 }
 
 /// Sets the level from the configuration and says whether the UART is shared with the guest.

@@ -4,7 +4,8 @@
 //! what could point the GIC at memory, and sets up each CPU's EL2 view of the CPU interface.
 
 use crate::arch::mmu::HeapTables;
-use crate::arch::{recover, write_sysreg};
+use crate::arch::recover;
+use aarch64_cpu::registers::{Writeable, ICC_SRE_EL2};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use hyp_core::attributes::AttributeManager;
@@ -154,9 +155,14 @@ impl InterruptController for GicV3 {
 
     fn configure_cpu(&self, id: &IdRegisters) {
         if id.has_gic_system_registers() {
-            // ICC_SRE_EL2: SRE, DFB, DIB, Enable (EL1 may use the system-register interface).
-            // UNDEFINED on a CPU without it.
-            write_sysreg!("s3_4_c12_c9_5", 0xf);
+            // EL1 may use the system-register interface (Enable), which is on at EL2 (SRE) with
+            // IRQ and FIQ bypass off (DIB, DFB). UNDEFINED on a CPU without it.
+            ICC_SRE_EL2.write(
+                ICC_SRE_EL2::SRE::SET
+                    + ICC_SRE_EL2::DFB::SET
+                    + ICC_SRE_EL2::DIB::SET
+                    + ICC_SRE_EL2::ENABLE::SET,
+            );
         }
     }
 }

@@ -3,12 +3,13 @@
 //! attribute manager shared (queries, cache operations) or alone (attribute changes) and this
 //! CPU's window, and audits exactly one record per call, refusals included.
 
+use crate::arch;
 use crate::arch::cpu::Cpu;
 use crate::arch::mmu::HeapTables;
-use crate::arch::{self, read_sysreg};
 use crate::guest_memory;
 use crate::trap::current_vcpu;
 use crate::vm::{audit, vm};
+use aarch64_cpu::registers::{Readable, SCTLR_EL1};
 use hyp_core::attributes::{self, Attribute, AttributeManager, CacheProgress};
 use hyp_core::audit::{Event, Maintenance};
 use hyp_core::maintenance::CacheOp;
@@ -148,7 +149,7 @@ pub fn query_va(va: u64, access: u64) -> Reply {
         Err(error) => return refused(function::MEM_QUERY_VA, error, va, 0),
     };
     let vm = vm();
-    let mmu_on = read_sysreg!("sctlr_el1") & 1 != 0;
+    let mmu_on = SCTLR_EL1.is_set(SCTLR_EL1::M);
     let (ipa, stage1) = if mmu_on {
         // A walk that took an external abort (tables in MMIO) is a translation that failed.
         match arch::translate_guest_va(va, false, write).map(requests::par) {
@@ -186,7 +187,7 @@ pub fn query_va(va: u64, access: u64) -> Reply {
 /// bytes long.
 fn va_run(va: u64, limit: u64) -> Result<(u64, u64), Status> {
     let translate = |va: u64| -> Result<u64, Status> {
-        if read_sysreg!("sctlr_el1") & 1 == 0 {
+        if !SCTLR_EL1.is_set(SCTLR_EL1::M) {
             return Ok(va);
         }
         match arch::translate_guest_va(va, false, false).map(requests::par) {

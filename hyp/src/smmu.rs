@@ -16,10 +16,11 @@
 //! The encodings (STE, commands, event records, queue arithmetic) are portable and host-tested
 //! in `stagehand_platform::smmuv3`; this file only moves them to and from memory and registers.
 
+use crate::arch;
 use crate::arch::cpu::Cpu;
 use crate::arch::mmu::HeapTables;
-use crate::arch::{self, read_sysreg};
 use crate::vm::Vm;
+use aarch64_cpu::registers::{CNTFRQ_EL0, CNTPCT_EL0, TPIDR_EL2};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -199,14 +200,14 @@ unsafe fn registers_at(base: u64) -> Registers {
 
 /// Counter ticks in `millis` milliseconds.
 fn ticks(millis: u64) -> u64 {
-    read_sysreg!("cntfrq_el0") * millis / 1000
+    CNTFRQ_EL0.get() * millis / 1000
 }
 
 /// Polls `done` for up to 100 ms of counter time.
 fn wait_for(what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), SmmuError> {
-    let deadline = read_sysreg!("cntpct_el0") + ticks(100);
+    let deadline = CNTPCT_EL0.get() + ticks(100);
     while !done() {
-        if read_sysreg!("cntpct_el0") > deadline {
+        if CNTPCT_EL0.get() > deadline {
             return Err(SmmuError::Timeout(what));
         }
         core::hint::spin_loop();
@@ -641,7 +642,7 @@ impl Smmu {
 
 /// The vCPU this CPU runs (set when the guest was entered on it; 0 before).
 fn current_vcpu() -> usize {
-    read_sysreg!("tpidr_el2") as usize
+    TPIDR_EL2.get() as usize
 }
 
 /// Audits one collapsed group of fault events.

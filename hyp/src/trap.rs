@@ -3,11 +3,15 @@
 //! decisions (PSCI state, GIC filtering, abort injection) are made in `hyp_core`.
 
 use crate::arch::vectors::{el2_vectors, TrapFrame, Vector};
-use crate::arch::{self, entry::secondary_entry, read_sysreg, recover, write_sysreg};
+use crate::arch::{self, entry::secondary_entry, recover};
 use crate::console::{self, LineBuffer};
 use crate::exit;
 use crate::vm::{audit, vm, Vm};
 use crate::{dma_calls, memory_calls};
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTFRQ_EL0, CNTPCT_EL0, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2,
+    HPFAR_EL2, SCTLR_EL1, SPSR_EL1, TPIDR_EL2, VBAR_EL1, VBAR_EL2,
+};
 use core::fmt::Write;
 use core::sync::atomic::Ordering;
 use hyp_core::audit::{Event, StopReason};
@@ -25,13 +29,13 @@ use stagehand_abi::{exit_status, feature, Status};
 pub unsafe fn install_vectors() {
     // SAFETY: taking the address of the vector table reads nothing.
     let vectors = unsafe { &el2_vectors as *const u8 as u64 };
-    write_sysreg!("vbar_el2", vectors);
+    VBAR_EL2.set(vectors);
     arch::isb();
 }
 
 /// The vCPU (and physical CPU) this code runs on.
 pub fn current_vcpu() -> usize {
-    read_sysreg!("tpidr_el2") as usize
+    TPIDR_EL2.get() as usize
 }
 
 /// Called from the vectors with the saved frame.
@@ -42,7 +46,7 @@ extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
         Vector::El2Sync => match recover::resume_address(frame.elr) {
             // An access made on the guest's behalf (emulated MMIO, an AT walk through the
             // guest's tables) took an abort: the caller gets an error instead.
-            Some(resume) if is_data_abort_at_el2(read_sysreg!("esr_el2")) => {
+            Some(resume) if is_data_abort_at_el2(ESR_EL2.get()) => {
                 frame.x[recover::FLAG_REGISTER] = 1;
                 frame.elr = resume;
             }
@@ -56,7 +60,7 @@ extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
 }
 
 fn guest_sync(frame: &mut TrapFrame) {
-    let esr = read_sysreg!("esr_el2");
+    let esr = ESR_EL2.get();
     match ExceptionClass::from_esr(esr) {
         ExceptionClass::Hvc64 if esr & 0xffff == 0 => smccc(frame),
         ExceptionClass::Hvc64 => {
@@ -78,7 +82,7 @@ fn guest_sync(frame: &mut TrapFrame) {
         ExceptionClass::WaitForInterrupt if esr & 1 == 0 => idle(frame, esr),
         ExceptionClass::DataAbortLower => data_abort(frame, esr),
         ExceptionClass::InstructionAbortLower => {
-            let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
+            let ipa = esr::fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
             if !retry_if_breaking(ipa) {
                 inject_abort(frame, Access::Fetch, ipa);
             }
@@ -259,11 +263,11 @@ fn cpu_on(vm: &Vm, target: u64, entry: u64, context: u64) -> Result<(), PsciErro
     let start = secondary_entry as *const () as u64;
     // A CPU that has just turned itself off may not be off in the firmware yet (the guest can
     // see AFFINITY_INFO = OFF first): keep asking for up to 100 ms of counter time.
-    let deadline = read_sysreg!("cntpct_el0") + read_sysreg!("cntfrq_el0") / 10;
+    let deadline = CNTPCT_EL0.get() + CNTFRQ_EL0.get() / 10;
     loop {
         match smccc::psci::cpu_on::<smccc::Smc>(vm.power.mpidr(index), start, index as u64) {
             Ok(()) => return Ok(()),
-            Err(smccc::psci::Error::AlreadyOn) if read_sysreg!("cntpct_el0") < deadline => {
+            Err(smccc::psci::Error::AlreadyOn) if CNTPCT_EL0.get() < deadline => {
                 core::hint::spin_loop()
             }
             Err(error) => {
@@ -294,7 +298,7 @@ fn cpu_off(vm: &Vm, vcpu: usize) -> [u64; 4] {
 }
 
 fn data_abort(frame: &mut TrapFrame, esr: u64) {
-    let ipa = esr::fault_ipa(read_sysreg!("hpfar_el2"), read_sysreg!("far_el2"));
+    let ipa = esr::fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
     let abort = DataAbort::from_esr(esr);
     let vm = vm();
     let redistributor = vm.gic.trapped_offset(ipa);
@@ -385,12 +389,12 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
             frame.x[register] = value;
         }
     }
-    frame.elr += instruction_length(read_sysreg!("esr_el2"));
+    frame.elr += instruction_length(ESR_EL2.get());
 }
 
 /// Bytes of the trapped instruction: ESR.IL is 0 for a 16-bit T32 instruction (AArch32 EL0).
 fn instruction_length(esr: u64) -> u64 {
-    if esr & (1 << 25) != 0 {
+    if ESR_EL2::IL.is_set(esr) {
         4
     } else {
         2
@@ -402,8 +406,8 @@ fn guest_context(frame: &TrapFrame) -> GuestContext {
     GuestContext {
         spsr: frame.spsr,
         elr: frame.elr,
-        vbar: read_sysreg!("vbar_el1"),
-        sctlr: read_sysreg!("sctlr_el1"),
+        vbar: VBAR_EL1.get(),
+        sctlr: SCTLR_EL1.get(),
     }
 }
 
@@ -417,17 +421,17 @@ fn deliver(frame: &mut TrapFrame, injection: inject::Injection) {
         let _ = write!(why, "{undeliverable}");
         stop_guest(frame, why.as_str());
     }
-    write_sysreg!("elr_el1", injection.elr_el1);
-    write_sysreg!("spsr_el1", injection.spsr_el1);
-    write_sysreg!("esr_el1", injection.esr_el1);
-    write_sysreg!("far_el1", injection.far_el1);
+    ELR_EL1.set(injection.elr_el1);
+    SPSR_EL1.set(injection.spsr_el1);
+    ESR_EL1.set(injection.esr_el1);
+    FAR_EL1.set(injection.far_el1);
     frame.elr = injection.elr_el2;
     frame.spsr = injection.spsr_el2;
 }
 
 /// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
 fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
-    let far = read_sysreg!("far_el2");
+    let far = FAR_EL2.get();
     audit(current_vcpu(), Event::Stage2Fault { ipa, access });
     deliver(
         frame,
@@ -437,21 +441,21 @@ fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
 
 /// Gives the guest an UNDEF for a trapped instruction the hypervisor does not emulate.
 fn inject_undefined(frame: &mut TrapFrame, esr: u64) {
-    let far = read_sysreg!("far_el1");
+    let far = FAR_EL1.get();
     audit(current_vcpu(), Event::Undefined { esr });
     deliver(frame, inject::undefined(&guest_context(frame), far));
 }
 
 fn report(frame: &TrapFrame, title: &str) {
-    let esr = read_sysreg!("esr_el2");
+    let esr = ESR_EL2.get();
     let mut line = LineBuffer::new();
     let _ = write!(
         line,
         "\n[stagehand FATAL] {title} on CPU {:#x}\n  {}\n  FAR {:#x}  HPFAR {:#x}  ELR {:#x}  SPSR {:#x}\n",
         arch::mpidr() & 0xff_ffff,
         Syndrome(esr),
-        read_sysreg!("far_el2"),
-        read_sysreg!("hpfar_el2"),
+        FAR_EL2.get(),
+        HPFAR_EL2.get(),
         frame.elr,
         frame.spsr,
     );

@@ -2,14 +2,24 @@
 //! device tree) and entering it on each CPU. After [`build`] the VM description is read-only
 //! except for atomics (power states, pending CPU_ON requests).
 
+use crate::arch;
 use crate::arch::entry::{MAX_CPUS, STACK_SIZE};
 use crate::arch::mmu::HeapTables;
+use crate::arch::sysreg::{
+    CPTR_EL2, CPTR_EL2_RES1, HCRX_EL2, HSTR_EL2, ID_AA64ISAR2_EL1, ID_AA64MMFR3_EL1, PMCR_EL0,
+    SCTLR_EL1_RES1, SMCR_EL2, VPIDR_EL2, ZCR_EL2,
+};
 use crate::arch::vectors::{enter_guest, TrapFrame};
-use crate::arch::{self, read_sysreg, write_sysreg};
 use crate::fw_cfg::{FwCfg, FwCfgError};
 use crate::gic::InterruptController;
 use crate::guest_memory;
 use crate::{console, exit, QEMU_DTB};
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, HAFGRTR_EL2, HCR_EL2, HDFGRTR_EL2, HDFGWTR_EL2,
+    HFGITR_EL2, HFGRTR_EL2, HFGWTR_EL2, ID_AA64DFR0_EL1, ID_AA64ISAR1_EL1, ID_AA64MMFR0_EL1,
+    ID_AA64MMFR1_EL1, ID_AA64MMFR2_EL1, ID_AA64PFR0_EL1, ID_AA64PFR1_EL1, MDCR_EL2, MIDR_EL1,
+    MPIDR_EL1, SCTLR_EL1, SPSR_EL2, TPIDR_EL2, VMPIDR_EL2, VTCR_EL2, VTTBR_EL2,
+};
 use alloc::boxed::Box;
 use alloc::format;
 use alloc::string::String;
@@ -33,10 +43,6 @@ use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
 
 /// VMID of the one guest.
 const VMID: u64 = 1;
-/// SCTLR_EL1 a guest starts with: RES1 bits, MMU and caches off.
-const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
-/// PSTATE a guest starts with: EL1h, D, A, I, F masked.
-const SPSR_EL1H_MASKED: u64 = 0x3c5;
 
 /// Everything the traps need to know about the VM.
 pub struct Vm {
@@ -184,8 +190,8 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
     let ram =
         layout::guest_ram(bank.base, bank.size, config.ram_size).map_err(BuildError::Layout)?;
     let fwb = config.fwb && cpu_has_fwb();
-    let geometry =
-        Geometry::for_cpu(read_sysreg!("id_aa64mmfr0_el1") & 0xf).map_err(BuildError::Geometry)?;
+    let geometry = Geometry::for_cpu(ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange))
+        .map_err(BuildError::Geometry)?;
     if !geometry.contains(ram.ipa, ram.size) {
         return Err(BuildError::RamBeyondIpaSpace(geometry.ipa_bits));
     }
@@ -283,7 +289,7 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
         hcr: hcr_value(fwb),
         vtcr: geometry.vtcr(),
         geometry,
-        vttbr: VMID << 48 | root,
+        vttbr: (VTTBR_EL2::VMID.val(VMID) + VTTBR_EL2::BADDR.val(root >> 1)).value,
         fwb,
         gic,
         dcache_line: arch::dcache_line_size(),
@@ -410,7 +416,7 @@ fn load_kernel(
 }
 
 fn cpu_has_fwb() -> bool {
-    (read_sysreg!("id_aa64mmfr2_el1") >> 40) & 0xf != 0
+    ID_AA64MMFR2_EL1.read(ID_AA64MMFR2_EL1::FWB) != 0
 }
 
 /// HCR_EL2 for the guest: AArch64 EL1 (RW), stage 2 on (VM), SMC trapped (TSC), WFI trapped
@@ -419,48 +425,48 @@ fn cpu_has_fwb() -> bool {
 /// SCXTNUM left to the guest where the CPU has them, FWB when chosen. Interrupts are not routed to EL2: the GIC
 /// is the guest's.
 fn hcr_value(fwb: bool) -> u64 {
-    const VM: u64 = 1 << 0;
-    const SWIO: u64 = 1 << 1;
-    const TWI: u64 = 1 << 13;
-    const TSC: u64 = 1 << 19;
-    const RW: u64 = 1 << 31;
-    const APK: u64 = 1 << 40;
-    const API: u64 = 1 << 41;
-    const FWB: u64 = 1 << 46;
-    const ATA: u64 = 1 << 56;
-    let isar1 = read_sysreg!("id_aa64isar1_el1");
-    let isar2 = read_sysreg!("id_aa64isar2_el1");
-    let has_pauth =
-        (isar1 >> 4) & 0xff != 0 || (isar1 >> 24) & 0xff != 0 || (isar2 >> 8) & 0xff != 0;
-    let has_mte2 = (read_sysreg!("id_aa64pfr1_el1") >> 8) & 0xf >= 2;
+    let isar1 = ID_AA64ISAR1_EL1.extract();
+    let isar2 = ID_AA64ISAR2_EL1.extract();
+    let has_pauth = isar1.read(ID_AA64ISAR1_EL1::APA) != 0
+        || isar1.read(ID_AA64ISAR1_EL1::API) != 0
+        || isar1.read(ID_AA64ISAR1_EL1::GPA) != 0
+        || isar1.read(ID_AA64ISAR1_EL1::GPI) != 0
+        || isar2.read(ID_AA64ISAR2_EL1::APA3) != 0
+        || isar2.read(ID_AA64ISAR2_EL1::GPA3) != 0;
+    let has_mte2 = ID_AA64PFR1_EL1.read(ID_AA64PFR1_EL1::MTE) >= 2;
     // TWI: the guest's idle time is when the hypervisor streams its audit log and drains SMMU
     // events (see `trap::idle`).
-    let mut hcr = VM | SWIO | TSC | RW | TWI;
+    let mut hcr = HCR_EL2::VM::Enable
+        + HCR_EL2::SWIO::SET
+        + HCR_EL2::TSC::EnableTrapEl1SmcToEl2
+        + HCR_EL2::RW::EL1IsAarch64
+        + HCR_EL2::TWI::SET;
     if id_registers().has_scxtnum() {
-        hcr |= traps::HCR_ENSCXT; // SCXTNUM_EL0/EL1 are the guest's, as without EL2
+        hcr += HCR_EL2::EnSCXT::SET; // SCXTNUM_EL0/EL1 are the guest's, as without EL2
     }
     if has_pauth {
-        hcr |= APK | API;
+        hcr += HCR_EL2::APK::DisableTrapPointerAuthKeyRegsToEl2
+            + HCR_EL2::API::DisableTrapPointerAuthInstToEl2;
     }
     if has_mte2 {
-        hcr |= ATA;
+        hcr += HCR_EL2::ATA::SET;
     }
     if fwb {
-        hcr |= FWB;
+        hcr += HCR_EL2::FWB::Enabled;
     }
-    hcr
+    hcr.value
 }
 
 /// The ID registers the EL2 trap controls depend on.
 fn id_registers() -> IdRegisters {
     IdRegisters {
-        pfr0: read_sysreg!("id_aa64pfr0_el1"),
-        pfr1: read_sysreg!("id_aa64pfr1_el1"),
-        dfr0: read_sysreg!("id_aa64dfr0_el1"),
-        mmfr0: read_sysreg!("id_aa64mmfr0_el1"),
-        mmfr1: read_sysreg!("id_aa64mmfr1_el1"),
-        mmfr3: read_sysreg!("s3_0_c0_c7_3"), // ID_AA64MMFR3_EL1 (reads 0 before it existed)
-        isar2: read_sysreg!("id_aa64isar2_el1"),
+        pfr0: ID_AA64PFR0_EL1.get(),
+        pfr1: ID_AA64PFR1_EL1.get(),
+        dfr0: ID_AA64DFR0_EL1.get(),
+        mmfr0: ID_AA64MMFR0_EL1.get(),
+        mmfr1: ID_AA64MMFR1_EL1.get(),
+        mmfr3: ID_AA64MMFR3_EL1.get(),
+        isar2: ID_AA64ISAR2_EL1.get(),
     }
 }
 
@@ -469,54 +475,60 @@ fn id_registers() -> IdRegisters {
 /// `hyp_core::traps`).
 fn configure_cpu(vm: &Vm, vcpu: usize) {
     let id = id_registers();
-    // CPTR_EL2 (non-VHE): RES1 bits 13, 9, 7:0, and 12/8 when SME/SVE are absent; no FP, SVE or
-    // SME traps: the guest owns those registers on its pinned CPU, and EL2 never uses them.
-    let mut cptr: u64 = 0x33ff;
-    if id.has_sve() {
-        cptr &= !(1 << 8);
-    }
-    if id.has_sme() {
-        cptr &= !(1 << 12);
-    }
-    write_sysreg!("cptr_el2", cptr);
+    // No FP, SVE or SME traps: the guest owns those registers on its pinned CPU, and EL2 never
+    // uses them. TZ and TSM are RES1 when SVE and SME are absent.
+    let res1_if_absent = |present: bool| u64::from(!present);
+    CPTR_EL2.write(
+        CPTR_EL2_RES1
+            + CPTR_EL2::TFP::CLEAR
+            + CPTR_EL2::TZ.val(res1_if_absent(id.has_sve()))
+            + CPTR_EL2::TSM.val(res1_if_absent(id.has_sme())),
+    );
     arch::isb();
     if id.has_sve() {
-        write_sysreg!("s3_4_c1_c2_0", 0xf); // ZCR_EL2.LEN: the largest vector length
+        ZCR_EL2.write(ZCR_EL2::LEN::Largest);
     }
     if id.has_sme() {
-        write_sysreg!("s3_4_c1_c2_6", 0xf); // SMCR_EL2.LEN
+        SMCR_EL2.write(SMCR_EL2::LEN::Largest);
     }
     let counters = if id.has_pmu() {
-        (read_sysreg!("pmcr_el0") >> 11) & 0x1f
+        PMCR_EL0.read(PMCR_EL0::N)
     } else {
         0
     };
-    write_sysreg!("mdcr_el2", traps::mdcr(&id, counters));
-    write_sysreg!("hstr_el2", traps::HSTR);
+    MDCR_EL2.set(traps::mdcr(&id, counters));
+    HSTR_EL2.set(traps::HSTR);
     if id.has_fgt() {
         let read_write = traps::fine_grained_read_write_traps(&id);
-        write_sysreg!("s3_4_c1_c1_4", read_write); // HFGRTR_EL2
-        write_sysreg!("s3_4_c1_c1_5", read_write); // HFGWTR_EL2
-        write_sysreg!("s3_4_c1_c1_6", traps::FINE_GRAINED_OTHER_TRAPS); // HFGITR_EL2
-        write_sysreg!("s3_4_c3_c1_4", traps::FINE_GRAINED_OTHER_TRAPS); // HDFGRTR_EL2
-        write_sysreg!("s3_4_c3_c1_5", traps::FINE_GRAINED_OTHER_TRAPS); // HDFGWTR_EL2
+        HFGRTR_EL2.set(read_write);
+        HFGWTR_EL2.set(read_write);
+        HFGITR_EL2.set(traps::FINE_GRAINED_OTHER_TRAPS);
+        HDFGRTR_EL2.set(traps::FINE_GRAINED_OTHER_TRAPS);
+        HDFGWTR_EL2.set(traps::FINE_GRAINED_OTHER_TRAPS);
         if id.has_amu() {
-            write_sysreg!("s3_4_c3_c1_6", traps::FINE_GRAINED_OTHER_TRAPS); // HAFGRTR_EL2
+            HAFGRTR_EL2.set(traps::FINE_GRAINED_OTHER_TRAPS);
         }
     }
     if id.has_hcx() {
-        write_sysreg!("s3_4_c1_c2_2", traps::hcrx(&id)); // HCRX_EL2
+        HCRX_EL2.set(traps::hcrx(&id));
     }
-    write_sysreg!("hcr_el2", vm.hcr);
-    write_sysreg!("vtcr_el2", vm.vtcr);
-    write_sysreg!("vttbr_el2", vm.vttbr);
-    write_sysreg!("cnthctl_el2", 0b11); // EL1 may use the physical counter and timer
-    write_sysreg!("cntvoff_el2", 0);
-    write_sysreg!("vpidr_el2", read_sysreg!("midr_el1"));
-    write_sysreg!("vmpidr_el2", read_sysreg!("mpidr_el1"));
+    HCR_EL2.set(vm.hcr);
+    VTCR_EL2.set(vm.vtcr);
+    VTTBR_EL2.set(vm.vttbr);
+    // EL1 may use the physical counter and timer.
+    CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCTEN::SET + CNTHCTL_EL2::EL1PCEN::SET);
+    CNTVOFF_EL2.set(0);
+    VPIDR_EL2.set(MIDR_EL1.get());
+    VMPIDR_EL2.set(MPIDR_EL1.get());
     vm.gic.configure_cpu(&id);
-    write_sysreg!("tpidr_el2", vcpu as u64);
-    write_sysreg!("sctlr_el1", SCTLR_EL1_RESET);
+    TPIDR_EL2.set(vcpu as u64);
+    // The guest starts as from reset: MMU and caches off.
+    SCTLR_EL1.write(
+        SCTLR_EL1_RES1
+            + SCTLR_EL1::M::Disable
+            + SCTLR_EL1::C::NonCacheable
+            + SCTLR_EL1::I::NonCacheable,
+    );
     arch::isb();
     // Nothing of this VMID may linger from before (a previous run of this CPU).
     // SAFETY: TLB maintenance only.
@@ -536,7 +548,13 @@ fn enter(vcpu: usize, entry: u64, x0: u64) -> ! {
     let mut frame = TrapFrame::default();
     frame.x[0] = x0;
     frame.elr = entry;
-    frame.spsr = SPSR_EL1H_MASKED;
+    // PSTATE as from reset: EL1h, debug, SError, IRQ and FIQ masked.
+    frame.spsr = (SPSR_EL2::M::EL1h
+        + SPSR_EL2::D::Masked
+        + SPSR_EL2::A::Masked
+        + SPSR_EL2::I::Masked
+        + SPSR_EL2::F::Masked)
+        .value;
     // SAFETY: `configure_cpu` set up EL2 for the guest and the vectors are installed; the stack
     // is this CPU's own.
     unsafe { enter_guest(&frame, stack_top(vcpu)) }

@@ -121,9 +121,6 @@ impl IdRegisters {
     }
 }
 
-/// HCR_EL2.EnSCXT: SCXTNUM_EL0/EL1 do not trap.
-pub const HCR_ENSCXT: u64 = 1 << 53;
-
 /// HFGRTR_EL2 and HFGWTR_EL2 (the same layout for the bits used here): every positive-polarity
 /// trap off (0); the negative-polarity ("n") controls set, which means "do not trap", only for
 /// the features the CPU has (for a feature it lacks the bit is RES0).

@@ -2,7 +2,11 @@
 //! MMIO it drives as Device, nothing else (flash is never mapped). Built by the boot CPU with
 //! the MMU off in tables the linker script reserves, then shared by every CPU.
 
+use super::sysreg::{SCTLR_EL2_RES1, TCR_EL2_RES1};
 use super::{dsb_sy, invalidate_range, isb};
+use aarch64_cpu::registers::{
+    Readable, Writeable, ID_AA64MMFR0_EL1, MAIR_EL2, SCTLR_EL2, TCR_EL2, TTBR0_EL2,
+};
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hyp_core::pagetable::{
@@ -12,11 +16,6 @@ use hyp_core::window::{Window, WINDOW_PAGES};
 
 /// EL2 virtual-address bits (T0SZ = 16): a level-0 walk covering every PA QEMU virt uses.
 const VA_BITS: u32 = 48;
-
-/// SCTLR_EL2 (non-VHE): RES1 bits, then M (MMU), C (data cache), SA (stack alignment check),
-/// I (instruction cache).
-const SCTLR_EL2_RES1: u64 = 0x30c5_0830;
-const SCTLR_EL2_ON: u64 = SCTLR_EL2_RES1 | 1 << 0 | 1 << 2 | 1 << 3 | 1 << 12;
 
 /// MAIR, TCR, TTBR0 and SCTLR for EL2, published for secondary CPUs, which load them in
 /// assembly with their MMU still off (so the boot CPU cleans them to the point of coherency).
@@ -174,15 +173,23 @@ pub fn build(
 /// # Safety
 /// `map` must identity-map all code, data and stacks of the hypervisor, and the MMU must be off.
 pub unsafe fn enable(map: &PageTable<El2>) {
-    let parange = {
-        let v: u64;
-        // SAFETY: reading an ID register has no side effects.
-        unsafe { asm!("mrs {}, id_aa64mmfr0_el1", out(reg) v, options(nomem, nostack)) };
-        (v & 0xf).min(5)
-    };
-    let tcr =
-        (64 - VA_BITS as u64) | 1 << 8 | 1 << 10 | 3 << 12 | parange << 16 | 1 << 23 | 1 << 31;
-    let values = [El2::MAIR, tcr, map.root(), SCTLR_EL2_ON];
+    // The output size is the CPU's PA size, at most 48 bits (52 would need another format).
+    let parange = ID_AA64MMFR0_EL1
+        .read(ID_AA64MMFR0_EL1::PARange)
+        .min(TCR_EL2::PS::Value::Bits_48 as u64);
+    let tcr = TCR_EL2_RES1
+        + TCR_EL2::T0SZ.val(64 - VA_BITS as u64)
+        + TCR_EL2::IRGN0::WriteBack_ReadAlloc_WriteAlloc_Cacheable
+        + TCR_EL2::ORGN0::WriteBack_ReadAlloc_WriteAlloc_Cacheable
+        + TCR_EL2::SH0::Inner
+        + TCR_EL2::TG0::KiB_4
+        + TCR_EL2::PS.val(parange);
+    let sctlr = SCTLR_EL2_RES1
+        + SCTLR_EL2::M::Enable
+        + SCTLR_EL2::C::Cacheable
+        + SCTLR_EL2::SA::Enable
+        + SCTLR_EL2::I::Cacheable;
+    let values = [El2::MAIR, tcr.value, map.root(), sctlr.value];
     for (slot, value) in SECONDARY_MMU.iter().zip(values) {
         slot.store(value, Ordering::Relaxed);
     }
@@ -191,26 +198,19 @@ pub unsafe fn enable(map: &PageTable<El2>) {
     // SAFETY: linker symbols; the range is the hypervisor's own image, tables and stacks.
     let (start, end) = unsafe { (symbol(&__image_start), symbol(&__heap_start)) };
     invalidate_range(start, end - start);
-    // SAFETY: the map covers the hypervisor (caller's contract); the sequence is the
-    // architectural one: registers, ISB, local TLB invalidate, DSB, ISB, then SCTLR.
-    unsafe {
-        asm!(
-            "msr mair_el2, {mair}",
-            "msr tcr_el2, {tcr}",
-            "msr ttbr0_el2, {ttbr}",
-            "isb",
-            "tlbi alle2",
-            "dsb nsh",
-            "isb",
-            "msr sctlr_el2, {sctlr}",
-            "isb",
-            mair = in(reg) values[0],
-            tcr = in(reg) values[1],
-            ttbr = in(reg) values[2],
-            sctlr = in(reg) values[3],
-            options(nostack),
-        );
-    }
+    // The architectural sequence: registers, ISB, local TLB invalidate, DSB, ISB, then SCTLR.
+    // The ISBs (compiler barriers too) keep every memory access of this function on its side
+    // of the MMU switch; the register accesses themselves declare no memory effects.
+    MAIR_EL2.set(El2::MAIR);
+    TCR_EL2.write(tcr);
+    TTBR0_EL2.set(map.root());
+    isb();
+    // SAFETY: TLB maintenance only; nothing is translated by the EL2 regime yet.
+    unsafe { asm!("tlbi alle2", "dsb nsh", options(nostack, preserves_flags)) };
+    isb();
+    // The map covers the hypervisor (caller's contract), so turning it on changes no address.
+    SCTLR_EL2.write(sctlr);
+    isb();
     // Secondary CPUs read the configuration with their MMU off.
     let config = SECONDARY_MMU.as_ptr() as u64;
     super::clean_range(config, core::mem::size_of_val(&SECONDARY_MMU) as u64);

@@ -1,13 +1,18 @@
 //! The thin aarch64 layer: entry code, vectors, the EL2 MMU, and one-instruction wrappers for
 //! barriers, cache and TLB maintenance. Everything here is `unsafe` at its core and small.
+//! System registers are reached through `aarch64-cpu`'s typed registers, or through
+//! [`sysreg`] for those it lacks.
 
 pub mod cpu;
 pub mod entry;
 pub mod mmu;
 pub mod recover;
+pub mod sysreg;
 pub mod vectors;
 
+use aarch64_cpu::registers::{CurrentEL, Readable, Writeable, MPIDR_EL1, PAR_EL1};
 use core::arch::asm;
+use sysreg::CTR_EL0;
 
 /// `DSB SY`: all earlier memory accesses and maintenance complete.
 pub fn dsb_sy() {
@@ -29,10 +34,7 @@ pub fn isb() {
 
 /// The smallest data-cache line, in bytes, from CTR_EL0.DminLine.
 pub fn dcache_line_size() -> u64 {
-    let ctr: u64;
-    // SAFETY: reading CTR_EL0 has no side effects.
-    unsafe { asm!("mrs {}, ctr_el0", out(reg) ctr, options(nomem, nostack, preserves_flags)) };
-    4 << ((ctr >> 16) & 0xf)
+    4 << CTR_EL0.read(CTR_EL0::DminLine)
 }
 
 /// Cleans and invalidates `[start, start + len)` to the point of coherency, by VA, then waits
@@ -104,10 +106,7 @@ pub fn tlbi_vmalls12e1is() {
 
 /// The MPIDR_EL1 of this CPU.
 pub fn mpidr() -> u64 {
-    let v: u64;
-    // SAFETY: reading MPIDR_EL1 has no side effects.
-    unsafe { asm!("mrs {}, mpidr_el1", out(reg) v, options(nomem, nostack, preserves_flags)) };
-    v
+    MPIDR_EL1.get()
 }
 
 /// Waits for an interrupt (WFI): returns when one is pending for this CPU, whatever exception
@@ -120,10 +119,7 @@ pub fn wait_for_interrupt() {
 
 /// The exception level this code runs at (CurrentEL.EL).
 pub fn current_el() -> u64 {
-    let v: u64;
-    // SAFETY: reading CurrentEL has no side effects and is allowed at EL1 and above.
-    unsafe { asm!("mrs {}, currentel", out(reg) v, options(nomem, nostack, preserves_flags)) };
-    (v >> 2) & 0b11
+    CurrentEL.read(CurrentEL::EL)
 }
 
 /// Waits for an event, forever (a CPU with nothing left to do).
@@ -151,28 +147,6 @@ pub unsafe fn mmio_read(pa: u64, width: u8) -> u64 {
     }
 }
 
-/// Reads a system register by name; a macro because the name is part of the instruction.
-macro_rules! read_sysreg {
-    ($name:literal) => {{
-        let value: u64;
-        // SAFETY: reading this system register has no side effects.
-        unsafe { core::arch::asm!(concat!("mrs {}, ", $name), out(reg) value, options(nomem, nostack, preserves_flags)) };
-        value
-    }};
-}
-
-/// Writes a system register by name.
-macro_rules! write_sysreg {
-    ($name:literal, $value:expr) => {{
-        let value: u64 = $value;
-        // SAFETY: callers write EL2 configuration or the guest's EL1 state; the register's
-        // meaning at each call site is documented there.
-        unsafe { core::arch::asm!(concat!("msr ", $name, ", {}"), in(reg) value, options(nostack, preserves_flags)) };
-    }};
-}
-
-pub(crate) use {read_sysreg, write_sysreg};
-
 /// An address translation for the current guest: stage 1 only or both stages, for a read or a
 /// write. Returns PAR_EL1 and restores the guest's own PAR_EL1, which AT overwrites.
 ///
@@ -185,7 +159,7 @@ pub fn translate_guest_va(
     write: bool,
 ) -> Result<u64, recover::ExternalAbort> {
     use recover::Translate;
-    let saved: u64 = read_sysreg!("par_el1");
+    let saved = PAR_EL1.get();
     let kind = match (both_stages, write) {
         (false, false) => Translate::Stage1Read,
         (false, true) => Translate::Stage1Write,
@@ -193,7 +167,7 @@ pub fn translate_guest_va(
         (true, true) => Translate::BothWrite,
     };
     let result = recover::translate(va, kind);
-    let par: u64 = read_sysreg!("par_el1");
-    write_sysreg!("par_el1", saved);
+    let par = PAR_EL1.get();
+    PAR_EL1.set(saved);
     result.map(|()| par)
 }
