@@ -219,6 +219,32 @@ pub mod mair {
     pub const DEVICE_NGNRNE: u64 = 0x00;
 }
 
+/// DMA_MAP x4 (and DMA_MAP_SG x4): the direction of a buffer.
+pub mod dma_direction {
+    /// The device reads and writes.
+    pub const BIDIRECTIONAL: u64 = 0;
+    /// The device reads.
+    pub const TO_DEVICE: u64 = 1;
+    /// The device writes.
+    pub const FROM_DEVICE: u64 = 2;
+}
+
+/// DMA_SYNC x4: whom the buffer is handed to.
+pub mod dma_sync {
+    /// The device has finished: the CPU reads next.
+    pub const FOR_CPU: u64 = 0;
+    /// The CPU has finished: the device reads next.
+    pub const FOR_DEVICE: u64 = 1;
+}
+
+/// DEV_INFO x3 flags.
+pub mod dev_flag {
+    /// The device snoops CPU caches.
+    pub const COHERENT: u64 = 1 << 0;
+    /// The device is in strict mode (it reaches only mapped buffers).
+    pub const STRICT: u64 = 1 << 1;
+}
+
 /// DMA_MAP_SG and DMA_UNMAP_SG (ABI 1.1): the segment layout `{u64 addr, u64 size, u64
 /// handle}` (little endian), the limits of one call and the segment struct itself, shared by
 /// the hypervisor (which parses it) and guest drivers (which fill it in).
