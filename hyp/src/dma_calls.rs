@@ -197,13 +197,23 @@ fn map_buffer(
         }
         stale_runs.extend(stale(&changes));
     }
-    let handle = mappings.insert(Mapping {
+    let handle = match mappings.insert(Mapping {
         stream_id: device.stream_id,
         ipa,
         size,
         direction,
         strict: device.strict,
-    })?;
+    }) {
+        Ok(handle) => handle,
+        Err(error) => {
+            // Not expected (the quota was checked under the same lock).
+            if device.strict {
+                undo_rights(manager, mappings);
+            }
+            manager.unpin(span.ipa, span.size);
+            return Err(error);
+        }
+    };
     let op = if device.coherent {
         None
     } else {
