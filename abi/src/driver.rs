@@ -702,7 +702,14 @@ impl<C: Conduit> Client<C> {
     ) -> Result<DmaMapping, Error> {
         let regs = self.conduit.call(
             function::DMA_MAP,
-            [u64::from(device), range.start, range.size, direction.abi(), 0, 0],
+            [
+                u64::from(device),
+                range.start,
+                range.size,
+                direction.abi(),
+                0,
+                0,
+            ],
         );
         match status_of(&regs)? {
             Status::Success => Ok(DmaMapping {
@@ -743,7 +750,9 @@ impl<C: Conduit> Client<C> {
         } else {
             dma_sync::FOR_CPU
         };
-        let regs = self.conduit.call(function::DMA_SYNC, [handle, offset, size, target, 0, 0]);
+        let regs = self
+            .conduit
+            .call(function::DMA_SYNC, [handle, offset, size, target, 0, 0]);
         match status_of(&regs) {
             Ok(Status::Success) => Ok(true),
             Err(Error::NotRequired) => Ok(false),
@@ -787,10 +796,17 @@ impl<C: Conduit> Client<C> {
     ///
     /// # Errors
     /// As [`Self::dma_map_sg`]; `mapped` counts the segments unmapped.
-    pub fn dma_unmap_sg(&mut self, segments: &mut [Segment], segments_ipa: u64) -> Result<(), SgError> {
+    pub fn dma_unmap_sg(
+        &mut self,
+        segments: &mut [Segment],
+        segments_ipa: u64,
+    ) -> Result<(), SgError> {
         let count = segments.len() as u64;
         self.sg_calls(count, segments.as_mut_ptr(), |conduit, cookie| {
-            conduit.call(function::DMA_UNMAP_SG, [segments_ipa, count, cookie, 0, 0, 0])
+            conduit.call(
+                function::DMA_UNMAP_SG,
+                [segments_ipa, count, cookie, 0, 0, 0],
+            )
         })
     }
 
@@ -1095,10 +1111,16 @@ mod tests {
         assert_eq!(calls.len(), 3);
         let cookies = [calls[0].1[4], calls[1].1[4], calls[2].1[4]];
         assert_eq!(cookies, [0, 2, 4], "cookies");
-        assert_eq!(calls[0], (function::DMA_MAP_SG, [0x10, RAM + 0x1000, 5, 2, 0, 0]));
+        assert_eq!(
+            calls[0],
+            (function::DMA_MAP_SG, [0x10, RAM + 0x1000, 5, 2, 0, 0])
+        );
         let mut client = scatter(2, None);
         client.dma_unmap_sg(&mut segments, RAM + 0x1000).unwrap();
-        assert_eq!(client.conduit().calls[1], (function::DMA_UNMAP_SG, [RAM + 0x1000, 5, 2, 0, 0, 0]));
+        assert_eq!(
+            client.conduit().calls[1],
+            (function::DMA_UNMAP_SG, [RAM + 0x1000, 5, 2, 0, 0, 0])
+        );
         // An error in segment 3: segments 0-2 are mapped.
         let mut client = scatter(2, Some((3, Status::Denied)));
         assert_eq!(
@@ -1118,7 +1140,9 @@ mod tests {
             })
         );
         let mut client = scatter(2, None);
-        client.dma_map_sg(0x10, &mut [], RAM, Direction::ToDevice).unwrap();
+        client
+            .dma_map_sg(0x10, &mut [], RAM, Direction::ToDevice)
+            .unwrap();
         assert_eq!(client.conduit().made, 0);
         // No progress: stalled.
         let mut client = Client::new(Always(regs(Status::Incomplete, 0, 0), 0));

@@ -203,7 +203,10 @@ fn the_header_declares_the_dma_segment_as_the_rust_struct() {
         .map(|decl| decl.split_whitespace().collect::<Vec<_>>().join(" "))
         .filter(|decl| !decl.is_empty())
         .collect();
-    assert_eq!(fields, ["uint64_t addr", "uint64_t size", "uint64_t handle"]);
+    assert_eq!(
+        fields,
+        ["uint64_t addr", "uint64_t size", "uint64_t handle"]
+    );
     assert_eq!(
         std::mem::size_of::<dma_sg::Segment>() as u64,
         dma_sg::SEGMENT_SIZE

@@ -356,7 +356,12 @@ fn revoke(
     let mapping = mappings.get(handle)?;
     let device = smmu::dma_device(mapping.stream_id);
     if mapping.strict {
-        let changes = mappings.revoke(mapping.stream_id, mapping.ipa, mapping.size, mapping.direction);
+        let changes = mappings.revoke(
+            mapping.stream_id,
+            mapping.ipa,
+            mapping.size,
+            mapping.direction,
+        );
         if let Err(error) = smmu::apply_rights(mapping.stream_id, &updates(manager, &changes)) {
             // Rewriting or removing entries allocates nothing: a mismatch the log reports.
             log::error!("DMA_UNMAP of handle {handle}: device tables did not match ({error:?})");
@@ -455,7 +460,10 @@ pub fn sync(handle: u64, offset: u64, size: u64, target: u64) -> Reply {
             size,
         );
     }
-    if offset.checked_add(size).is_none_or(|end| end > mapping.size) {
+    if offset
+        .checked_add(size)
+        .is_none_or(|end| end > mapping.size)
+    {
         return refused(function::DMA_SYNC, Status::OutOfRange, mapping.ipa, size);
     }
     let ipa = mapping.ipa + offset;
@@ -511,7 +519,11 @@ fn read_segment(
 
 /// x1 segments done in all (the next segment's index), x2 the resume cookie (0 when done).
 fn sg_reply(status: Status, next: u64) -> Reply {
-    let cookie = if status == Status::Incomplete { next } else { 0 };
+    let cookie = if status == Status::Incomplete {
+        next
+    } else {
+        0
+    };
     reply(status, next, cookie)
 }
 
@@ -661,14 +673,22 @@ pub fn unmap_sg(array: u64, count: u64, cookie: u64) -> Reply {
                 break;
             }
         };
-        let index = match stale_by_device.iter().position(|(sid, _)| *sid == stream_id) {
+        let index = match stale_by_device
+            .iter()
+            .position(|(sid, _)| *sid == stream_id)
+        {
             Some(index) => index,
             None => {
                 stale_by_device.push((stream_id, Vec::new()));
                 stale_by_device.len() - 1
             }
         };
-        match revoke(&manager, &mut mappings, handle, &mut stale_by_device[index].1) {
+        match revoke(
+            &manager,
+            &mut mappings,
+            handle,
+            &mut stale_by_device[index].1,
+        ) {
             Ok(unmapping) => {
                 budget.charge(unmapping.mapping.size);
                 unmappings.push(unmapping);

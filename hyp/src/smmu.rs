@@ -838,8 +838,12 @@ pub fn apply_rights(stream_id: u32, updates: &[RightsUpdate]) -> Result<(), Stat
             let (ipa, pa) = (update.ipa + offset, update.pa + offset);
             let result = match (update.before, update.after) {
                 (_, None) => table.unmap(&mut cleaning, ipa, PAGE_SIZE),
-                (None, Some(rights)) => table.map(&mut cleaning, ipa, pa, PAGE_SIZE, update.memory, rights),
-                (Some(_), Some(rights)) => table.set_page(&mut cleaning, ipa, update.memory, rights),
+                (None, Some(rights)) => {
+                    table.map(&mut cleaning, ipa, pa, PAGE_SIZE, update.memory, rights)
+                }
+                (Some(_), Some(rights)) => {
+                    table.set_page(&mut cleaning, ipa, update.memory, rights)
+                }
             };
             if let Err(error) = result {
                 log::error!("SMMU: rights of {ipa:#x} for StreamID {stream_id:#x}: {error:?}");

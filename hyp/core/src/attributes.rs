@@ -770,7 +770,11 @@ impl AttributeManager {
             page_run[i as usize].non_cacheable
         });
         let va = |address: u64| va_base + (address - page_base);
-        let op = if widened { CacheOp::CleanInvalidate } else { op };
+        let op = if widened {
+            CacheOp::CleanInvalidate
+        } else {
+            op
+        };
         for (stroke_op, start, len) in crate::maintenance::plan(op, ipa, chunk_end, line)
             .into_iter()
             .flatten()
@@ -1500,7 +1504,10 @@ mod tests {
             }
         }
         // 10 (direction, step) pairs with maintenance, 2 places, 64 starts x their lengths.
-        assert_eq!(cases, 10 * 2 * (0..line).map(|head| 3 * line - head).sum::<u64>());
+        assert_eq!(
+            cases,
+            10 * 2 * (0..line).map(|head| 3 * line - head).sum::<u64>()
+        );
         f.manager.unpin(base, 2 * PAGE_SIZE);
         f.check();
     }

@@ -345,7 +345,10 @@ mod tests {
             }
         );
         assert_eq!(
-            decode(function::DMA_MAP_SG as u64, &[0x10, 0x4000_0000, 3, 1, 2, 9]),
+            decode(
+                function::DMA_MAP_SG as u64,
+                &[0x10, 0x4000_0000, 3, 1, 2, 9]
+            ),
             Call::DmaMapSg {
                 device: 0x10,
                 array: 0x4000_0000,

@@ -551,7 +551,13 @@ mod tests {
         assert_eq!(parse("dma-mappings=1M").unwrap().dma_mappings, 1 << 20);
         for bad in ["dma-mappings=0", "dma-mappings=17M", "dma-mappings=many"] {
             assert!(
-                matches!(parse(bad), Err(ConfigError::BadValue { key: "dma-mappings", .. })),
+                matches!(
+                    parse(bad),
+                    Err(ConfigError::BadValue {
+                        key: "dma-mappings",
+                        ..
+                    })
+                ),
                 "{bad}"
             );
         }

@@ -100,7 +100,9 @@ pub fn check_buffer(ipa: u64, size: u64) -> Result<PageSpan, Status> {
     }
     let end = ipa.checked_add(size).ok_or(Status::OutOfRange)?;
     let first = ipa & !(PAGE_SIZE - 1);
-    let last = end.checked_next_multiple_of(PAGE_SIZE).ok_or(Status::OutOfRange)?;
+    let last = end
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(Status::OutOfRange)?;
     Ok(PageSpan {
         ipa: first,
         size: last - first,
@@ -126,7 +128,10 @@ impl Mapping {
     /// The pages the buffer touches.
     pub fn span(&self) -> PageSpan {
         // A live mapping passed `check_buffer`.
-        check_buffer(self.ipa, self.size).unwrap_or(PageSpan { ipa: self.ipa, size: 0 })
+        check_buffer(self.ipa, self.size).unwrap_or(PageSpan {
+            ipa: self.ipa,
+            size: 0,
+        })
     }
 }
 
@@ -338,7 +343,13 @@ impl Mappings {
 
     /// Takes back what [`Self::grant`] gave (a mapping's unmap, or the undo of a failed map)
     /// and returns the runs whose rights changed.
-    pub fn revoke(&mut self, stream_id: u32, ipa: u64, size: u64, direction: DmaDirection) -> Vec<RightsChange> {
+    pub fn revoke(
+        &mut self,
+        stream_id: u32,
+        ipa: u64,
+        size: u64,
+        direction: DmaDirection,
+    ) -> Vec<RightsChange> {
         let (Ok(span), Some(rights)) = (check_buffer(ipa, size), self.rights.get_mut(&stream_id))
         else {
             return Vec::new();
@@ -517,13 +528,52 @@ mod tests {
     #[test]
     fn buffers_are_checked_and_spanned() {
         let rows: [(u64, u64, Result<PageSpan, Status>); 9] = [
-            (0x4000_0000, 0x1000, Ok(PageSpan { ipa: 0x4000_0000, size: 0x1000 })),
-            (0x4000_0010, 0x10, Ok(PageSpan { ipa: 0x4000_0000, size: 0x1000 })),
-            (0x4000_0ff0, 0x20, Ok(PageSpan { ipa: 0x4000_0000, size: 0x2000 })),
-            (0x4000_0001, 0x1000, Ok(PageSpan { ipa: 0x4000_0000, size: 0x2000 })),
+            (
+                0x4000_0000,
+                0x1000,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x1000,
+                }),
+            ),
+            (
+                0x4000_0010,
+                0x10,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x1000,
+                }),
+            ),
+            (
+                0x4000_0ff0,
+                0x20,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x2000,
+                }),
+            ),
+            (
+                0x4000_0001,
+                0x1000,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x2000,
+                }),
+            ),
             (0x4000_0000, 0, Err(Status::InvalidParameter)),
-            (0x4000_0000, MAX_MAPPING_BYTES + 1, Err(Status::InvalidParameter)),
-            (0x4000_0000, MAX_MAPPING_BYTES, Ok(PageSpan { ipa: 0x4000_0000, size: MAX_MAPPING_BYTES })),
+            (
+                0x4000_0000,
+                MAX_MAPPING_BYTES + 1,
+                Err(Status::InvalidParameter),
+            ),
+            (
+                0x4000_0000,
+                MAX_MAPPING_BYTES,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: MAX_MAPPING_BYTES,
+                }),
+            ),
             (u64::MAX - 0xf, 0x20, Err(Status::OutOfRange)),
             (u64::MAX - 0xfff, 0x10, Err(Status::OutOfRange)),
         ];
@@ -532,7 +582,12 @@ mod tests {
         }
     }
 
-    fn change(page: u64, pages: u64, before: Option<Permissions>, after: Option<Permissions>) -> RightsChange {
+    fn change(
+        page: u64,
+        pages: u64,
+        before: Option<Permissions>,
+        after: Option<Permissions>,
+    ) -> RightsChange {
         RightsChange {
             ipa: RAM.ipa + page * PAGE_SIZE,
             size: pages * PAGE_SIZE,
@@ -568,19 +623,53 @@ mod tests {
             row(true, 0x100, 16, ToDevice, vec![change(0, 1, None, RO)]),
             row(true, 0x110, 1, FromDevice, vec![change(0, 1, RO, RW)]),
             // The data buffer starts in page 0 (already written to) and ends in page 1.
-            row(true, 0x200, 0x1000, FromDevice, vec![change(1, 1, None, WO)]),
+            row(
+                true,
+                0x200,
+                0x1000,
+                FromDevice,
+                vec![change(1, 1, None, WO)],
+            ),
             row(true, 0x300, 8, ToDevice, vec![]),
             // Removing the header keeps read (the second to-device buffer).
             row(false, 0x100, 16, ToDevice, vec![]),
             // The status byte goes; the data buffer still writes page 0.
             row(false, 0x110, 1, FromDevice, vec![]),
-            row(false, 0x200, 0x1000, FromDevice, vec![change(0, 1, RW, RO), change(1, 1, WO, None)]),
+            row(
+                false,
+                0x200,
+                0x1000,
+                FromDevice,
+                vec![change(0, 1, RW, RO), change(1, 1, WO, None)],
+            ),
             row(false, 0x300, 8, ToDevice, vec![change(0, 1, RO, None)]),
             // Bidirectional over three pages, then from-device in the middle one: no change.
-            row(true, 0x2000, 0x3000, Bidirectional, vec![change(2, 3, None, RW)]),
+            row(
+                true,
+                0x2000,
+                0x3000,
+                Bidirectional,
+                vec![change(2, 3, None, RW)],
+            ),
             row(true, 0x3800, 0x10, FromDevice, vec![]),
-            row(false, 0x2000, 0x3000, Bidirectional, vec![change(2, 1, RW, None), change(3, 1, RW, WO), change(4, 1, RW, None)]),
-            row(false, 0x3800, 0x10, FromDevice, vec![change(3, 1, WO, None)]),
+            row(
+                false,
+                0x2000,
+                0x3000,
+                Bidirectional,
+                vec![
+                    change(2, 1, RW, None),
+                    change(3, 1, RW, WO),
+                    change(4, 1, RW, None),
+                ],
+            ),
+            row(
+                false,
+                0x3800,
+                0x10,
+                FromDevice,
+                vec![change(3, 1, WO, None)],
+            ),
         ];
         let mut table = Mappings::new();
         for (i, r) in rows.iter().enumerate() {
@@ -595,7 +684,11 @@ mod tests {
             assert_eq!(table.rights(SID + 1, ipa), None);
         }
         for page in 0..8 {
-            assert_eq!(table.rights(SID, RAM.ipa + page * PAGE_SIZE), None, "page {page} at the end");
+            assert_eq!(
+                table.rights(SID, RAM.ipa + page * PAGE_SIZE),
+                None,
+                "page {page} at the end"
+            );
         }
     }
 
@@ -610,7 +703,10 @@ mod tests {
             table.grant(RAM, SID, RAM.ipa - 0x1000, 0x2000, ToDevice),
             Err(Status::OutOfRange)
         );
-        assert_eq!(table.grant(RAM, SID, RAM.ipa, 0, ToDevice), Err(Status::InvalidParameter));
+        assert_eq!(
+            table.grant(RAM, SID, RAM.ipa, 0, ToDevice),
+            Err(Status::InvalidParameter)
+        );
         assert_eq!(table.rights(SID, RAM.ipa), None);
         // A revoke of what was never granted (a bug) is refused whole, not half-applied.
         table.grant(RAM, SID, RAM.ipa, 0x10, ToDevice).unwrap();
@@ -623,7 +719,12 @@ mod tests {
     /// the union of what is live.
     #[test]
     fn the_union_never_exceeds_the_live_mappings() {
-        let buffers = [(0x0, ToDevice), (0x40, FromDevice), (0x80, Bidirectional), (0xc0, ToDevice)];
+        let buffers = [
+            (0x0, ToDevice),
+            (0x40, FromDevice),
+            (0x80, Bidirectional),
+            (0xc0, ToDevice),
+        ];
         for order in 0u32..(1 << 8) {
             let mut table = Mappings::new();
             let mut live = [false; 4];
@@ -649,7 +750,11 @@ mod tests {
                         }
                     })
                     .union();
-                assert_eq!(table.rights(SID, RAM.ipa), want, "order {order:#x} step {step}");
+                assert_eq!(
+                    table.rights(SID, RAM.ipa),
+                    want,
+                    "order {order:#x} step {step}"
+                );
             }
         }
     }
@@ -658,17 +763,49 @@ mod tests {
     fn scatter_gather_requests_are_checked() {
         use dma_sg::{MAX_SEGMENTS, SEGMENT_SIZE};
         let rows: [(u64, u64, u64, Result<SgRequest, Status>); 8] = [
-            (0x4000_0000, 3, 0, Ok(SgRequest { array: 0x4000_0000, count: 3, first: 0 })),
-            (0x4000_0000, 3, 2, Ok(SgRequest { array: 0x4000_0000, count: 3, first: 2 })),
+            (
+                0x4000_0000,
+                3,
+                0,
+                Ok(SgRequest {
+                    array: 0x4000_0000,
+                    count: 3,
+                    first: 0,
+                }),
+            ),
+            (
+                0x4000_0000,
+                3,
+                2,
+                Ok(SgRequest {
+                    array: 0x4000_0000,
+                    count: 3,
+                    first: 2,
+                }),
+            ),
             (0x4000_0000, 3, 3, Err(Status::InvalidParameter)),
             (0x4000_0000, 0, 0, Err(Status::InvalidParameter)),
-            (0x4000_0000, MAX_SEGMENTS + 1, 0, Err(Status::InvalidParameter)),
+            (
+                0x4000_0000,
+                MAX_SEGMENTS + 1,
+                0,
+                Err(Status::InvalidParameter),
+            ),
             (0x4000_0004, 3, 0, Err(Status::Alignment)),
             (u64::MAX - 7, 1, 0, Err(Status::OutOfRange)),
-            (u64::MAX - 2 * SEGMENT_SIZE + 1, 2, 0, Err(Status::OutOfRange)),
+            (
+                u64::MAX - 2 * SEGMENT_SIZE + 1,
+                2,
+                0,
+                Err(Status::OutOfRange),
+            ),
         ];
         for (array, count, cookie, want) in rows {
-            assert_eq!(SgRequest::check(array, count, cookie), want, "{array:#x} {count} {cookie}");
+            assert_eq!(
+                SgRequest::check(array, count, cookie),
+                want,
+                "{array:#x} {count} {cookie}"
+            );
         }
         let request = SgRequest::check(0x4000_0000, 3, 0).unwrap();
         assert_eq!(request.segment_ipa(2), 0x4000_0000 + 2 * SEGMENT_SIZE);
@@ -699,11 +836,23 @@ mod tests {
     #[test]
     fn maintenance_by_direction_and_step() {
         assert_eq!(maintenance(ToDevice, Step::Map), Some(CacheOp::Clean));
-        assert_eq!(maintenance(FromDevice, Step::Map), Some(CacheOp::Invalidate));
-        assert_eq!(maintenance(Bidirectional, Step::Map), Some(CacheOp::CleanInvalidate));
+        assert_eq!(
+            maintenance(FromDevice, Step::Map),
+            Some(CacheOp::Invalidate)
+        );
+        assert_eq!(
+            maintenance(Bidirectional, Step::Map),
+            Some(CacheOp::CleanInvalidate)
+        );
         assert_eq!(maintenance(ToDevice, Step::Unmap), None);
-        assert_eq!(maintenance(FromDevice, Step::Unmap), Some(CacheOp::Invalidate));
-        assert_eq!(maintenance(Bidirectional, Step::ForCpu), Some(CacheOp::Invalidate));
+        assert_eq!(
+            maintenance(FromDevice, Step::Unmap),
+            Some(CacheOp::Invalidate)
+        );
+        assert_eq!(
+            maintenance(Bidirectional, Step::ForCpu),
+            Some(CacheOp::Invalidate)
+        );
         assert_eq!(maintenance(ToDevice, Step::ForDevice), Some(CacheOp::Clean));
         assert_eq!(device_permissions(ToDevice), Permissions::RO);
         assert_eq!(device_permissions(FromDevice), Permissions::WO);

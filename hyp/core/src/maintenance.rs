@@ -48,7 +48,8 @@ pub fn plan(op: CacheOp, start: u64, end: u64, line: u64) -> [Option<Stroke>; 3]
         tail = Some((CacheOp::CleanInvalidate, high - line, line));
         full_high -= line;
     }
-    let middle = (full_high > full_low).then_some((CacheOp::Invalidate, full_low, full_high - full_low));
+    let middle =
+        (full_high > full_low).then_some((CacheOp::Invalidate, full_low, full_high - full_low));
     [head, tail, middle]
 }
 

@@ -377,7 +377,8 @@ impl<F: Format> PageTable<F> {
         if entry & VALID == 0 {
             return Err(MapError::OutOfRange);
         }
-        memory.table(table)[index] = self.leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions);
+        memory.table(table)[index] =
+            self.leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions);
         Ok(())
     }
 
@@ -767,8 +768,15 @@ mod tests {
         let mut mem = VecMemory::new(64);
         let mut s2 = stage2(true, &mut mem);
         let (ipa, pa) = (0x4000_1000, 0x8000_1000);
-        s2.map(&mut mem, ipa, pa, PAGE_SIZE, MemoryType::NormalWriteBack, Permissions::RO)
-            .unwrap();
+        s2.map(
+            &mut mem,
+            ipa,
+            pa,
+            PAGE_SIZE,
+            MemoryType::NormalWriteBack,
+            Permissions::RO,
+        )
+        .unwrap();
         s2.set_page(&mut mem, ipa, MemoryType::NormalWriteBack, Permissions::RW)
             .unwrap();
         let t = s2.translate(&mut mem, ipa + 0x10).unwrap();
@@ -778,7 +786,12 @@ mod tests {
             (MemoryType::NormalWriteBack, Permissions::RW)
         );
         assert_eq!(
-            s2.set_page(&mut mem, ipa + PAGE_SIZE, MemoryType::NormalWriteBack, Permissions::RW),
+            s2.set_page(
+                &mut mem,
+                ipa + PAGE_SIZE,
+                MemoryType::NormalWriteBack,
+                Permissions::RW
+            ),
             Err(MapError::OutOfRange),
             "an unmapped page"
         );

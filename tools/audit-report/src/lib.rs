@@ -517,7 +517,13 @@ struct Rights {
 impl Rights {
     /// Adds (`add`) or removes a mapping's rights on pages `[first, end)`; returns whether the
     /// union of some page changed.
-    fn update(&mut self, stream_id: u32, (first, end): (u64, u64), (read, write): (bool, bool), add: bool) -> bool {
+    fn update(
+        &mut self,
+        stream_id: u32,
+        (first, end): (u64, u64),
+        (read, write): (bool, bool),
+        add: bool,
+    ) -> bool {
         let mut changed = false;
         for page in first..end {
             let counts = self.counts.entry((stream_id, page)).or_default();
@@ -959,7 +965,7 @@ fn apply(r: &Record, model: &mut Model, out: &mut Replay, timeline: &Timeline) -
             model.pins.update(first, end, |pins| pins.saturating_add(1));
             let stream_id = r.stream_id.get();
             // A strict device's own mapping (with an attribute) grants its direction's rights.
-            let rights = (r.new_attr != attr::NONE).then(|| match r.direction {
+            let rights = (r.new_attr != attr::NONE).then_some(match r.direction {
                 direction::TO_DEVICE => (true, false),
                 direction::FROM_DEVICE => (false, true),
                 _ => (true, true),
@@ -1005,8 +1011,11 @@ fn apply(r: &Record, model: &mut Model, out: &mut Replay, timeline: &Timeline) -
             match model.mappings.remove(&handle) {
                 Some(mapping) => {
                     // Runs of one mapping may share a page: count each page once.
-                    let mut pages_held: Vec<(u64, u64)> =
-                        mapping.runs.iter().map(|&(run, bytes)| pages(run, bytes)).collect();
+                    let mut pages_held: Vec<(u64, u64)> = mapping
+                        .runs
+                        .iter()
+                        .map(|&(run, bytes)| pages(run, bytes))
+                        .collect();
                     pages_held.sort_unstable();
                     let mut merged: Vec<(u64, u64)> = Vec::new();
                     for (first, end) in pages_held {
@@ -1018,7 +1027,10 @@ fn apply(r: &Record, model: &mut Model, out: &mut Replay, timeline: &Timeline) -
                     let mut narrowed = false;
                     for &(first, end) in &merged {
                         if let Some(rights) = mapping.rights {
-                            narrowed |= model.rights.update(mapping.stream_id, (first, end), rights, false);
+                            narrowed |=
+                                model
+                                    .rights
+                                    .update(mapping.stream_id, (first, end), rights, false);
                         }
                         model.pins.update(first, end, |pins| pins.saturating_sub(1));
                     }

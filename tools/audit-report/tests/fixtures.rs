@@ -486,8 +486,18 @@ fn shared_page(sync_on_narrowing: bool) -> String {
     // The status byte goes: the other written buffer keeps the union as it was.
     w.record(unmap(page + 0x110, 1, DmaDirection::FromDevice, 2, 0));
     // The last written buffer goes: write leaves the page's entry.
-    let narrowing = if sync_on_narrowing { widen } else { smmu_command::TLBI_S2_IPA };
-    w.record(unmap(page + 0x200, 0x10, DmaDirection::FromDevice, 3, narrowing));
+    let narrowing = if sync_on_narrowing {
+        widen
+    } else {
+        smmu_command::TLBI_S2_IPA
+    };
+    w.record(unmap(
+        page + 0x200,
+        0x10,
+        DmaDirection::FromDevice,
+        3,
+        narrowing,
+    ));
     w.record(unmap(page + 0x100, 16, DmaDirection::ToDevice, 1, widen));
     w.text
 }
@@ -500,7 +510,15 @@ fn counted_rights_need_a_sync_only_when_the_union_narrows() {
     let all = report.problems();
     let problems: Vec<_> = all
         .iter()
-        .filter(|p| matches!(p, Problem::Invariant { invariant: "I4", .. }))
+        .filter(|p| {
+            matches!(
+                p,
+                Problem::Invariant {
+                    invariant: "I4",
+                    ..
+                }
+            )
+        })
         .collect();
     assert_eq!(problems.len(), 1, "{}", report.summary());
     assert!(

@@ -741,9 +741,12 @@ fn sub_page_buffers_share_a_page() -> Result<(), String> {
 
 /// Writes `segments` at `array` (guest RAM) for the hypervisor to read.
 fn write_segments(array: u64, segments: &[Segment]) -> &'static mut [u8] {
-    let bytes = memory(array, (segments.len() * size_of::<Segment>()) as u64);
+    let bytes = memory(array, size_of_val(segments) as u64);
     for (chunk, segment) in bytes.chunks_mut(size_of::<Segment>()).zip(segments) {
-        for (field, value) in chunk.chunks_mut(8).zip([segment.addr, segment.size, segment.handle]) {
+        for (field, value) in chunk
+            .chunks_mut(8)
+            .zip([segment.addr, segment.size, segment.handle])
+        {
             field.copy_from_slice(&value.to_le_bytes());
         }
     }
@@ -789,7 +792,11 @@ fn scatter_gather_maps_several_segments() -> Result<(), String> {
     write_segments(array, &segments);
     let regs = map_sg(array, 3, BIDIRECTIONAL, 0);
     expect_status(&regs, Status::Success, "DMA_MAP_SG of three segments")?;
-    check_eq!((regs.x1, regs.x2), (3, 0), "DMA_MAP_SG x1 (segments) and x2 (cookie)");
+    check_eq!(
+        (regs.x1, regs.x2),
+        (3, 0),
+        "DMA_MAP_SG x1 (segments) and x2 (cookie)"
+    );
     let mapped = handles(array, 3);
     check!(
         mapped.iter().all(|&h| h != 0) && mapped[0] != mapped[1] && mapped[1] != mapped[2],
@@ -813,7 +820,11 @@ fn scatter_gather_maps_several_segments() -> Result<(), String> {
     let copied = (0..0x20)
         .filter(|&i| edu::read_volatile(bytes, second + i) == pattern(0x40 + i, 31))
         .count();
-    check_eq!(copied, 0x20, "bytes of the second segment holding the first's");
+    check_eq!(
+        copied,
+        0x20,
+        "bytes of the second segment holding the first's"
+    );
     check_eq!(
         differing_outside(data, 7 * PAGE, 31, &[(2 * PAGE - 0x10, 0x20)]),
         0,
@@ -845,55 +856,146 @@ fn scatter_gather_maps_several_segments() -> Result<(), String> {
     // them (what a Linux driver does when dma_map_sg fails).
     let uart = 0x0900_0000;
     let rows: [(&str, Segment, Status); 4] = [
-        ("zero size", Segment::new(data + 0x200, 0), Status::InvalidParameter),
-        ("above 16 MiB", Segment::new(data, 16 * MIB + 1), Status::InvalidParameter),
+        (
+            "zero size",
+            Segment::new(data + 0x200, 0),
+            Status::InvalidParameter,
+        ),
+        (
+            "above 16 MiB",
+            Segment::new(data, 16 * MIB + 1),
+            Status::InvalidParameter,
+        ),
         ("in the UART", Segment::new(uart + 0x10, 8), Status::Denied),
-        ("wrapping", Segment::new(u64::MAX - 8, 0x10), Status::OutOfRange),
+        (
+            "wrapping",
+            Segment::new(u64::MAX - 8, 0x10),
+            Status::OutOfRange,
+        ),
     ];
     for (what, bad, want) in rows {
         write_segments(array, &[segments[0], bad, segments[1]]);
         let regs = map_sg(array, 3, FROM_DEVICE, 0);
         expect_status(&regs, want, &format!("DMA_MAP_SG with a segment {what}"))?;
         check_eq!(regs.x1, 1, "segments mapped before the one {}", what);
-        check_eq!(page_state(data)?.2, 1, "pins of the first segment's page ({})", what);
+        check_eq!(
+            page_state(data)?.2,
+            1,
+            "pins of the first segment's page ({})",
+            what
+        );
         let regs = unmap_sg(array, 1, 0);
         expect_status(&regs, Status::Success, "DMA_UNMAP_SG of the mapped one")?;
-        check_eq!(page_state(data)?.2, 0, "pins after unmapping the mapped one ({})", what);
+        check_eq!(
+            page_state(data)?.2,
+            0,
+            "pins after unmapping the mapped one ({})",
+            what
+        );
     }
 
     // Many small segments in one page: the call stops after its budget, resumes with the cookie.
     let count = SEGMENTS_PER_CALL + 6;
-    let many: Vec<Segment> = (0..count).map(|i| Segment::new(data + i * 0x30, 0x18)).collect();
+    let many: Vec<Segment> = (0..count)
+        .map(|i| Segment::new(data + i * 0x30, 0x18))
+        .collect();
     write_segments(array, &many);
     let regs = map_sg(array, count, TO_DEVICE_DIRECTION, 0);
-    expect_status(&regs, Status::Incomplete, "DMA_MAP_SG of many segments, first call")?;
-    check_eq!((regs.x1, regs.x2), (SEGMENTS_PER_CALL, SEGMENTS_PER_CALL), "progress of the first call");
+    expect_status(
+        &regs,
+        Status::Incomplete,
+        "DMA_MAP_SG of many segments, first call",
+    )?;
+    check_eq!(
+        (regs.x1, regs.x2),
+        (SEGMENTS_PER_CALL, SEGMENTS_PER_CALL),
+        "progress of the first call"
+    );
     let regs = map_sg(array, count, TO_DEVICE_DIRECTION, regs.x2);
-    expect_status(&regs, Status::Success, "DMA_MAP_SG of many segments, resumed")?;
+    expect_status(
+        &regs,
+        Status::Success,
+        "DMA_MAP_SG of many segments, resumed",
+    )?;
     check_eq!(regs.x1, count, "segments mapped in all");
-    check_eq!(page_state(data)?.2, count, "pins of the page of every segment");
+    check_eq!(
+        page_state(data)?.2,
+        count,
+        "pins of the page of every segment"
+    );
     let regs = unmap_sg(array, count, 0);
-    expect_status(&regs, Status::Incomplete, "DMA_UNMAP_SG of many segments, first call")?;
+    expect_status(
+        &regs,
+        Status::Incomplete,
+        "DMA_UNMAP_SG of many segments, first call",
+    )?;
     let regs = unmap_sg(array, count, regs.x2);
-    expect_status(&regs, Status::Success, "DMA_UNMAP_SG of many segments, resumed")?;
-    check_eq!(page_state(data)?, (attr::NORMAL_WB, 0, 0), "the page after the unmaps");
+    expect_status(
+        &regs,
+        Status::Success,
+        "DMA_UNMAP_SG of many segments, resumed",
+    )?;
+    check_eq!(
+        page_state(data)?,
+        (attr::NORMAL_WB, 0, 0),
+        "the page after the unmaps"
+    );
 
     // Bad requests.
     let sid = edu::STREAM_ID as u64;
     let requests: [(&str, u32, [u64; 5], Status); 7] = [
-        ("count 0", function::DMA_MAP_SG, [sid, array, 0, 0, 0], Status::InvalidParameter),
-        ("cookie past the end", function::DMA_MAP_SG, [sid, array, 2, 0, 2], Status::InvalidParameter),
-        ("direction 3", function::DMA_MAP_SG, [sid, array, 2, 3, 0], Status::InvalidParameter),
-        ("misaligned array", function::DMA_MAP_SG, [sid, array + 4, 2, 0, 0], Status::Alignment),
-        ("unknown device", function::DMA_MAP_SG, [0x99, array, 2, 0, 0], Status::NoDevice),
-        ("array in the UART", function::DMA_MAP_SG, [sid, uart, 2, 0, 0], Status::Denied),
-        ("unmap: count 0", function::DMA_UNMAP_SG, [array, 0, 0, 0, 0], Status::InvalidParameter),
+        (
+            "count 0",
+            function::DMA_MAP_SG,
+            [sid, array, 0, 0, 0],
+            Status::InvalidParameter,
+        ),
+        (
+            "cookie past the end",
+            function::DMA_MAP_SG,
+            [sid, array, 2, 0, 2],
+            Status::InvalidParameter,
+        ),
+        (
+            "direction 3",
+            function::DMA_MAP_SG,
+            [sid, array, 2, 3, 0],
+            Status::InvalidParameter,
+        ),
+        (
+            "misaligned array",
+            function::DMA_MAP_SG,
+            [sid, array + 4, 2, 0, 0],
+            Status::Alignment,
+        ),
+        (
+            "unknown device",
+            function::DMA_MAP_SG,
+            [0x99, array, 2, 0, 0],
+            Status::NoDevice,
+        ),
+        (
+            "array in the UART",
+            function::DMA_MAP_SG,
+            [sid, uart, 2, 0, 0],
+            Status::Denied,
+        ),
+        (
+            "unmap: count 0",
+            function::DMA_UNMAP_SG,
+            [array, 0, 0, 0, 0],
+            Status::InvalidParameter,
+        ),
     ];
     for (what, id, args, want) in requests {
         let regs = call(id, &args);
         expect_status(&regs, want, &format!("scatter-gather call with {what}"))?;
     }
-    check_eq!(page_state(data)?, (attr::NORMAL_WB, 0, 0), "the page after the refusals");
+    check_eq!(
+        page_state(data)?,
+        (attr::NORMAL_WB, 0, 0),
+        "the page after the refusals"
+    );
     Ok(())
 }
 
@@ -953,7 +1055,11 @@ fn bad_inputs_get_their_own_status() -> Result<(), String> {
             Status::OutOfRange,
         ),
         ("the guest's UART", [sid, uart, PAGE, 0], Status::Denied),
-        ("bytes in the guest's UART", [sid, uart + 0x10, 8, 0], Status::Denied),
+        (
+            "bytes in the guest's UART",
+            [sid, uart + 0x10, 8, 0],
+            Status::Denied,
+        ),
     ];
     let mut wrong = Vec::new();
     for (what, args, want) in cases {

@@ -361,13 +361,7 @@ fn oracle(id: u32, a: &[u64; 6], b: &Bounds) -> (Vec<i64>, Option<i64>) {
         }
         function::DMA_UNMAP => (list(&[Success, Busy, BadHandle]), None),
         function::DMA_MAP_SG | function::DMA_UNMAP_SG => (
-            list(&[
-                InvalidParameter,
-                Alignment,
-                OutOfRange,
-                Denied,
-                NoDevice,
-            ]),
+            list(&[InvalidParameter, Alignment, OutOfRange, Denied, NoDevice]),
             None,
         ),
         function::DMA_SYNC => (
