@@ -1420,6 +1420,48 @@ mod tests {
         f.check();
     }
 
+    /// What a DMA buffer (any alignment) is checked against before anything is pinned: the
+    /// buffer itself, then the pages it touches in the ledger. Every bad-input row.
+    #[test]
+    fn dma_buffers_are_checked_byte_by_byte_then_page_by_page() {
+        use crate::dma;
+        let f = fixture(true);
+        let end = RAM.ipa + RAM.size;
+        let rows: [(&str, u64, u64, Result<(), Status>); 11] = [
+            ("a page", R0, PAGE_SIZE, Ok(())),
+            ("a byte", R0 + 0x123, 1, Ok(())),
+            ("across a page", R0 + 0xff0, 0x20, Ok(())),
+            ("the last byte of RAM", end - 1, 1, Ok(())),
+            ("zero size", R0, 0, Err(Status::InvalidParameter)),
+            (
+                "above 16 MiB",
+                R0,
+                dma::MAX_MAPPING_BYTES + 1,
+                Err(Status::InvalidParameter),
+            ),
+            ("wrapping", u64::MAX - 0xf, 0x20, Err(Status::OutOfRange)),
+            (
+                "across the end of RAM",
+                end - 8,
+                16,
+                Err(Status::OutOfRange),
+            ),
+            ("below RAM", RAM.ipa - 8, 4, Err(Status::OutOfRange)),
+            ("bytes of the UART", UART.0 + 0x10, 8, Err(Status::Denied)),
+            (
+                "outside RAM and MMIO",
+                0x1_0000_0000,
+                8,
+                Err(Status::OutOfRange),
+            ),
+        ];
+        for (what, ipa, size, want) in rows {
+            let got =
+                dma::check_buffer(ipa, size).and_then(|span| f.manager.check(span.ipa, span.size));
+            assert_eq!(got, want, "{what}: {ipa:#x}+{size:#x}");
+        }
+    }
+
     /// The DMA maintenance of a byte-granular buffer, for every alignment of its start and end
     /// within a line and every direction and step: each line the buffer touches gets exactly
     /// one operation, no other line any, and a line the buffer covers only in part is never
