@@ -1,5 +1,5 @@
 /*
- * stagehand.h: the stagehand hypercall ABI, version 1.0, for C guest drivers.
+ * stagehand.h: the stagehand hypercall ABI, version 1.1, for C guest drivers.
  *
  * The values are those of the Rust crate `stagehand-abi` (abi/src/lib.rs); a host test of that
  * crate (abi/tests/header.rs) parses every #define below and compares it with the Rust
@@ -19,7 +19,7 @@
 
 /* ABI version (REVISION: x0 major, x1 minor). */
 #define STAGEHAND_ABI_MAJOR 1
-#define STAGEHAND_ABI_MINOR 0
+#define STAGEHAND_ABI_MINOR 1
 
 /* CALL_UID answer, a61eba14-6d38-495c-9e88-7830b073fe65, as w0-w3. */
 #define STAGEHAND_UUID_W0 0x14ba1ea6u
@@ -27,7 +27,7 @@
 #define STAGEHAND_UUID_W2 0x3078889eu
 #define STAGEHAND_UUID_W3 0x65fe73b0u
 
-/* Function IDs (w0). */
+/* Function IDs (w0). DMA_MAP_SG and DMA_UNMAP_SG are new in ABI 1.1. */
 #define STAGEHAND_FN_CALL_UID 0x8600FF01u
 #define STAGEHAND_FN_REVISION 0x8600FF03u
 #define STAGEHAND_FN_FEATURES 0xC6000001u
@@ -40,6 +40,8 @@
 #define STAGEHAND_FN_DMA_MAP 0xC6000031u
 #define STAGEHAND_FN_DMA_UNMAP 0xC6000032u
 #define STAGEHAND_FN_DMA_SYNC 0xC6000033u
+#define STAGEHAND_FN_DMA_MAP_SG 0xC6000034u
+#define STAGEHAND_FN_DMA_UNMAP_SG 0xC6000035u
 #define STAGEHAND_FN_AUDIT_READ 0xC6000040u
 #define STAGEHAND_FN_AUDIT_MARK 0xC6000041u
 
@@ -93,6 +95,22 @@
 #define STAGEHAND_BATCH_MAX_ENTRIES 0x1000000u
 #define STAGEHAND_BATCH_COOKIE_ENTRY_SHIFT 40
 
+/* DMA_MAP x4 / DMA_MAP_SG x4 directions, DMA_SYNC x4 targets, DEV_INFO x3 flags. */
+#define STAGEHAND_DMA_BIDIRECTIONAL 0
+#define STAGEHAND_DMA_TO_DEVICE 1
+#define STAGEHAND_DMA_FROM_DEVICE 2
+#define STAGEHAND_DMA_SYNC_FOR_CPU 0
+#define STAGEHAND_DMA_SYNC_FOR_DEVICE 1
+#define STAGEHAND_DEV_COHERENT 0x1u
+#define STAGEHAND_DEV_STRICT 0x2u
+
+/* DMA_MAP_SG / DMA_UNMAP_SG (ABI 1.1): segment layout and limits. */
+#define STAGEHAND_DMA_SG_SEGMENT_SIZE 24
+#define STAGEHAND_DMA_SG_ARRAY_ALIGN 8
+#define STAGEHAND_DMA_SG_HANDLE_OFFSET 16
+#define STAGEHAND_DMA_SG_SEGMENTS_PER_CALL 64
+#define STAGEHAND_DMA_SG_MAX_SEGMENTS 0x1000000u
+
 /* Page size the ABI counts in. */
 #define STAGEHAND_PAGE_SIZE 4096
 
@@ -119,6 +137,26 @@ _Static_assert(offsetof(struct stagehand_batch_entry, size) == 8 &&
                    offsetof(struct stagehand_batch_entry, reserved) == 20,
                "stagehand_batch_entry fields are {u64 addr, u64 size, u32 op, u32 reserved}");
 
+/*
+ * One DMA_MAP_SG segment, little-endian as the guest stores it. The driver fills in addr (the
+ * buffer's IPA, any alignment; its IOVA is the same) and size (not zero, at most 16 MiB);
+ * DMA_MAP_SG writes the mapping's handle, which DMA_UNMAP_SG reads back.
+ */
+struct stagehand_dma_segment {
+    uint64_t addr;
+    uint64_t size;
+    uint64_t handle;
+};
+
+_Static_assert(sizeof(struct stagehand_dma_segment) == STAGEHAND_DMA_SG_SEGMENT_SIZE,
+               "stagehand_dma_segment must be 24 bytes");
+_Static_assert(_Alignof(struct stagehand_dma_segment) == STAGEHAND_DMA_SG_ARRAY_ALIGN,
+               "stagehand_dma_segment must be 8-byte aligned");
+_Static_assert(offsetof(struct stagehand_dma_segment, size) == 8 &&
+                   offsetof(struct stagehand_dma_segment, handle) ==
+                       STAGEHAND_DMA_SG_HANDLE_OFFSET,
+               "stagehand_dma_segment fields are {u64 addr, u64 size, u64 handle}");
+
 /* x0-x3 after a call. */
 struct stagehand_result {
     int64_t status;
@@ -130,19 +168,20 @@ struct stagehand_result {
 #if defined(__aarch64__) && (defined(__GNUC__) || defined(__clang__))
 
 /*
- * Issues function `fn` with x1-x3 = a1-a3 (x4-x6 zero). The hypervisor preserves every other
+ * Issues function `fn` with x1-x5 = a1-a5 (x6 zero). The hypervisor preserves every other
  * register, but SMCCC 1.1 allows a callee to clobber x4-x17, so they are declared clobbered.
- * "memory" because calls read (batch array) or change (attributes) guest memory.
+ * "memory" because calls read (batch and segment arrays) or change (attributes, handles
+ * written back) guest memory.
  */
-static inline struct stagehand_result stagehand_call(uint32_t fn, uint64_t a1, uint64_t a2,
-                                                     uint64_t a3)
+static inline struct stagehand_result stagehand_call5(uint32_t fn, uint64_t a1, uint64_t a2,
+                                                      uint64_t a3, uint64_t a4, uint64_t a5)
 {
     register uint64_t x0 __asm__("x0") = fn;
     register uint64_t x1 __asm__("x1") = a1;
     register uint64_t x2 __asm__("x2") = a2;
     register uint64_t x3 __asm__("x3") = a3;
-    register uint64_t x4 __asm__("x4") = 0;
-    register uint64_t x5 __asm__("x5") = 0;
+    register uint64_t x4 __asm__("x4") = a4;
+    register uint64_t x5 __asm__("x5") = a5;
     register uint64_t x6 __asm__("x6") = 0;
     __asm__ volatile("hvc #0"
                      : "+r"(x0), "+r"(x1), "+r"(x2), "+r"(x3), "+r"(x4), "+r"(x5), "+r"(x6)
@@ -151,6 +190,13 @@ static inline struct stagehand_result stagehand_call(uint32_t fn, uint64_t a1, u
                        "x17", "memory");
     struct stagehand_result result = {(int64_t)x0, x1, x2, x3};
     return result;
+}
+
+/* Issues function `fn` with x1-x3 = a1-a3 (x4-x6 zero). */
+static inline struct stagehand_result stagehand_call(uint32_t fn, uint64_t a1, uint64_t a2,
+                                                     uint64_t a3)
+{
+    return stagehand_call5(fn, a1, a2, a3, 0, 0);
 }
 
 /* FEATURES: *bits capability bits, *line D-cache line bytes, *budget bytes of work per call. */
@@ -281,6 +327,115 @@ static inline int64_t stagehand_cache_batch(uint64_t array_ipa, uint64_t count)
         } else {
             cookie = previous;
         }
+    }
+}
+
+/* DEV_INFO of device `index`: StreamID, PCI segment/bus/dev/fn, STAGEHAND_DEV_* flags. */
+static inline int64_t stagehand_dev_info(uint64_t index, uint64_t *device, uint64_t *pci,
+                                         uint64_t *flags)
+{
+    struct stagehand_result r = stagehand_call(STAGEHAND_FN_DEV_INFO, index, 0, 0);
+    *device = r.x1;
+    *pci = r.x2;
+    *flags = r.x3;
+    return r.status;
+}
+
+/*
+ * DMA_MAP of [ipa, ipa + size) (any alignment from ABI 1.1) for `device` in `direction`;
+ * *iova (= ipa) and *handle on success.
+ */
+static inline int64_t stagehand_dma_map(uint64_t device, uint64_t ipa, uint64_t size,
+                                        uint64_t direction, uint64_t *iova, uint64_t *handle)
+{
+    struct stagehand_result r =
+        stagehand_call5(STAGEHAND_FN_DMA_MAP, device, ipa, size, direction, 0);
+    *iova = r.x1;
+    *handle = r.x2;
+    return r.status;
+}
+
+/* DMA_UNMAP of a handle. */
+static inline int64_t stagehand_dma_unmap(uint64_t handle)
+{
+    return stagehand_call(STAGEHAND_FN_DMA_UNMAP, handle, 0, 0).status;
+}
+
+/* DMA_SYNC of [offset, offset + size) of a mapping for the CPU or the device. */
+static inline int64_t stagehand_dma_sync(uint64_t handle, uint64_t offset, uint64_t size,
+                                         uint64_t target)
+{
+    return stagehand_call5(STAGEHAND_FN_DMA_SYNC, handle, offset, size, target, 0).status;
+}
+
+/* One DMA_MAP_SG call; *next: segments mapped so far, *cookie to pass back on INCOMPLETE. */
+static inline int64_t stagehand_dma_map_sg_call(uint64_t device, uint64_t array_ipa,
+                                                uint64_t count, uint64_t direction,
+                                                uint64_t *cookie, uint64_t *next)
+{
+    struct stagehand_result r =
+        stagehand_call5(STAGEHAND_FN_DMA_MAP_SG, device, array_ipa, count, direction, *cookie);
+    *next = r.x1;
+    *cookie = r.x2;
+    return r.status;
+}
+
+/* One DMA_UNMAP_SG call; *next: segments unmapped so far, *cookie to pass back on INCOMPLETE. */
+static inline int64_t stagehand_dma_unmap_sg_call(uint64_t array_ipa, uint64_t count,
+                                                  uint64_t *cookie, uint64_t *next)
+{
+    struct stagehand_result r =
+        stagehand_call(STAGEHAND_FN_DMA_UNMAP_SG, array_ipa, count, *cookie);
+    *next = r.x1;
+    *cookie = r.x2;
+    return r.status;
+}
+
+/*
+ * DMA_MAP_SG of a whole array of `count` segments at array_ipa (8-byte aligned, contiguous in
+ * IPA space), resuming with the cookie; each segment's handle is written into it. On an error,
+ * the segments before *mapped stay mapped: unmap them with stagehand_dma_unmap_sg(array_ipa,
+ * *mapped) (Linux's dma_map_sg must leave nothing mapped when it fails).
+ */
+static inline int64_t stagehand_dma_map_sg(uint64_t device, uint64_t array_ipa, uint64_t count,
+                                           uint64_t direction, uint64_t *mapped)
+{
+    uint64_t cookie = 0;
+    unsigned stalled = 0;
+    *mapped = 0;
+    for (;;) {
+        uint64_t next;
+        int64_t status =
+            stagehand_dma_map_sg_call(device, array_ipa, count, direction, &cookie, &next);
+        if (next > *mapped) {
+            *mapped = next;
+            stalled = 0;
+        } else if (status == STAGEHAND_INCOMPLETE &&
+                   ++stalled >= STAGEHAND_MAX_STALLED_CALLS) {
+            return STAGEHAND_INCOMPLETE;
+        }
+        if (status != STAGEHAND_INCOMPLETE)
+            return status;
+    }
+}
+
+/* DMA_UNMAP_SG of the first `count` segments of an array DMA_MAP_SG filled in. */
+static inline int64_t stagehand_dma_unmap_sg(uint64_t array_ipa, uint64_t count)
+{
+    uint64_t cookie = 0, done = 0;
+    unsigned stalled = 0;
+    for (;;) {
+        uint64_t next;
+        int64_t status = stagehand_dma_unmap_sg_call(array_ipa, count, &cookie, &next);
+        if (next > done) {
+            done = next;
+            stalled = 0;
+        } else if (status == STAGEHAND_INCOMPLETE &&
+                   ++stalled >= STAGEHAND_MAX_STALLED_CALLS) {
+            return STAGEHAND_INCOMPLETE;
+        }
+        if (status != STAGEHAND_INCOMPLETE)
+            return status;
     }
 }
 

@@ -61,7 +61,11 @@ use core::fmt;
 
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::{access, attr, batch, cache_op, feature, function, page_flag, Regs, Status};
+use crate::dma_sg::Segment;
+use crate::{
+    access, attr, batch, cache_op, dma_direction, dma_sync, feature, function, page_flag, Regs,
+    Status,
+};
 
 /// Consecutive calls without progress after which a loop gives up with [`Error::Stalled`].
 /// The hypervisor always makes progress on a call it answers INCOMPLETE, so reaching this bound
@@ -110,7 +114,7 @@ pub enum Error {
     NoDevice,
     /// BAD_HANDLE: unknown or stale handle.
     BadHandle,
-    /// The hypervisor answered a status code that ABI 1.0 does not define.
+    /// The hypervisor answered a status code that this ABI does not define.
     UnknownStatus(i64),
     /// The answer broke the ABI: SUCCESS or INCOMPLETE where it cannot be, more progress than
     /// was asked for, a cookie that went backwards, an unknown attribute.
@@ -369,6 +373,46 @@ impl BatchEntry {
             reserved: 0,
         }
     }
+}
+
+/// The direction of a DMA buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The device reads and writes it.
+    Bidirectional,
+    /// The device reads it.
+    ToDevice,
+    /// The device writes it.
+    FromDevice,
+}
+
+impl Direction {
+    /// The DMA_MAP x4 value.
+    pub const fn abi(self) -> u64 {
+        match self {
+            Direction::Bidirectional => dma_direction::BIDIRECTIONAL,
+            Direction::ToDevice => dma_direction::TO_DEVICE,
+            Direction::FromDevice => dma_direction::FROM_DEVICE,
+        }
+    }
+}
+
+/// A live DMA mapping, as DMA_MAP returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaMapping {
+    /// The address to program the device with (= the buffer's IPA).
+    pub iova: u64,
+    /// The handle for DMA_SYNC and DMA_UNMAP.
+    pub handle: u64,
+}
+
+/// How far a scatter-gather map got before an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgError {
+    /// What stopped it.
+    pub error: Error,
+    /// Segments mapped (their handles written): unmap them with [`Client::dma_unmap_sg`].
+    pub mapped: usize,
 }
 
 /// A CACHE_OP_BATCH under construction, in an array the caller provides (and whose IPA it
@@ -644,6 +688,173 @@ impl<C: Conduit> Client<C> {
         }
     }
 
+    /// DMA_MAP of `range` (IPA, any alignment from ABI 1.1) for `device` (a StreamID from
+    /// DEV_INFO).
+    ///
+    /// # Errors
+    /// INVALID_PARAMETER, OUT_OF_RANGE, DENIED, NO_DEVICE, NO_MEMORY (quota), BUSY, or
+    /// [`Error::Protocol`].
+    pub fn dma_map(
+        &mut self,
+        device: u32,
+        range: Range,
+        direction: Direction,
+    ) -> Result<DmaMapping, Error> {
+        let regs = self.conduit.call(
+            function::DMA_MAP,
+            [
+                u64::from(device),
+                range.start,
+                range.size,
+                direction.abi(),
+                0,
+                0,
+            ],
+        );
+        match status_of(&regs)? {
+            Status::Success => Ok(DmaMapping {
+                iova: regs.x1,
+                handle: regs.x2,
+            }),
+            _ => Err(Error::Protocol),
+        }
+    }
+
+    /// DMA_UNMAP of a handle.
+    ///
+    /// # Errors
+    /// BAD_HANDLE, BUSY (the SMMU did not confirm), or [`Error::Protocol`].
+    pub fn dma_unmap(&mut self, handle: u64) -> Result<(), Error> {
+        let regs = self.call(function::DMA_UNMAP, handle, 0, 0);
+        match status_of(&regs)? {
+            Status::Success => Ok(()),
+            _ => Err(Error::Protocol),
+        }
+    }
+
+    /// DMA_SYNC of `[offset, offset + size)` of a mapping, for the device (`for_device`) or for
+    /// the CPU. `Ok(false)` when nothing had to be done (NOT_REQUIRED: a coherent device, a
+    /// non-cacheable buffer, or TO_DEVICE for the CPU).
+    ///
+    /// # Errors
+    /// BAD_HANDLE, INVALID_PARAMETER, OUT_OF_RANGE, or [`Error::Protocol`].
+    pub fn dma_sync(
+        &mut self,
+        handle: u64,
+        offset: u64,
+        size: u64,
+        for_device: bool,
+    ) -> Result<bool, Error> {
+        let target = if for_device {
+            dma_sync::FOR_DEVICE
+        } else {
+            dma_sync::FOR_CPU
+        };
+        let regs = self
+            .conduit
+            .call(function::DMA_SYNC, [handle, offset, size, target, 0, 0]);
+        match status_of(&regs) {
+            Ok(Status::Success) => Ok(true),
+            Err(Error::NotRequired) => Ok(false),
+            Ok(_) => Err(Error::Protocol),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// DMA_MAP_SG (ABI 1.1) of every segment of `segments`, which the hypervisor reads at IPA
+    /// `segments_ipa` (contiguous in IPA space) and into which it writes each segment's handle,
+    /// resuming with the cookie until all are mapped. An empty list makes no call.
+    ///
+    /// # Errors
+    /// An [`SgError`]: the first error status, [`Error::Stalled`] or [`Error::Protocol`], and
+    /// how many segments are mapped (the caller unmaps them with [`Self::dma_unmap_sg`]).
+    pub fn dma_map_sg(
+        &mut self,
+        device: u32,
+        segments: &mut [Segment],
+        segments_ipa: u64,
+        direction: Direction,
+    ) -> Result<(), SgError> {
+        let count = segments.len() as u64;
+        self.sg_calls(count, segments.as_mut_ptr(), |conduit, cookie| {
+            conduit.call(
+                function::DMA_MAP_SG,
+                [
+                    u64::from(device),
+                    segments_ipa,
+                    count,
+                    direction.abi(),
+                    cookie,
+                    0,
+                ],
+            )
+        })
+    }
+
+    /// DMA_UNMAP_SG (ABI 1.1) of every segment of `segments` (mapped by
+    /// [`Self::dma_map_sg`], the handles in place), at IPA `segments_ipa`.
+    ///
+    /// # Errors
+    /// As [`Self::dma_map_sg`]; `mapped` counts the segments unmapped.
+    pub fn dma_unmap_sg(
+        &mut self,
+        segments: &mut [Segment],
+        segments_ipa: u64,
+    ) -> Result<(), SgError> {
+        let count = segments.len() as u64;
+        self.sg_calls(count, segments.as_mut_ptr(), |conduit, cookie| {
+            conduit.call(
+                function::DMA_UNMAP_SG,
+                [segments_ipa, count, cookie, 0, 0, 0],
+            )
+        })
+    }
+
+    /// Repeats a scatter-gather call from its cookie until all `count` segments are done.
+    fn sg_calls(
+        &mut self,
+        count: u64,
+        segments: *mut Segment,
+        mut call: impl FnMut(&mut C, u64) -> Regs,
+    ) -> Result<(), SgError> {
+        if count == 0 {
+            return Ok(());
+        }
+        let fail = |error, mapped: u64| SgError {
+            error,
+            mapped: mapped as usize,
+        };
+        let mut cookie = 0u64;
+        let mut stalled = 0;
+        loop {
+            // The hypervisor reads the segments and writes their handles: the compiler must
+            // have stored them before, and must reload them after.
+            core::hint::black_box(segments);
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+            let regs = call(&mut self.conduit, cookie);
+            core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
+            match status_of(&regs) {
+                Ok(Status::Success) if regs.x1 == count => return Ok(()),
+                Ok(Status::Incomplete) if regs.x1 < count && regs.x2 == regs.x1 => {
+                    if regs.x2 < cookie {
+                        return Err(fail(Error::Protocol, cookie));
+                    }
+                    if regs.x2 == cookie {
+                        stalled += 1;
+                        if stalled >= MAX_STALLED_CALLS {
+                            return Err(fail(Error::Stalled, cookie));
+                        }
+                    } else {
+                        stalled = 0;
+                    }
+                    cookie = regs.x2;
+                }
+                Ok(_) => return Err(fail(Error::Protocol, cookie)),
+                Err(error) => return Err(fail(error, regs.x1.clamp(cookie, count))),
+            }
+        }
+    }
+
     /// Repeats `function(start, remaining, x3)` until the range is done; returns x2 of every
     /// answer or-ed together.
     fn range_calls(&mut self, function: u32, range: Range, x3: u64) -> Result<u64, Error> {
@@ -851,6 +1062,115 @@ mod tests {
             self.1 += 1;
             self.0
         }
+    }
+
+    /// A fake of the scatter-gather calls: `per_call` segments a call, an error at segment
+    /// `fail_at` if any; records each call's function and x1-x6.
+    struct Scatter {
+        per_call: u64,
+        fail_at: Option<(u64, Status)>,
+        calls: [(u32, [u64; 6]); 16],
+        made: usize,
+    }
+
+    impl Conduit for Scatter {
+        fn call(&mut self, function: u32, args: [u64; 6]) -> Regs {
+            self.calls[self.made] = (function, args);
+            self.made += 1;
+            let (count, cookie) = match function {
+                function::DMA_MAP_SG => (args[2], args[4]),
+                _ => (args[1], args[2]),
+            };
+            let end = count.min(cookie + self.per_call);
+            match self.fail_at {
+                Some((at, status)) if at < end => regs(status, at, 0),
+                _ if end == count => regs(Status::Success, count, 0),
+                _ => regs(Status::Incomplete, end, end),
+            }
+        }
+    }
+
+    fn scatter(per_call: u64, fail_at: Option<(u64, Status)>) -> Client<Scatter> {
+        Client::new(Scatter {
+            per_call,
+            fail_at,
+            calls: [(0, [0; 6]); 16],
+            made: 0,
+        })
+    }
+
+    #[test]
+    fn scatter_gather_resumes_with_the_cookie_and_reports_what_is_mapped() {
+        let mut segments = [Segment::new(RAM + 0x10, 0x20); 5];
+        let mut client = scatter(2, None);
+        client
+            .dma_map_sg(0x10, &mut segments, RAM + 0x1000, Direction::FromDevice)
+            .unwrap();
+        let made = client.conduit().made;
+        let calls = &client.conduit().calls[..made];
+        assert_eq!(calls.len(), 3);
+        let cookies = [calls[0].1[4], calls[1].1[4], calls[2].1[4]];
+        assert_eq!(cookies, [0, 2, 4], "cookies");
+        assert_eq!(
+            calls[0],
+            (function::DMA_MAP_SG, [0x10, RAM + 0x1000, 5, 2, 0, 0])
+        );
+        let mut client = scatter(2, None);
+        client.dma_unmap_sg(&mut segments, RAM + 0x1000).unwrap();
+        assert_eq!(
+            client.conduit().calls[1],
+            (function::DMA_UNMAP_SG, [RAM + 0x1000, 5, 2, 0, 0, 0])
+        );
+        // An error in segment 3: segments 0-2 are mapped.
+        let mut client = scatter(2, Some((3, Status::Denied)));
+        assert_eq!(
+            client.dma_map_sg(0x10, &mut segments, RAM + 0x1000, Direction::ToDevice),
+            Err(SgError {
+                error: Error::Denied,
+                mapped: 3
+            })
+        );
+        // A refusal of the whole call: nothing mapped. An empty list makes no call.
+        let mut client = scatter(2, Some((0, Status::Alignment)));
+        assert_eq!(
+            client.dma_map_sg(0x10, &mut segments, RAM + 0x1004, Direction::ToDevice),
+            Err(SgError {
+                error: Error::Alignment,
+                mapped: 0
+            })
+        );
+        let mut client = scatter(2, None);
+        client
+            .dma_map_sg(0x10, &mut [], RAM, Direction::ToDevice)
+            .unwrap();
+        assert_eq!(client.conduit().made, 0);
+        // No progress: stalled.
+        let mut client = Client::new(Always(regs(Status::Incomplete, 0, 0), 0));
+        assert_eq!(
+            client
+                .dma_map_sg(0x10, &mut segments, RAM, Direction::ToDevice)
+                .map_err(|e| e.error),
+            Err(Error::Stalled)
+        );
+    }
+
+    #[test]
+    fn dma_calls_pass_their_registers_and_read_their_answers() {
+        let mut client = Client::new(Always(regs(Status::Success, RAM + 0x10, 7), 0));
+        assert_eq!(
+            client.dma_map(0x10, Range::new(RAM + 0x10, 0x20), Direction::Bidirectional),
+            Ok(DmaMapping {
+                iova: RAM + 0x10,
+                handle: 7
+            })
+        );
+        assert_eq!(client.dma_unmap(7), Ok(()));
+        assert_eq!(client.dma_sync(7, 0, 0x20, true), Ok(true));
+        let mut client = Client::new(Always(regs(Status::NotRequired, 0, 0), 0));
+        assert_eq!(client.dma_sync(7, 0, 0x20, false), Ok(false));
+        let mut client = Client::new(Always(regs(Status::BadHandle, 0, 0), 0));
+        assert_eq!(client.dma_unmap(7), Err(Error::BadHandle));
+        assert_eq!(client.dma_sync(7, 0, 1, true), Err(Error::BadHandle));
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The stagehand hypercall ABI, version 1.0: function IDs, status codes, flags and the
+//! The stagehand hypercall ABI, version 1.1: function IDs, status codes, flags and the
 //! guest-side client; and the lines the hypervisor writes for the host on its UART (audit
 //! records, [`exit_status`]).
 //!
@@ -19,7 +19,7 @@ pub mod exit_status;
 /// Major version of the ABI this crate describes (REVISION x0).
 pub const ABI_MAJOR: u64 = 1;
 /// Minor version of the ABI this crate describes (REVISION x1).
-pub const ABI_MINOR: u64 = 0;
+pub const ABI_MINOR: u64 = 1;
 
 /// This hypervisor's UUID, `a61eba14-6d38-495c-9e88-7830b073fe65`, in its canonical byte order.
 pub const UUID: [u8; 16] = [
@@ -73,6 +73,10 @@ pub mod function {
     pub const DMA_UNMAP: u32 = 0xC600_0032;
     /// Synchronise a DMA buffer for the CPU or the device.
     pub const DMA_SYNC: u32 = 0xC600_0033;
+    /// DMA_MAP_SG (ABI 1.1): map the segments of an array in guest memory for one device.
+    pub const DMA_MAP_SG: u32 = 0xC600_0034;
+    /// DMA_UNMAP_SG (ABI 1.1): unmap the segments DMA_MAP_SG mapped, by the handles it wrote.
+    pub const DMA_UNMAP_SG: u32 = 0xC600_0035;
     /// Copy audit records into a guest buffer.
     pub const AUDIT_READ: u32 = 0xC600_0040;
     /// Insert a mark record into the audit stream.
@@ -213,6 +217,81 @@ pub mod mair {
     pub const NORMAL_NC: u64 = 0x44;
     /// Device-nGnRnE (also what a guest running with its MMU off gets for data).
     pub const DEVICE_NGNRNE: u64 = 0x00;
+}
+
+/// DMA_MAP x4 (and DMA_MAP_SG x4): the direction of a buffer.
+pub mod dma_direction {
+    /// The device reads and writes.
+    pub const BIDIRECTIONAL: u64 = 0;
+    /// The device reads.
+    pub const TO_DEVICE: u64 = 1;
+    /// The device writes.
+    pub const FROM_DEVICE: u64 = 2;
+}
+
+/// DMA_SYNC x4: whom the buffer is handed to.
+pub mod dma_sync {
+    /// The device has finished: the CPU reads next.
+    pub const FOR_CPU: u64 = 0;
+    /// The CPU has finished: the device reads next.
+    pub const FOR_DEVICE: u64 = 1;
+}
+
+/// DEV_INFO x3 flags.
+pub mod dev_flag {
+    /// The device snoops CPU caches.
+    pub const COHERENT: u64 = 1 << 0;
+    /// The device is in strict mode (it reaches only mapped buffers).
+    pub const STRICT: u64 = 1 << 1;
+}
+
+/// DMA_MAP_SG and DMA_UNMAP_SG (ABI 1.1): the segment layout `{u64 addr, u64 size, u64
+/// handle}` (little endian), the limits of one call and the segment struct itself, shared by
+/// the hypervisor (which parses it) and guest drivers (which fill it in).
+pub mod dma_sg {
+    use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+    /// Bytes of one segment.
+    pub const SEGMENT_SIZE: u64 = 24;
+    /// The array's alignment in guest memory.
+    pub const ARRAY_ALIGN: u64 = 8;
+    /// Most segments one call works through (then INCOMPLETE with a resume cookie).
+    pub const SEGMENTS_PER_CALL: u64 = 64;
+    /// Most segments an array may hold.
+    pub const MAX_SEGMENTS: u64 = 1 << 24;
+    /// Offset of `handle` in a segment: DMA_MAP_SG writes the segment's handle there.
+    pub const HANDLE_OFFSET: u64 = 16;
+
+    /// One segment. The guest fills in `addr` and `size` (any alignment, not zero, at most
+    /// 16 MiB); DMA_MAP_SG writes `handle` (the segment's IOVA is `addr`); DMA_UNMAP_SG reads
+    /// `handle`.
+    #[derive(
+        Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+    )]
+    #[repr(C)]
+    pub struct Segment {
+        /// First IPA of the buffer (its IOVA).
+        pub addr: u64,
+        /// Bytes.
+        pub size: u64,
+        /// The mapping's handle, written by DMA_MAP_SG (0 until then).
+        pub handle: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<Segment>() as u64 == SEGMENT_SIZE);
+    const _: () = assert!(core::mem::align_of::<Segment>() as u64 >= ARRAY_ALIGN);
+    const _: () = assert!(core::mem::offset_of!(Segment, handle) as u64 == HANDLE_OFFSET);
+
+    impl Segment {
+        /// A segment of `size` bytes at `addr`, not yet mapped.
+        pub const fn new(addr: u64, size: u64) -> Self {
+            Segment {
+                addr,
+                size,
+                handle: 0,
+            }
+        }
+    }
 }
 
 /// CACHE_OP_BATCH: the entry layout `{u64 addr, u64 size, u32 op, u32 reserved}` (little

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use stagehand_abi::{
-    access, attr, batch, cache_op, driver, feature, function, mair, page_flag, Status, ABI_MAJOR,
-    ABI_MINOR, PAGE_SIZE,
+    access, attr, batch, cache_op, dev_flag, dma_direction, dma_sg, dma_sync, driver, feature,
+    function, mair, page_flag, Status, ABI_MAJOR, ABI_MINOR, PAGE_SIZE,
 };
 
 const HEADER: &str = include_str!("../include/stagehand.h");
@@ -32,6 +32,20 @@ fn expected() -> BTreeMap<String, i128> {
         ("FN_DMA_MAP", function::DMA_MAP.into()),
         ("FN_DMA_UNMAP", function::DMA_UNMAP.into()),
         ("FN_DMA_SYNC", function::DMA_SYNC.into()),
+        ("FN_DMA_MAP_SG", function::DMA_MAP_SG.into()),
+        ("FN_DMA_UNMAP_SG", function::DMA_UNMAP_SG.into()),
+        ("DMA_BIDIRECTIONAL", dma_direction::BIDIRECTIONAL.into()),
+        ("DMA_TO_DEVICE", dma_direction::TO_DEVICE.into()),
+        ("DMA_FROM_DEVICE", dma_direction::FROM_DEVICE.into()),
+        ("DMA_SYNC_FOR_CPU", dma_sync::FOR_CPU.into()),
+        ("DMA_SYNC_FOR_DEVICE", dma_sync::FOR_DEVICE.into()),
+        ("DEV_COHERENT", dev_flag::COHERENT.into()),
+        ("DEV_STRICT", dev_flag::STRICT.into()),
+        ("DMA_SG_SEGMENT_SIZE", dma_sg::SEGMENT_SIZE.into()),
+        ("DMA_SG_ARRAY_ALIGN", dma_sg::ARRAY_ALIGN.into()),
+        ("DMA_SG_HANDLE_OFFSET", dma_sg::HANDLE_OFFSET.into()),
+        ("DMA_SG_SEGMENTS_PER_CALL", dma_sg::SEGMENTS_PER_CALL.into()),
+        ("DMA_SG_MAX_SEGMENTS", dma_sg::MAX_SEGMENTS.into()),
         ("FN_AUDIT_READ", function::AUDIT_READ.into()),
         ("FN_AUDIT_MARK", function::AUDIT_MARK.into()),
         ("FEATURE_FWB", feature::FWB.into()),
@@ -174,6 +188,33 @@ fn the_header_declares_the_batch_entry_as_the_rust_struct() {
         ]
     );
     assert_eq!(std::mem::size_of::<driver::BatchEntry>(), 24);
+}
+
+#[test]
+fn the_header_declares_the_dma_segment_as_the_rust_struct() {
+    let body = HEADER
+        .split("struct stagehand_dma_segment {")
+        .nth(1)
+        .and_then(|rest| rest.split("};").next())
+        .expect("struct stagehand_dma_segment in the header");
+    let fields: Vec<String> = body
+        .lines()
+        .filter_map(|line| line.split(';').next())
+        .map(|decl| decl.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|decl| !decl.is_empty())
+        .collect();
+    assert_eq!(
+        fields,
+        ["uint64_t addr", "uint64_t size", "uint64_t handle"]
+    );
+    assert_eq!(
+        std::mem::size_of::<dma_sg::Segment>() as u64,
+        dma_sg::SEGMENT_SIZE
+    );
+    assert_eq!(
+        std::mem::offset_of!(dma_sg::Segment, handle) as u64,
+        dma_sg::HANDLE_OFFSET
+    );
 }
 
 fn include_dir() -> PathBuf {

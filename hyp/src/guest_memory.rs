@@ -48,9 +48,22 @@ pub fn read(ipa: u64, buffer: &mut [u8]) -> Result<(), Status> {
     let vm = vm();
     let attributes = vm.attributes.read();
     let mut window = vm.windows[current_vcpu()].lock();
+    read_locked(&attributes, &mut window, ipa, buffer)
+}
+
+/// [`read`] for a caller that holds the attribute manager (read or write) and this CPU's window.
+///
+/// # Errors
+/// OUT_OF_RANGE or DENIED when the range is not guest RAM.
+pub fn read_locked(
+    attributes: &AttributeManager,
+    window: &mut Window,
+    ipa: u64,
+    buffer: &mut [u8],
+) -> Result<(), Status> {
     with_mapped(
-        &attributes,
-        &mut window,
+        attributes,
+        window,
         ipa,
         buffer.len() as u64,
         |va, offset, len| {
@@ -76,13 +89,27 @@ pub fn write(ipa: u64, bytes: &[u8]) -> Result<(), Status> {
     let vm = vm();
     let attributes = vm.attributes.read();
     let mut window = vm.windows[current_vcpu()].lock();
+    write_locked(&attributes, &mut window, ipa, bytes)
+}
+
+/// [`write`] for a caller that holds the attribute manager (read or write) and this CPU's
+/// window.
+///
+/// # Errors
+/// OUT_OF_RANGE or DENIED when the range is not guest RAM.
+pub fn write_locked(
+    attributes: &AttributeManager,
+    window: &mut Window,
+    ipa: u64,
+    bytes: &[u8],
+) -> Result<(), Status> {
     with_mapped(
-        &attributes,
-        &mut window,
+        attributes,
+        window,
         ipa,
         bytes.len() as u64,
         |va, offset, len| {
-            // SAFETY: as in `read`; guest RAM is never hypervisor memory.
+            // SAFETY: as in `read_locked`; guest RAM is never hypervisor memory.
             unsafe {
                 core::ptr::copy_nonoverlapping(
                     bytes[offset as usize..].as_ptr(),

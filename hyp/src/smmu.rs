@@ -28,7 +28,7 @@ use hyp_core::audit::Event;
 use hyp_core::config::{Config, DmaMode};
 use hyp_core::inject::Access;
 use hyp_core::noncoherent::{self, CleaningTables};
-use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2};
+use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2, PAGE_SIZE};
 use stagehand_abi::{feature, Status};
 use stagehand_platform::board::Board;
 use stagehand_platform::pci::{self, Bdf, Function};
@@ -793,57 +793,38 @@ pub fn dma_device(stream_id: u32) -> Option<DmaDevice> {
         })
 }
 
-/// Maps guest `[ipa, ipa + size)` (at `pa`) into a strict device's stage 2 with `permissions`.
-/// New entries only replace invalid ones, so no TLB invalidation is needed.
-///
-/// # Errors
-/// NO_DEVICE, BUSY (part of the range is mapped for this device already), NO_MEMORY (tables).
-pub fn map_strict(
-    stream_id: u32,
-    ipa: u64,
-    pa: u64,
-    size: u64,
-    permissions: Permissions,
-    memory: MemoryType,
-) -> Result<(), Status> {
-    let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
-    let coherent = smmu.coherent;
-    let device = smmu
-        .devices
-        .iter_mut()
-        .find(|d| d.stream_id == stream_id)
-        .ok_or(Status::NoDevice)?;
-    let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
-    let mapped = if coherent {
-        let mapped = table.map(&mut HeapTables, ipa, pa, size, memory, permissions);
-        // The SMMU walks write-back, inner-shareable tables (CR1): a DSB makes the entries
-        // visible.
-        arch::dsb_ish();
-        mapped
-    } else {
-        // It reads memory: every line written (new tables whole) is cleaned to the point of
-        // coherency, even on failure (a partial map may have written some), before it may walk.
-        let mut heap = HeapTables;
-        let mut tables = CleaningTables::new(&mut heap);
-        let mapped = table.map(&mut tables, ipa, pa, size, memory, permissions);
-        tables.clean(&mut Cpu::new());
-        mapped
-    };
-    mapped.map_err(|error| match error {
-        MapError::AlreadyMapped { .. } => Status::Busy,
-        MapError::OutOfTableMemory => Status::NoMemory,
-        MapError::Misaligned => Status::Alignment,
-        MapError::OutOfRange => Status::OutOfRange,
-    })
+/// A run of pages of a strict device's stage 2 whose rights change (one attribute): what
+/// [`apply_rights`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RightsUpdate {
+    /// First page's IPA.
+    pub ipa: u64,
+    /// Its PA.
+    pub pa: u64,
+    /// Bytes (a page multiple).
+    pub size: u64,
+    /// The rights before (`None`: not mapped).
+    pub before: Option<Permissions>,
+    /// The rights after (`None`: unmapped).
+    pub after: Option<Permissions>,
+    /// The pages' attribute, which the device's mapping follows (I1).
+    pub memory: MemoryType,
 }
 
-/// Removes `[ipa, ipa + size)` from a strict device's stage 2, invalidates the SMMU's TLB for
-/// it and waits for the CMD_SYNC: when this returns the device can no longer reach the buffer.
+/// Writes rights changes into a strict device's stage 2, page by page: a page without rights
+/// before is mapped, one without rights after is unmapped, any other is rewritten in place (no
+/// break: the output address and attribute stay, so a device DMA in flight to the page's other
+/// buffers goes on). The entries are visible to the SMMU's walks when this returns; the caller
+/// then invalidates the runs whose entries were valid before ([`invalidate_strict`]), once per
+/// call.
 ///
 /// # Errors
-/// NO_DEVICE, or BUSY when the SMMU did not complete the invalidation (the mapping is gone
-/// from the tables, but the caller must not reuse the buffer as if it were unreachable).
-pub fn unmap_strict(stream_id: u32, ipa: u64, size: u64) -> Result<Issued, Status> {
+/// NO_DEVICE; NO_MEMORY (tables: the runs before the failing page are written, and the caller
+/// undoes them); BUSY for an entry that does not match the counted rights (a bug, logged).
+pub fn apply_rights(stream_id: u32, updates: &[RightsUpdate]) -> Result<(), Status> {
+    if updates.is_empty() {
+        return Ok(());
+    }
     let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
     let coherent = smmu.coherent;
     let device = smmu
@@ -851,26 +832,73 @@ pub fn unmap_strict(stream_id: u32, ipa: u64, size: u64) -> Result<Issued, Statu
         .iter_mut()
         .find(|d| d.stream_id == stream_id)
         .ok_or(Status::NoDevice)?;
-    let vmid = device.vmid;
     let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
-    let unmapped = if coherent {
-        let unmapped = table.unmap(&mut HeapTables, ipa, size);
-        arch::dsb_ish();
-        unmapped
-    } else {
-        // The invalid entries must be in memory before the TLBI makes the SMMU walk again.
-        let mut heap = HeapTables;
-        let mut tables = CleaningTables::new(&mut heap);
-        let unmapped = table.unmap(&mut tables, ipa, size);
-        tables.clean(&mut Cpu::new());
-        unmapped
-    };
-    if unmapped.is_err() {
-        log::error!(
-            "SMMU: unmap of {ipa:#x}+{size:#x} for StreamID {stream_id:#x} did not match its map"
-        );
+    let mut heap = HeapTables;
+    let mut cleaning = CleaningTables::new(&mut heap);
+    let mut written = Ok(());
+    'runs: for update in updates {
+        let mut offset = 0;
+        while offset < update.size {
+            let (ipa, pa) = (update.ipa + offset, update.pa + offset);
+            let result = match (update.before, update.after) {
+                (_, None) => table.unmap(&mut cleaning, ipa, PAGE_SIZE),
+                (None, Some(rights)) => {
+                    table.map(&mut cleaning, ipa, pa, PAGE_SIZE, update.memory, rights)
+                }
+                (Some(_), Some(rights)) => {
+                    table.set_page(&mut cleaning, ipa, update.memory, rights)
+                }
+            };
+            if let Err(error) = result {
+                log::error!("SMMU: rights of {ipa:#x} for StreamID {stream_id:#x}: {error:?}");
+                written = Err(match error {
+                    MapError::OutOfTableMemory => Status::NoMemory,
+                    _ => Status::Busy,
+                });
+                break 'runs;
+            }
+            offset += PAGE_SIZE;
+        }
     }
-    let (commands, issued) = tlbi_commands(vmid, ipa, size);
+    // The SMMU walks write-back tables when it is coherent (CR1): a DSB makes the entries
+    // visible; otherwise every line written is cleaned to the point of coherency first.
+    if coherent {
+        arch::dsb_ish();
+    } else {
+        cleaning.clean(&mut Cpu::new());
+    }
+    written
+}
+
+/// Invalidates a strict device's SMMU TLB for each run of `runs` and waits for one CMD_SYNC:
+/// when this returns, the device uses only what its stage 2 now says. Nothing to do (and
+/// nothing issued) for no runs.
+///
+/// # Errors
+/// NO_DEVICE, or BUSY when the SMMU did not complete the invalidation.
+pub fn invalidate_strict(stream_id: u32, runs: &[(u64, u64)]) -> Result<Issued, Status> {
+    if runs.is_empty() {
+        return Ok(Issued::default());
+    }
+    let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
+    let vmid = smmu
+        .devices
+        .iter()
+        .find(|d| d.stream_id == stream_id)
+        .ok_or(Status::NoDevice)?
+        .vmid;
+    let mut commands = Vec::new();
+    // `submit`'s own CMD_SYNC.
+    let mut issued = Issued {
+        count: 1,
+        kinds: stagehand_abi::audit::smmu_command::SYNC,
+    };
+    for &(ipa, size) in runs {
+        let (more, counted) = tlbi_commands(vmid, ipa, size);
+        commands.extend(more);
+        issued.count += counted.count - 1;
+        issued.kinds |= counted.kinds;
+    }
     smmu.submit(&commands).map_err(|error| {
         log::error!("SMMU: TLB invalidation failed: {error}");
         Status::Busy

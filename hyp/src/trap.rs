@@ -231,6 +231,18 @@ fn smccc(frame: &mut TrapFrame) {
             size,
             direction,
         } => dma_calls::map(device, ipa, size, direction),
+        Call::DmaMapSg {
+            device,
+            array,
+            count,
+            direction,
+            cookie,
+        } => dma_calls::map_sg(device, array, count, direction, cookie),
+        Call::DmaUnmapSg {
+            array,
+            count,
+            cookie,
+        } => dma_calls::unmap_sg(array, count, cookie),
         Call::DmaUnmap { handle } => dma_calls::unmap(handle),
         Call::DmaSync {
             handle,

@@ -297,6 +297,7 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
         windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
     crate::smmu::init(board, &config, vm());
+    crate::dma_calls::set_quota(config.dma_mappings);
     let (used, total) = crate::heap::usage();
     log::info!(
         "guest: RAM IPA {:#x}+{:#x} at PA {:#x}, entry {entry:#x}, dtb {:#x} ({} bytes), initrd {}, FWB {}, heap {used}/{total}",

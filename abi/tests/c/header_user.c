@@ -25,6 +25,32 @@ int is_error(int64_t status)
 }
 
 #if defined(__aarch64__)
+/*
+ * A request header the device reads and a status byte it writes, in one page, then a
+ * two-segment data list: what virtio-blk's driver maps for one request.
+ */
+int64_t block_request(uint64_t device, uint64_t header_ipa, uint64_t status_ipa,
+                      struct stagehand_dma_segment *data, uint64_t data_ipa);
+int64_t block_request(uint64_t device, uint64_t header_ipa, uint64_t status_ipa,
+                      struct stagehand_dma_segment *data, uint64_t data_ipa)
+{
+    uint64_t iova, header, status, mapped;
+    int64_t r = stagehand_dma_map(device, header_ipa, 16, STAGEHAND_DMA_TO_DEVICE, &iova, &header);
+    if (r != STAGEHAND_SUCCESS)
+        return r;
+    r = stagehand_dma_map(device, status_ipa, 1, STAGEHAND_DMA_FROM_DEVICE, &iova, &status);
+    if (r == STAGEHAND_SUCCESS) {
+        r = stagehand_dma_map_sg(device, data_ipa, 2, STAGEHAND_DMA_FROM_DEVICE, &mapped);
+        if (mapped > 0)
+            (void)stagehand_dma_unmap_sg(data_ipa, mapped);
+        (void)stagehand_dma_sync(status, 0, 1, STAGEHAND_DMA_SYNC_FOR_CPU);
+        (void)stagehand_dma_unmap(status);
+    }
+    (void)data;
+    (void)stagehand_dma_unmap(header);
+    return r;
+}
+
 /* The worked example of docs/abi.md, in C. */
 int64_t ring_setup(uint64_t ring_ipa, uint64_t ring_len);
 int64_t receive_prepare(uint64_t buffer_va, uint64_t len);

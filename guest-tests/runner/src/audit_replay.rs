@@ -10,6 +10,8 @@ use crate::protocol::TestOutcome;
 pub const REPLAYED: &[&str] = &[
     "smccc",
     "audit",
+    "dma",
+    "dma-shared",
     "containment",
     "gic",
     "hostile",

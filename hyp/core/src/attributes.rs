@@ -765,7 +765,6 @@ impl AttributeManager {
             .min(page_base + WINDOW_PAGES * PAGE_SIZE)
             .min(ipa + WORK_BUDGET);
         let line = arch.line_size();
-        let low = ipa & !(line - 1);
         let high = chunk_end.next_multiple_of(line);
         let pages = (high.next_multiple_of(PAGE_SIZE) - page_base) / PAGE_SIZE;
         let first = self.page_index(page_base);
@@ -777,26 +776,16 @@ impl AttributeManager {
         let pa = self.ram.pa + (page_base - self.ram.ipa);
         let va_base = window.map(arch, pa, pages, |i| page_run[i as usize].non_cacheable);
         let va = |address: u64| va_base + (address - page_base);
-        match op {
-            CacheOp::Invalidate if !widened => {
-                let head_partial = !ipa.is_multiple_of(line);
-                let tail_partial = !chunk_end.is_multiple_of(line);
-                let mut full_low = low;
-                let mut full_high = high;
-                if head_partial {
-                    arch.dcache_range(CacheOp::CleanInvalidate, va(low), line);
-                    full_low += line;
-                }
-                if tail_partial && high - line >= full_low {
-                    arch.dcache_range(CacheOp::CleanInvalidate, va(high - line), line);
-                    full_high -= line;
-                }
-                if full_high > full_low {
-                    arch.dcache_range(CacheOp::Invalidate, va(full_low), full_high - full_low);
-                }
-            }
-            CacheOp::Invalidate => arch.dcache_range(CacheOp::CleanInvalidate, va(low), high - low),
-            other => arch.dcache_range(other, va(low), high - low),
+        let op = if widened {
+            CacheOp::CleanInvalidate
+        } else {
+            op
+        };
+        for (stroke_op, start, len) in crate::maintenance::plan(op, ipa, chunk_end, line)
+            .into_iter()
+            .flatten()
+        {
+            arch.dcache_range(stroke_op, va(start), len);
         }
         arch.dsb_ish();
         window.unmap(arch);
@@ -1433,6 +1422,140 @@ mod tests {
             .unwrap();
         assert!(!dma.widened);
         assert_eq!(f.arch.ops[3], Op::Dc(CacheOp::CleanInvalidate, va, 0x140));
+        f.check();
+    }
+
+    /// What a DMA buffer (any alignment) is checked against before anything is pinned: the
+    /// buffer itself, then the pages it touches in the ledger. Every bad-input row.
+    #[test]
+    fn dma_buffers_are_checked_byte_by_byte_then_page_by_page() {
+        use crate::dma;
+        let f = fixture(true);
+        let end = RAM.ipa + RAM.size;
+        let rows: [(&str, u64, u64, Result<(), Status>); 11] = [
+            ("a page", R0, PAGE_SIZE, Ok(())),
+            ("a byte", R0 + 0x123, 1, Ok(())),
+            ("across a page", R0 + 0xff0, 0x20, Ok(())),
+            ("the last byte of RAM", end - 1, 1, Ok(())),
+            ("zero size", R0, 0, Err(Status::InvalidParameter)),
+            (
+                "above 16 MiB",
+                R0,
+                dma::MAX_MAPPING_BYTES + 1,
+                Err(Status::InvalidParameter),
+            ),
+            ("wrapping", u64::MAX - 0xf, 0x20, Err(Status::OutOfRange)),
+            (
+                "across the end of RAM",
+                end - 8,
+                16,
+                Err(Status::OutOfRange),
+            ),
+            ("below RAM", RAM.ipa - 8, 4, Err(Status::OutOfRange)),
+            ("bytes of the UART", UART.0 + 0x10, 8, Err(Status::Denied)),
+            (
+                "outside RAM and MMIO",
+                0x1_0000_0000,
+                8,
+                Err(Status::OutOfRange),
+            ),
+        ];
+        for (what, ipa, size, want) in rows {
+            let got =
+                dma::check_buffer(ipa, size).and_then(|span| f.manager.check(span.ipa, span.size));
+            assert_eq!(got, want, "{what}: {ipa:#x}+{size:#x}");
+        }
+    }
+
+    /// The DMA maintenance of a byte-granular buffer, for every alignment of its start and end
+    /// within a line and every direction and step: each line the buffer touches gets exactly
+    /// one operation, no other line any, and a line the buffer covers only in part is never
+    /// only invalidated (the bytes of a neighbour in it survive).
+    #[test]
+    fn dma_maintenance_covers_exactly_the_buffer_lines_at_every_alignment() {
+        use crate::audit::DmaDirection;
+        use crate::dma::{self, Step};
+        let mut f = fixture(true);
+        let line = 64;
+        let base = R0 + 3 * PAGE_SIZE;
+        f.manager
+            .pin(&mut f.memory, &mut f.arch, base, 2 * PAGE_SIZE)
+            .unwrap();
+        let directions = [
+            DmaDirection::ToDevice,
+            DmaDirection::FromDevice,
+            DmaDirection::Bidirectional,
+        ];
+        let steps = [Step::Map, Step::Unmap, Step::ForCpu, Step::ForDevice];
+        let mut cases = 0;
+        for direction in directions {
+            for step in steps {
+                let Some(op) = dma::maintenance(direction, step) else {
+                    continue;
+                };
+                // The buffer starts at every offset in a line and ends at every offset in the
+                // same line, the next one and the one after (page 3's last lines included, so
+                // that buffers crossing into page 4 are covered).
+                for first_line in [base + line, base + PAGE_SIZE - 2 * line] {
+                    for head in 0..line {
+                        for len in 1..=3 * line - head {
+                            let start = first_line + head;
+                            let end = start + len;
+                            f.arch.clear();
+                            let p = f
+                                .manager
+                                .cache_operation(
+                                    &mut f.memory,
+                                    &mut f.arch,
+                                    &mut f.window,
+                                    start,
+                                    len,
+                                    op,
+                                    Requester::Dma,
+                                )
+                                .unwrap();
+                            assert!(p.complete && !p.widened);
+                            let page_base = start & !(PAGE_SIZE - 1);
+                            let mut seen = std::collections::BTreeMap::new();
+                            for o in &f.arch.ops {
+                                if let Op::Dc(dc, va, bytes) = *o {
+                                    for at in (va..va + bytes).step_by(line as usize) {
+                                        let ipa = at - WINDOW_VA + page_base;
+                                        assert!(
+                                            seen.insert(ipa, dc).is_none(),
+                                            "{op:?} {start:#x}+{len}: line {ipa:#x} twice"
+                                        );
+                                    }
+                                }
+                            }
+                            let low = start & !(line - 1);
+                            let high = end.next_multiple_of(line);
+                            let want: Vec<u64> = (low..high).step_by(line as usize).collect();
+                            assert_eq!(
+                                seen.keys().copied().collect::<Vec<_>>(),
+                                want,
+                                "{op:?} {start:#x}+{len}: lines maintained"
+                            );
+                            for (&at, &dc) in &seen {
+                                let whole = at >= start && at + line <= end;
+                                let expected = match (op, whole) {
+                                    (CacheOp::Invalidate, false) => CacheOp::CleanInvalidate,
+                                    _ => op,
+                                };
+                                assert_eq!(dc, expected, "{op:?} {start:#x}+{len}: line {at:#x}");
+                            }
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        // 10 (direction, step) pairs with maintenance, 2 places, 64 starts x their lengths.
+        assert_eq!(
+            cases,
+            10 * 2 * (0..line).map(|head| 3 * line - head).sum::<u64>()
+        );
+        f.manager.unpin(base, 2 * PAGE_SIZE);
         f.check();
     }
 

@@ -123,6 +123,28 @@ pub enum Call {
         /// Direction (checked by the handler).
         direction: u64,
     },
+    /// DMA_MAP_SG (ABI 1.1).
+    DmaMapSg {
+        /// StreamID of the device.
+        device: u64,
+        /// IPA of the segment array (checked by the handler).
+        array: u64,
+        /// Segments in it.
+        count: u64,
+        /// Direction of every segment (checked by the handler).
+        direction: u64,
+        /// Resume cookie (0 on the first call).
+        cookie: u64,
+    },
+    /// DMA_UNMAP_SG (ABI 1.1).
+    DmaUnmapSg {
+        /// IPA of the segment array DMA_MAP_SG filled in.
+        array: u64,
+        /// Segments in it.
+        count: u64,
+        /// Resume cookie (0 on the first call).
+        cookie: u64,
+    },
     /// DMA_UNMAP.
     DmaUnmap {
         /// The handle DMA_MAP returned.
@@ -228,6 +250,18 @@ pub fn decode(x0: u64, args: &[u64; 6]) -> Call {
             size: args[2],
             direction: args[3],
         },
+        function::DMA_MAP_SG => Call::DmaMapSg {
+            device: args[0],
+            array: args[1],
+            count: args[2],
+            direction: args[3],
+            cookie: args[4],
+        },
+        function::DMA_UNMAP_SG => Call::DmaUnmapSg {
+            array: args[0],
+            count: args[1],
+            cookie: args[2],
+        },
         function::DMA_UNMAP => Call::DmaUnmap { handle: args[0] },
         function::DMA_SYNC => Call::DmaSync {
             handle: args[0],
@@ -308,6 +342,27 @@ mod tests {
                 ipa: 0x4000_0000,
                 size: 0x1000,
                 direction: 2
+            }
+        );
+        assert_eq!(
+            decode(
+                function::DMA_MAP_SG as u64,
+                &[0x10, 0x4000_0000, 3, 1, 2, 9]
+            ),
+            Call::DmaMapSg {
+                device: 0x10,
+                array: 0x4000_0000,
+                count: 3,
+                direction: 1,
+                cookie: 2
+            }
+        );
+        assert_eq!(
+            decode(function::DMA_UNMAP_SG as u64, &[0x4000_0000, 3, 1, 9, 9, 9]),
+            Call::DmaUnmapSg {
+                array: 0x4000_0000,
+                count: 3,
+                cookie: 1
             }
         );
         assert_eq!(decode(0xC600_0FFF, &[0; 6]), Call::Unknown(0xC600_0FFF));

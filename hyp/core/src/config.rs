@@ -12,6 +12,7 @@
 //! | `audit` | `all`, `changes` (no records of CMO calls or DMA syncs), `off`: which events become audit records ([`AuditLevel`]) | `all` |
 //! | `selftest` | `el2-fault`: fault at EL2 on purpose before entering the guest, to test the fault report | none |
 //! | `dma` | `shared`, `strict`, `blocked`: DMA mode of every PCI device behind the SMMU ([`DmaMode`]) | `shared` |
+//! | `dma-mappings` | most live DMA mappings of the VM (1 to 16M; `K`/`M` suffixes count 1024s): DMA_MAP and DMA_MAP_SG answer NO_MEMORY beyond | `65536` |
 //! | `smmu-coherent` | `auto`, `off`: `off` treats the SMMU as not snooping CPU caches even when SMMU_IDR0.COHACC says it does, so every clean its tables and queues need runs (tests the non-coherent path on QEMU, whose SMMU is coherent) | `auto` |
 //! | `devices` | per-device overrides: `<bus:dev.fn>/<option>[/<option>]...`, several joined by `+`; options `shared`, `strict`, `blocked`, `coherent`, `noncoherent` (e.g. `devices=00:02.0/strict/noncoherent+00:03.0/shared`) | none: every device takes `dma`, coherent |
 //!
@@ -141,6 +142,8 @@ pub struct Config {
     /// Treat the SMMU's table walks and queue accesses as not snooping CPU caches, whatever
     /// SMMU_IDR0.COHACC says (`smmu-coherent=off`).
     pub smmu_noncoherent: bool,
+    /// Most live DMA mappings the VM may hold (`dma-mappings`); DMA_MAP answers NO_MEMORY beyond.
+    pub dma_mappings: usize,
 }
 
 impl Config {
@@ -165,6 +168,7 @@ impl Default for Config {
             dma: DmaMode::Shared,
             devices: DeviceRules::EMPTY,
             smmu_noncoherent: false,
+            dma_mappings: crate::dma::DEFAULT_MAPPING_QUOTA,
         }
     }
 }
@@ -255,7 +259,7 @@ const REMOVED_KEYS: [(&str, &str); 1] = [(
 )];
 
 /// Every key the configuration accepts.
-const KEYS: [Key; 8] = [
+const KEYS: [Key; 9] = [
     Key {
         name: "ram",
         expected:
@@ -335,6 +339,15 @@ const KEYS: [Key; 8] = [
         expected: "shared, strict or blocked",
         apply: |config, value| {
             config.dma = parse_dma_mode(value)?;
+            Some(())
+        },
+    },
+    Key {
+        name: "dma-mappings",
+        expected: "a number of live DMA mappings from 1 to 16777216 (decimal or 0x hex, optional K/M suffix)",
+        apply: |config, value| {
+            let count = parse_size(value).filter(|&count| (1..=1 << 24).contains(&count))?;
+            config.dma_mappings = count as usize;
             Some(())
         },
     },
@@ -495,6 +508,7 @@ mod tests {
                 dma: DmaMode::Shared,
                 devices: DeviceRules::EMPTY,
                 smmu_noncoherent: false,
+                dma_mappings: crate::dma::DEFAULT_MAPPING_QUOTA,
             }
         );
     }
@@ -514,6 +528,7 @@ mod tests {
                 dma: DmaMode::Shared,
                 devices: DeviceRules::EMPTY,
                 smmu_noncoherent: false,
+                dma_mappings: crate::dma::DEFAULT_MAPPING_QUOTA,
             }
         );
         assert_eq!(parse("audit=changes").unwrap().audit, AuditLevel::Changes);
@@ -531,6 +546,21 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.dma, DmaMode::Strict);
+        assert_eq!(config.dma_mappings, crate::dma::DEFAULT_MAPPING_QUOTA);
+        assert_eq!(parse("dma-mappings=128").unwrap().dma_mappings, 128);
+        assert_eq!(parse("dma-mappings=1M").unwrap().dma_mappings, 1 << 20);
+        for bad in ["dma-mappings=0", "dma-mappings=17M", "dma-mappings=many"] {
+            assert!(
+                matches!(
+                    parse(bad),
+                    Err(ConfigError::BadValue {
+                        key: "dma-mappings",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
         let rules: alloc::vec::Vec<_> = config.devices.iter().copied().collect();
         assert_eq!(
             rules,
@@ -677,7 +707,7 @@ mod tests {
         let cases = [
             ("ram", "config: `ram` is not key=value".to_string()),
             ("=5", "config: `=5` is not key=value".to_string()),
-            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, smmu-coherent, selftest, audit, dma, devices)".to_string()),
+            ("memory=1G", "config: unknown key `memory` (known: ram, log, fwb, smmu-coherent, selftest, audit, dma, dma-mappings, devices)".to_string()),
             ("log=info log=warn", "config: `log` given twice".to_string()),
             ("ram=3M", alloc::format!("config: bad value `3M` for `ram`: expected {ram}")),
             ("ram=0", alloc::format!("config: bad value `0` for `ram`: expected {ram}")),
@@ -703,7 +733,7 @@ mod tests {
                 "selftest=panic",
                 "config: bad value `panic` for `selftest`: expected el2-fault".to_string(),
             ),
-            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, smmu-coherent, selftest, audit, dma, devices)".to_string()),
+            ("x\u{7}=1", "config: unknown key `x\\u{7}` (known: ram, log, fwb, smmu-coherent, selftest, audit, dma, dma-mappings, devices)".to_string()),
         ];
         for (text, message) in cases {
             assert_eq!(parse(text).unwrap_err().to_string(), message, "{text}");

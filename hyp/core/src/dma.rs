@@ -1,19 +1,29 @@
-//! DMA mappings: the direction of a mapping and what it implies (the device's access rights in
-//! strict mode, the cache maintenance at each step for a non-coherent device), and the table of
-//! live mappings, whose handles carry a generation so that a stale handle is recognised.
+//! DMA mappings (ABI 1.1): the direction of a mapping and what it implies (the device's access
+//! rights in strict mode, the cache maintenance at each step for a non-coherent device), the
+//! checks of a byte-granular buffer, the counted rights of each page a strict device reaches,
+//! the growable table of live mappings with its quota, and the decoding and work budget of the
+//! scatter-gather calls.
+//!
+//! Rights are counted per device and per page: each live mapping adds one read and/or one write
+//! to every page its buffer touches, and the device's SMMU entry for a page grants exactly the
+//! union (read if any read count, write if any write count). Only a change of that union
+//! rewrites the entry, so buffers of any directions may share a page, and the device never holds
+//! a right no live mapping granted.
 
 use crate::audit::DmaDirection;
 use crate::maintenance::CacheOp;
-use crate::pagetable::Permissions;
+use crate::pagetable::{Permissions, PAGE_SIZE};
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
-use stagehand_abi::Status;
+use stagehand_abi::{dma_sg, Status};
 
-/// Largest buffer one DMA_MAP accepts: the maintenance of a call must stay bounded (I6).
+/// Largest buffer (or scatter-gather segment) one mapping covers: the maintenance of one
+/// mapping must stay bounded (I6).
 pub const MAX_MAPPING_BYTES: u64 = 16 << 20;
-/// Live mappings at most.
-pub const MAX_MAPPINGS: usize = 4096;
+/// Live mappings a VM may hold unless the configuration (`dma-mappings`) says otherwise.
+pub const DEFAULT_MAPPING_QUOTA: usize = 65_536;
 
-/// Decodes DMA_MAP x4.
+/// Decodes DMA_MAP x4 (and DMA_MAP_SG x4).
 pub fn direction(value: u64) -> Option<DmaDirection> {
     match value {
         0 => Some(DmaDirection::Bidirectional),
@@ -47,7 +57,8 @@ pub enum Step {
 
 /// The cache maintenance a non-coherent device's buffer needs at `step`, if any: data the CPU
 /// wrote must reach memory before the device reads it (clean), and lines the CPU holds must not
-/// hide or overwrite what the device wrote (invalidate).
+/// hide or overwrite what the device wrote (invalidate). An invalidate of a buffer whose ends are
+/// not line-aligned cleans and invalidates the edge lines ([`crate::maintenance::plan`]).
 pub fn maintenance(direction: DmaDirection, step: Step) -> Option<CacheOp> {
     use DmaDirection::*;
     match (step, direction) {
@@ -61,54 +72,310 @@ pub fn maintenance(direction: DmaDirection, step: Step) -> Option<CacheOp> {
     }
 }
 
+/// The pages a buffer touches: first page's IPA and bytes (a page multiple).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageSpan {
+    /// IPA of the first page.
+    pub ipa: u64,
+    /// Bytes from it to the end of the last page.
+    pub size: u64,
+}
+
+impl PageSpan {
+    /// Pages in the span.
+    pub fn pages(&self) -> u64 {
+        self.size / PAGE_SIZE
+    }
+}
+
+/// Checks a buffer's address and size (any alignment) and returns the pages it touches. Whether
+/// those pages are the guest's RAM is the ledger's check.
+///
+/// # Errors
+/// INVALID_PARAMETER for a zero size or one above [`MAX_MAPPING_BYTES`]; OUT_OF_RANGE when the
+/// buffer (or its last page) wraps.
+pub fn check_buffer(ipa: u64, size: u64) -> Result<PageSpan, Status> {
+    if size == 0 || size > MAX_MAPPING_BYTES {
+        return Err(Status::InvalidParameter);
+    }
+    let end = ipa.checked_add(size).ok_or(Status::OutOfRange)?;
+    let first = ipa & !(PAGE_SIZE - 1);
+    let last = end
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(Status::OutOfRange)?;
+    Ok(PageSpan {
+        ipa: first,
+        size: last - first,
+    })
+}
+
 /// One live mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
     /// The device (StreamID).
     pub stream_id: u32,
-    /// First IPA (= IOVA).
+    /// First IPA (= IOVA), any alignment.
     pub ipa: u64,
-    /// Bytes (page multiple).
+    /// Bytes.
     pub size: u64,
     /// Direction.
     pub direction: DmaDirection,
+    /// Whether the device's own stage 2 maps it (strict mode): its rights are counted.
+    pub strict: bool,
 }
 
-/// The live mappings. A handle is `generation << 32 | slot + 1`; removing a mapping bumps its
-/// slot's generation, so the old handle answers BAD_HANDLE forever after (until the 32-bit
-/// generation wraps).
-#[derive(Debug, Default)]
+impl Mapping {
+    /// The pages the buffer touches.
+    pub fn span(&self) -> PageSpan {
+        // A live mapping passed `check_buffer`.
+        check_buffer(self.ipa, self.size).unwrap_or(PageSpan {
+            ipa: self.ipa,
+            size: 0,
+        })
+    }
+}
+
+/// How many live mappings of one device grant read and write on one page.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counts {
+    read: u16,
+    write: u16,
+}
+
+impl Counts {
+    fn union(self) -> Option<Permissions> {
+        match (self.read > 0, self.write > 0) {
+            (false, false) => None,
+            (true, false) => Some(Permissions::RO),
+            (false, true) => Some(Permissions::WO),
+            (true, true) => Some(Permissions::RW),
+        }
+    }
+}
+
+/// A run of pages whose device rights change from `before` to `after` (`None`: no access): what
+/// the SMMU entries of `[ipa, ipa + size)` must become.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RightsChange {
+    /// First page.
+    pub ipa: u64,
+    /// Bytes (a page multiple).
+    pub size: u64,
+    /// The union before.
+    pub before: Option<Permissions>,
+    /// The union after.
+    pub after: Option<Permissions>,
+}
+
+impl RightsChange {
+    /// Whether a valid entry the device may have cached changes (then the SMMU's TLB must be
+    /// invalidated and synchronised): a rewrite or a removal, not a first map.
+    pub fn needs_tlbi(&self) -> bool {
+        self.before.is_some()
+    }
+}
+
+/// The counted rights of one strict device over the guest's RAM, one entry per page, allocated
+/// on the device's first mapping.
+#[derive(Debug)]
+struct DeviceRights {
+    base: u64,
+    counts: Vec<Counts>,
+}
+
+impl DeviceRights {
+    fn new(base: u64, pages: usize) -> Result<Self, Status> {
+        let mut counts = Vec::new();
+        counts
+            .try_reserve_exact(pages)
+            .map_err(|_| Status::NoMemory)?;
+        counts.resize(pages, Counts::default());
+        Ok(Self { base, counts })
+    }
+
+    fn range(&self, span: PageSpan) -> Option<core::ops::Range<usize>> {
+        let first = usize::try_from(span.ipa.checked_sub(self.base)? / PAGE_SIZE).ok()?;
+        let end = first.checked_add(span.pages() as usize)?;
+        (end <= self.counts.len()).then_some(first..end)
+    }
+
+    /// Adds (`add`) or removes one mapping's rights; check-all, then set-all. Returns the runs
+    /// whose union changed.
+    fn update(
+        &mut self,
+        span: PageSpan,
+        permissions: Permissions,
+        add: bool,
+    ) -> Result<Vec<RightsChange>, Status> {
+        let range = self.range(span).ok_or(Status::OutOfRange)?;
+        let step = |count: u16, granted: bool| -> Option<u16> {
+            match (granted, add) {
+                (false, _) => Some(count),
+                (true, true) => count.checked_add(1),
+                (true, false) => count.checked_sub(1),
+            }
+        };
+        let counts = &mut self.counts[range.clone()];
+        if counts.iter().any(|c| {
+            step(c.read, permissions.read).is_none() || step(c.write, permissions.write).is_none()
+        }) {
+            // Overflow: pins (u16 as well) answer BUSY first. Underflow: a bug; refuse.
+            return Err(Status::Busy);
+        }
+        let mut changes: Vec<RightsChange> = Vec::new();
+        for (i, c) in counts.iter_mut().enumerate() {
+            let before = c.union();
+            c.read = step(c.read, permissions.read).unwrap_or(c.read);
+            c.write = step(c.write, permissions.write).unwrap_or(c.write);
+            let after = c.union();
+            if before == after {
+                continue;
+            }
+            let ipa = span.ipa + i as u64 * PAGE_SIZE;
+            match changes.last_mut() {
+                Some(last)
+                    if last.ipa + last.size == ipa
+                        && last.before == before
+                        && last.after == after =>
+                {
+                    last.size += PAGE_SIZE
+                }
+                _ => changes.push(RightsChange {
+                    ipa,
+                    size: PAGE_SIZE,
+                    before,
+                    after,
+                }),
+            }
+        }
+        Ok(changes)
+    }
+
+    fn union(&self, ipa: u64) -> Option<Permissions> {
+        let index = self.range(PageSpan {
+            ipa: ipa & !(PAGE_SIZE - 1),
+            size: PAGE_SIZE,
+        })?;
+        self.counts[index.start].union()
+    }
+}
+
+/// The guest RAM the rights tables cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamSpan {
+    /// First IPA.
+    pub ipa: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The live mappings of one VM, and the counted rights of its strict devices. A handle is a
+/// number never issued before (a 64-bit counter), so a stale handle answers BAD_HANDLE forever.
+#[derive(Debug)]
 pub struct Mappings {
-    slots: Vec<(u32, Option<Mapping>)>,
+    live: BTreeMap<u64, Mapping>,
+    next_handle: u64,
+    quota: usize,
+    rights: BTreeMap<u32, DeviceRights>,
+}
+
+impl Default for Mappings {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Mappings {
-    /// No mappings.
+    /// No mappings, the default quota.
     pub const fn new() -> Self {
-        Self { slots: Vec::new() }
+        Self {
+            live: BTreeMap::new(),
+            next_handle: 1,
+            quota: DEFAULT_MAPPING_QUOTA,
+            rights: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the most live mappings (the configuration's `dma-mappings`).
+    pub fn set_quota(&mut self, quota: usize) {
+        self.quota = quota;
+    }
+
+    /// Live mappings.
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether no mapping is live.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Whether `more` mappings fit under the quota.
+    pub fn has_room(&self, more: usize) -> bool {
+        self.live.len().saturating_add(more) <= self.quota
+    }
+
+    /// Grants a strict device `direction`'s rights on the pages of `[ipa, ipa + size)` (checked
+    /// by [`check_buffer`] and the ledger) and returns the runs whose rights changed, which the
+    /// caller writes into the device's stage 2. Nothing changes on error.
+    ///
+    /// # Errors
+    /// NO_MEMORY when the device's rights table cannot be allocated; OUT_OF_RANGE outside `ram`;
+    /// BUSY when a count would overflow.
+    pub fn grant(
+        &mut self,
+        ram: RamSpan,
+        stream_id: u32,
+        ipa: u64,
+        size: u64,
+        direction: DmaDirection,
+    ) -> Result<Vec<RightsChange>, Status> {
+        let span = check_buffer(ipa, size)?;
+        let rights = match self.rights.entry(stream_id) {
+            alloc::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+            alloc::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(DeviceRights::new(ram.ipa, (ram.size / PAGE_SIZE) as usize)?)
+            }
+        };
+        rights.update(span, device_permissions(direction), true)
+    }
+
+    /// Takes back what [`Self::grant`] gave (a mapping's unmap, or the undo of a failed map)
+    /// and returns the runs whose rights changed.
+    pub fn revoke(
+        &mut self,
+        stream_id: u32,
+        ipa: u64,
+        size: u64,
+        direction: DmaDirection,
+    ) -> Vec<RightsChange> {
+        let (Ok(span), Some(rights)) = (check_buffer(ipa, size), self.rights.get_mut(&stream_id))
+        else {
+            return Vec::new();
+        };
+        rights
+            .update(span, device_permissions(direction), false)
+            .unwrap_or_default()
+    }
+
+    /// The rights a strict device holds on the page of `ipa` (the union of its live mappings').
+    pub fn rights(&self, stream_id: u32, ipa: u64) -> Option<Permissions> {
+        self.rights.get(&stream_id)?.union(ipa)
     }
 
     /// Adds a mapping and returns its handle.
     ///
     /// # Errors
-    /// NO_MEMORY when [`MAX_MAPPINGS`] are live.
+    /// NO_MEMORY when the quota is reached.
     pub fn insert(&mut self, mapping: Mapping) -> Result<u64, Status> {
-        let slot = match self.slots.iter().position(|(_, m)| m.is_none()) {
-            Some(free) => free,
-            None if self.slots.len() < MAX_MAPPINGS => {
-                self.slots.push((0, None));
-                self.slots.len() - 1
-            }
-            None => return Err(Status::NoMemory),
-        };
-        self.slots[slot].1 = Some(mapping);
-        Ok((self.slots[slot].0 as u64) << 32 | (slot as u64 + 1))
-    }
-
-    fn slot(&self, handle: u64) -> Option<usize> {
-        let slot = (handle & 0xffff_ffff).checked_sub(1)? as usize;
-        let (generation, mapping) = self.slots.get(slot)?;
-        (mapping.is_some() && *generation as u64 == handle >> 32).then_some(slot)
+        if !self.has_room(1) {
+            return Err(Status::NoMemory);
+        }
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.live.insert(handle, mapping);
+        Ok(handle)
     }
 
     /// The mapping of `handle`.
@@ -116,72 +383,458 @@ impl Mappings {
     /// # Errors
     /// BAD_HANDLE for an unknown or stale handle.
     pub fn get(&self, handle: u64) -> Result<Mapping, Status> {
-        let slot = self.slot(handle).ok_or(Status::BadHandle)?;
-        self.slots[slot].1.ok_or(Status::BadHandle)
+        self.live.get(&handle).copied().ok_or(Status::BadHandle)
     }
 
-    /// Removes the mapping of `handle`.
+    /// Removes the mapping of `handle` (its rights stay until [`Self::revoke`]).
     ///
     /// # Errors
     /// BAD_HANDLE for an unknown or stale handle.
     pub fn remove(&mut self, handle: u64) -> Result<Mapping, Status> {
-        let slot = self.slot(handle).ok_or(Status::BadHandle)?;
-        let entry = &mut self.slots[slot];
-        entry.0 = entry.0.wrapping_add(1);
-        entry.1.take().ok_or(Status::BadHandle)
+        self.live.remove(&handle).ok_or(Status::BadHandle)
+    }
+}
+
+/// A checked DMA_MAP_SG / DMA_UNMAP_SG request: where the segment array is and where this call
+/// starts in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgRequest {
+    /// IPA of the array.
+    pub array: u64,
+    /// Segments in it.
+    pub count: u64,
+    /// Index of the first segment this call handles (the resume cookie).
+    pub first: u64,
+}
+
+impl SgRequest {
+    /// Checks a scatter-gather call's array, count and cookie. The array must then be guest RAM
+    /// (the caller's translation checks that).
+    ///
+    /// # Errors
+    /// INVALID_PARAMETER for a zero count, one above [`dma_sg::MAX_SEGMENTS`] or a cookie at or
+    /// past the end; ALIGNMENT for an array not 8-byte aligned; OUT_OF_RANGE when it wraps.
+    pub fn check(array: u64, count: u64, cookie: u64) -> Result<Self, Status> {
+        if count == 0 || count > dma_sg::MAX_SEGMENTS || cookie >= count {
+            return Err(Status::InvalidParameter);
+        }
+        if !array.is_multiple_of(dma_sg::ARRAY_ALIGN) {
+            return Err(Status::Alignment);
+        }
+        array
+            .checked_add(count * dma_sg::SEGMENT_SIZE)
+            .ok_or(Status::OutOfRange)?;
+        Ok(Self {
+            array,
+            count,
+            first: cookie,
+        })
     }
 
-    /// Whether a live mapping of `stream_id` overlaps `[ipa, ipa + size)`.
-    pub fn overlaps(&self, stream_id: u32, ipa: u64, size: u64) -> bool {
-        self.slots
-            .iter()
-            .filter_map(|(_, m)| m.as_ref())
-            .any(|m| m.stream_id == stream_id && ipa < m.ipa + m.size && m.ipa < ipa + size)
+    /// IPA of segment `index`.
+    pub fn segment_ipa(&self, index: u64) -> u64 {
+        self.array + index * dma_sg::SEGMENT_SIZE
+    }
+}
+
+/// The work one scatter-gather call may do (I6): at most [`dma_sg::SEGMENTS_PER_CALL`] segments
+/// and, past the first segment, no new segment once `bytes` have been maintained or mapped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SgBudget {
+    segments: u64,
+    bytes: u64,
+    limit: u64,
+}
+
+impl SgBudget {
+    /// A fresh budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            segments: 0,
+            bytes: 0,
+            limit,
+        }
+    }
+
+    /// Whether one more segment may start in this call (the first always may).
+    pub fn admits(&self) -> bool {
+        self.segments == 0 || (self.segments < dma_sg::SEGMENTS_PER_CALL && self.bytes < self.limit)
+    }
+
+    /// Charges a finished segment of `size` bytes.
+    pub fn charge(&mut self, size: u64) {
+        self.segments += 1;
+        self.bytes = self.bytes.saturating_add(size);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use DmaDirection::*;
 
-    const MAPPING: Mapping = Mapping {
-        stream_id: 0x10,
+    const RAM: RamSpan = RamSpan {
         ipa: 0x4000_0000,
-        size: 0x2000,
-        direction: DmaDirection::ToDevice,
+        size: 64 * PAGE_SIZE,
     };
+    const SID: u32 = 0x10;
 
-    #[test]
-    fn handles_go_stale_after_removal() {
-        let mut table = Mappings::new();
-        let first = table.insert(MAPPING).unwrap();
-        assert_eq!(table.get(first), Ok(MAPPING));
-        assert_eq!(table.remove(first), Ok(MAPPING));
-        assert_eq!(table.get(first), Err(Status::BadHandle));
-        assert_eq!(table.remove(first), Err(Status::BadHandle));
-        let second = table.insert(MAPPING).unwrap();
-        assert_ne!(first, second, "the slot is reused with a new generation");
-        assert_eq!(table.get(first), Err(Status::BadHandle));
-        for bad in [0, u64::MAX, 0xffff_ffff, 2] {
-            assert_eq!(table.get(bad), Err(Status::BadHandle), "{bad:#x}");
+    fn mapping(ipa: u64, size: u64, direction: DmaDirection) -> Mapping {
+        Mapping {
+            stream_id: SID,
+            ipa,
+            size,
+            direction,
+            strict: true,
         }
-        assert!(table.overlaps(0x10, 0x4000_1000, 0x1000));
-        assert!(!table.overlaps(0x11, 0x4000_1000, 0x1000));
-        assert!(!table.overlaps(0x10, 0x4000_2000, 0x1000));
     }
 
     #[test]
-    fn the_table_is_bounded() {
+    fn handles_are_never_reused() {
         let mut table = Mappings::new();
-        for _ in 0..MAX_MAPPINGS {
-            table.insert(MAPPING).unwrap();
+        let m = mapping(0x4000_0010, 0x20, ToDevice);
+        let first = table.insert(m).unwrap();
+        assert_eq!(table.get(first), Ok(m));
+        assert_eq!(table.remove(first), Ok(m));
+        assert_eq!(table.get(first), Err(Status::BadHandle));
+        assert_eq!(table.remove(first), Err(Status::BadHandle));
+        let second = table.insert(m).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(table.get(first), Err(Status::BadHandle));
+        for bad in [0, u64::MAX, 0xffff_ffff, second + 1] {
+            assert_eq!(table.get(bad), Err(Status::BadHandle), "{bad:#x}");
         }
-        assert_eq!(table.insert(MAPPING), Err(Status::NoMemory));
+    }
+
+    #[test]
+    fn the_default_quota_holds_65536_and_a_configured_one_is_enforced() {
+        let mut table = Mappings::new();
+        let m = mapping(0x4000_0000, 8, ToDevice);
+        for _ in 0..DEFAULT_MAPPING_QUOTA {
+            table.insert(m).unwrap();
+        }
+        assert_eq!(table.len(), DEFAULT_MAPPING_QUOTA);
+        assert_eq!(table.insert(m), Err(Status::NoMemory));
+        let mut small = Mappings::new();
+        small.set_quota(2);
+        let a = small.insert(m).unwrap();
+        small.insert(m).unwrap();
+        assert!(!small.has_room(1));
+        assert_eq!(small.insert(m), Err(Status::NoMemory));
+        small.remove(a).unwrap();
+        assert!(small.insert(m).is_ok(), "room again after an unmap");
+    }
+
+    #[test]
+    fn buffers_are_checked_and_spanned() {
+        let rows: [(u64, u64, Result<PageSpan, Status>); 9] = [
+            (
+                0x4000_0000,
+                0x1000,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x1000,
+                }),
+            ),
+            (
+                0x4000_0010,
+                0x10,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x1000,
+                }),
+            ),
+            (
+                0x4000_0ff0,
+                0x20,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x2000,
+                }),
+            ),
+            (
+                0x4000_0001,
+                0x1000,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: 0x2000,
+                }),
+            ),
+            (0x4000_0000, 0, Err(Status::InvalidParameter)),
+            (
+                0x4000_0000,
+                MAX_MAPPING_BYTES + 1,
+                Err(Status::InvalidParameter),
+            ),
+            (
+                0x4000_0000,
+                MAX_MAPPING_BYTES,
+                Ok(PageSpan {
+                    ipa: 0x4000_0000,
+                    size: MAX_MAPPING_BYTES,
+                }),
+            ),
+            (u64::MAX - 0xf, 0x20, Err(Status::OutOfRange)),
+            (u64::MAX - 0xfff, 0x10, Err(Status::OutOfRange)),
+        ];
+        for (ipa, size, want) in rows {
+            assert_eq!(check_buffer(ipa, size), want, "{ipa:#x}+{size:#x}");
+        }
+    }
+
+    fn change(
+        page: u64,
+        pages: u64,
+        before: Option<Permissions>,
+        after: Option<Permissions>,
+    ) -> RightsChange {
+        RightsChange {
+            ipa: RAM.ipa + page * PAGE_SIZE,
+            size: pages * PAGE_SIZE,
+            before,
+            after,
+        }
+    }
+
+    const RO: Option<Permissions> = Some(Permissions::RO);
+    const WO: Option<Permissions> = Some(Permissions::WO);
+    const RW: Option<Permissions> = Some(Permissions::RW);
+
+    /// Table of steps: (grant or revoke, buffer offset from RAM, size, direction, changes).
+    #[test]
+    fn rights_are_the_counted_union_of_live_mappings() {
+        struct Row {
+            grant: bool,
+            offset: u64,
+            size: u64,
+            direction: DmaDirection,
+            changes: Vec<RightsChange>,
+        }
+        let row = |grant, offset, size, direction, changes| Row {
+            grant,
+            offset,
+            size,
+            direction,
+            changes,
+        };
+        // virtio-blk's shape: a header (to the device) and a status byte (from the device) in
+        // one page, then a data buffer across two pages.
+        let rows = [
+            row(true, 0x100, 16, ToDevice, vec![change(0, 1, None, RO)]),
+            row(true, 0x110, 1, FromDevice, vec![change(0, 1, RO, RW)]),
+            // The data buffer starts in page 0 (already written to) and ends in page 1.
+            row(
+                true,
+                0x200,
+                0x1000,
+                FromDevice,
+                vec![change(1, 1, None, WO)],
+            ),
+            row(true, 0x300, 8, ToDevice, vec![]),
+            // Removing the header keeps read (the second to-device buffer).
+            row(false, 0x100, 16, ToDevice, vec![]),
+            // The status byte goes; the data buffer still writes page 0.
+            row(false, 0x110, 1, FromDevice, vec![]),
+            row(
+                false,
+                0x200,
+                0x1000,
+                FromDevice,
+                vec![change(0, 1, RW, RO), change(1, 1, WO, None)],
+            ),
+            row(false, 0x300, 8, ToDevice, vec![change(0, 1, RO, None)]),
+            // Bidirectional over three pages, then from-device in the middle one: no change.
+            row(
+                true,
+                0x2000,
+                0x3000,
+                Bidirectional,
+                vec![change(2, 3, None, RW)],
+            ),
+            row(true, 0x3800, 0x10, FromDevice, vec![]),
+            row(
+                false,
+                0x2000,
+                0x3000,
+                Bidirectional,
+                vec![
+                    change(2, 1, RW, None),
+                    change(3, 1, RW, WO),
+                    change(4, 1, RW, None),
+                ],
+            ),
+            row(
+                false,
+                0x3800,
+                0x10,
+                FromDevice,
+                vec![change(3, 1, WO, None)],
+            ),
+        ];
+        let mut table = Mappings::new();
+        for (i, r) in rows.iter().enumerate() {
+            let ipa = RAM.ipa + r.offset;
+            let changes = if r.grant {
+                table.grant(RAM, SID, ipa, r.size, r.direction).unwrap()
+            } else {
+                table.revoke(SID, ipa, r.size, r.direction)
+            };
+            assert_eq!(changes, r.changes, "row {i}");
+            // The other device is untouched.
+            assert_eq!(table.rights(SID + 1, ipa), None);
+        }
+        for page in 0..8 {
+            assert_eq!(
+                table.rights(SID, RAM.ipa + page * PAGE_SIZE),
+                None,
+                "page {page} at the end"
+            );
+        }
+    }
+
+    #[test]
+    fn rights_refusals_change_nothing() {
+        let mut table = Mappings::new();
+        assert_eq!(
+            table.grant(RAM, SID, RAM.ipa + RAM.size, 0x10, ToDevice),
+            Err(Status::OutOfRange)
+        );
+        assert_eq!(
+            table.grant(RAM, SID, RAM.ipa - 0x1000, 0x2000, ToDevice),
+            Err(Status::OutOfRange)
+        );
+        assert_eq!(
+            table.grant(RAM, SID, RAM.ipa, 0, ToDevice),
+            Err(Status::InvalidParameter)
+        );
+        assert_eq!(table.rights(SID, RAM.ipa), None);
+        // A revoke of what was never granted (a bug) is refused whole, not half-applied.
+        table.grant(RAM, SID, RAM.ipa, 0x10, ToDevice).unwrap();
+        assert_eq!(table.revoke(SID, RAM.ipa, 0x2000, ToDevice), vec![]);
+        assert_eq!(table.rights(SID, RAM.ipa), RO);
+        assert_eq!(table.revoke(SID + 5, RAM.ipa, 0x10, ToDevice), vec![]);
+    }
+
+    /// Every interleaving of map and unmap of three buffers on one page keeps the union equal to
+    /// the union of what is live.
+    #[test]
+    fn the_union_never_exceeds_the_live_mappings() {
+        let buffers = [
+            (0x0, ToDevice),
+            (0x40, FromDevice),
+            (0x80, Bidirectional),
+            (0xc0, ToDevice),
+        ];
+        for order in 0u32..(1 << 8) {
+            let mut table = Mappings::new();
+            let mut live = [false; 4];
+            for step in 0..8 {
+                let which = ((order >> step) & 1) as usize + (step % 2) * 2;
+                let (offset, direction) = buffers[which];
+                let ipa = RAM.ipa + offset;
+                if live[which] {
+                    table.revoke(SID, ipa, 0x40, direction);
+                } else {
+                    table.grant(RAM, SID, ipa, 0x40, direction).unwrap();
+                }
+                live[which] = !live[which];
+                let want = buffers
+                    .iter()
+                    .zip(live)
+                    .filter(|(_, l)| *l)
+                    .fold(Counts::default(), |c, ((_, d), _)| {
+                        let p = device_permissions(*d);
+                        Counts {
+                            read: c.read + p.read as u16,
+                            write: c.write + p.write as u16,
+                        }
+                    })
+                    .union();
+                assert_eq!(
+                    table.rights(SID, RAM.ipa),
+                    want,
+                    "order {order:#x} step {step}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn scatter_gather_requests_are_checked() {
+        use dma_sg::{MAX_SEGMENTS, SEGMENT_SIZE};
+        let rows: [(u64, u64, u64, Result<SgRequest, Status>); 8] = [
+            (
+                0x4000_0000,
+                3,
+                0,
+                Ok(SgRequest {
+                    array: 0x4000_0000,
+                    count: 3,
+                    first: 0,
+                }),
+            ),
+            (
+                0x4000_0000,
+                3,
+                2,
+                Ok(SgRequest {
+                    array: 0x4000_0000,
+                    count: 3,
+                    first: 2,
+                }),
+            ),
+            (0x4000_0000, 3, 3, Err(Status::InvalidParameter)),
+            (0x4000_0000, 0, 0, Err(Status::InvalidParameter)),
+            (
+                0x4000_0000,
+                MAX_SEGMENTS + 1,
+                0,
+                Err(Status::InvalidParameter),
+            ),
+            (0x4000_0004, 3, 0, Err(Status::Alignment)),
+            (u64::MAX - 7, 1, 0, Err(Status::OutOfRange)),
+            (
+                u64::MAX - 2 * SEGMENT_SIZE + 1,
+                2,
+                0,
+                Err(Status::OutOfRange),
+            ),
+        ];
+        for (array, count, cookie, want) in rows {
+            assert_eq!(
+                SgRequest::check(array, count, cookie),
+                want,
+                "{array:#x} {count} {cookie}"
+            );
+        }
+        let request = SgRequest::check(0x4000_0000, 3, 0).unwrap();
+        assert_eq!(request.segment_ipa(2), 0x4000_0000 + 2 * SEGMENT_SIZE);
+    }
+
+    #[test]
+    fn the_scatter_gather_budget_bounds_a_call() {
+        // Small segments: the segment limit.
+        let mut budget = SgBudget::new(1 << 20);
+        let mut done = 0;
+        while budget.admits() {
+            budget.charge(64);
+            done += 1;
+        }
+        assert_eq!(done, dma_sg::SEGMENTS_PER_CALL);
+        // Large segments: the byte limit, but never less than one segment.
+        let mut budget = SgBudget::new(1 << 20);
+        assert!(budget.admits());
+        budget.charge(MAX_MAPPING_BYTES);
+        assert!(!budget.admits());
+        let mut budget = SgBudget::new(1 << 20);
+        budget.charge(512 << 10);
+        assert!(budget.admits());
+        budget.charge(512 << 10);
+        assert!(!budget.admits());
     }
 
     #[test]
     fn maintenance_by_direction_and_step() {
-        use DmaDirection::*;
         assert_eq!(maintenance(ToDevice, Step::Map), Some(CacheOp::Clean));
         assert_eq!(
             maintenance(FromDevice, Step::Map),
@@ -204,6 +857,7 @@ mod tests {
         assert_eq!(device_permissions(ToDevice), Permissions::RO);
         assert_eq!(device_permissions(FromDevice), Permissions::WO);
         assert_eq!(direction(3), None);
+        assert_eq!(direction(u64::MAX), None);
         assert_eq!(direction(2), Some(FromDevice));
     }
 }

@@ -21,6 +21,38 @@ pub enum CacheOp {
     CleanInvalidate,
 }
 
+/// One data-cache range operation of a [`plan`]: `op` over `[start, start + len)`, line-aligned.
+pub type Stroke = (CacheOp, u64, u64);
+
+/// The data-cache operations that perform `op` on the bytes `[start, end)` (`start < end`) with
+/// `line`-byte lines: every line the range touches, once. An INVALIDATE whose range starts or
+/// ends inside a line cleans and invalidates that partial edge line instead, so that bytes of
+/// the line outside the range (a neighbouring object's dirty data) are never lost; only lines
+/// wholly inside the range are invalidated. CLEAN and CLEAN_INVALIDATE lose nothing and cover
+/// the touched lines as they are. Unused strokes are `None`.
+pub fn plan(op: CacheOp, start: u64, end: u64, line: u64) -> [Option<Stroke>; 3] {
+    let low = start & !(line - 1);
+    let high = end.next_multiple_of(line);
+    if op != CacheOp::Invalidate {
+        return [Some((op, low, high - low)), None, None];
+    }
+    let mut full_low = low;
+    let mut full_high = high;
+    let mut head = None;
+    let mut tail = None;
+    if !start.is_multiple_of(line) {
+        head = Some((CacheOp::CleanInvalidate, low, line));
+        full_low += line;
+    }
+    if !end.is_multiple_of(line) && high - line >= full_low {
+        tail = Some((CacheOp::CleanInvalidate, high - line, line));
+        full_high -= line;
+    }
+    let middle =
+        (full_high > full_low).then_some((CacheOp::Invalidate, full_low, full_high - full_low));
+    [head, tail, middle]
+}
+
 /// A translation-table write, as the engine describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableWrite {

@@ -372,6 +372,29 @@ impl<F: Format> PageTable<F> {
         Ok(())
     }
 
+    /// Rewrites the valid page (level-3) entry of `input` in place with `memory_type` and
+    /// `permissions`, keeping its output address: a change of rights of a live mapping, which
+    /// needs no break (the caller invalidates the TLBs that may hold the old entry).
+    ///
+    /// # Errors
+    /// [`MapError::OutOfRange`] when `input` is not mapped by a page entry.
+    pub fn set_page(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        memory_type: MemoryType,
+        permissions: Permissions,
+    ) -> Result<(), MapError> {
+        let (table, index) = self.slot(memory, input, 3).ok_or(MapError::OutOfRange)?;
+        let entry = memory.table(table)[index];
+        if entry & VALID == 0 {
+            return Err(MapError::OutOfRange);
+        }
+        memory.table(table)[index] =
+            self.leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions);
+        Ok(())
+    }
+
     /// Looks up one input address.
     pub fn translate(&self, memory: &impl TableMemory, input: u64) -> Option<Translation> {
         if input >= 1u64 << self.input_bits {
@@ -753,6 +776,40 @@ mod tests {
                 Permissions::RW
             ),
             Err(MapError::OutOfRange)
+        );
+    }
+
+    #[test]
+    fn set_page_rewrites_rights_in_place_and_only_of_a_mapped_page() {
+        let mut mem = VecMemory::new(64);
+        let mut s2 = stage2(true, &mut mem);
+        let (ipa, pa) = (0x4000_1000, 0x8000_1000);
+        s2.map(
+            &mut mem,
+            ipa,
+            pa,
+            PAGE_SIZE,
+            MemoryType::NormalWriteBack,
+            Permissions::RO,
+        )
+        .unwrap();
+        s2.set_page(&mut mem, ipa, MemoryType::NormalWriteBack, Permissions::RW)
+            .unwrap();
+        let t = s2.translate(&mut mem, ipa + 0x10).unwrap();
+        assert_eq!(t.output, pa + 0x10, "the output address is kept");
+        assert_eq!(
+            Stage2 { fwb: true }.decode(t.descriptor).unwrap(),
+            (MemoryType::NormalWriteBack, Permissions::RW)
+        );
+        assert_eq!(
+            s2.set_page(
+                &mut mem,
+                ipa + PAGE_SIZE,
+                MemoryType::NormalWriteBack,
+                Permissions::RW
+            ),
+            Err(MapError::OutOfRange),
+            "an unmapped page"
         );
     }
 

@@ -493,14 +493,54 @@ impl Buffer {
     }
 }
 
-/// A live DMA mapping: one handle, one device, one or more runs of pages (a strict mapping of a
-/// range whose pages differ in attribute is recorded as one dma-map record per run).
+/// A live DMA mapping: one handle, one device, one or more runs (a strict mapping of a range
+/// whose pages differ in attribute is recorded as one dma-map record per run). Ranges are
+/// byte-granular (ABI 1.1); a mapping holds every page its bytes touch.
 #[derive(Clone, Debug)]
 struct Mapping {
     stream_id: u32,
     /// (first IPA, bytes) of each run, in record order.
     runs: Vec<(u64, u64)>,
-    used_smmu: bool,
+    /// The rights a strict device's stage 2 gives it (read, write); `None` when the device
+    /// shares the guest's stage 2 (no rights of its own to count).
+    rights: Option<(bool, bool)>,
+}
+
+/// The rights a device holds on a page: how many live strict mappings grant read and write. The
+/// device's entry is their union; an unmap that narrows the union must be followed by the
+/// SMMU's TLB invalidation and CMD_SYNC before the unpin (I4), one that does not needs none.
+#[derive(Debug, Default)]
+struct Rights {
+    counts: BTreeMap<(u32, u64), (u32, u32)>,
+}
+
+impl Rights {
+    /// Adds (`add`) or removes a mapping's rights on pages `[first, end)`; returns whether the
+    /// union of some page changed.
+    fn update(
+        &mut self,
+        stream_id: u32,
+        (first, end): (u64, u64),
+        (read, write): (bool, bool),
+        add: bool,
+    ) -> bool {
+        let mut changed = false;
+        for page in first..end {
+            let counts = self.counts.entry((stream_id, page)).or_default();
+            let before = (counts.0 > 0, counts.1 > 0);
+            let step = |count: u32, granted: bool| match (granted, add) {
+                (false, _) => count,
+                (true, true) => count.saturating_add(1),
+                (true, false) => count.saturating_sub(1),
+            };
+            *counts = (step(counts.0, read), step(counts.1, write));
+            changed |= before != (counts.0 > 0, counts.1 > 0);
+            if *counts == (0, 0) {
+                self.counts.remove(&(stream_id, page));
+            }
+        }
+        changed
+    }
 }
 
 impl Mapping {
@@ -628,6 +668,7 @@ struct Model {
     non_cacheable: RangeMap<bool>,
     pins: RangeMap<u32>,
     mappings: BTreeMap<u64, Mapping>,
+    rights: Rights,
     /// A loss happened before this point: history-dependent findings become notes.
     uncertain: bool,
 }
@@ -922,30 +963,37 @@ fn apply(r: &Record, model: &mut Model, out: &mut Replay, timeline: &Timeline) -
                 }
             }
             model.pins.update(first, end, |pins| pins.saturating_add(1));
-            let used_smmu = r.smmu_commands.get() > 0;
+            let stream_id = r.stream_id.get();
+            // A strict device's own mapping (with an attribute) grants its direction's rights.
+            let rights = (r.new_attr != attr::NONE).then_some(match r.direction {
+                direction::TO_DEVICE => (true, false),
+                direction::FROM_DEVICE => (false, true),
+                _ => (true, true),
+            });
+            if let Some(rights) = rights {
+                model.rights.update(stream_id, (first, end), rights, true);
+            }
             match model.mappings.get_mut(&handle) {
                 // Another run of the same mapping (its pages differ in attribute).
-                Some(mapping) if mapping.stream_id == r.stream_id.get() => {
+                Some(mapping) if mapping.stream_id == stream_id => {
                     mapping.runs.push((ipa, size));
-                    mapping.used_smmu |= used_smmu;
                 }
                 Some(mapping) => {
                     let text = format!(
                         "DMA map handle {handle} for device {:#x}, while the handle is mapped for device {:#x}",
-                        r.stream_id.get(),
+                        stream_id,
                         mapping.stream_id
                     );
                     violation(out, "I4", text);
                     mapping.runs.push((ipa, size));
-                    mapping.used_smmu |= used_smmu;
                 }
                 None => {
                     model.mappings.insert(
                         handle,
                         Mapping {
-                            stream_id: r.stream_id.get(),
+                            stream_id,
                             runs: vec![(ipa, size)],
-                            used_smmu,
+                            rights,
                         },
                     );
                 }
@@ -962,19 +1010,39 @@ fn apply(r: &Record, model: &mut Model, out: &mut Replay, timeline: &Timeline) -
             let handle = r.detail.get();
             match model.mappings.remove(&handle) {
                 Some(mapping) => {
-                    if mapping.used_smmu && r.smmu_kinds.get() & smmu_command::SYNC == 0 {
+                    // Runs of one mapping may share a page: count each page once.
+                    let mut pages_held: Vec<(u64, u64)> = mapping
+                        .runs
+                        .iter()
+                        .map(|&(run, bytes)| pages(run, bytes))
+                        .collect();
+                    pages_held.sort_unstable();
+                    let mut merged: Vec<(u64, u64)> = Vec::new();
+                    for (first, end) in pages_held {
+                        match merged.last_mut() {
+                            Some(last) if first <= last.1 => last.1 = last.1.max(end),
+                            _ => merged.push((first, end)),
+                        }
+                    }
+                    let mut narrowed = false;
+                    for &(first, end) in &merged {
+                        if let Some(rights) = mapping.rights {
+                            narrowed |=
+                                model
+                                    .rights
+                                    .update(mapping.stream_id, (first, end), rights, false);
+                        }
+                        model.pins.update(first, end, |pins| pins.saturating_sub(1));
+                    }
+                    if narrowed && r.smmu_kinds.get() & smmu_command::SYNC == 0 {
                         violation(
                             out,
                             "I4",
                             format!(
-                                "handle {handle} (device {:#x}) unpinned without a CMD_SYNC after its SMMU unmap",
+                                "handle {handle} (device {:#x}) unpinned without a CMD_SYNC after its SMMU rights were narrowed",
                                 mapping.stream_id
                             ),
                         );
-                    }
-                    for (run, bytes) in mapping.runs {
-                        let (first, end) = pages(run, bytes);
-                        model.pins.update(first, end, |pins| pins.saturating_sub(1));
                     }
                 }
                 None => {
@@ -1612,7 +1680,7 @@ mod tests {
         let mapping = Mapping {
             stream_id: 1,
             runs: vec![(0x3000, 0x1000), (0x1000, 0x2000)],
-            used_smmu: false,
+            rights: None,
         };
         assert!(mapping.covers(0x1000, 0x3000));
         assert!(mapping.covers(0x2800, 0x1000));

@@ -443,3 +443,87 @@ fn stream_overflow_gap_is_reported_not_flagged() {
     let cut = drop_line_containing(&cut, "kind=mark");
     assert!(!analyse(&cut).passed());
 }
+
+/// Sub-page buffers of one strict device in one page, in both directions (ABI 1.1): the
+/// device's rights are the counted union of the live mappings', so an unmap that leaves the
+/// union as it was needs no SMMU command, and one that narrows it needs the CMD_SYNC.
+fn shared_page(sync_on_narrowing: bool) -> String {
+    let mut w = Writer::new(64);
+    let page = DMA_BUFFER;
+    let map = |ipa, size, direction, handle, smmu_kinds: u16| Event::DmaMap {
+        stream_id: 0x10,
+        ipa,
+        size,
+        direction,
+        handle,
+        attribute: Some(Attribute::WriteBack),
+        maintenance: Maintenance {
+            smmu_commands: smmu_kinds.count_ones(),
+            smmu_kinds,
+            ..Maintenance::default()
+        },
+        status: 0,
+    };
+    let unmap = |ipa, size, direction, handle, smmu_kinds: u16| Event::DmaUnmap {
+        stream_id: 0x10,
+        handle,
+        ipa,
+        size,
+        direction,
+        maintenance: Maintenance {
+            smmu_commands: smmu_kinds.count_ones(),
+            smmu_kinds,
+            ..Maintenance::default()
+        },
+        status: 0,
+    };
+    let widen = smmu_command::TLBI_S2_IPA | smmu_command::SYNC;
+    // A request header (read), a status byte (write: the page's entry is widened in place) and
+    // a second written buffer (no change).
+    w.record(map(page + 0x100, 16, DmaDirection::ToDevice, 1, 0));
+    w.record(map(page + 0x110, 1, DmaDirection::FromDevice, 2, widen));
+    w.record(map(page + 0x200, 0x10, DmaDirection::FromDevice, 3, 0));
+    // The status byte goes: the other written buffer keeps the union as it was.
+    w.record(unmap(page + 0x110, 1, DmaDirection::FromDevice, 2, 0));
+    // The last written buffer goes: write leaves the page's entry.
+    let narrowing = if sync_on_narrowing {
+        widen
+    } else {
+        smmu_command::TLBI_S2_IPA
+    };
+    w.record(unmap(
+        page + 0x200,
+        0x10,
+        DmaDirection::FromDevice,
+        3,
+        narrowing,
+    ));
+    w.record(unmap(page + 0x100, 16, DmaDirection::ToDevice, 1, widen));
+    w.text
+}
+
+#[test]
+fn counted_rights_need_a_sync_only_when_the_union_narrows() {
+    let report = analyse(&shared_page(true));
+    assert!(report.passed(), "{}", report.summary());
+    let report = analyse(&shared_page(false));
+    let all = report.problems();
+    let problems: Vec<_> = all
+        .iter()
+        .filter(|p| {
+            matches!(
+                p,
+                Problem::Invariant {
+                    invariant: "I4",
+                    ..
+                }
+            )
+        })
+        .collect();
+    assert_eq!(problems.len(), 1, "{}", report.summary());
+    assert!(
+        matches!(problems[0], Problem::Invariant { sequence: 4, .. }),
+        "{}",
+        report.summary()
+    );
+}
