@@ -318,7 +318,11 @@ pub fn cache_operation(address: u64, size: u64, value: u64) -> Reply {
         ipa: address,
         len: done,
     }];
-    let pieces = if request.by_va { &pieces[..] } else { &whole[..] };
+    let pieces = if request.by_va {
+        &pieces[..]
+    } else {
+        &whole[..]
+    };
     for piece in pieces {
         audit(
             current_vcpu(),
