@@ -9,13 +9,21 @@
  * Calling convention: SMCCC 1.1 fast calls over HVC #0. Function ID in w0, arguments in x1-x6,
  * a signed status back in x0, results in x1-x3. Addresses are IPAs unless the VA flag says
  * otherwise; sizes are in bytes. The HVC wrappers exist only when compiling for aarch64
- * (GCC or Clang); everything else is plain C11.
+ * (GCC or Clang); everything else is plain C11. Inside a Linux kernel build (__KERNEL__) the
+ * header takes its types from <linux/types.h> instead of the C library.
  */
 #ifndef STAGEHAND_H
 #define STAGEHAND_H
 
+#ifdef __KERNEL__
+/* Inside a Linux kernel build: no libc headers; <linux/types.h> defines the fixed-width
+ * uintN_t/intN_t types and size_t this header uses, <linux/stddef.h> offsetof. */
+#include <linux/stddef.h>
+#include <linux/types.h>
+#else
 #include <stddef.h>
 #include <stdint.h>
+#endif
 
 /* ABI version (REVISION: x0 major, x1 minor). */
 #define STAGEHAND_ABI_MAJOR 1

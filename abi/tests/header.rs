@@ -258,6 +258,34 @@ fn the_header_compiles_for_the_host() {
 }
 
 #[test]
+fn the_header_compiles_in_a_kernel_build_without_libc_headers() {
+    // `__KERNEL__` and no system include directories: the header must take its types from
+    // <linux/types.h> alone (here a stand-in with the kernel's names).
+    let kernel_include = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/kernel");
+    let kernel_include = kernel_include.to_string_lossy().into_owned();
+    let flags = [
+        "-std=gnu11",
+        "-D__KERNEL__",
+        "-nostdinc",
+        "-I",
+        &kernel_include,
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-fsyntax-only",
+    ];
+    let Some(output) = compile("gcc", &flags) else {
+        eprintln!("gcc is not installed: the C syntax check is skipped");
+        return;
+    };
+    assert!(
+        output.status.success(),
+        "stagehand.h needs a C library header in a kernel build:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
 fn the_header_compiles_for_aarch64_where_a_compiler_exists() {
     // The HVC wrappers only exist for aarch64; check them wherever a compiler for it exists.
     let flags = [
