@@ -57,7 +57,7 @@ pub fn read(ipa: u64, buffer: &mut [u8]) -> Result<(), Status> {
 /// OUT_OF_RANGE or DENIED when the range is not guest RAM.
 pub fn read_locked(
     attributes: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
     ipa: u64,
     buffer: &mut [u8],
 ) -> Result<(), Status> {
@@ -99,7 +99,7 @@ pub fn write(ipa: u64, bytes: &[u8]) -> Result<(), Status> {
 /// OUT_OF_RANGE or DENIED when the range is not guest RAM.
 pub fn write_locked(
     attributes: &AttributeManager,
-    window: &mut Window,
+    window: &mut Window<HeapTables>,
     ipa: u64,
     bytes: &[u8],
 ) -> Result<(), Status> {

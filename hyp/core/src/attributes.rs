@@ -1505,7 +1505,6 @@ mod tests {
                             let p = f
                                 .manager
                                 .cache_operation(
-                                    &mut f.memory,
                                     &mut f.arch,
                                     &mut f.window,
                                     start,

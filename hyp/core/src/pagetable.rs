@@ -386,12 +386,15 @@ impl<F: Format> PageTable<F> {
         permissions: Permissions,
     ) -> Result<(), MapError> {
         let (table, index) = self.slot(memory, input, 3).ok_or(MapError::OutOfRange)?;
-        let entry = memory.table(table)[index];
+        let entry = memory.entry(table, index);
         if entry & VALID == 0 {
             return Err(MapError::OutOfRange);
         }
-        memory.table(table)[index] =
-            self.leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions);
+        memory.set_entry(
+            table,
+            index,
+            self.leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions),
+        );
         Ok(())
     }
 
