@@ -28,7 +28,9 @@ use hyp_core::audit::Event;
 use hyp_core::config::{Config, DmaMode};
 use hyp_core::inject::Access;
 use hyp_core::noncoherent::{self, CleaningTables};
-use hyp_core::pagetable::{MapError, MemoryType, PageTable, Permissions, Stage2, PAGE_SIZE};
+use hyp_core::pagetable::{
+    MapError, MemoryType, PageTable, Permissions, Stage2, TableMemory, PAGE_SIZE,
+};
 use stagehand_abi::{feature, Status};
 use stagehand_platform::board::Board;
 use stagehand_platform::pci::{self, Bdf, Function};
@@ -834,40 +836,51 @@ pub fn apply_rights(stream_id: u32, updates: &[RightsUpdate]) -> Result<(), Stat
         .ok_or(Status::NoDevice)?;
     let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
     let mut heap = HeapTables;
-    let mut cleaning = CleaningTables::new(&mut heap);
-    let mut written = Ok(());
-    'runs: for update in updates {
+    // The SMMU walks write-back tables when it is coherent (CR1): a DSB makes the entries
+    // visible; otherwise every line written is cleaned to the point of coherency first (the
+    // tracking that finds those lines copies each table it writes, so only then).
+    if coherent {
+        let written = write_rights(table, &mut heap, stream_id, updates);
+        arch::dsb_ish();
+        written
+    } else {
+        let mut cleaning = CleaningTables::new(&mut heap);
+        let written = write_rights(table, &mut cleaning, stream_id, updates);
+        cleaning.clean(&mut Cpu::new());
+        written
+    }
+}
+
+/// Writes each page of `updates` into a strict device's stage 2: mapped, unmapped, or its
+/// rights rewritten in place.
+fn write_rights(
+    table: &mut PageTable<Stage2>,
+    memory: &mut impl TableMemory,
+    stream_id: u32,
+    updates: &[RightsUpdate],
+) -> Result<(), Status> {
+    for update in updates {
         let mut offset = 0;
         while offset < update.size {
             let (ipa, pa) = (update.ipa + offset, update.pa + offset);
             let result = match (update.before, update.after) {
-                (_, None) => table.unmap(&mut cleaning, ipa, PAGE_SIZE),
+                (_, None) => table.unmap(memory, ipa, PAGE_SIZE),
                 (None, Some(rights)) => {
-                    table.map(&mut cleaning, ipa, pa, PAGE_SIZE, update.memory, rights)
+                    table.map(memory, ipa, pa, PAGE_SIZE, update.memory, rights)
                 }
-                (Some(_), Some(rights)) => {
-                    table.set_page(&mut cleaning, ipa, update.memory, rights)
-                }
+                (Some(_), Some(rights)) => table.set_page(memory, ipa, update.memory, rights),
             };
             if let Err(error) = result {
                 log::error!("SMMU: rights of {ipa:#x} for StreamID {stream_id:#x}: {error:?}");
-                written = Err(match error {
+                return Err(match error {
                     MapError::OutOfTableMemory => Status::NoMemory,
                     _ => Status::Busy,
                 });
-                break 'runs;
             }
             offset += PAGE_SIZE;
         }
     }
-    // The SMMU walks write-back tables when it is coherent (CR1): a DSB makes the entries
-    // visible; otherwise every line written is cleaned to the point of coherency first.
-    if coherent {
-        arch::dsb_ish();
-    } else {
-        cleaning.clean(&mut Cpu::new());
-    }
-    written
+    Ok(())
 }
 
 /// Invalidates a strict device's SMMU TLB for each run of `runs` and waits for one CMD_SYNC:
