@@ -91,15 +91,10 @@ const SUB_PAGE: u64 = 25 * MIB;
 const SCATTER: u64 = 26 * MIB;
 const HAMMER: u64 = 32 * MIB;
 
-/// DMA_MAP directions (x4).
-const BIDIRECTIONAL: u64 = 0;
-const TO_DEVICE_DIRECTION: u64 = 1;
-const FROM_DEVICE: u64 = 2;
+use stagehand_abi::dma_direction::{BIDIRECTIONAL, FROM_DEVICE, TO_DEVICE as TO_DEVICE_DIRECTION};
 /// SMMU event type of a permission fault (the `detail` of an `smmu-fault` record).
 const F_PERMISSION: u64 = 0x13;
-/// DMA_SYNC targets (x4).
-const FOR_CPU: u64 = 0;
-const FOR_DEVICE: u64 = 1;
+use stagehand_abi::dma_sync::{FOR_CPU, FOR_DEVICE};
 
 /// What the runner row says about edu.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -36,9 +36,7 @@ const ESCAPE: u64 = 20 * MIB;
 const RACE_SOURCE: u64 = 22 * MIB;
 const RACE_BLOCK: u64 = 24 * MIB;
 
-const BIDIRECTIONAL: u64 = 0;
-const TO_DEVICE: u64 = 1;
-const FROM_DEVICE: u64 = 2;
+use stagehand_abi::dma_direction::{BIDIRECTIONAL, FROM_DEVICE, TO_DEVICE};
 
 /// Rounds of each vCPU in the interleaving.
 const INTERLEAVE_ROUNDS: u64 = 300;
