@@ -98,6 +98,16 @@ pub fn dcache_line_size() -> usize {
     4 << ((read_sysreg!(ctr_el0) >> 16) & 0xf)
 }
 
+/// The generic timer's virtual count (CNTVCT_EL0).
+pub fn counter() -> u64 {
+    read_sysreg!(cntvct_el0)
+}
+
+/// The generic timer's frequency in Hz (CNTFRQ_EL0).
+pub fn counter_frequency() -> u64 {
+    read_sysreg!(cntfrq_el0)
+}
+
 /// Waits for an interrupt (or returns at once if one is pending).
 pub fn wfi() {
     // SAFETY: waiting has no effect on memory.

@@ -91,6 +91,22 @@ pub fn start(index: usize, work: fn(usize)) -> Result<(), i64> {
     Ok(())
 }
 
+/// Waits until CPU `index` has reached `wanted`, for at most `seconds` of the generic timer.
+/// Returns whether it did. Tests whose CPUs run long use this rather than a poll count: under
+/// QEMU's TCG a loaded host may run the waiting vCPU's thread far more often than the others,
+/// so a fixed number of polls can run out while the others still have work.
+pub fn wait_for_state_within(index: usize, wanted: CpuState, seconds: u64) -> bool {
+    let deadline = crate::arch::counter()
+        .saturating_add(seconds.saturating_mul(crate::arch::counter_frequency()));
+    while crate::arch::counter() < deadline {
+        if state(index) == wanted {
+            return true;
+        }
+        core::hint::spin_loop();
+    }
+    state(index) == wanted
+}
+
 /// Waits until CPU `index` has reached `wanted`, polling at most `polls` times.
 /// Returns whether it did.
 pub fn wait_for_state(index: usize, wanted: CpuState, polls: usize) -> bool {

@@ -20,7 +20,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use guest_rt::mmu::{self, MemoryType};
-use guest_rt::{check, check_eq, cpu, println};
+use guest_rt::{arch, check, check_eq, cpu, println};
 use guest_suites::{expect_status, status_name};
 use stagehand_abi::driver::{
     Access, Addressing, Attribute, Batch, BatchEntry, Client, Conduit, Error, Hvc, Operation, Range,
@@ -1436,7 +1436,8 @@ const HAMMER_PAGES: usize = (HAMMER_SIZE / PAGE_SIZE) as usize;
 const HAMMER_ITERATIONS: u32 = 600;
 /// Pages per run that one CPU owns in the final phase (runs interleave between CPUs).
 const RUN_PAGES: usize = 8;
-const POLLS: usize = 400_000_000;
+/// How long a CPU waits for the others (the suite's QEMU timeout is 120 s).
+const HAMMER_SECONDS: u64 = 60;
 
 static HAMMER_ALIAS: AtomicU64 = AtomicU64::new(0);
 static PROBLEMS: AtomicUsize = AtomicUsize::new(0);
@@ -1627,10 +1628,9 @@ fn hammer(cpu: usize) {
     }
     // Wait for every CPU before the final phase, so that no hammering overwrites it.
     PHASE_DONE.fetch_add(1, Ordering::SeqCst);
-    let mut polls = 0;
+    let deadline = arch::counter() + HAMMER_SECONDS * arch::counter_frequency();
     while PHASE_DONE.load(Ordering::SeqCst) < HAMMER_CPUS {
-        polls += 1;
-        if polls > POLLS {
+        if arch::counter() > deadline {
             problem(cpu, "timed out waiting for the others to finish hammering");
             return;
         }
@@ -1681,7 +1681,7 @@ fn four_vcpus_hammer_overlapping_ranges() -> Result<(), String> {
     hammer(0);
     for index in 1..HAMMER_CPUS {
         check!(
-            cpu::wait_for_state(index, cpu::CpuState::Finished, POLLS),
+            cpu::wait_for_state_within(index, cpu::CpuState::Finished, HAMMER_SECONDS),
             "CPU {} did not finish",
             index
         );

@@ -151,7 +151,7 @@ fn join_workers(workers: usize) -> Result<(), String> {
     STOP.store(true, Ordering::SeqCst);
     for index in 1..=workers {
         check!(
-            cpu::wait_for_state(index, cpu::CpuState::Finished, 2_000_000_000),
+            cpu::wait_for_state_within(index, cpu::CpuState::Finished, 60),
             "CPU {index} did not finish"
         );
         if let Some(mpidr) = cpu::mpidr(index) {

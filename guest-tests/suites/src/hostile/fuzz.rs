@@ -479,7 +479,7 @@ pub(crate) fn hypercall_fuzz() -> Result<(), String> {
     fuzz(0);
     for index in 1..cpus {
         check!(
-            cpu::wait_for_state(index, cpu::CpuState::Finished, 4_000_000_000),
+            cpu::wait_for_state_within(index, cpu::CpuState::Finished, 60),
             "CPU {index} did not finish"
         );
     }
