@@ -55,6 +55,10 @@ pub enum Disk {
     /// The virtio-blk disk of the Linux guest's hook (guest-tests/linux/init.d/50-virtio-blk),
     /// behind the SMMU: see [`crate::disk`].
     VirtioBlk,
+    /// The Linux I/O rows' random-data disk and network card, both behind the SMMU, driven by
+    /// the hooks 55-virtio-blk-io and 60-virtio-net and checked from the host: see
+    /// [`crate::linux_io`].
+    LinuxIo,
 }
 
 /// One row of the suite table.
@@ -144,6 +148,21 @@ const LINUX: Suite = Suite {
 /// cannot contain DMA (a device would write guest IPAs as physical addresses), so no row
 /// gives such a board a DMA-capable device.
 const LINUX_NO_DISK_APPEND: &str = "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1";
+
+/// The Linux I/O rows' command line; the runner adds the seed and the network items
+/// ([`crate::linux_io::append_items`]). `loglevel=4` keeps kernel messages from splitting the
+/// hooks' manifest lines.
+const LINUX_IO_APPEND: &str = "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1 loglevel=4";
+
+/// The Linux I/O row in shared mode (the hypervisor's default: each device's SMMU stage 2 is
+/// the guest's RAM), without the kernel module: real virtio-blk and virtio-net drivers.
+const LINUX_IO: Suite = Suite {
+    name: "linux-io",
+    append: Some(LINUX_IO_APPEND),
+    timeout_secs: 240,
+    disk: Disk::LinuxIo,
+    ..LINUX
+};
 
 /// Every suite, in the order they run.
 pub const SUITES: &[Suite] = &[
@@ -318,6 +337,8 @@ pub const SUITES: &[Suite] = &[
         disk: Disk::None,
         ..LINUX
     },
+    // Linux's real drivers moving random data (guest-tests/runner/src/linux_io.rs).
+    LINUX_IO,
 ];
 
 /// The configuration string of [`COMMON_CONFIG`] followed by `extra`: `key=value` items
