@@ -18,6 +18,7 @@ pub const REPLAYED: &[&str] = &[
     "hostile-mixed",
     "hostile-dma",
     "hostile-fuzz",
+    "linux-module",
 ];
 
 /// Whether suite `name` gets the audit checks.
