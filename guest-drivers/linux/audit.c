@@ -8,6 +8,7 @@
 #include <linux/gfp.h>
 #include <linux/mm.h>
 #include <linux/module.h>
+#include <linux/mutex.h>
 #include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/unaligned/packed_struct.h>
@@ -200,12 +201,32 @@ static int sh_devices_show(struct seq_file *m, void *v)
 }
 DEFINE_SHOW_ATTRIBUTE(sh_devices);
 
+/* Reading stagehand/selftest runs the DMA API selftest on every bound device. */
+static int sh_selftest_show(struct seq_file *m, void *v)
+{
+	unsigned int i, bound = 0;
+
+	mutex_lock(&sh_bind_lock);
+	for (i = 0; i < sh_device_count; i++) {
+		if (sh_devices[i].dev) {
+			sh_selftest_api(&sh_devices[i], m);
+			bound++;
+		}
+	}
+	mutex_unlock(&sh_bind_lock);
+	if (!bound)
+		seq_puts(m, "no bound device\n");
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(sh_selftest);
+
 void sh_debugfs_init(void)
 {
 	sh_debugfs = debugfs_create_dir("stagehand", NULL);
 	debugfs_create_file("audit", 0400, sh_debugfs, NULL, &sh_audit_fops);
 	debugfs_create_file("counters", 0444, sh_debugfs, NULL, &sh_counters_fops);
 	debugfs_create_file("devices", 0444, sh_debugfs, NULL, &sh_devices_fops);
+	debugfs_create_file("selftest", 0400, sh_debugfs, NULL, &sh_selftest_fops);
 }
 
 void sh_debugfs_exit(void)

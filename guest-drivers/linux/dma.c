@@ -15,6 +15,7 @@
 #include <linux/interval_tree_generic.h>
 #include <linux/mm.h>
 #include <linux/scatterlist.h>
+#include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/sizes.h>
 
@@ -736,4 +737,119 @@ int sh_dma_init(void)
 void sh_dma_exit(void)
 {
 	kmem_cache_destroy(sh_mapping_cache);
+}
+
+/* Counters a DMA API round trip must leave as they were. */
+struct sh_snapshot {
+	s64 live, unknown, refused;
+};
+
+static struct sh_snapshot sh_snapshot(struct sh_device *d)
+{
+	struct sh_snapshot s = { atomic64_read(&d->live),
+				 atomic64_read(&sh_counters.unknown_mappings), 0 };
+	int i;
+
+	for (i = 0; i < SH_STATUS_SLOTS; i++)
+		s.refused += atomic64_read(&sh_counters.refused[i]);
+	return s;
+}
+
+#define SH_CHECK(cond, ...)                             \
+	do {                                            \
+		if (!(cond)) {                          \
+			seq_printf(m, "FAIL " __VA_ARGS__); \
+			seq_putc(m, '\n');              \
+			goto out;                       \
+		}                                       \
+	} while (0)
+
+/*
+ * The DMA API on a bound device, through the module's ops: dma_map_single with syncs of part
+ * of the buffer, dma_map_sg with sg syncs, dma_alloc_pages, dma_alloc_coherent (NC through the
+ * linear map for a non-coherent device) with dma_get_sgtable. No DMA happens. Each step must
+ * find its mapping again, be refused nothing, and leave no mapping behind. Writes one line to m.
+ */
+void sh_selftest_api(struct sh_device *d, struct seq_file *m)
+{
+	struct device *dev = d->dev;
+	struct sh_snapshot before = sh_snapshot(d), after;
+	s64 syncs = atomic64_read(&sh_counters.syncs);
+	struct scatterlist sgl[3];
+	struct sg_table sgt = {};
+	struct page *pages = NULL;
+	void *coherent = NULL;
+	dma_addr_t addr, handle = 0;
+	u8 *buf;
+	int n, i;
+
+	seq_printf(m, "%s: ", dev_name(dev));
+	buf = kzalloc(3 * PAGE_SIZE, GFP_KERNEL);
+	SH_CHECK(buf, "no memory");
+
+	addr = dma_map_single(dev, buf + 100, 1000, DMA_FROM_DEVICE);
+	SH_CHECK(!dma_mapping_error(dev, addr), "dma_map_single refused");
+	SH_CHECK(addr == virt_to_phys(buf + 100), "IOVA %pad is not the IPA", &addr);
+	dma_sync_single_for_cpu(dev, addr + 10, 100, DMA_FROM_DEVICE);
+	dma_sync_single_for_device(dev, addr, 1000, DMA_FROM_DEVICE);
+	dma_unmap_single(dev, addr, 1000, DMA_FROM_DEVICE);
+
+	sg_init_table(sgl, 3);
+	sg_set_buf(&sgl[0], buf + 8, 64);
+	sg_set_buf(&sgl[1], buf + 72, 2000);
+	sg_set_buf(&sgl[2], buf + 2 * PAGE_SIZE + 1, 4000);
+	n = dma_map_sg(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	SH_CHECK(n == 3, "dma_map_sg mapped %d of 3", n);
+	for (i = 0; i < 3; i++)
+		SH_CHECK(sg_dma_address(&sgl[i]) == sg_phys(&sgl[i]) &&
+				 sg_dma_len(&sgl[i]) == sgl[i].length,
+			 "segment %d at %pad", i, &sg_dma_address(&sgl[i]));
+	dma_sync_sg_for_cpu(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	dma_sync_sg_for_device(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	dma_unmap_sg(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	if (!sh_coherent(d))
+		SH_CHECK(atomic64_read(&sh_counters.syncs) == syncs + 8,
+			 "%lld DMA_SYNC calls, expected 8", atomic64_read(&sh_counters.syncs) - syncs);
+
+	pages = dma_alloc_pages(dev, 2 * PAGE_SIZE, &handle, DMA_TO_DEVICE, GFP_KERNEL);
+	SH_CHECK(pages, "dma_alloc_pages refused");
+	dma_sync_single_for_device(dev, handle + PAGE_SIZE, 16, DMA_TO_DEVICE);
+	dma_free_pages(dev, 2 * PAGE_SIZE, pages, handle, DMA_TO_DEVICE);
+
+	coherent = dma_alloc_coherent(dev, 5000, &handle, GFP_KERNEL);
+	SH_CHECK(coherent, "dma_alloc_coherent refused");
+	if (!sh_coherent(d)) {
+		struct sh_ret r = sh_call(STAGEHAND_FN_MEM_QUERY_VA, (u64)coherent + 4096,
+					  STAGEHAND_ACCESS_WRITE, 0, 0, 0);
+
+		SH_CHECK(r.status == 0 && r.x2 == STAGEHAND_MAIR_NORMAL_NC,
+			 "coherent memory's linear map: MEM_QUERY_VA %ld, effective %#llx", r.status,
+			 r.x2);
+	}
+	SH_CHECK(dma_get_sgtable(dev, &sgt, coherent, handle, 5000) == 0 &&
+			 sg_page(sgt.sgl) == virt_to_page(coherent) &&
+			 sgt.sgl->length == 2 * PAGE_SIZE,
+		 "dma_get_sgtable");
+	sg_free_table(&sgt);
+	dma_free_coherent(dev, 5000, coherent, handle);
+	coherent = NULL;
+	{
+		struct sh_ret r = sh_call(STAGEHAND_FN_MEM_GET_ATTR, handle, 0, 0, 0, 0);
+
+		SH_CHECK(r.status == 0 && r.x1 == STAGEHAND_ATTR_NORMAL_WB &&
+				 !(r.x2 & STAGEHAND_PAGE_PINNED),
+			 "freed coherent memory: attribute %llu, flags %#llx", r.x1, r.x2);
+	}
+
+	after = sh_snapshot(d);
+	SH_CHECK(after.live == before.live && after.unknown == before.unknown &&
+			 after.refused == before.refused,
+		 "mappings %lld -> %lld, unknown %lld -> %lld, refused %lld -> %lld", before.live,
+		 after.live, before.unknown, after.unknown, before.refused, after.refused);
+	seq_printf(m, "PASS map_single, sync_single, map_sg, sync_sg, alloc_pages, alloc (%s), get_sgtable\n",
+		   sh_coherent(d) ? "coherent" : "NC, effective 0x44");
+out:
+	if (coherent)
+		dma_free_coherent(dev, 5000, coherent, handle);
+	kfree(buf);
 }

@@ -29,7 +29,7 @@ unsigned int sh_device_count;
 u64 sh_ram_top;
 
 /* Serialises the notifier's bind and unbind work. */
-static DEFINE_MUTEX(sh_bind_lock);
+DEFINE_MUTEX(sh_bind_lock);
 
 /* More devices than DEV_INFO could list on a PCI segment. */
 #define SH_MAX_DEV_INFO 4096

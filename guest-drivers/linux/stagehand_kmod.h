@@ -10,6 +10,7 @@
 #include <linux/arm-smccc.h>
 #include <linux/atomic.h>
 #include <linux/dma-direction.h>
+#include <linux/mutex.h>
 #include <linux/rbtree.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
@@ -78,6 +79,12 @@ void sh_release_mappings(struct sh_device *d);
 long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr);
 /* The DMA_MAP_SG/DMA_UNMAP_SG selftest on device d (no DMA happens). */
 int sh_selftest_sg(struct sh_device *d);
+
+struct seq_file;
+/* The DMA API selftest on bound device d (debugfs stagehand/selftest); one line to m. */
+void sh_selftest_api(struct sh_device *d, struct seq_file *m);
+/* Held while a device binds or unbinds; the selftest holds it so its device stays bound. */
+extern struct mutex sh_bind_lock;
 
 /* audit.c */
 void sh_debugfs_init(void);

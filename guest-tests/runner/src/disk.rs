@@ -161,6 +161,12 @@ mod tests {
         assert!(hook.contains(&format!("blk_lines \"{HOST_PREFIX}\" {HOST_LINES} ")));
         assert!(hook.contains(&format!("blk_lines \"{GUEST_PREFIX}\" {GUEST_LINES} ")));
         assert!(hook.contains("bs=4096 seek=16 ") && GUEST_OFFSET == 16 * 4096);
+        // So must the demo disk scripts/build-linux-module writes.
+        let script = include_str!("../../../scripts/build-linux-module");
+        assert!(script.contains(&format!(
+            "i < {HOST_LINES}; i++) printf \"{HOST_PREFIX}%05d\\n\""
+        )));
+        assert!(script.contains("truncate -s 1M ") && IMAGE_BYTES == 1 << 20);
     }
 
     #[test]
