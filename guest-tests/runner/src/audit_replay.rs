@@ -19,6 +19,7 @@ pub const REPLAYED: &[&str] = &[
     "hostile-dma",
     "hostile-fuzz",
     "linux-io",
+    "linux-module",
 ];
 
 /// Whether suite `name` gets the audit checks.

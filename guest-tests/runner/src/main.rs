@@ -15,6 +15,7 @@ mod digest;
 mod disk;
 mod dma_log;
 mod linux_io;
+mod module;
 mod protocol;
 mod qemu;
 mod suites;
@@ -235,6 +236,14 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
         outcomes.push(disk::check_image(suite.name, image));
         outcomes.push(disk::check_hypervisor_log(
             suite.name,
+            &outcome.hypervisor_uart,
+            suite.disk_mode(),
+        ));
+    }
+    if suite.loads_module() {
+        outcomes.extend(module::check(
+            suite.name,
+            &outcome.console,
             &outcome.hypervisor_uart,
         ));
     }

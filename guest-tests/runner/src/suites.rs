@@ -164,6 +164,11 @@ const LINUX_IO: Suite = Suite {
     ..LINUX
 };
 
+/// The command line of the Linux row with the stagehand module: `stagehand.module=1` makes the
+/// init hooks load it (10-stagehand) and check it at the end (90-stagehand).
+const LINUX_MODULE_APPEND: &str =
+    "console=ttyAMA0 stagehand.expect_cpus=2 stagehand.blk_test=1 stagehand.module=1 panic=-1";
+
 /// Every suite, in the order they run.
 pub const SUITES: &[Suite] = &[
     Suite {
@@ -303,6 +308,15 @@ pub const SUITES: &[Suite] = &[
     },
     // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
     LINUX,
+    // Linux with its virtio-blk disk (00:01.0 on this board) strict and non-coherent, its DMA
+    // routed through the stagehand kernel module (guest-drivers/linux), which the init hook
+    // 10-stagehand loads before virtio_pci. Needs the initramfs scripts/build-linux-module makes.
+    Suite {
+        name: "linux-module",
+        config: &["devices=00:01.0/strict/noncoherent"],
+        append: Some(LINUX_MODULE_APPEND),
+        ..LINUX
+    },
     // Linux on other boards: every CPU model class (40-bit PA cortex-a53, 44-bit cortex-a72,
     // max), GICv2 and GICv3, with and without an SMMU, each pair of values of two axes at least
     // once. The rows with an SMMU keep the disk behind it.
@@ -358,6 +372,31 @@ pub fn find(name: &str) -> Option<&'static Suite> {
 }
 
 impl Suite {
+    /// The SMMU mode the hypervisor's log must give the virtio-blk disk (00:01.0), as its
+    /// `{:?}` prints it: `Strict` when the row's configuration declares the device strict.
+    pub fn disk_mode(&self) -> &'static str {
+        let strict = self.config.iter().any(|item| {
+            item.strip_prefix("devices=").is_some_and(|devices| {
+                devices
+                    .split('+')
+                    .any(|device| device.starts_with("00:01.0/strict"))
+            })
+        });
+        if strict {
+            "Strict"
+        } else {
+            "Shared"
+        }
+    }
+
+    /// Whether the row loads the stagehand kernel module (`stagehand.module=1`).
+    pub fn loads_module(&self) -> bool {
+        self.append
+            .unwrap_or("")
+            .split(' ')
+            .any(|word| word == "stagehand.module=1")
+    }
+
     /// The configuration string for `-fw_cfg name=opt/stagehand/config,string=...`:
     /// `key=value` items separated by spaces, as the hypervisor's configuration parser expects.
     pub fn config_string(&self) -> String {
@@ -469,6 +508,16 @@ mod tests {
                 "{guest}"
             );
         }
+    }
+
+    #[test]
+    fn the_module_row_declares_its_disk_strict() {
+        let row = find("linux-module").unwrap();
+        assert!(row.loads_module());
+        assert_eq!(row.disk, Disk::VirtioBlk);
+        assert_eq!(row.disk_mode(), "Strict");
+        assert_eq!(find("linux").unwrap().disk_mode(), "Shared");
+        assert!(!find("linux").unwrap().loads_module());
     }
 
     #[test]
