@@ -19,6 +19,7 @@ pub const REPLAYED: &[&str] = &[
     "hostile-dma",
     "hostile-fuzz",
     "linux-io",
+    "linux-io-strict",
     "linux-module",
 ];
 

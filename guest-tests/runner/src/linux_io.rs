@@ -539,13 +539,17 @@ pub fn check_net(
 /// hypervisor's own calls (SMCCC owner 6, vendor-specific hypervisor service: 0x86.. and
 /// 0xC6..). Other refusals are the kernel's boot-time probes of firmware services the
 /// hypervisor does not offer (Linux asks for the SMCCC TRNG, for example), not driver traffic.
+/// DEV_INFO's NO_DEVICE is how the ABI ends the device list the module walks: not a refusal
+/// either.
 fn is_own_call_refusal(text: &str) -> bool {
     let function = text
         .strip_prefix("function 0x")
         .and_then(|rest| rest.get(..8))
         .and_then(|hex| u32::from_str_radix(hex, 16).ok());
+    let end_of_device_list =
+        function == Some(stagehand_abi::function::DEV_INFO) && text.contains(" refused: NO_DEVICE");
     // Unparsable: count it, never excuse it.
-    function.is_none_or(|function| (function >> 24) & 0x3f == 6)
+    !end_of_device_list && function.is_none_or(|function| (function >> 24) & 0x3f == 6)
 }
 
 /// `<suite>/audit-no-refusals`: the hypervisor's audit stream of the run holds records, no

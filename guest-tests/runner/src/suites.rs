@@ -164,6 +164,15 @@ const LINUX_IO: Suite = Suite {
     ..LINUX
 };
 
+/// The Linux I/O row with both devices strict and declared non-coherent, their DMA routed
+/// through the stagehand kernel module (loaded by the hook 10-stagehand before virtio_pci).
+const LINUX_IO_STRICT: Suite = Suite {
+    name: "linux-io-strict",
+    config: &["devices=00:03.0/strict/noncoherent+00:04.0/strict/noncoherent"],
+    append: Some("console=ttyAMA0 stagehand.expect_cpus=2 panic=-1 loglevel=4 stagehand.module=1"),
+    ..LINUX_IO
+};
+
 /// The command line of the Linux row with the stagehand module: `stagehand.module=1` makes the
 /// init hooks load it (10-stagehand) and check it at the end (90-stagehand).
 const LINUX_MODULE_APPEND: &str =
@@ -353,6 +362,7 @@ pub const SUITES: &[Suite] = &[
     },
     // Linux's real drivers moving random data (guest-tests/runner/src/linux_io.rs).
     LINUX_IO,
+    LINUX_IO_STRICT,
 ];
 
 /// The configuration string of [`COMMON_CONFIG`] followed by `extra`: `key=value` items
