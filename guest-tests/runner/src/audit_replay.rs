@@ -20,6 +20,7 @@ pub const REPLAYED: &[&str] = &[
     "hostile-fuzz",
     "linux-io",
     "linux-io-strict",
+    "linux-io-quota",
     "linux-module",
 ];
 

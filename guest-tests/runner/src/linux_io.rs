@@ -556,7 +556,27 @@ fn is_own_call_refusal(text: &str) -> bool {
 /// fault, and no refused request of its own calls (well-formed driver traffic is never
 /// refused).
 pub fn check_no_refusals(suite: &str, logs: &Path) -> TestOutcome {
-    let name = format!("{suite}/audit-no-refusals");
+    check_refusals(&format!("{suite}/audit-no-refusals"), suite, logs, None)
+}
+
+/// Rows whose mapping quota is meant to run out (their hook is 58-dma-quota).
+pub const QUOTA_ROWS: &[&str] = &["linux-io-quota"];
+
+/// `<suite>/audit-quota-refusals`: the stream shows the quota reached (NO_MEMORY refusals) and
+/// no fault and no other refusal of the hypervisor's own calls.
+pub fn check_quota_refusals(suite: &str, logs: &Path) -> TestOutcome {
+    check_refusals(
+        &format!("{suite}/audit-quota-refusals"),
+        suite,
+        logs,
+        Some("NO_MEMORY"),
+    )
+}
+
+/// The stream in `<logs>/<suite>.hyp.log` holds records and no fault; its refusals of the
+/// hypervisor's own calls all have status `expected` and there is at least one, or there are
+/// none when `expected` is `None`.
+fn check_refusals(name: &str, suite: &str, logs: &Path, expected: Option<&str>) -> TestOutcome {
     let path = logs.join(format!("{suite}.hyp.log"));
     let text = match std::fs::read(&path) {
         Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
@@ -564,20 +584,25 @@ pub fn check_no_refusals(suite: &str, logs: &Path) -> TestOutcome {
     };
     let report = audit_report::analyse(&text);
     let replay = &report.replay;
+    let is_expected =
+        |text: &str| expected.is_some_and(|status| text.contains(&format!(" refused: {status}")));
     let own: Vec<&(u64, String)> = replay
         .refusals
         .iter()
         .filter(|(_, text)| is_own_call_refusal(text))
         .collect();
+    let wanted = own.iter().filter(|(_, text)| is_expected(text)).count();
+    let unwanted: Vec<&&(u64, String)> =
+        own.iter().filter(|(_, text)| !is_expected(text)).collect();
     // Refusals counted past what the report keeps cannot be told apart: all count.
-    let refused = own.len() as u64 + replay.refusals.omitted();
+    let refused = unwanted.len() as u64 + replay.refusals.omitted();
     let faults = replay.faults.total();
     if report.stream.records == 0 {
         TestOutcome::fail(name, format!("no audit records in {}", path.display()))
     } else if refused > 0 || faults > 0 {
-        let first = own
+        let first = unwanted
             .first()
-            .copied()
+            .map(|entry| **entry)
             .or(replay.faults.first())
             .map_or_else(String::new, |(seq, text)| {
                 format!("; first: seq {seq} {text}")
@@ -586,6 +611,14 @@ pub fn check_no_refusals(suite: &str, logs: &Path) -> TestOutcome {
             name,
             format!(
                 "{refused} refused calls and {faults} faults audited{first} ({})",
+                path.display()
+            ),
+        )
+    } else if let (Some(status), 0) = (expected, wanted) {
+        TestOutcome::fail(
+            name,
+            format!(
+                "no {status} refusal audited: the quota was never reached ({})",
                 path.display()
             ),
         )

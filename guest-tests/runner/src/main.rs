@@ -435,6 +435,9 @@ fn main() -> ExitCode {
         if dma_log::applies(suite.name) {
             tally(&[dma_log::check(suite.name, &logs)]);
         }
+        if linux_io::QUOTA_ROWS.contains(&suite.name) {
+            tally(&[linux_io::check_quota_refusals(suite.name, &logs)]);
+        }
     }
     for check in selected_boot_checks(&options.only) {
         tally(&[run_boot_check(check, &options, &logs)]);

@@ -173,6 +173,27 @@ const LINUX_IO_STRICT: Suite = Suite {
     ..LINUX_IO
 };
 
+/// The negative row: the disk at 00:03.0 strict and non-coherent through the module, with a
+/// mapping quota far below what parallel 1 MiB direct I/O needs (hook 58-dma-quota). The disk
+/// is QEMU's null block device (writes vanish, reads give zeros): the row checks that I/O ends,
+/// not what it stores.
+const LINUX_IO_QUOTA: Suite = Suite {
+    name: "linux-io-quota",
+    config: &["devices=00:03.0/strict/noncoherent", "dma-mappings=64"],
+    append: Some(
+        "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1 loglevel=4 stagehand.quota_test=1",
+    ),
+    extra_args: &[
+        "-blockdev",
+        "driver=null-co,node-name=q0,size=67108864,read-zeroes=on",
+        "-device",
+        "virtio-blk-pci,drive=q0,addr=03.0,iommu_platform=on,disable-legacy=on",
+    ],
+    disk: Disk::None,
+    timeout_secs: 180,
+    ..LINUX
+};
+
 /// The command line of the Linux row with the stagehand module: `stagehand.module=1` makes the
 /// init hooks load it (10-stagehand) and check it at the end (90-stagehand).
 const LINUX_MODULE_APPEND: &str =
@@ -363,6 +384,7 @@ pub const SUITES: &[Suite] = &[
     // Linux's real drivers moving random data (guest-tests/runner/src/linux_io.rs).
     LINUX_IO,
     LINUX_IO_STRICT,
+    LINUX_IO_QUOTA,
 ];
 
 /// The configuration string of [`COMMON_CONFIG`] followed by `extra`: `key=value` items
