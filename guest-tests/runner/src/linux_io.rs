@@ -22,7 +22,9 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -378,10 +380,11 @@ fn wait_for_listener(console: &Receiver<Vec<u8>>, deadline: Instant) -> Result<(
 }
 
 /// Connects and reads the guest's `READY` line, retrying while the guest's listener is not up
-/// yet (QEMU accepts the host's connection at once and closes it when the guest refuses).
-fn connect(host_port: u16, deadline: Instant) -> Result<TcpStream, String> {
+/// yet (QEMU accepts the host's connection at once and closes it when the guest refuses), until
+/// `deadline` or until QEMU has ended (`ended`).
+fn connect(host_port: u16, deadline: Instant, ended: &AtomicBool) -> Result<TcpStream, String> {
     let mut last = String::from("no attempt");
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !ended.load(Ordering::Relaxed) {
         match TcpStream::connect(("127.0.0.1", host_port)) {
             Ok(mut stream) => {
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(20)));
@@ -414,9 +417,15 @@ fn exchange(
     if let Err(error) = wait_for_listener(&console, deadline) {
         return failed(error);
     }
-    // Keep draining the console so QEMU's reader never blocks on us.
-    thread::spawn(move || while console.recv().is_ok() {});
-    let stream = match connect(host_port, deadline) {
+    // Keep draining the console (the channel is unbounded, but there is no reason to keep it),
+    // and note when QEMU's output ends: no connection can succeed after that.
+    let ended = Arc::new(AtomicBool::new(false));
+    let ended_by_drain = Arc::clone(&ended);
+    thread::spawn(move || {
+        while console.recv().is_ok() {}
+        ended_by_drain.store(true, Ordering::Relaxed);
+    });
+    let stream = match connect(host_port, deadline, &ended) {
         Ok(stream) => stream,
         Err(error) => return failed(error),
     };
@@ -800,6 +809,67 @@ mod tests {
             "function 0xc4000001 refused: NOT_SUPPORTED"
         ));
         assert!(is_own_call_refusal("something else"));
+    }
+
+    /// A stand-in for the guest's `nc -e` script on a local port: READY, then echo every byte,
+    /// flipping one when `corrupt` says so.
+    fn fake_guest(corrupt: Option<usize>) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            stream.write_all(b"READY\n").unwrap();
+            let mut buffer = [0u8; 8192];
+            let mut seen = 0usize;
+            loop {
+                let n = match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if let Some(at) = corrupt.filter(|at| (seen..seen + n).contains(at)) {
+                    buffer[at - seen] ^= 0x40;
+                }
+                seen += n;
+                if stream.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        port
+    }
+
+    fn run_peer(port: u16) -> NetResult {
+        let (tap, console) = std::sync::mpsc::channel();
+        let peer = NetPeer::start(port, 9, console, Instant::now() + Duration::from_secs(60));
+        tap.send(b"boot...\nNET-LIST".to_vec()).unwrap();
+        tap.send(b"ENING 5000\n".to_vec()).unwrap();
+        let result = peer.finish();
+        drop(tap);
+        result
+    }
+
+    #[test]
+    fn the_peer_sends_everything_and_checks_every_byte_of_the_echo() {
+        let good = run_peer(fake_guest(None));
+        assert_eq!(
+            (good.sent, good.echoed, good.error),
+            (NET_BYTES, NET_BYTES, None)
+        );
+        let bad = run_peer(fake_guest(Some(123_457)));
+        assert!(bad.error.unwrap().contains("byte 123457 differs"));
+    }
+
+    #[test]
+    fn the_peer_gives_up_when_qemu_ends_before_the_guest_listens() {
+        let (tap, console) = std::sync::mpsc::channel();
+        let peer = NetPeer::start(1, 9, console, Instant::now() + Duration::from_secs(60));
+        tap.send(b"kernel panic\n".to_vec()).unwrap();
+        drop(tap);
+        let result = peer.finish();
+        assert!(result
+            .error
+            .unwrap()
+            .contains("before the guest printed NET-LISTENING"));
     }
 
     #[test]
