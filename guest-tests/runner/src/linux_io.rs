@@ -872,6 +872,36 @@ mod tests {
             .contains("before the guest printed NET-LISTENING"));
     }
 
+    /// The rows' configurations name the PCI functions the runner puts the devices at, and the
+    /// quota row is the one whose hook expects the quota to run out.
+    #[test]
+    fn the_rows_configure_the_devices_they_attach() {
+        use crate::suites::{find, Disk};
+        let args = qemu_args(&Setup {
+            seed: 1,
+            image: PathBuf::from("d"),
+            host_port: 2,
+        })
+        .join(" ");
+        assert!(args.contains("addr=03.0") && args.contains("addr=04.0"));
+        let strict = find("linux-io-strict").unwrap();
+        assert_eq!(strict.disk, Disk::LinuxIo);
+        assert_eq!(
+            strict.config,
+            &["devices=00:03.0/strict/noncoherent+00:04.0/strict/noncoherent"]
+        );
+        assert!(strict.loads_module());
+        assert_eq!(find("linux-io").unwrap().config, &[] as &[&str]);
+        for name in QUOTA_ROWS {
+            let row = find(name).unwrap();
+            assert!(row.config.iter().any(|c| c.starts_with("dma-mappings=")));
+            assert!(row.config.contains(&"devices=00:03.0/strict/noncoherent"));
+            assert!(row.append.unwrap().contains("stagehand.quota_test=1"));
+            assert!(row.extra_args.join(" ").contains("addr=03.0"));
+            assert!(crate::audit_replay::applies(name));
+        }
+    }
+
     #[test]
     fn the_seed_comes_from_the_environment_when_set() {
         assert_eq!(choose_seed(|_| Some(String::from("42"))), Ok(42));
