@@ -18,6 +18,10 @@ pub const REPLAYED: &[&str] = &[
     "hostile-mixed",
     "hostile-dma",
     "hostile-fuzz",
+    "linux-io",
+    "linux-io-strict",
+    "linux-io-quota",
+    "linux-module",
 ];
 
 /// Whether suite `name` gets the audit checks.

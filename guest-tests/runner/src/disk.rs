@@ -112,16 +112,21 @@ pub fn check_image(suite: &str, image: &Path) -> TestOutcome {
 }
 
 /// `<suite>/virtio-blk-behind-smmu`: the hypervisor's log shows a virtio-blk function
-/// (1af4:1042) assigned in shared mode, and no SMMU fault was audited during the run.
-pub fn check_hypervisor_log(suite: &str, log: &str) -> TestOutcome {
+/// (1af4:1042) assigned in `mode` (`Shared` or `Strict`), and no SMMU fault was audited during
+/// the run.
+pub fn check_hypervisor_log(suite: &str, log: &str, mode: &str) -> TestOutcome {
     let name = format!("{suite}/virtio-blk-behind-smmu");
     let assigned = log.lines().any(|line| {
-        line.contains("SMMU: ") && line.contains(" 1af4:1042 ") && line.contains(": Shared")
+        line.contains("SMMU: ")
+            && line.contains(" 1af4:1042 ")
+            && line.contains(&format!(": {mode}"))
     });
     if !assigned {
         return TestOutcome::fail(
             name,
-            "the hypervisor's log has no line assigning virtio-blk (1af4:1042) in shared mode",
+            format!(
+                "the hypervisor's log has no line assigning virtio-blk (1af4:1042) in {mode} mode"
+            ),
         );
     }
     match log
@@ -156,6 +161,12 @@ mod tests {
         assert!(hook.contains(&format!("blk_lines \"{HOST_PREFIX}\" {HOST_LINES} ")));
         assert!(hook.contains(&format!("blk_lines \"{GUEST_PREFIX}\" {GUEST_LINES} ")));
         assert!(hook.contains("bs=4096 seek=16 ") && GUEST_OFFSET == 16 * 4096);
+        // So must the demo disk scripts/build-linux-module writes.
+        let script = include_str!("../../../scripts/build-linux-module");
+        assert!(script.contains(&format!(
+            "i < {HOST_LINES}; i++) printf \"{HOST_PREFIX}%05d\\n\""
+        )));
+        assert!(script.contains("truncate -s 1M ") && IMAGE_BYTES == 1 << 20);
     }
 
     #[test]
@@ -192,11 +203,20 @@ mod tests {
     #[test]
     fn the_log_check_wants_the_assignment_and_no_fault() {
         let assigned = "[stagehand INFO ] SMMU: 00:01.0 1af4:1042 StreamID 0x8: Shared, VMID 1\n";
-        assert!(check_hypervisor_log("linux", assigned).failure.is_none());
-        assert!(check_hypervisor_log("linux", "").failure.is_some());
+        assert!(check_hypervisor_log("linux", assigned, "Shared")
+            .failure
+            .is_none());
+        assert!(check_hypervisor_log("linux", assigned, "Strict")
+            .failure
+            .is_some());
+        assert!(check_hypervisor_log("linux", "", "Shared")
+            .failure
+            .is_some());
         let fault = format!(
             "{assigned}[stagehand INFO ] AUDIT v1 seq=9 t=1 vm=1 vcpu=0 kind=smmu-fault flags=0x40 ...\n"
         );
-        assert!(check_hypervisor_log("linux", &fault).failure.is_some());
+        assert!(check_hypervisor_log("linux", &fault, "Shared")
+            .failure
+            .is_some());
     }
 }

@@ -11,8 +11,11 @@
 
 mod audit_replay;
 mod boot;
+mod digest;
 mod disk;
 mod dma_log;
+mod linux_io;
+mod module;
 mod protocol;
 mod qemu;
 mod suites;
@@ -125,7 +128,8 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
     };
     let mut extra_args: Vec<String> = suite.extra_args.iter().map(|s| s.to_string()).collect();
     let disk = match suite.disk {
-        Disk::None => None,
+        // The I/O rows' disk is made below, with their network card.
+        Disk::None | Disk::LinuxIo => None,
         Disk::VirtioBlk => match disk::create(logs, suite.name) {
             Ok(path) => {
                 extra_args.extend(disk::qemu_args(&path));
@@ -139,7 +143,47 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
             }
         },
     };
-    let launch = suite_launch(suite, options, logs, kernel, initrd, extra_args);
+    let mut io_setup = None;
+    if suite.disk == Disk::LinuxIo {
+        let prepared = linux_io::choose_seed(|name| std::env::var(name).ok())
+            .and_then(|seed| linux_io::prepare(logs, suite.name, seed).map_err(|e| e.to_string()));
+        match prepared {
+            Ok(setup) => {
+                extra_args.extend(linux_io::qemu_args(&setup));
+                io_setup = Some(setup);
+            }
+            Err(error) => {
+                return vec![TestOutcome::fail(
+                    run_name,
+                    format!("preparing the disk and network: {error}"),
+                )]
+            }
+        }
+    }
+    let mut launch = suite_launch(suite, options, logs, kernel, initrd, extra_args);
+    let mut net_peer = None;
+    if let Some(setup) = &io_setup {
+        let items = linux_io::append_items(setup);
+        launch.append = Some(match launch.append.take() {
+            Some(append) => format!("{append} {items}"),
+            None => items,
+        });
+        let (tap, console) = std::sync::mpsc::channel();
+        launch.console_tap = Some(tap);
+        let deadline = std::time::Instant::now() + launch.timeout;
+        net_peer = Some(linux_io::NetPeer::start(
+            setup.host_port,
+            setup.seed,
+            console,
+            deadline,
+        ));
+        eprintln!(
+            "guest-runner: {}: seed {} ({} to repeat it)",
+            suite.name,
+            setup.seed,
+            linux_io::SEED_VAR
+        );
+    }
     eprintln!(
         "guest-runner: {} ({}; {} CPUs, {} RAM, timeout {} s)",
         suite.name,
@@ -193,7 +237,22 @@ fn run_suite(suite: &Suite, options: &Options, logs: &Path) -> Vec<TestOutcome> 
         outcomes.push(disk::check_hypervisor_log(
             suite.name,
             &outcome.hypervisor_uart,
+            suite.disk_mode(),
         ));
+    }
+    if suite.loads_module() {
+        outcomes.extend(module::check(
+            suite.name,
+            &outcome.console,
+            &outcome.hypervisor_uart,
+        ));
+    }
+    if let (Some(setup), Some(peer)) = (&io_setup, net_peer) {
+        let net = peer.finish();
+        let report = linux_io::parse_guest_report(&outcome.console);
+        outcomes.extend(linux_io::check_disk(suite.name, setup, &report));
+        outcomes.push(linux_io::check_net(suite.name, setup, &net, &report));
+        outcomes.push(linux_io::check_no_refusals(suite.name, logs));
     }
     outcomes
 }
@@ -221,6 +280,7 @@ fn suite_launch(
         hypervisor_log: Some(logs.join(format!("{}.hyp.log", suite.name))),
         extra_args,
         timeout: Duration::from_secs(options.timeout.unwrap_or(suite.timeout_secs)),
+        console_tap: None,
     }
 }
 
@@ -327,6 +387,7 @@ fn boot_check_launch(
             .then(|| logs.join(format!("boot-{}.hyp.log", check.name))),
         extra_args: check.qemu_args.iter().map(|&arg| arg.into()).collect(),
         timeout: Duration::from_secs(options.timeout.unwrap_or(check.timeout_secs)),
+        console_tap: None,
     }
 }
 
@@ -373,6 +434,9 @@ fn main() -> ExitCode {
         }
         if dma_log::applies(suite.name) {
             tally(&[dma_log::check(suite.name, &logs)]);
+        }
+        if linux_io::QUOTA_ROWS.contains(&suite.name) {
+            tally(&[linux_io::check_quota_refusals(suite.name, &logs)]);
         }
     }
     for check in selected_boot_checks(&options.only) {
@@ -431,6 +495,14 @@ mod tests {
                 suite.extra_args.iter().map(|s| s.to_string()).collect();
             if suite.disk == Disk::VirtioBlk {
                 extra_args.extend(disk::qemu_args(&logs.join("disk.img")));
+            }
+            if suite.disk == Disk::LinuxIo {
+                let setup = linux_io::Setup {
+                    seed: 1,
+                    image: logs.join("disk.img"),
+                    host_port: 1,
+                };
+                extra_args.extend(linux_io::qemu_args(&setup));
             }
             launches.push(suite_launch(
                 suite,

@@ -8,6 +8,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Sender;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,9 @@ pub struct Launch {
     pub extra_args: Vec<String>,
     /// How long QEMU may run.
     pub timeout: Duration,
+    /// Receives a copy of the console as it arrives, for a host-side peer that must act while
+    /// the guest runs (the sender is dropped when QEMU's output ends).
+    pub console_tap: Option<Sender<Vec<u8>>>,
 }
 
 /// What a run produced.
@@ -185,8 +189,8 @@ impl Launch {
                 }
             }
         };
-        let stdout = reader(child.stdout.take());
-        let stderr = reader(child.stderr.take());
+        let stdout = reader(child.stdout.take(), self.console_tap.clone());
+        let stderr = reader(child.stderr.take(), None);
         let ended = wait_with_timeout(&mut child, self.timeout);
         let console = stdout.join().unwrap_or_default();
         let hypervisor_uart = match &self.hypervisor_log {
@@ -212,12 +216,30 @@ fn path_arg(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
-/// Reads a pipe to its end on a thread of its own (so a full pipe never stalls QEMU).
-fn reader(pipe: Option<impl Read + Send + 'static>) -> thread::JoinHandle<String> {
+/// Reads a pipe to its end on a thread of its own (so a full pipe never stalls QEMU), copying
+/// each chunk to `tap` if there is one.
+fn reader(
+    pipe: Option<impl Read + Send + 'static>,
+    tap: Option<Sender<Vec<u8>>>,
+) -> thread::JoinHandle<String> {
     thread::spawn(move || {
         let mut bytes = Vec::new();
         if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_end(&mut bytes);
+            let mut chunk = [0u8; 4096];
+            loop {
+                match pipe.read(&mut chunk) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        bytes.extend_from_slice(&chunk[..n]);
+                        if let Some(tap) = &tap {
+                            // A peer that stopped listening is no reason to stop reading.
+                            let _ = tap.send(chunk[..n].to_vec());
+                        }
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
         }
         String::from_utf8_lossy(&bytes).into_owned()
     })
@@ -266,6 +288,7 @@ mod tests {
             hypervisor_log: Some("logs/dt.hyp.log".into()),
             extra_args: vec![],
             timeout: Duration::from_secs(5),
+            console_tap: None,
         }
     }
 

@@ -55,6 +55,10 @@ pub enum Disk {
     /// The virtio-blk disk of the Linux guest's hook (guest-tests/linux/init.d/50-virtio-blk),
     /// behind the SMMU: see [`crate::disk`].
     VirtioBlk,
+    /// The Linux I/O rows' random-data disk and network card, both behind the SMMU, driven by
+    /// the hooks 55-virtio-blk-io and 60-virtio-net and checked from the host: see
+    /// [`crate::linux_io`].
+    LinuxIo,
 }
 
 /// One row of the suite table.
@@ -144,6 +148,56 @@ const LINUX: Suite = Suite {
 /// cannot contain DMA (a device would write guest IPAs as physical addresses), so no row
 /// gives such a board a DMA-capable device.
 const LINUX_NO_DISK_APPEND: &str = "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1";
+
+/// The Linux I/O rows' command line; the runner adds the seed and the network items
+/// ([`crate::linux_io::append_items`]). `loglevel=4` keeps kernel messages from splitting the
+/// hooks' manifest lines.
+const LINUX_IO_APPEND: &str = "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1 loglevel=4";
+
+/// The Linux I/O row in shared mode (the hypervisor's default: each device's SMMU stage 2 is
+/// the guest's RAM), without the kernel module: real virtio-blk and virtio-net drivers.
+const LINUX_IO: Suite = Suite {
+    name: "linux-io",
+    append: Some(LINUX_IO_APPEND),
+    timeout_secs: 240,
+    disk: Disk::LinuxIo,
+    ..LINUX
+};
+
+/// The Linux I/O row with both devices strict and declared non-coherent, their DMA routed
+/// through the stagehand kernel module (loaded by the hook 10-stagehand before virtio_pci).
+const LINUX_IO_STRICT: Suite = Suite {
+    name: "linux-io-strict",
+    config: &["devices=00:03.0/strict/noncoherent+00:04.0/strict/noncoherent"],
+    append: Some("console=ttyAMA0 stagehand.expect_cpus=2 panic=-1 loglevel=4 stagehand.module=1"),
+    ..LINUX_IO
+};
+
+/// The negative row: the disk at 00:03.0 strict and non-coherent through the module, with a
+/// mapping quota far below what parallel 1 MiB direct I/O needs (hook 58-dma-quota). The disk
+/// is QEMU's null block device (writes vanish, reads give zeros): the row checks that I/O ends,
+/// not what it stores.
+const LINUX_IO_QUOTA: Suite = Suite {
+    name: "linux-io-quota",
+    config: &["devices=00:03.0/strict/noncoherent", "dma-mappings=64"],
+    append: Some(
+        "console=ttyAMA0 stagehand.expect_cpus=2 panic=-1 loglevel=4 stagehand.quota_test=1",
+    ),
+    extra_args: &[
+        "-blockdev",
+        "driver=null-co,node-name=q0,size=67108864,read-zeroes=on",
+        "-device",
+        "virtio-blk-pci,drive=q0,addr=03.0,iommu_platform=on,disable-legacy=on",
+    ],
+    disk: Disk::None,
+    timeout_secs: 180,
+    ..LINUX
+};
+
+/// The command line of the Linux row with the stagehand module: `stagehand.module=1` makes the
+/// init hooks load it (10-stagehand) and check it at the end (90-stagehand).
+const LINUX_MODULE_APPEND: &str =
+    "console=ttyAMA0 stagehand.expect_cpus=2 stagehand.blk_test=1 stagehand.module=1 panic=-1";
 
 /// Every suite, in the order they run.
 pub const SUITES: &[Suite] = &[
@@ -284,6 +338,15 @@ pub const SUITES: &[Suite] = &[
     },
     // Linux, with a virtio-blk disk behind the SMMU (shared mode) that its hook writes.
     LINUX,
+    // Linux with its virtio-blk disk (00:01.0 on this board) strict and non-coherent, its DMA
+    // routed through the stagehand kernel module (guest-drivers/linux), which the init hook
+    // 10-stagehand loads before virtio_pci. Needs the initramfs scripts/build-linux-module makes.
+    Suite {
+        name: "linux-module",
+        config: &["devices=00:01.0/strict/noncoherent"],
+        append: Some(LINUX_MODULE_APPEND),
+        ..LINUX
+    },
     // Linux on other boards: every CPU model class (40-bit PA cortex-a53, 44-bit cortex-a72,
     // max), GICv2 and GICv3, with and without an SMMU, each pair of values of two axes at least
     // once. The rows with an SMMU keep the disk behind it.
@@ -318,6 +381,10 @@ pub const SUITES: &[Suite] = &[
         disk: Disk::None,
         ..LINUX
     },
+    // Linux's real drivers moving random data (guest-tests/runner/src/linux_io.rs).
+    LINUX_IO,
+    LINUX_IO_STRICT,
+    LINUX_IO_QUOTA,
 ];
 
 /// The configuration string of [`COMMON_CONFIG`] followed by `extra`: `key=value` items
@@ -337,6 +404,31 @@ pub fn find(name: &str) -> Option<&'static Suite> {
 }
 
 impl Suite {
+    /// The SMMU mode the hypervisor's log must give the virtio-blk disk (00:01.0), as its
+    /// `{:?}` prints it: `Strict` when the row's configuration declares the device strict.
+    pub fn disk_mode(&self) -> &'static str {
+        let strict = self.config.iter().any(|item| {
+            item.strip_prefix("devices=").is_some_and(|devices| {
+                devices
+                    .split('+')
+                    .any(|device| device.starts_with("00:01.0/strict"))
+            })
+        });
+        if strict {
+            "Strict"
+        } else {
+            "Shared"
+        }
+    }
+
+    /// Whether the row loads the stagehand kernel module (`stagehand.module=1`).
+    pub fn loads_module(&self) -> bool {
+        self.append
+            .unwrap_or("")
+            .split(' ')
+            .any(|word| word == "stagehand.module=1")
+    }
+
     /// The configuration string for `-fw_cfg name=opt/stagehand/config,string=...`:
     /// `key=value` items separated by spaces, as the hypervisor's configuration parser expects.
     pub fn config_string(&self) -> String {
@@ -448,6 +540,16 @@ mod tests {
                 "{guest}"
             );
         }
+    }
+
+    #[test]
+    fn the_module_row_declares_its_disk_strict() {
+        let row = find("linux-module").unwrap();
+        assert!(row.loads_module());
+        assert_eq!(row.disk, Disk::VirtioBlk);
+        assert_eq!(row.disk_mode(), "Strict");
+        assert_eq!(find("linux").unwrap().disk_mode(), "Shared");
+        assert!(!find("linux").unwrap().loads_module());
     }
 
     #[test]

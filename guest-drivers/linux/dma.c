@@ -1,0 +1,855 @@
+// SPDX-License-Identifier: (GPL-2.0 OR MIT)
+/*
+ * The dma_map_ops the module installs on strict or non-coherent devices: every buffer Linux
+ * maps for such a device becomes a stagehand DMA mapping (DMA_MAP, DMA_MAP_SG), which gives a
+ * strict device access to exactly its pages and does a non-coherent device's cache
+ * maintenance at EL2. IOVA equals IPA, which is the kernel's physical address.
+ *
+ * A mapping's handle must be found again at unmap and sync, which Linux identifies only by
+ * address (and size and direction): each device keeps its live mappings in an interval tree
+ * under a spinlock (the DMA API is called from any context, interrupts included). Hypercalls
+ * are made outside the lock.
+ */
+#include <linux/dma-map-ops.h>
+#include <linux/gfp.h>
+#include <linux/interval_tree_generic.h>
+#include <linux/mm.h>
+#include <linux/scatterlist.h>
+#include <linux/seq_file.h>
+#include <linux/slab.h>
+#include <linux/sizes.h>
+
+#include "stagehand_kmod.h"
+
+/* Who owns a mapping: the DMA API call that made it. */
+enum sh_kind { SH_STREAMING, SH_COHERENT, SH_PAGES };
+
+struct sh_mapping {
+	struct rb_node rb;
+	u64 start, last; /* IOVA interval, inclusive */
+	u64 subtree_last;
+	u64 handle;
+	u8 dir;
+	u8 kind;
+};
+
+#define SH_START(m) ((m)->start)
+#define SH_LAST(m) ((m)->last)
+INTERVAL_TREE_DEFINE(struct sh_mapping, rb, u64, subtree_last, SH_START, SH_LAST, static,
+		     sh_tree)
+
+static struct kmem_cache *sh_mapping_cache;
+
+/* Largest buffer one mapping may hold (the hypervisor's limit, docs/abi.md). */
+#define SH_MAX_MAPPING SZ_16M
+
+static struct sh_device *sh_device_of(struct device *dev)
+{
+	unsigned int i;
+
+	for (i = 0; i < sh_device_count; i++)
+		if (READ_ONCE(sh_devices[i].dev) == dev)
+			return &sh_devices[i];
+	return NULL;
+}
+
+/* Linux's directions have the ABI's values; spelt out so that the two stay independent. */
+static u64 sh_direction(enum dma_data_direction dir)
+{
+	switch (dir) {
+	case DMA_TO_DEVICE:
+		return STAGEHAND_DMA_TO_DEVICE;
+	case DMA_FROM_DEVICE:
+		return STAGEHAND_DMA_FROM_DEVICE;
+	default:
+		return STAGEHAND_DMA_BIDIRECTIONAL;
+	}
+}
+
+static void sh_insert(struct sh_device *d, struct sh_mapping *m)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&d->lock, flags);
+	sh_tree_insert(m, &d->mappings);
+	spin_unlock_irqrestore(&d->lock, flags);
+	atomic64_inc(&d->live);
+}
+
+/* Removes and returns the mapping [addr, addr + size) of direction dir, or NULL. */
+static struct sh_mapping *sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
+{
+	struct sh_mapping *m, *any = NULL;
+	u64 last = addr + size - 1;
+
+	for (m = sh_tree_iter_first(&d->mappings, addr, addr); m;
+	     m = sh_tree_iter_next(m, addr, addr)) {
+		if (m->start != addr || m->last != last)
+			continue;
+		if (m->dir == dir) {
+			any = m;
+			break;
+		}
+		/* A driver that unmaps with another direction still gets its mapping back. */
+		any = any ?: m;
+	}
+	if (any)
+		sh_tree_remove(any, &d->mappings);
+	return any;
+}
+
+static struct sh_mapping *sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
+{
+	struct sh_mapping *m;
+	unsigned long flags;
+
+	spin_lock_irqsave(&d->lock, flags);
+	m = sh_take_locked(d, addr, size, dir);
+	spin_unlock_irqrestore(&d->lock, flags);
+	if (m)
+		atomic64_dec(&d->live);
+	else
+		atomic64_inc(&sh_counters.unknown_mappings);
+	return m;
+}
+
+long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr)
+{
+	unsigned int stalled = 0;
+
+	for (;;) {
+		struct sh_ret r = sh_call(STAGEHAND_FN_MEM_SET_ATTR, ipa, size, attr, 0, 0);
+
+		if (r.status != STAGEHAND_INCOMPLETE) {
+			sh_count_refusal(r.status);
+			return r.status;
+		}
+		if (r.x1 == 0 || r.x1 >= size) {
+			if (++stalled >= STAGEHAND_MAX_STALLED_CALLS)
+				return STAGEHAND_INCOMPLETE;
+			continue;
+		}
+		stalled = 0;
+		ipa += r.x1;
+		size -= r.x1;
+	}
+}
+
+/* DMA_MAP of [phys, phys + size) for d; the IOVA, or DMA_MAPPING_ERROR. */
+static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
+			 enum dma_data_direction dir, enum sh_kind kind)
+{
+	struct sh_mapping *m;
+	struct sh_ret r;
+
+	if (!size || size > SH_MAX_MAPPING)
+		return DMA_MAPPING_ERROR;
+	m = kmem_cache_alloc(sh_mapping_cache, GFP_ATOMIC);
+	if (!m)
+		return DMA_MAPPING_ERROR;
+	r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id, phys, size, sh_direction(dir), 0);
+	atomic64_inc(&sh_counters.maps);
+	if (r.status != STAGEHAND_SUCCESS) {
+		sh_count_refusal(r.status);
+		pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n",
+				    size, &phys, dev_name(d->dev), r.status);
+		kmem_cache_free(sh_mapping_cache, m);
+		return DMA_MAPPING_ERROR;
+	}
+	m->start = r.x1;
+	m->last = r.x1 + size - 1;
+	m->handle = r.x2;
+	m->dir = dir;
+	m->kind = kind;
+	sh_insert(d, m);
+	return r.x1;
+}
+
+static void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
+		     enum dma_data_direction dir)
+{
+	struct sh_mapping *m = sh_take(d, addr, size, dir);
+	struct sh_ret r;
+
+	if (!m) {
+		pr_warn_ratelimited("stagehand: %s: unmap of %zu bytes at %pad that is not mapped\n",
+				    dev_name(d->dev), size, &addr);
+		return;
+	}
+	r = sh_call(STAGEHAND_FN_DMA_UNMAP, m->handle, 0, 0, 0, 0);
+	atomic64_inc(&sh_counters.unmaps);
+	if (sh_count_refusal(r.status))
+		pr_warn_ratelimited("stagehand: DMA_UNMAP of handle %llu refused: %ld\n",
+				    m->handle, r.status);
+	kmem_cache_free(sh_mapping_cache, m);
+}
+
+/* DMA_SYNC of [addr, addr + size), which lies in one live mapping, for the CPU or device. */
+static void sh_sync(struct sh_device *d, dma_addr_t addr, size_t size, u64 target)
+{
+	struct sh_mapping *m;
+	u64 handle = 0, offset = 0, last = addr + size - 1;
+	unsigned long flags;
+	struct sh_ret r;
+
+	/* A coherent device needs no maintenance: the call would answer NOT_REQUIRED. */
+	if (sh_coherent(d) || !size)
+		return;
+	spin_lock_irqsave(&d->lock, flags);
+	for (m = sh_tree_iter_first(&d->mappings, addr, last); m;
+	     m = sh_tree_iter_next(m, addr, last)) {
+		if (m->start <= addr && m->last >= last) {
+			handle = m->handle;
+			offset = addr - m->start;
+			break;
+		}
+	}
+	spin_unlock_irqrestore(&d->lock, flags);
+	if (!handle) {
+		atomic64_inc(&sh_counters.unknown_mappings);
+		pr_warn_ratelimited("stagehand: %s: sync of %zu bytes at %pad that is not mapped\n",
+				    dev_name(d->dev), size, &addr);
+		return;
+	}
+	r = sh_call(STAGEHAND_FN_DMA_SYNC, handle, offset, size, target, 0);
+	atomic64_inc(&sh_counters.syncs);
+	sh_count_refusal(r.status);
+}
+
+static dma_addr_t sh_map_page(struct device *dev, struct page *page, unsigned long offset,
+			      size_t size, enum dma_data_direction dir, unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+	phys_addr_t phys = page_to_phys(page) + offset;
+
+	if (!d || (dev->dma_mask && phys + size - 1 > *dev->dma_mask))
+		return DMA_MAPPING_ERROR;
+	return sh_map(d, phys, size, dir, SH_STREAMING);
+}
+
+static void sh_unmap_page(struct device *dev, dma_addr_t addr, size_t size,
+			  enum dma_data_direction dir, unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+
+	if (d)
+		sh_unmap(d, addr, size, dir);
+}
+
+/* Segments per DMA_MAP_SG/DMA_UNMAP_SG array: one call's worth. */
+#define SH_SG_CHUNK STAGEHAND_DMA_SG_SEGMENTS_PER_CALL
+
+/*
+ * DMA_UNMAP_SG of `count` handles, a chunk at a time through `array` (room for SH_SG_CHUNK),
+ * resuming on INCOMPLETE. A handle the call refuses is unmapped alone, so that one stale
+ * handle does not keep the others mapped.
+ */
+static void sh_unmap_handles(struct stagehand_dma_segment *array, const u64 *handles,
+			     unsigned int count)
+{
+	unsigned int base, i;
+
+	for (base = 0; base < count; base += SH_SG_CHUNK) {
+		unsigned int n = min_t(unsigned int, count - base, SH_SG_CHUNK);
+		unsigned int stalled = 0;
+		u64 cookie = 0;
+
+		for (i = 0; i < n; i++)
+			array[i] = (struct stagehand_dma_segment){ .handle = handles[base + i] };
+		while (cookie < n) {
+			struct sh_ret r = sh_call(STAGEHAND_FN_DMA_UNMAP_SG, virt_to_phys(array),
+						  n, cookie, 0, 0);
+
+			atomic64_inc(&sh_counters.sg_calls);
+			if (r.status == STAGEHAND_SUCCESS)
+				break;
+			if (r.status == STAGEHAND_INCOMPLETE) {
+				if (r.x2 <= cookie && ++stalled >= STAGEHAND_MAX_STALLED_CALLS)
+					break;
+				cookie = max(cookie, r.x2);
+				continue;
+			}
+			sh_count_refusal(r.status);
+			/* Segment x1 stopped the list; the ones before it are unmapped. */
+			cookie = r.x1 + 1;
+		}
+	}
+}
+
+static int sh_map_sg(struct device *dev, struct scatterlist *sgl, int nents,
+		     enum dma_data_direction dir, unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+	struct stagehand_dma_segment *array;
+	struct sh_mapping **maps;
+	struct scatterlist *sg;
+	unsigned int mapped = 0, i;
+	int error = -EIO;
+	u64 *handles;
+
+	if (!d || nents <= 0)
+		return -EINVAL;
+	atomic64_inc(&sh_counters.sg_maps);
+	array = kmalloc_array(SH_SG_CHUNK, sizeof(*array), GFP_ATOMIC);
+	maps = kcalloc(nents, sizeof(*maps), GFP_ATOMIC);
+	handles = kmalloc_array(nents, sizeof(*handles), GFP_ATOMIC);
+	if (!array || !maps || !handles) {
+		error = -ENOMEM;
+		goto out;
+	}
+	for (i = 0; i < nents; i++) {
+		maps[i] = kmem_cache_alloc(sh_mapping_cache, GFP_ATOMIC);
+		if (!maps[i]) {
+			error = -ENOMEM;
+			goto out;
+		}
+	}
+
+	sg = sgl;
+	while (mapped < nents) {
+		unsigned int n = min_t(unsigned int, nents - mapped, SH_SG_CHUNK);
+		struct scatterlist *first = sg;
+		unsigned int stalled = 0;
+		u64 cookie = 0;
+		long status;
+
+		for (i = 0; i < n; i++, sg = sg_next(sg)) {
+			phys_addr_t phys = sg_phys(sg);
+
+			if (!sg->length || sg->length > SH_MAX_MAPPING ||
+			    (dev->dma_mask && phys + sg->length - 1 > *dev->dma_mask)) {
+				error = -EINVAL;
+				goto unwind;
+			}
+			array[i] = (struct stagehand_dma_segment){ .addr = phys, .size = sg->length };
+		}
+		for (;;) {
+			struct sh_ret r = sh_call(STAGEHAND_FN_DMA_MAP_SG, d->stream_id,
+						  virt_to_phys(array), n, sh_direction(dir), cookie);
+
+			atomic64_inc(&sh_counters.sg_calls);
+			status = r.status;
+			if (status != STAGEHAND_INCOMPLETE)
+				break;
+			if (r.x2 <= cookie && ++stalled >= STAGEHAND_MAX_STALLED_CALLS)
+				break;
+			cookie = max(cookie, r.x2);
+		}
+		if (status != STAGEHAND_SUCCESS) {
+			sh_count_refusal(status);
+			error = status == STAGEHAND_NO_MEMORY ? -ENOMEM : -EIO;
+			pr_warn_ratelimited("stagehand: DMA_MAP_SG of %d segments for %s refused: %ld\n",
+					    nents, dev_name(dev), status);
+			/* Segments before the failing one were mapped: read their handles. */
+			for (i = 0; i < n && array[i].handle; i++)
+				handles[mapped + i] = array[i].handle;
+			mapped += i;
+			goto unwind;
+		}
+		for (i = 0, sg = first; i < n; i++, sg = sg_next(sg)) {
+			struct sh_mapping *m = maps[mapped + i];
+
+			handles[mapped + i] = array[i].handle;
+			m->start = array[i].addr;
+			m->last = array[i].addr + array[i].size - 1;
+			m->handle = array[i].handle;
+			m->dir = dir;
+			m->kind = SH_STREAMING;
+			sg->dma_address = array[i].addr;
+			sg_dma_len(sg) = sg->length;
+		}
+		mapped += n;
+	}
+	for (i = 0; i < nents; i++)
+		sh_insert(d, maps[i]);
+	atomic64_add(nents, &sh_counters.sg_segments);
+	kfree(handles);
+	kfree(maps);
+	kfree(array);
+	return nents;
+
+unwind:
+	/* dma_map_sg must leave nothing mapped when it fails. */
+	if (mapped)
+		sh_unmap_handles(array, handles, mapped);
+out:
+	if (maps)
+		for (i = 0; i < nents; i++)
+			if (maps[i])
+				kmem_cache_free(sh_mapping_cache, maps[i]);
+	kfree(handles);
+	kfree(maps);
+	kfree(array);
+	return error;
+}
+
+static void sh_unmap_sg(struct device *dev, struct scatterlist *sgl, int nents,
+			enum dma_data_direction dir, unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+	struct stagehand_dma_segment *array;
+	struct sh_mapping **maps;
+	struct scatterlist *sg;
+	unsigned int found = 0;
+	u64 *handles;
+	int i;
+
+	if (!d || nents <= 0)
+		return;
+	atomic64_inc(&sh_counters.sg_unmaps);
+	array = kmalloc_array(SH_SG_CHUNK, sizeof(*array), GFP_ATOMIC);
+	maps = kmalloc_array(nents, sizeof(*maps), GFP_ATOMIC);
+	handles = kmalloc_array(nents, sizeof(*handles), GFP_ATOMIC);
+	if (!array || !maps || !handles) {
+		/* No memory for the arrays: one DMA_UNMAP per segment instead. */
+		for_each_sg(sgl, sg, nents, i)
+			sh_unmap(d, sg_dma_address(sg), sg_dma_len(sg), dir);
+		goto out;
+	}
+	for_each_sg(sgl, sg, nents, i) {
+		struct sh_mapping *m = sh_take(d, sg_dma_address(sg), sg_dma_len(sg), dir);
+
+		if (m) {
+			maps[found] = m;
+			handles[found++] = m->handle;
+		}
+	}
+	sh_unmap_handles(array, handles, found);
+	for (i = 0; i < found; i++)
+		kmem_cache_free(sh_mapping_cache, maps[i]);
+out:
+	kfree(handles);
+	kfree(maps);
+	kfree(array);
+}
+
+static void sh_sync_single_for_cpu(struct device *dev, dma_addr_t addr, size_t size,
+				   enum dma_data_direction dir)
+{
+	struct sh_device *d = sh_device_of(dev);
+
+	if (d)
+		sh_sync(d, addr, size, STAGEHAND_DMA_SYNC_FOR_CPU);
+}
+
+static void sh_sync_single_for_device(struct device *dev, dma_addr_t addr, size_t size,
+				      enum dma_data_direction dir)
+{
+	struct sh_device *d = sh_device_of(dev);
+
+	if (d)
+		sh_sync(d, addr, size, STAGEHAND_DMA_SYNC_FOR_DEVICE);
+}
+
+static void sh_sync_sg(struct device *dev, struct scatterlist *sgl, int nents, u64 target)
+{
+	struct sh_device *d = sh_device_of(dev);
+	struct scatterlist *sg;
+	int i;
+
+	if (!d)
+		return;
+	for_each_sg(sgl, sg, nents, i)
+		sh_sync(d, sg_dma_address(sg), sg_dma_len(sg), target);
+}
+
+static void sh_sync_sg_for_cpu(struct device *dev, struct scatterlist *sgl, int nents,
+			       enum dma_data_direction dir)
+{
+	sh_sync_sg(dev, sgl, nents, STAGEHAND_DMA_SYNC_FOR_CPU);
+}
+
+static void sh_sync_sg_for_device(struct device *dev, struct scatterlist *sgl, int nents,
+				  enum dma_data_direction dir)
+{
+	sh_sync_sg(dev, sgl, nents, STAGEHAND_DMA_SYNC_FOR_DEVICE);
+}
+
+/*
+ * Coherent memory: pages from the page allocator, made NORMAL_NC at stage 2 for a
+ * non-coherent device. Stage 2 makes every alias non-cacheable, the kernel's linear map
+ * included, so the linear-map address is the CPU address: no vmap of our own. Then mapped
+ * for the device (a strict one reaches nothing else).
+ */
+static void *sh_alloc(struct device *dev, size_t size, dma_addr_t *dma_handle, gfp_t gfp,
+		      unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+	unsigned int order = get_order(size);
+	size_t span = PAGE_SIZE << order;
+	struct page *page;
+	phys_addr_t phys;
+	dma_addr_t iova;
+	long status;
+
+	if (!d || !size)
+		return NULL;
+	atomic64_inc(&sh_counters.allocs);
+	page = alloc_pages(gfp | __GFP_ZERO, order);
+	if (!page)
+		return NULL;
+	phys = page_to_phys(page);
+	if (dev->coherent_dma_mask && phys + size - 1 > dev->coherent_dma_mask)
+		goto free_pages;
+	if (!sh_coherent(d)) {
+		status = sh_set_attr(phys, span, STAGEHAND_ATTR_NORMAL_NC);
+		if (status != STAGEHAND_SUCCESS) {
+			pr_warn_ratelimited("stagehand: MEM_SET_ATTR NC of %zu bytes at %pa refused: %ld\n",
+					    span, &phys, status);
+			/* Part of it may have become NC: make it all WB before freeing. */
+			if (sh_set_attr(phys, span, STAGEHAND_ATTR_NORMAL_WB) != STAGEHAND_SUCCESS)
+				return NULL; /* leak rather than hand NC pages back */
+			goto free_pages;
+		}
+	}
+	iova = sh_map(d, phys, size, DMA_BIDIRECTIONAL, SH_COHERENT);
+	if (iova == DMA_MAPPING_ERROR) {
+		if (!sh_coherent(d) &&
+		    sh_set_attr(phys, span, STAGEHAND_ATTR_NORMAL_WB) != STAGEHAND_SUCCESS)
+			return NULL;
+		goto free_pages;
+	}
+	*dma_handle = iova;
+	return page_address(page);
+
+free_pages:
+	__free_pages(page, order);
+	return NULL;
+}
+
+static void sh_free(struct device *dev, size_t size, void *cpu_addr, dma_addr_t dma_handle,
+		    unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+	unsigned int order = get_order(size);
+	phys_addr_t phys = virt_to_phys(cpu_addr);
+	long status;
+
+	if (!d)
+		return;
+	atomic64_inc(&sh_counters.frees);
+	/* The unmap unpins the pages; only then may their attribute change back. */
+	sh_unmap(d, dma_handle, size, DMA_BIDIRECTIONAL);
+	if (!sh_coherent(d)) {
+		status = sh_set_attr(phys, PAGE_SIZE << order, STAGEHAND_ATTR_NORMAL_WB);
+		if (status != STAGEHAND_SUCCESS) {
+			pr_err_ratelimited("stagehand: %s: %zu bytes at %pa stay NC (MEM_SET_ATTR: %ld); not freed\n",
+					   dev_name(dev), size, &phys, status);
+			return;
+		}
+	}
+	__free_pages(virt_to_page(cpu_addr), order);
+}
+
+/* dma_alloc_pages: cacheable pages owned by the device, handed over with the sync calls. */
+static struct page *sh_alloc_pages(struct device *dev, size_t size, dma_addr_t *dma_handle,
+				   enum dma_data_direction dir, gfp_t gfp)
+{
+	struct sh_device *d = sh_device_of(dev);
+	unsigned int order = get_order(size);
+	struct page *page;
+	dma_addr_t iova;
+
+	if (!d || !size)
+		return NULL;
+	atomic64_inc(&sh_counters.page_allocs);
+	page = alloc_pages(gfp, order);
+	if (!page)
+		return NULL;
+	iova = sh_map(d, page_to_phys(page), size, dir, SH_PAGES);
+	if (iova == DMA_MAPPING_ERROR) {
+		__free_pages(page, order);
+		return NULL;
+	}
+	*dma_handle = iova;
+	return page;
+}
+
+static void sh_free_pages(struct device *dev, size_t size, struct page *page,
+			  dma_addr_t dma_handle, enum dma_data_direction dir)
+{
+	struct sh_device *d = sh_device_of(dev);
+
+	if (!d)
+		return;
+	atomic64_inc(&sh_counters.page_frees);
+	sh_unmap(d, dma_handle, size, dir);
+	__free_pages(page, get_order(size));
+}
+
+/* Userspace mapping of coherent memory: write-combine (Normal-NC) for a non-coherent device,
+ * matching what stage 2 makes of it anyway. */
+static int sh_mmap(struct device *dev, struct vm_area_struct *vma, void *cpu_addr,
+		   dma_addr_t dma_addr, size_t size, unsigned long attrs)
+{
+	struct sh_device *d = sh_device_of(dev);
+	unsigned long pages = PAGE_ALIGN(size) >> PAGE_SHIFT;
+	unsigned long wanted = vma_pages(vma);
+	unsigned long offset = vma->vm_pgoff;
+
+	if (!d)
+		return -ENXIO;
+	if (!sh_coherent(d))
+		vma->vm_page_prot = pgprot_writecombine(vma->vm_page_prot);
+	if (offset >= pages || wanted > pages - offset)
+		return -ENXIO;
+	return remap_pfn_range(vma, vma->vm_start, virt_to_pfn(cpu_addr) + offset,
+			       wanted << PAGE_SHIFT, vma->vm_page_prot);
+}
+
+static int sh_get_sgtable(struct device *dev, struct sg_table *sgt, void *cpu_addr,
+			  dma_addr_t dma_addr, size_t size, unsigned long attrs)
+{
+	int error = sg_alloc_table(sgt, 1, GFP_KERNEL);
+
+	if (!error)
+		sg_set_page(sgt->sgl, virt_to_page(cpu_addr), PAGE_ALIGN(size), 0);
+	return error;
+}
+
+/* The device can be given any buffer when its mask reaches the top of guest RAM. */
+static int sh_dma_supported(struct device *dev, u64 mask)
+{
+	return mask >= sh_ram_top;
+}
+
+static u64 sh_get_required_mask(struct device *dev)
+{
+	return DMA_BIT_MASK(fls64(sh_ram_top));
+}
+
+static size_t sh_max_mapping_size(struct device *dev)
+{
+	return SH_MAX_MAPPING;
+}
+
+const struct dma_map_ops sh_dma_ops = {
+	.alloc = sh_alloc,
+	.free = sh_free,
+	.alloc_pages = sh_alloc_pages,
+	.free_pages = sh_free_pages,
+	.mmap = sh_mmap,
+	.get_sgtable = sh_get_sgtable,
+	.map_page = sh_map_page,
+	.unmap_page = sh_unmap_page,
+	.map_sg = sh_map_sg,
+	.unmap_sg = sh_unmap_sg,
+	.sync_single_for_cpu = sh_sync_single_for_cpu,
+	.sync_single_for_device = sh_sync_single_for_device,
+	.sync_sg_for_cpu = sh_sync_sg_for_cpu,
+	.sync_sg_for_device = sh_sync_sg_for_device,
+	.dma_supported = sh_dma_supported,
+	.get_required_mask = sh_get_required_mask,
+	.max_mapping_size = sh_max_mapping_size,
+};
+
+void sh_release_mappings(struct sh_device *d)
+{
+	struct sh_mapping *m;
+	unsigned long flags;
+	unsigned int left = 0;
+
+	for (;;) {
+		spin_lock_irqsave(&d->lock, flags);
+		m = sh_tree_iter_first(&d->mappings, 0, U64_MAX);
+		if (m)
+			sh_tree_remove(m, &d->mappings);
+		spin_unlock_irqrestore(&d->lock, flags);
+		if (!m)
+			break;
+		atomic64_dec(&d->live);
+		left++;
+		/* Coherent memory the driver never freed stays allocated (and NC): it may still
+		 * be in use; only its mapping goes. */
+		sh_count_refusal(sh_call(STAGEHAND_FN_DMA_UNMAP, m->handle, 0, 0, 0, 0).status);
+		kmem_cache_free(sh_mapping_cache, m);
+	}
+	if (left)
+		pr_warn("stagehand: %u DMA mappings left by the unbound driver unmapped\n", left);
+}
+
+/*
+ * Maps three sub-page buffers (two sharing a page, in opposite directions) with DMA_MAP_SG for
+ * device d, checks the IOVAs and the pins MEM_GET_ATTR reports, and unmaps them with
+ * DMA_UNMAP_SG. No DMA happens; this checks the calls and the module's bookkeeping.
+ */
+int sh_selftest_sg(struct sh_device *d)
+{
+	struct stagehand_dma_segment *array;
+	u8 *buf;
+	int result = -EIO;
+	u64 handles[3];
+	unsigned int i;
+
+	buf = (u8 *)__get_free_pages(GFP_KERNEL | __GFP_ZERO, 1);
+	array = kmalloc_array(3, sizeof(*array), GFP_KERNEL);
+	if (!buf || !array)
+		goto out;
+	array[0] = (struct stagehand_dma_segment){ .addr = virt_to_phys(buf + 16), .size = 100 };
+	array[1] = (struct stagehand_dma_segment){ .addr = virt_to_phys(buf + 200), .size = 1 };
+	array[2] = (struct stagehand_dma_segment){ .addr = virt_to_phys(buf + 4000), .size = 300 };
+	{
+		struct sh_ret r = sh_call(STAGEHAND_FN_DMA_MAP_SG, d->stream_id, virt_to_phys(array),
+					  3, STAGEHAND_DMA_BIDIRECTIONAL, 0);
+		if (r.status != STAGEHAND_SUCCESS || r.x1 != 3) {
+			pr_err("stagehand: selftest dma-sg: FAIL DMA_MAP_SG answered %ld, x1 %llu\n",
+			       r.status, r.x1);
+			goto out;
+		}
+	}
+	for (i = 0; i < 3; i++)
+		handles[i] = array[i].handle;
+	/* The first page holds two buffers, the second one: pins 2 and 1 more than before. */
+	{
+		struct sh_ret p0 = sh_call(STAGEHAND_FN_MEM_GET_ATTR, virt_to_phys(buf), 0, 0, 0, 0);
+		struct sh_ret p1 = sh_call(STAGEHAND_FN_MEM_GET_ATTR, virt_to_phys(buf + 4096), 0, 0,
+					   0, 0);
+
+		sh_unmap_handles(array, handles, 3);
+		if (p0.status || p1.status || p0.x3 < 2 || p1.x3 < 1 ||
+		    !handles[0] || handles[0] == handles[1] || handles[1] == handles[2]) {
+			pr_err("stagehand: selftest dma-sg: FAIL pins %llu and %llu, handles %llu %llu %llu\n",
+			       p0.x3, p1.x3, handles[0], handles[1], handles[2]);
+			goto out;
+		}
+		p0 = sh_call(STAGEHAND_FN_MEM_GET_ATTR, virt_to_phys(buf), 0, 0, 0, 0);
+		if (p0.status || (p0.x2 & STAGEHAND_PAGE_PINNED)) {
+			pr_err("stagehand: selftest dma-sg: FAIL page still pinned after DMA_UNMAP_SG (%llu pins)\n",
+			       p0.x3);
+			goto out;
+		}
+	}
+	pr_info("stagehand: selftest dma-sg: PASS (3 segments, 2 pages, one DMA_MAP_SG and one DMA_UNMAP_SG)\n");
+	result = 0;
+out:
+	kfree(array);
+	if (buf)
+		free_pages((unsigned long)buf, 1);
+	return result;
+}
+
+int sh_dma_init(void)
+{
+	sh_mapping_cache = KMEM_CACHE(sh_mapping, 0);
+	return sh_mapping_cache ? 0 : -ENOMEM;
+}
+
+void sh_dma_exit(void)
+{
+	kmem_cache_destroy(sh_mapping_cache);
+}
+
+/* Counters a DMA API round trip must leave as they were. */
+struct sh_snapshot {
+	s64 live, unknown, refused;
+};
+
+static struct sh_snapshot sh_snapshot(struct sh_device *d)
+{
+	struct sh_snapshot s = { atomic64_read(&d->live),
+				 atomic64_read(&sh_counters.unknown_mappings), 0 };
+	int i;
+
+	for (i = 0; i < SH_STATUS_SLOTS; i++)
+		s.refused += atomic64_read(&sh_counters.refused[i]);
+	return s;
+}
+
+#define SH_CHECK(cond, ...)                             \
+	do {                                            \
+		if (!(cond)) {                          \
+			seq_printf(m, "FAIL " __VA_ARGS__); \
+			seq_putc(m, '\n');              \
+			goto out;                       \
+		}                                       \
+	} while (0)
+
+/*
+ * The DMA API on a bound device, through the module's ops: dma_map_single with syncs of part
+ * of the buffer, dma_map_sg with sg syncs, dma_alloc_pages, dma_alloc_coherent (NC through the
+ * linear map for a non-coherent device) with dma_get_sgtable. No DMA happens. Each step must
+ * find its mapping again, be refused nothing, and leave no mapping behind. Writes one line to m.
+ */
+void sh_selftest_api(struct sh_device *d, struct seq_file *m)
+{
+	struct device *dev = d->dev;
+	struct sh_snapshot before = sh_snapshot(d), after;
+	s64 syncs = atomic64_read(&sh_counters.syncs);
+	struct scatterlist sgl[3];
+	struct sg_table sgt = {};
+	struct page *pages = NULL;
+	void *coherent = NULL;
+	dma_addr_t addr, handle = 0;
+	u8 *buf;
+	int n, i;
+
+	seq_printf(m, "%s: ", dev_name(dev));
+	buf = kzalloc(3 * PAGE_SIZE, GFP_KERNEL);
+	SH_CHECK(buf, "no memory");
+
+	addr = dma_map_single(dev, buf + 100, 1000, DMA_FROM_DEVICE);
+	SH_CHECK(!dma_mapping_error(dev, addr), "dma_map_single refused");
+	SH_CHECK(addr == virt_to_phys(buf + 100), "IOVA %pad is not the IPA", &addr);
+	dma_sync_single_for_cpu(dev, addr + 10, 100, DMA_FROM_DEVICE);
+	dma_sync_single_for_device(dev, addr, 1000, DMA_FROM_DEVICE);
+	dma_unmap_single(dev, addr, 1000, DMA_FROM_DEVICE);
+
+	sg_init_table(sgl, 3);
+	sg_set_buf(&sgl[0], buf + 8, 64);
+	sg_set_buf(&sgl[1], buf + 72, 2000);
+	sg_set_buf(&sgl[2], buf + 2 * PAGE_SIZE + 1, 4000);
+	n = dma_map_sg(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	SH_CHECK(n == 3, "dma_map_sg mapped %d of 3", n);
+	for (i = 0; i < 3; i++)
+		SH_CHECK(sg_dma_address(&sgl[i]) == sg_phys(&sgl[i]) &&
+				 sg_dma_len(&sgl[i]) == sgl[i].length,
+			 "segment %d at %pad", i, &sg_dma_address(&sgl[i]));
+	dma_sync_sg_for_cpu(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	dma_sync_sg_for_device(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	dma_unmap_sg(dev, sgl, 3, DMA_BIDIRECTIONAL);
+	if (!sh_coherent(d))
+		SH_CHECK(atomic64_read(&sh_counters.syncs) == syncs + 8,
+			 "%lld DMA_SYNC calls, expected 8", atomic64_read(&sh_counters.syncs) - syncs);
+
+	pages = dma_alloc_pages(dev, 2 * PAGE_SIZE, &handle, DMA_TO_DEVICE, GFP_KERNEL);
+	SH_CHECK(pages, "dma_alloc_pages refused");
+	dma_sync_single_for_device(dev, handle + PAGE_SIZE, 16, DMA_TO_DEVICE);
+	dma_free_pages(dev, 2 * PAGE_SIZE, pages, handle, DMA_TO_DEVICE);
+
+	coherent = dma_alloc_coherent(dev, 5000, &handle, GFP_KERNEL);
+	SH_CHECK(coherent, "dma_alloc_coherent refused");
+	if (!sh_coherent(d)) {
+		struct sh_ret r = sh_call(STAGEHAND_FN_MEM_QUERY_VA, (u64)coherent + 4096,
+					  STAGEHAND_ACCESS_WRITE, 0, 0, 0);
+
+		SH_CHECK(r.status == 0 && r.x2 == STAGEHAND_MAIR_NORMAL_NC,
+			 "coherent memory's linear map: MEM_QUERY_VA %ld, effective %#llx", r.status,
+			 r.x2);
+	}
+	SH_CHECK(dma_get_sgtable(dev, &sgt, coherent, handle, 5000) == 0 &&
+			 sg_page(sgt.sgl) == virt_to_page(coherent) &&
+			 sgt.sgl->length == 2 * PAGE_SIZE,
+		 "dma_get_sgtable");
+	sg_free_table(&sgt);
+	dma_free_coherent(dev, 5000, coherent, handle);
+	coherent = NULL;
+	{
+		struct sh_ret r = sh_call(STAGEHAND_FN_MEM_GET_ATTR, handle, 0, 0, 0, 0);
+
+		SH_CHECK(r.status == 0 && r.x1 == STAGEHAND_ATTR_NORMAL_WB &&
+				 !(r.x2 & STAGEHAND_PAGE_PINNED),
+			 "freed coherent memory: attribute %llu, flags %#llx", r.x1, r.x2);
+	}
+
+	after = sh_snapshot(d);
+	SH_CHECK(after.live == before.live && after.unknown == before.unknown &&
+			 after.refused == before.refused,
+		 "mappings %lld -> %lld, unknown %lld -> %lld, refused %lld -> %lld", before.live,
+		 after.live, before.unknown, after.unknown, before.refused, after.refused);
+	seq_printf(m, "PASS map_single, sync_single, map_sg, sync_sg, alloc_pages, alloc (%s), get_sgtable\n",
+		   sh_coherent(d) ? "coherent" : "NC, effective 0x44");
+out:
+	if (coherent)
+		dma_free_coherent(dev, 5000, coherent, handle);
+	kfree(buf);
+}
