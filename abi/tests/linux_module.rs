@@ -21,7 +21,11 @@ fn the_module_writes_the_fields_of_the_line_format_in_order() {
         .map(str::trim)
         .find(|line| line.starts_with("\"AUDIT v%u "))
         .expect("audit.c has no \"AUDIT v%u ...\" format string");
-    let format = format.trim_start_matches('"').split("\\n\"").next().unwrap();
+    let format = format
+        .trim_start_matches('"')
+        .split("\\n\"")
+        .next()
+        .unwrap();
     let line = Record::empty(kind::DMA_MAP).to_string();
     assert!(line.starts_with("AUDIT v1 ") && format.starts_with("AUDIT v%u "));
     assert_eq!(keys(format), keys(&line));
