@@ -105,17 +105,18 @@ fn is_data_abort_at_el2(esr: u64) -> bool {
 
 /// An SMCCC call: this CPU's context (its window, the CPU itself) is found here, once, and the
 /// portable dispatcher does the rest.
+#[inline(always)]
 fn smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
-    let mut args = [0u64; 6];
-    args.copy_from_slice(&frame.x[1..7]);
     let mut cpu = PerCpu {
         vcpu,
-        cpu: Cpu::new(),
+        cpu: Cpu::with_line(vm.core.dcache_line),
         window: &vm.windows[vcpu],
     };
-    let action = hypercall::dispatch(&vm.core, &mut cpu, frame.x[0], &args);
-    match action {
-        Action::Return(results) => frame.x[..4].copy_from_slice(&results),
+    let Some(registers) = frame.x.first_chunk_mut::<7>() else {
+        return; // x0-x6 are always in the frame.
+    };
+    match hypercall::dispatch(&vm.core, &mut cpu, registers) {
+        Action::Return => {}
         Action::Stop(reason) => {
             // The console first: with a shared UART, held audit lines are streamed at the stop.
             console::set_guest_running(false);

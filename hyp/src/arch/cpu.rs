@@ -18,9 +18,12 @@ pub struct Cpu {
 impl Cpu {
     /// The CPU, with its data-cache line size read once.
     pub fn new() -> Self {
-        Self {
-            line: super::dcache_line_size(),
-        }
+        Self::with_line(super::dcache_line_size())
+    }
+
+    /// The CPU, whose smallest data-cache line (CTR_EL0.DminLine) the caller read before.
+    pub fn with_line(line: u64) -> Self {
+        Self { line }
     }
 }
 

@@ -544,7 +544,8 @@ where
 /// NOT_REQUIRED for a coherent device or a non-cacheable buffer, without touching the cache.
 ///
 /// # Errors
-/// BAD_HANDLE, INVALID_PARAMETER (target, zero size), OUT_OF_RANGE (beyond the buffer).
+/// BAD_HANDLE. INVALID_PARAMETER (target, zero size) and OUT_OF_RANGE (beyond the buffer) are
+/// refusals too, recorded here with the buffer's IPA and answered as a reply that did nothing.
 pub fn sync<M, I, S, C, W>(
     vm: &Vm<M, I, S>,
     cpu: &mut PerCpu<'_, C, W>,
@@ -562,19 +563,33 @@ where
 {
     let stage2 = vm.stage2.read();
     let mapping = vm.mappings.lock().get(handle)?;
+    // Past the handle, a refusal's record names the buffer (its IPA), which the audit report
+    // files it under, rather than the handle the dispatcher would name.
+    let refuse = |error: HypercallError| {
+        vm.record(
+            cpu.vcpu,
+            &Event::RefusedRange {
+                function: function::DMA_SYNC,
+                status: error.code(),
+                ipa: mapping.ipa,
+                size,
+            },
+        );
+        Ok(Reply::new(Completion::Stopped(error), [0; 3]))
+    };
     let for_device = match target {
         0 => false,
         1 => true,
-        _ => return Err(HypercallError::InvalidParameter),
+        _ => return refuse(HypercallError::InvalidParameter),
     };
     if size == 0 {
-        return Err(HypercallError::InvalidParameter);
+        return refuse(HypercallError::InvalidParameter);
     }
     if offset
         .checked_add(size)
         .is_none_or(|end| end > mapping.size)
     {
-        return Err(HypercallError::OutOfRange);
+        return refuse(HypercallError::OutOfRange);
     }
     let ipa = mapping.ipa + offset;
     let coherent = vm

@@ -60,6 +60,7 @@ pub enum HypercallError {
 
 impl HypercallError {
     /// The SMCCC status x0 carries.
+    #[inline]
     pub fn status(self) -> Status {
         match self {
             HypercallError::NotSupported => Status::NotSupported,
@@ -75,6 +76,7 @@ impl HypercallError {
     }
 
     /// The code, as an audit record carries it.
+    #[inline]
     pub fn code(self) -> i64 {
         self.status().code()
     }
@@ -124,6 +126,7 @@ pub enum Completion {
 
 impl Completion {
     /// The SMCCC status.
+    #[inline]
     pub fn status(self) -> Status {
         match self {
             Completion::Success => Status::Success,
@@ -134,6 +137,7 @@ impl Completion {
     }
 
     /// The code, as an audit record carries it.
+    #[inline]
     pub fn code(self) -> i64 {
         self.status().code()
     }
@@ -169,12 +173,15 @@ impl Reply {
 /// What the aarch64 layer does after a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Write x0-x3 and return to the guest.
-    Return([u64; 4]),
+    /// x0-x3 hold the answer: return to the guest.
+    Return,
     /// Stop the guest (PSCI SYSTEM_OFF or SYSTEM_RESET): the layer records the stop and powers
     /// off or resets the machine.
     Stop(StopReason),
 }
+
+/// x0-x3 of an answer.
+type Answer = [u64; 4];
 
 /// The guest's stage 2 with the table memory it lives in: one lock covers both, so readers
 /// read entries and writers hold it alone.
@@ -275,23 +282,26 @@ fn subject(call: &Call) -> Option<(u64, u64)> {
             (array, count)
         }
         Call::DmaUnmap { handle } => (handle, 0),
-        Call::DmaSync { handle, size, .. } => (handle, size),
+        Call::DmaSync { handle, .. } => (handle, 0),
         _ => return None,
     })
 }
 
 /// x0-x3 of a status and three results.
+#[inline]
 fn registers(status: i64, results: [u64; 3]) -> [u64; 4] {
     [status as u64, results[0], results[1], results[2]]
 }
 
-/// Runs the call in x0 with arguments x1-x6 for `cpu`, audits a refusal, and says what to
-/// return.
+/// Runs the call in x0 with arguments x1-x6 (`registers`, the guest's x0-x6) for `cpu`,
+/// audits a refusal, writes the answer into x0-x3 and says what to do next. The calls that
+/// only answer a constant are answered here, inline in the trap path; the others go to
+/// [`run`], whose larger frame they then pay for.
+#[inline(always)]
 pub fn dispatch<M, I, S, C, W>(
     vm: &Vm<M, I, S>,
     cpu: &mut PerCpu<'_, C, W>,
-    x0: u64,
-    args: &[u64; 6],
+    registers: &mut [u64; 7],
 ) -> Action
 where
     M: TableMemory,
@@ -300,21 +310,82 @@ where
     C: Arch + GuestMemory + Firmware,
     W: TableMemory,
 {
+    let id = registers[0] as u32;
+    // The constant answers by function ID alone, before the full decode (which `run` does for
+    // every other call, these included): the null call's path stays a few compares long, and
+    // the stagehand ABI's own calls (0xC600_00xx) skip even those.
+    use smccc::psci::{PSCI_CPU_SUSPEND_32, PSCI_CPU_SUSPEND_64, PSCI_VERSION};
+    if id & 0xffff_ff00 != 0xc600_0000 {
+        let answer = match id {
+            smccc::arch::SMCCC_VERSION | PSCI_VERSION => Some([0x1_0001, 0, 0, 0]),
+            stagehand_abi::function::REVISION => {
+                Some([stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0])
+            }
+            PSCI_CPU_SUSPEND_32 | PSCI_CPU_SUSPEND_64 => Some([0; 4]),
+            _ => None,
+        };
+        if let Some(answer) = answer {
+            registers[..4].copy_from_slice(&answer);
+            return Action::Return;
+        }
+    }
+    run(vm, cpu, registers)
+}
+
+/// Every call but the constant answers of [`dispatch`]: writes x0-x3, or says why the guest
+/// stops.
+#[inline(never)]
+fn run<M, I, S, C, W>(
+    vm: &Vm<M, I, S>,
+    cpu: &mut PerCpu<'_, C, W>,
+    registers: &mut [u64; 7],
+) -> Action
+where
+    M: TableMemory,
+    I: Iommu,
+    S: AuditSink,
+    C: Arch + GuestMemory + Firmware,
+    W: TableMemory,
+{
+    match answer(vm, cpu, registers) {
+        Ok(answer) => {
+            registers[..4].copy_from_slice(&answer);
+            Action::Return
+        }
+        Err(reason) => Action::Stop(reason),
+    }
+}
+
+/// The answer of a call [`run`] runs: x0-x3, or why the guest stops.
+#[inline(always)]
+fn answer<M, I, S, C, W>(
+    vm: &Vm<M, I, S>,
+    cpu: &mut PerCpu<'_, C, W>,
+    guest: &[u64; 7],
+) -> Result<Answer, StopReason>
+where
+    M: TableMemory,
+    I: Iommu,
+    S: AuditSink,
+    C: Arch + GuestMemory + Firmware,
+    W: TableMemory,
+{
+    let [x0, x1, x2, x3, x4, x5, x6] = *guest;
     let function = x0 as u32;
-    let call = call::decode(x0, args);
+    let call = call::decode(x0, &[x1, x2, x3, x4, x5, x6]);
     let result = match call {
-        Call::SmcccVersion => return Action::Return([0x1_0001, 0, 0, 0]),
+        Call::SmcccVersion => return Ok([0x1_0001, 0, 0, 0]),
         Call::SmcccArchFeatures { function } => {
-            return Action::Return([call::arch_feature(function) as u64, 0, 0, 0])
+            return Ok([call::arch_feature(function) as u64, 0, 0, 0])
         }
-        Call::PsciVersion => return Action::Return([0x1_0001, 0, 0, 0]),
+        Call::PsciVersion => return Ok([0x1_0001, 0, 0, 0]),
         Call::PsciFeatures { function } => {
-            return Action::Return([call::psci_feature(function) as u64, 0, 0, 0])
+            return Ok([call::psci_feature(function) as u64, 0, 0, 0])
         }
-        Call::CpuSuspend => return Action::Return([0; 4]),
-        Call::MigrateInfoType => return Action::Return([2, 0, 0, 0]), // No trusted OS.
-        Call::SystemOff => return Action::Stop(StopReason::SystemOff),
-        Call::SystemReset => return Action::Stop(StopReason::SystemReset),
+        Call::CpuSuspend => return Ok([0; 4]),
+        Call::MigrateInfoType => return Ok([2, 0, 0, 0]), // No trusted OS.
+        Call::SystemOff => return Err(StopReason::SystemOff),
+        Call::SystemReset => return Err(StopReason::SystemReset),
         Call::CpuOff | Call::CpuOn { .. } | Call::AffinityInfo { .. } => {
             let result = match call {
                 Call::CpuOn {
@@ -328,7 +399,7 @@ where
                     .map(|state| state as i64),
                 _ => power::cpu_off(vm, &mut cpu.cpu, cpu.vcpu).map(|()| 0),
             };
-            return Action::Return(match result {
+            return Ok(match result {
                 Ok(value) => [value as u64, 0, 0, 0],
                 Err(error) => {
                     vm.record(
@@ -344,11 +415,9 @@ where
         }
         Call::CallUid => {
             let w = stagehand_abi::uuid_words();
-            return Action::Return([w[0] as u64, w[1] as u64, w[2] as u64, w[3] as u64]);
+            return Ok([w[0] as u64, w[1] as u64, w[2] as u64, w[3] as u64]);
         }
-        Call::Revision => {
-            return Action::Return([stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0])
-        }
+        Call::Revision => return Ok([stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0]),
         Call::Features => {
             let capabilities = feature::VA_ADDRESSING
                 | vm.iommu.features()
@@ -406,7 +475,7 @@ where
         } => dma::sync(vm, cpu, handle, offset, size, target),
         Call::Unknown(_) => Err(HypercallError::NotSupported),
     };
-    Action::Return(match result {
+    Ok(match result {
         Ok(reply) => registers(reply.completion.code(), reply.results),
         Err(error) => {
             refuse(vm, cpu.vcpu, function, &call, error);

@@ -75,23 +75,31 @@ fn harness_with(adjust: impl FnOnce(&mut VecMemory)) -> Harness {
 
 impl Harness {
     /// Makes the call `function(args...)` on vCPU 0.
-    fn call(&mut self, function: u32, args: &[u64]) -> Action {
-        let mut x = [0u64; 6];
-        x[..args.len()].copy_from_slice(args);
+    /// Makes the call `function(args...)` on vCPU 0; returns x0-x6 after it.
+    fn call(&mut self, function: u32, args: &[u64]) -> (Action, [u64; 7]) {
+        // Registers the call does not answer in keep what the guest had (x4-x6 here).
+        let mut x = [function as u64, 0, 0, 0, 0xa4, 0xa5, 0xa6];
+        x[1..1 + args.len()].copy_from_slice(args);
         let mut cpu = PerCpu {
             vcpu: 0,
             cpu: core::mem::take(&mut self.cpu),
             window: &self.window,
         };
-        let action = dispatch(&self.vm, &mut cpu, function as u64, &x);
+        let action = dispatch(&self.vm, &mut cpu, &mut x);
         self.cpu = cpu.cpu;
-        action
+        (action, x)
     }
 
     /// x0-x3 of a call that returns.
     fn regs(&mut self, function: u32, args: &[u64]) -> [u64; 4] {
         match self.call(function, args) {
-            Action::Return(regs) => regs,
+            (Action::Return, x) => {
+                // x4-x6 that were no argument are preserved.
+                for i in (1 + args.len()).max(4)..7 {
+                    assert_eq!(x[i], 0xa0 + i as u64, "x{i} of {function:#x}");
+                }
+                [x[0], x[1], x[2], x[3]]
+            }
             other => panic!("{function:#x} did not return: {other:?}"),
         }
     }
@@ -386,7 +394,7 @@ fn every_bad_input_gets_its_status_and_one_record_and_changes_nothing() {
             function::MEM_QUERY_VA | function::DEV_INFO | function::DMA_UNMAP => (args[0], 0),
             function::DMA_MAP => (args[1], args[2]),
             function::DMA_MAP_SG => (args[1], args[2]),
-            function::DMA_SYNC => (args[0], args[2]),
+            function::DMA_SYNC => (args[0], 0),
             _ => (args[0], args[1]),
         };
         assert_eq!(
@@ -761,6 +769,16 @@ fn sync_answers_by_coherence_attribute_and_range() {
     let events = h.events();
     assert_eq!(events.len(), 6);
     assert!(matches!(events[1], Event::DmaSync { status: -2, .. }));
+    // A refusal past the handle names the buffer.
+    assert!(matches!(
+        events[5],
+        Event::RefusedRange {
+            function: function::DMA_SYNC,
+            status: -5,
+            ipa: 0x4000_1000,
+            size: 2
+        }
+    ));
 }
 
 #[test]
@@ -993,11 +1011,11 @@ fn power_calls_go_through_the_firmware_and_undo_on_refusal() {
     assert_eq!(h.cpu.firmware_calls.last(), Some(&(u64::MAX, 0)));
     assert_eq!(h.regs(0xC400_0004, &[0, 0])[0], 0);
     assert_eq!(
-        h.call(0x8400_0008, &[]),
+        h.call(0x8400_0008, &[]).0,
         Action::Stop(crate::audit::StopReason::SystemOff)
     );
     assert_eq!(
-        h.call(0x8400_0009, &[]),
+        h.call(0x8400_0009, &[]).0,
         Action::Stop(crate::audit::StopReason::SystemReset)
     );
 }
