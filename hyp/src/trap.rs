@@ -73,16 +73,16 @@ fn guest_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
             smccc(vm, vcpu, frame);
         }
         ExceptionClass::WaitForInterrupt if esr & 1 == 0 => idle(vm, vcpu, frame, esr),
-        ExceptionClass::DataAbortLower => data_abort(frame, esr),
+        ExceptionClass::DataAbortLower => data_abort(vm, vcpu, frame, esr),
         ExceptionClass::InstructionAbortLower => {
             let ipa = esr::fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
-            if !retry_if_breaking(ipa) {
-                inject_abort(frame, Access::Fetch, ipa);
+            if !retry_if_breaking(vm, ipa) {
+                inject_abort(vm, vcpu, frame, Access::Fetch, ipa);
             }
         }
         // Everything else that traps (a system register the guest may not use, an AArch32
         // coprocessor access, HVC/SMC from AArch32): what a CPU without the feature gives.
-        _ => inject_undefined(frame, esr),
+        _ => inject_undefined(vm, vcpu, frame, esr),
     }
 }
 
@@ -131,10 +131,9 @@ fn smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
     }
 }
 
-fn data_abort(frame: &mut TrapFrame, esr: u64) {
+fn data_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     let ipa = esr::fault_ipa(HPFAR_EL2.get(), FAR_EL2.get());
     let abort = DataAbort::from_esr(esr);
-    let vm = vm();
     let redistributor = vm.gic.trapped_offset(ipa);
     match redistributor {
         Some(offset)
@@ -142,10 +141,12 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
                 && !abort.stage1_walk
                 && ipa.is_multiple_of(abort.access_size as u64) =>
         {
-            emulate_redistributor(frame, &abort, ipa, offset)
+            emulate_redistributor(vm, vcpu, frame, &abort, ipa, offset)
         }
-        _ if retry_if_breaking(ipa) => {}
+        _ if retry_if_breaking(vm, ipa) => {}
         _ => inject_abort(
+            vm,
+            vcpu,
             frame,
             if abort.write {
                 Access::Write
@@ -160,11 +161,18 @@ fn data_abort(frame: &mut TrapFrame, esr: u64) {
 /// A stage-2 fault on guest RAM is never the guest's fault: an attribute change on another CPU
 /// has broken the entry (break-before-make) and will make it again. Waiting for the attribute
 /// manager (a shared lock, held alone by the change) and returning retries the access.
-fn retry_if_breaking(ipa: u64) -> bool {
-    vm().core.stage2.read().manager.is_ram(ipa)
+fn retry_if_breaking(vm: &Vm, ipa: u64) -> bool {
+    vm.core.stage2.read().manager.is_ram(ipa)
 }
 
-fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, offset: u64) {
+fn emulate_redistributor(
+    vm: &Vm,
+    vcpu: usize,
+    frame: &mut TrapFrame,
+    abort: &DataAbort,
+    ipa: u64,
+    offset: u64,
+) {
     let width = abort.access_size;
     let size_mask = if width == 8 {
         u64::MAX
@@ -186,7 +194,7 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
         let decision = gic::decide(offset, Some(value));
         if decision.filtered(Some(value)) {
             audit(
-                current_vcpu(),
+                vcpu,
                 Event::Filtered {
                     ipa,
                     requested: value,
@@ -197,7 +205,7 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
             // SAFETY: `ipa` is in a populated redistributor frame (identity-mapped, Device at
             // EL2), naturally aligned; the write is the guest's own, filtered above.
             if unsafe { recover::mmio_write(ipa, width, value) }.is_err() {
-                return inject_abort(frame, access, ipa);
+                return inject_abort(vm, vcpu, frame, access, ipa);
             }
         }
     } else {
@@ -206,7 +214,7 @@ fn emulate_redistributor(frame: &mut TrapFrame, abort: &DataAbort, ipa: u64, off
             Decision::Read { clear } => match unsafe { recover::mmio_read(ipa, width) } {
                 Ok(value) => value & !clear,
                 // A register nothing answers: the guest gets the abort it would get without us.
-                Err(_) => return inject_abort(frame, access, ipa),
+                Err(_) => return inject_abort(vm, vcpu, frame, access, ipa),
             },
             Decision::ReadAs(value) => value,
             Decision::Write(_) | Decision::Ignore => 0,
@@ -247,8 +255,8 @@ fn guest_context(frame: &TrapFrame) -> GuestContext {
 /// Delivers `injection` to the guest's EL1, unless it would only fault again (a guest that
 /// faults before it has vectors): the guest is then stopped with the report, never left to
 /// spin between its fault and its vector.
-fn deliver(frame: &mut TrapFrame, injection: inject::Injection) {
-    let is_ram = |ipa: u64| vm().core.stage2.read().manager.is_ram(ipa);
+fn deliver(vm: &Vm, frame: &mut TrapFrame, injection: inject::Injection) {
+    let is_ram = |ipa: u64| vm.core.stage2.read().manager.is_ram(ipa);
     if let Err(undeliverable) = inject::check_delivery(&guest_context(frame), &injection, is_ram) {
         let mut why = LineBuffer::new();
         let _ = write!(why, "{undeliverable}");
@@ -263,20 +271,21 @@ fn deliver(frame: &mut TrapFrame, injection: inject::Injection) {
 }
 
 /// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
-fn inject_abort(frame: &mut TrapFrame, access: Access, ipa: u64) {
+fn inject_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, access: Access, ipa: u64) {
     let far = FAR_EL2.get();
-    audit(current_vcpu(), Event::Stage2Fault { ipa, access });
+    audit(vcpu, Event::Stage2Fault { ipa, access });
     deliver(
+        vm,
         frame,
         inject::external_abort(&guest_context(frame), far, access),
     );
 }
 
 /// Gives the guest an UNDEF for a trapped instruction the hypervisor does not emulate.
-fn inject_undefined(frame: &mut TrapFrame, esr: u64) {
+fn inject_undefined(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     let far = FAR_EL1.get();
-    audit(current_vcpu(), Event::Undefined { esr });
-    deliver(frame, inject::undefined(&guest_context(frame), far));
+    audit(vcpu, Event::Undefined { esr });
+    deliver(vm, frame, inject::undefined(&guest_context(frame), far));
 }
 
 fn report(frame: &TrapFrame, title: &str) {

@@ -14,7 +14,7 @@
 use super::memory::{read_guest, write_guest};
 use super::platform::{AuditSink, DmaDevice, GuestMemory, Iommu, Issued, RightsUpdate};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
-use crate::address::{Ipa, Pa};
+use crate::address::{GuestRange, Ipa};
 use crate::attributes::{self, Attribute, AttributeManager, Requester};
 use crate::audit::{DmaDirection, Event, Maintenance};
 use crate::config::DmaMode;
@@ -88,10 +88,10 @@ fn updates(
     let mut updates = Vec::new();
     for change in changes {
         for (at, bytes, attribute) in manager.attribute_runs(change.ipa, change.size) {
-            let pa = ram.pa_of(at, bytes).ok_or(HypercallError::OutOfRange)?;
+            let run = GuestRange::new(ram, Ipa::new(at), bytes)?;
             updates.push(RightsUpdate {
-                ipa: Ipa::new(at),
-                pa: Pa::new(pa),
+                ipa: run.start(),
+                pa: run.pa(),
                 size: bytes,
                 before: change.before,
                 after: change.after,

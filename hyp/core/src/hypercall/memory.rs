@@ -5,7 +5,7 @@
 
 use super::platform::{AuditSink, GuestMemory, Iommu, WithDeviceTlb};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
-use crate::address::{GuestVa, HypVa, Pa};
+use crate::address::{GuestRange, GuestVa, HypVa, Ipa, Pa};
 use crate::attributes::{self, Attribute, AttributeManager, CacheProgress, Requester};
 use crate::audit::{Event, Maintenance};
 use crate::maintenance::{Arch, CacheOp};
@@ -32,13 +32,14 @@ pub fn with_mapped<A: Arch, W: TableMemory>(
         return Ok(());
     }
     manager.check(ipa, len)?;
-    let ram = *manager.ram();
+    // Checked once: from here on the range is guest RAM, and its PA follows from it.
+    let range = GuestRange::new(manager.ram(), Ipa::new(ipa), len)?;
     let end = ipa + len;
     let mut at = ipa;
     while at < end {
         let piece_end = end.min((at & !(PAGE_SIZE - 1)) + WINDOW_PAGES * PAGE_SIZE);
         let va = manager.map_for_access(arch, window, at, piece_end - at)?;
-        let pa = Pa::new(ram.pa + (at - ram.ipa));
+        let pa = range.pa().offset(at - ipa);
         visit(arch, HypVa::new(va), pa, at - ipa, piece_end - at);
         window.unmap(arch);
         at = piece_end;
