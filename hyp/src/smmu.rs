@@ -23,7 +23,7 @@ use crate::arch::mmu::HeapTables;
 use aarch64_cpu::registers::{CNTFRQ_EL0, CNTPCT_EL0};
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use hyp_core::address::Ipa;
 use hyp_core::attributes::AttributeManager;
 use hyp_core::audit::Event;
@@ -198,6 +198,9 @@ pub struct SmmuV3 {
     event_cons: AtomicU32,
     /// Whether some device is in strict mode (FEATURES).
     any_strict: bool,
+    /// A command submission saw event-queue writes aborted: the next drain must run (and
+    /// record the loss) even if no event is new.
+    loss_pending: AtomicBool,
     /// Everything else, one CPU at a time.
     state: spin::Mutex<Smmu>,
 }
@@ -440,6 +443,7 @@ fn try_init(
         registers,
         event_cons: AtomicU32::new(smmu.event_cons),
         any_strict: smmu.devices.iter().any(|d| d.mode == DmaMode::Strict),
+        loss_pending: AtomicBool::new(false),
         state: spin::Mutex::new(smmu),
     })
 }
@@ -743,6 +747,13 @@ fn tlbi_commands(vmid: u16, ipa: u64, size: u64) -> (Vec<Command>, Issued) {
 }
 
 impl SmmuV3 {
+    /// After a command submission: a loss its global-error handling saw wakes the next drain.
+    fn note_loss(&self, smmu: &Smmu) {
+        if smmu.events_lost {
+            self.loss_pending.store(true, Ordering::Release);
+        }
+    }
+
     fn vmid_of(smmu: &Smmu, stream_id: u32) -> Result<u16, IommuError> {
         smmu.devices
             .iter()
@@ -836,7 +847,9 @@ impl Iommu for SmmuV3 {
             issued.count += counted.count - 1;
             issued.kinds |= counted.kinds;
         }
-        smmu.submit(&commands).map_err(|error| {
+        let submitted = smmu.submit(&commands);
+        self.note_loss(&smmu);
+        submitted.map_err(|error| {
             log::error!("SMMU: TLB invalidation failed: {error}");
             IommuError::NotConfirmed
         })?;
@@ -854,7 +867,9 @@ impl Iommu for SmmuV3 {
             return Issued::default();
         };
         let (commands, issued) = tlbi_commands(vmid, ipa.get(), size);
-        match smmu.submit(&commands) {
+        let submitted = smmu.submit(&commands);
+        self.note_loss(&smmu);
+        match submitted {
             Ok(()) => issued,
             Err(error) => {
                 // A device could still use a stale translation: say so loudly.
@@ -868,10 +883,13 @@ impl Iommu for SmmuV3 {
     /// and takes no lock; when another CPU is draining, it returns and leaves the work to that
     /// CPU.
     fn drain_events(&self, vcpu: usize, audit: &impl AuditSink) {
-        if self.registers.evtq_prod.get() == self.event_cons.load(Ordering::Acquire) {
+        if self.registers.evtq_prod.get() == self.event_cons.load(Ordering::Acquire)
+            && !self.loss_pending.load(Ordering::Acquire)
+        {
             return;
         }
         if let Some(mut smmu) = self.state.try_lock() {
+            self.loss_pending.store(false, Ordering::Release);
             smmu.drain_locked(vcpu, audit, &self.event_cons);
         }
     }
