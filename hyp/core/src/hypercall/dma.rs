@@ -110,7 +110,8 @@ fn stale(changes: &[RightsChange]) -> impl Iterator<Item = (Ipa, u64)> + '_ {
         .map(|c| (Ipa::new(c.ipa), c.size))
 }
 
-/// A buffer mapped by [`map_buffer`], for its records.
+/// A buffer mapped by [`map_buffer`], for its records. (`repr(C)`: see [`Unmapping`].)
+#[repr(C)]
 struct Mapped {
     handle: u64,
     ipa: u64,
@@ -390,7 +391,9 @@ where
     Ok(Reply::success([ipa, mapped.handle, 0]))
 }
 
-/// What the first phase of an unmap did to one mapping.
+/// What the first phase of an unmap did to one mapping. (`repr(C)`, the handle first: moving
+/// one is word copies, not a byte copy behind a one-byte field.)
+#[repr(C)]
 struct Unmapping {
     handle: u64,
     mapping: Mapping,
@@ -403,6 +406,7 @@ struct Unmapping {
 ///
 /// # Errors
 /// BAD_HANDLE for an unknown or stale handle (nothing changed).
+#[inline(always)]
 fn revoke<I: Iommu>(
     held: &mut Held<'_, I>,
     handle: u64,
@@ -449,34 +453,33 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch, W: TableMemory>(
     issued: Issued,
 ) -> Result<(), HypercallError> {
     let mapping = unmapping.mapping;
-    let mut maintenance = Maintenance {
-        smmu_commands: issued.count,
-        smmu_kinds: issued.kinds,
-        ..Maintenance::default()
-    };
     let coherent = unmapping.device.is_none_or(|d| d.coherent);
-    let mut result = Ok(());
-    if !coherent {
-        if let Some(op) = dma::maintenance(mapping.direction, Step::Unmap) {
-            maintenance.cmo = Some(op);
-            match maintain(
-                manager,
-                cpu,
-                window,
-                vm.dcache_line,
-                op,
-                mapping.ipa,
-                mapping.size,
-            ) {
-                Ok(lines) => maintenance.cmo_lines = lines,
-                Err(error) => result = Err(error),
-            }
-        }
-    }
+    let op = if coherent {
+        None
+    } else {
+        dma::maintenance(mapping.direction, Step::Unmap)
+    };
+    let (result, cmo_lines) = match op {
+        Some(op) => match maintain(
+            manager,
+            cpu,
+            window,
+            vm.dcache_line,
+            op,
+            mapping.ipa,
+            mapping.size,
+        ) {
+            Ok(lines) => (Ok(()), lines),
+            Err(error) => (Err(error), 0),
+        },
+        None => (Ok(()), 0),
+    };
     if result.is_ok() {
         let span = mapping.span();
         manager.unpin(span.ipa, span.size);
     }
+    // Built in place (no local copy of the maintenance moved into the record: on a
+    // strict-alignment target that move is a byte copy).
     vm.record(
         vcpu,
         &Event::DmaUnmap {
@@ -485,7 +488,13 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch, W: TableMemory>(
             ipa: mapping.ipa,
             size: mapping.size,
             direction: mapping.direction,
-            maintenance,
+            maintenance: Maintenance {
+                cmo: op,
+                cmo_lines,
+                smmu_commands: issued.count,
+                smmu_kinds: issued.kinds,
+                ..Maintenance::default()
+            },
             status: match result {
                 Ok(()) => 0,
                 Err(error) => error.code(),
