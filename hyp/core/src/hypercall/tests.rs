@@ -95,8 +95,8 @@ impl Harness {
         match self.call(function, args) {
             (Action::Return, x) => {
                 // x4-x6 that were no argument are preserved.
-                for i in (1 + args.len()).max(4)..7 {
-                    assert_eq!(x[i], 0xa0 + i as u64, "x{i} of {function:#x}");
+                for (i, value) in x.iter().enumerate().skip((1 + args.len()).max(4)) {
+                    assert_eq!(*value, 0xa0 + i as u64, "x{i} of {function:#x}");
                 }
                 [x[0], x[1], x[2], x[3]]
             }
