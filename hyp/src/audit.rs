@@ -1,5 +1,6 @@
 //! The hypervisor's one audit log ([`hyp_core::audit::AuditLog`]) behind a lock, the host
-//! stream of its records on the hypervisor's UART, and the AUDIT_READ / AUDIT_MARK calls.
+//! stream of its records on the hypervisor's UART, and [`HypAudit`], the handle through which
+//! the portable AUDIT_READ / AUDIT_MARK handlers and every other call reach it.
 //!
 //! Recording an event on a call's path only encodes it into the ring ([`record`]): its hash,
 //! its text line and the UART write happen later, in [`drain`], which runs when a vCPU idles
@@ -13,12 +14,10 @@
 //! guest runs and are streamed when it stops (a loss meanwhile is reported by a STREAM_LOSS
 //! overflow record; see `hyp_core::audit`).
 
-use crate::guest_memory;
 use aarch64_cpu::registers::{Readable, CNTPCT_EL0};
 use alloc::vec::Vec;
-use hyp_core::audit::{AuditLevel, AuditLog, Event, RING_CAPACITY};
-use stagehand_abi::audit::RECORD_SIZE;
-use stagehand_abi::{function, Status};
+use hyp_core::audit::{AuditLevel, AuditLog, Event, ReadResult, RING_CAPACITY};
+use hyp_core::hypercall::platform::AuditSink;
 
 /// VM id the records carry.
 const VM_ID: u16 = 1;
@@ -158,75 +157,26 @@ fn drain_locked(vcpu: usize, _stream: spin::MutexGuard<'_, ()>) {
     }
 }
 
-/// The results of AUDIT_READ or AUDIT_MARK, or the refusal (already audited).
-pub type CallResult = Result<[u64; 3], Status>;
+/// The audit log's call-side handle, which the portable call handlers record through. The log
+/// it reaches is this module's one log.
+pub struct HypAudit;
 
-/// AUDIT_MARK: a mark record with `tag`; x1 = its sequence number.
-pub fn mark(vcpu: usize, tag: u64) -> CallResult {
-    with_audit(|audit| {
-        let refused = |audit: &mut Audit, status: Status| {
-            audit.record(
-                vcpu as u16,
-                &Event::Refused {
-                    function: function::AUDIT_MARK,
-                    status: status.code(),
-                },
-            );
-            Err(status)
-        };
-        match audit.record(vcpu as u16, &Event::Mark { tag }) {
-            Some((sequence, _)) => Ok([sequence, 0, 0]),
-            None => refused(audit, Status::NotSupported),
-        }
-    })
-}
+impl AuditSink for HypAudit {
+    fn record(&self, vcpu: usize, event: &Event) -> Option<u64> {
+        record(vcpu, event)
+    }
 
-/// AUDIT_READ: copies whole records from `first` on into the guest buffer `[buffer, buffer +
-/// size)`, which must be 8-byte aligned, inside guest RAM and hold at least one record.
-/// Results: x1 records copied, x2 next sequence, x3 records dropped so far. Records hold no
-/// host physical address (the layout has none), so they are copied as they are.
-pub fn read(vcpu: usize, buffer: u64, size: u64, first: u64) -> CallResult {
-    let check = || {
-        if !enabled() {
-            return Err(Status::NotSupported);
-        }
-        if size == 0 {
-            return Err(Status::InvalidParameter);
-        }
-        if !buffer.is_multiple_of(8) {
-            return Err(Status::Alignment);
-        }
-        if size < RECORD_SIZE as u64 {
-            return Err(Status::InvalidParameter);
-        }
-        guest_memory::translate(buffer, size).map(|_| ())
-    };
-    if let Err(status) = check() {
-        record(
-            vcpu,
-            &Event::RefusedRange {
-                function: function::AUDIT_READ,
-                status: status.code(),
-                ipa: buffer,
-                size,
-            },
-        );
-        return Err(status);
+    fn enabled(&self) -> bool {
+        enabled()
     }
-    // SMMU faults not yet drained must be in the ring before the guest reads it.
-    crate::smmu::drain_events();
-    drain(vcpu);
-    let max = (size / RECORD_SIZE as u64) as usize;
-    let read = with_audit(|audit| {
-        audit.log.report_losses(now(), vcpu as u16);
-        audit.log.read(first, max.min(RING_CAPACITY))
-    });
-    let mut bytes = Vec::with_capacity(read.records.len() * RECORD_SIZE);
-    for record in &read.records {
-        bytes.extend_from_slice(record.bytes());
+
+    /// AUDIT_READ's view: what waits is streamed first, losses are reported, then up to `max`
+    /// records from `first` on.
+    fn read(&self, vcpu: usize, first: u64, max: usize) -> ReadResult {
+        drain(vcpu);
+        with_audit(|audit| {
+            audit.log.report_losses(now(), vcpu as u16);
+            audit.log.read(first, max.min(RING_CAPACITY))
+        })
     }
-    // The range was checked above and guest RAM does not move; a failure here is the same
-    // answer the check would have given.
-    guest_memory::write(buffer, &bytes)?;
-    Ok([read.records.len() as u64, read.next_sequence, read.dropped])
 }

@@ -9,9 +9,10 @@
 //! (same VTCR fields, same root, same VMID); strict-mode devices get a stage-2 table of their
 //! own, empty until DMA_MAP fills it; blocked devices get an abort entry.
 //!
-//! [`drain_events`] turns SMMU fault events into audit records. It runs when the guest idles
-//! (its WFI traps), on DMA_MAP and before AUDIT_READ, not on every trap; its common case
-//! (nothing new) costs one MMIO read.
+//! The driver is a value, [`SmmuV3`], which the VM owns and the portable call handlers use
+//! through [`hyp_core::hypercall::platform::Iommu`]. Its `drain_events` turns SMMU fault events
+//! into audit records. It runs when the guest idles (its WFI traps), on DMA_MAP and before
+//! AUDIT_READ, not on every trap; its common case (nothing new) costs one MMIO read.
 //!
 //! The encodings (STE, commands, event records, queue arithmetic) are portable and host-tested
 //! in `stagehand_platform::smmuv3`; this file only moves them to and from memory and registers.
@@ -19,19 +20,22 @@
 use crate::arch;
 use crate::arch::cpu::Cpu;
 use crate::arch::mmu::HeapTables;
-use crate::vm::Vm;
-use aarch64_cpu::registers::{CNTFRQ_EL0, CNTPCT_EL0, TPIDR_EL2};
+use aarch64_cpu::registers::{CNTFRQ_EL0, CNTPCT_EL0};
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use hyp_core::address::Ipa;
+use hyp_core::attributes::AttributeManager;
 use hyp_core::audit::Event;
 use hyp_core::config::{Config, DmaMode};
+use hyp_core::geometry::Geometry;
+use hyp_core::hypercall::platform::{
+    AuditSink, DeviceInfo, DmaDevice, Iommu, IommuError, Issued, RightsUpdate,
+};
 use hyp_core::inject::Access;
 use hyp_core::noncoherent::{self, CleaningTables};
-use hyp_core::pagetable::{
-    MapError, MemoryType, PageTable, Permissions, Stage2, TableMemory, PAGE_SIZE,
-};
-use stagehand_abi::{feature, Status};
+use hyp_core::pagetable::{MapError, PageTable, Stage2, TableMemory, PAGE_SIZE};
+use stagehand_abi::feature;
 use stagehand_platform::board::Board;
 use stagehand_platform::pci::{self, Bdf, Function};
 use stagehand_platform::smmuv3::{
@@ -179,16 +183,40 @@ struct Smmu {
     events: QueueIndex,
     /// Our copy of EVENTQ_CONS (with OVACKFLG).
     event_cons: u32,
+    /// A global error said event-queue writes were aborted; the next drain records the loss
+    /// (a command submission that notices it has no audit log at hand).
+    events_lost: bool,
     devices: Vec<AssignedDevice>,
 }
 
-static SMMU: spin::Once<spin::Mutex<Smmu>> = spin::Once::new();
-/// The SMMU's register block, for the lock-free check in [`drain_events`].
-static REGISTERS: spin::Once<Registers> = spin::Once::new();
-/// EVENTQ_CONS as last written (with OVACKFLG): equal to EVENTQ_PROD when nothing is new.
-static EVENT_CONS: AtomicU32 = AtomicU32::new(0);
-/// Whether some device is in strict mode (FEATURES).
-static ANY_STRICT: AtomicBool = AtomicBool::new(false);
+/// The SMMUv3 driver, owned by the VM: the locked driver state, and what the lock-free fast
+/// path of [`Iommu::drain_events`] reads.
+pub struct SmmuV3 {
+    /// The register block, for the lock-free check of EVENTQ_PROD.
+    registers: Registers,
+    /// EVENTQ_CONS as last written (with OVACKFLG): equal to EVENTQ_PROD when nothing is new.
+    event_cons: AtomicU32,
+    /// Whether some device is in strict mode (FEATURES).
+    any_strict: bool,
+    /// A command submission saw event-queue writes aborted: the next drain must run (and
+    /// record the loss) even if no event is new.
+    loss_pending: AtomicBool,
+    /// Everything else, one CPU at a time.
+    state: spin::Mutex<Smmu>,
+}
+
+/// What the SMMU needs to know of the guest's stage 2: shared devices walk it, strict devices'
+/// own tables take its shape.
+pub struct GuestStage2Config {
+    /// Stage 2 uses FEAT_S2FWB encodings.
+    pub fwb: bool,
+    /// VTCR_EL2.
+    pub vtcr: u64,
+    /// VTTBR_EL2 (VMID and root).
+    pub vttbr: u64,
+    /// The shape of stage 2.
+    pub geometry: Geometry,
+}
 
 /// Maps the register block at `base`.
 ///
@@ -218,22 +246,35 @@ fn wait_for(what: &'static str, mut done: impl FnMut() -> bool) -> Result<(), Sm
 }
 
 /// Brings the SMMU up and assigns every PCI function behind it. Call once, from
-/// [`crate::vm::build`], after the guest's stage 2 exists and before the guest runs. On error
-/// it stops the machine with one line: without a working SMMU, DMA is not contained.
-pub fn init(board: &Board, config: &Config, vm: &Vm) {
+/// [`crate::vm::build`], after the guest's stage 2 exists and before the guest runs. `None`
+/// when the board has no SMMU. On error it stops the machine with one line: without a working
+/// SMMU, DMA is not contained.
+pub fn init(
+    board: &Board,
+    config: &Config,
+    vm: &GuestStage2Config,
+    attributes: &mut AttributeManager,
+) -> Option<SmmuV3> {
     let Some(region) = board.smmu else {
         log::warn!(
             "no SMMUv3 in the device tree: DMA cannot be contained, so the guest gets no PCIe \
              and the DMA calls answer NO_DEVICE"
         );
-        return;
+        return None;
     };
-    if let Err(error) = try_init(region.base, board, config, vm) {
-        crate::exit::fatal(format_args!("{error}"));
+    match try_init(region.base, board, config, vm, attributes) {
+        Ok(smmu) => Some(smmu),
+        Err(error) => crate::exit::fatal(format_args!("{error}")),
     }
 }
 
-fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), SmmuError> {
+fn try_init(
+    base: u64,
+    board: &Board,
+    config: &Config,
+    vm: &GuestStage2Config,
+    attributes: &mut AttributeManager,
+) -> Result<SmmuV3, SmmuError> {
     // SAFETY: `board.smmu` is the SMMU's register block, which `mmu::extend` mapped as Device;
     // only this driver touches it.
     let registers = unsafe { registers_at(base) };
@@ -329,6 +370,7 @@ fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), Sm
         event_queue,
         events,
         event_cons: 0,
+        events_lost: false,
         devices,
     };
     if !coherent {
@@ -347,9 +389,7 @@ fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), Sm
             }
         }
         if smmu.devices.iter().any(|d| d.mode == DmaMode::Shared) {
-            vm.attributes
-                .write()
-                .set_noncoherent_walker(&HeapTables, &mut cpu);
+            attributes.set_noncoherent_walker(&HeapTables, &mut cpu);
         }
     }
     // Every entry before the SMMU may read one.
@@ -399,20 +439,20 @@ fn try_init(base: u64, board: &Board, config: &Config, vm: &Vm) -> Result<(), Sm
         smmu.events.entries(),
         if coherent { "" } else { "non-" }
     );
-    ANY_STRICT.store(
-        smmu.devices.iter().any(|d| d.mode == DmaMode::Strict),
-        Ordering::Relaxed,
-    );
-    REGISTERS.call_once(|| registers);
-    SMMU.call_once(|| spin::Mutex::new(smmu));
-    Ok(())
+    Ok(SmmuV3 {
+        registers,
+        event_cons: AtomicU32::new(smmu.event_cons),
+        any_strict: smmu.devices.iter().any(|d| d.mode == DmaMode::Strict),
+        loss_pending: AtomicBool::new(false),
+        state: spin::Mutex::new(smmu),
+    })
 }
 
 /// Scans PCI configuration space and decides each function's mode.
 fn discover(
     board: &Board,
     config: &Config,
-    vm: &Vm,
+    vm: &GuestStage2Config,
     fwb: bool,
     sid_bits: u32,
 ) -> Result<Vec<AssignedDevice>, SmmuError> {
@@ -491,7 +531,7 @@ fn read_config(ecam: u64, ecam_size: u64, bus_start: u8, bdf: Bdf, offset: u16) 
 
 impl Smmu {
     /// The STE a device gets.
-    fn ste_of(&self, device: &AssignedDevice, vm: &Vm, fwb: bool) -> Ste {
+    fn ste_of(&self, device: &AssignedDevice, vm: &GuestStage2Config, fwb: bool) -> Ste {
         let oas = self.registers.idr5.read(IDR5::OAS) as u64;
         let vtcr = smmuv3::cap_output_size(vm.vtcr, oas);
         match (&device.mode, &device.stage2) {
@@ -568,8 +608,8 @@ impl Smmu {
 
     /// Logs and acknowledges active global errors. A command error replaces the failing command
     /// by a CMD_SYNC (the SMMU re-reads the slot at CONS once the error is acknowledged, so the
-    /// queue runs again); an aborted event-queue write means events were lost, which is audited
-    /// as such.
+    /// queue runs again); an aborted event-queue write means events were lost, which the next
+    /// drain audits as such.
     fn handle_global_errors(&mut self) {
         let active = self.global_errors();
         if active == 0 {
@@ -587,7 +627,7 @@ impl Smmu {
             arch::dsb_sy();
         }
         if active & smmuv3::GERROR_EVENTQ_ABT_ERR != 0 {
-            audit_lost_events();
+            self.events_lost = true;
         }
         let gerrorn = self.registers.gerrorn.get();
         self.registers.gerrorn.set(gerrorn ^ active);
@@ -595,7 +635,7 @@ impl Smmu {
 
     /// Reads every new event record, collapses floods, audits each group, then frees the
     /// slots and acknowledges an overflow.
-    fn drain_locked(&mut self) {
+    fn drain_locked(&mut self, vcpu: usize, audit: &impl AuditSink, event_cons: &AtomicU32) {
         let registers = self.registers;
         let queue = self.events;
         let mut collector = FaultCollector::<OPEN_FAULT_GROUPS>::new();
@@ -607,7 +647,7 @@ impl Smmu {
             let prod = registers.evtq_prod.get();
             if queue.is_empty(prod, self.event_cons) {
                 if smmuv3::event_queue_overflowed(prod, self.event_cons) {
-                    audit_lost_events();
+                    audit_lost_events(vcpu, audit);
                     self.event_cons ^= smmuv3::EVENTQ_OVERFLOW_FLAG;
                     registers.evtq_cons.set(self.event_cons);
                 }
@@ -623,7 +663,7 @@ impl Smmu {
                 let record = [0, 1, 2, 3].map(|i| self.event_queue.read(word + i));
                 let event = SmmuEvent::decode(record);
                 if let Some(group) = collector.add(&event) {
-                    audit_fault(&group);
+                    audit_fault(vcpu, audit, &group);
                 }
                 seen += 1;
                 let overflow = self.event_cons & smmuv3::EVENTQ_OVERFLOW_FLAG;
@@ -633,22 +673,20 @@ impl Smmu {
             arch::dsb_sy();
             registers.evtq_cons.set(self.event_cons);
         }
-        collector.finish(|group| audit_fault(&group));
-        EVENT_CONS.store(self.event_cons, Ordering::Release);
+        collector.finish(|group| audit_fault(vcpu, audit, &group));
+        event_cons.store(self.event_cons, Ordering::Release);
         self.handle_global_errors();
+        if core::mem::take(&mut self.events_lost) {
+            audit_lost_events(vcpu, audit);
+        }
         if seen > 0 {
             log::debug!("SMMU: drained {seen} event(s)");
         }
     }
 }
 
-/// The vCPU this CPU runs (set when the guest was entered on it; 0 before).
-fn current_vcpu() -> usize {
-    TPIDR_EL2.get() as usize
-}
-
-/// Audits one collapsed group of fault events.
-fn audit_fault(group: &FaultGroup) {
+/// Audits one collapsed group of fault events, on `vcpu`'s time.
+fn audit_fault(vcpu: usize, audit: &impl AuditSink, group: &FaultGroup) {
     let kind = group.kind.name().unwrap_or("other");
     log::warn!(
         "SMMU fault: StreamID {:#x} {} {} at {:#x}: {} event(s)",
@@ -658,9 +696,9 @@ fn audit_fault(group: &FaultGroup) {
         group.page.unwrap_or(0),
         group.count
     );
-    crate::vm::audit(
-        current_vcpu(),
-        Event::SmmuFault {
+    audit.record(
+        vcpu,
+        &Event::SmmuFault {
             stream_id: group.stream_id,
             ipa: group.page.unwrap_or(0),
             access: if group.write {
@@ -680,11 +718,11 @@ pub const LOST_EVENTS_STREAM_ID: u32 = u32::MAX;
 
 /// Audits that SMMU events were lost (queue overflow or aborted queue writes): at least one
 /// fault happened whose details are gone.
-fn audit_lost_events() {
+fn audit_lost_events(vcpu: usize, audit: &impl AuditSink) {
     log::error!("SMMU: fault events were lost (event queue overflow)");
-    crate::vm::audit(
-        current_vcpu(),
-        Event::SmmuFault {
+    audit.record(
+        vcpu,
+        &Event::SmmuFault {
             stream_id: LOST_EVENTS_STREAM_ID,
             ipa: 0,
             access: Access::Read,
@@ -692,69 +730,6 @@ fn audit_lost_events() {
             stage2: false,
         },
     );
-}
-
-/// Turns new SMMU fault events into audit records. Called when the guest idles, on DMA_MAP and
-/// before AUDIT_READ. When nothing is new it costs one MMIO read (EVENTQ_PROD,
-/// compared with the cached CONS) and takes no lock; when another CPU is draining, it returns
-/// and leaves the work to that CPU.
-pub fn drain_events() {
-    let Some(registers) = REGISTERS.get() else {
-        return;
-    };
-    if registers.evtq_prod.get() == EVENT_CONS.load(Ordering::Acquire) {
-        return;
-    }
-    let Some(smmu) = SMMU.get() else {
-        return;
-    };
-    if let Some(mut smmu) = smmu.try_lock() {
-        smmu.drain_locked();
-    }
-}
-
-/// FEATURES capability bits the SMMU contributes: [`feature::SMMU`] when it is enabled, and
-/// [`feature::DMA_STRICT`] when some device is in strict mode.
-pub fn features() -> u64 {
-    match SMMU.get() {
-        Some(_) if ANY_STRICT.load(Ordering::Relaxed) => feature::SMMU | feature::DMA_STRICT,
-        Some(_) => feature::SMMU,
-        None => 0,
-    }
-}
-
-/// What DEV_INFO reports about device `index` (in BDF order): StreamID, BDF as the ABI packs
-/// it (segment 0), mode and coherence.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DeviceInfo {
-    /// StreamID (the device id of the DMA calls).
-    pub stream_id: u32,
-    /// Bus/device/function.
-    pub bdf: Bdf,
-    /// DMA mode.
-    pub mode: DmaMode,
-    /// Snoops CPU caches.
-    pub coherent: bool,
-}
-
-/// Device `index` in BDF order, or `None` past the last.
-pub fn device_info(index: usize) -> Option<DeviceInfo> {
-    let smmu = SMMU.get()?.lock();
-    smmu.devices.get(index).map(|d| DeviceInfo {
-        stream_id: d.stream_id,
-        bdf: d.bdf,
-        mode: d.mode,
-        coherent: d.coherent,
-    })
-}
-
-/// SMMU commands an operation issued, for its audit record.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Issued {
-    /// Commands, CMD_SYNC included.
-    pub count: u32,
-    /// Their kinds: bits of `stagehand_abi::audit::smmu_command`.
-    pub kinds: u16,
 }
 
 /// The TLB invalidation of `[ipa, ipa + size)` for `vmid` (`smmuv3::tlb_invalidation`, which
@@ -771,83 +746,152 @@ fn tlbi_commands(vmid: u16, ipa: u64, size: u64) -> (Vec<Command>, Issued) {
     (commands, issued)
 }
 
-/// A device the guest may use for DMA (not blocked).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DmaDevice {
-    /// Its StreamID.
-    pub stream_id: u32,
-    /// Strict mode: it reaches only mapped buffers.
-    pub strict: bool,
-    /// It snoops CPU caches.
-    pub coherent: bool,
+impl SmmuV3 {
+    /// After a command submission: a loss its global-error handling saw wakes the next drain.
+    fn note_loss(&self, smmu: &Smmu) {
+        if smmu.events_lost {
+            self.loss_pending.store(true, Ordering::Release);
+        }
+    }
+
+    fn vmid_of(smmu: &Smmu, stream_id: u32) -> Result<u16, IommuError> {
+        smmu.devices
+            .iter()
+            .find(|d| d.stream_id == stream_id)
+            .map(|d| d.vmid)
+            .ok_or(IommuError::NoDevice)
+    }
 }
 
-/// The DMA-capable device with StreamID `stream_id`.
-pub fn dma_device(stream_id: u32) -> Option<DmaDevice> {
-    let smmu = SMMU.get()?.lock();
-    smmu.devices
-        .iter()
-        .find(|d| d.stream_id == stream_id && d.mode != DmaMode::Blocked)
-        .map(|d| DmaDevice {
-            stream_id,
-            strict: d.mode == DmaMode::Strict,
+impl Iommu for SmmuV3 {
+    /// [`feature::SMMU`], and [`feature::DMA_STRICT`] when some device is in strict mode.
+    fn features(&self) -> u64 {
+        if self.any_strict {
+            feature::SMMU | feature::DMA_STRICT
+        } else {
+            feature::SMMU
+        }
+    }
+
+    /// Device `index` in BDF order: StreamID, BDF as the ABI packs it (segment 0), mode and
+    /// coherence.
+    fn device_info(&self, index: usize) -> Option<DeviceInfo> {
+        let smmu = self.state.lock();
+        smmu.devices.get(index).map(|d| DeviceInfo {
+            stream_id: d.stream_id,
+            requester_id: d.bdf.rid(),
+            mode: d.mode,
             coherent: d.coherent,
         })
-}
-
-/// A run of pages of a strict device's stage 2 whose rights change (one attribute): what
-/// [`apply_rights`] writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RightsUpdate {
-    /// First page's IPA.
-    pub ipa: u64,
-    /// Its PA.
-    pub pa: u64,
-    /// Bytes (a page multiple).
-    pub size: u64,
-    /// The rights before (`None`: not mapped).
-    pub before: Option<Permissions>,
-    /// The rights after (`None`: unmapped).
-    pub after: Option<Permissions>,
-    /// The pages' attribute, which the device's mapping follows (I1).
-    pub memory: MemoryType,
-}
-
-/// Writes rights changes into a strict device's stage 2, page by page: a page without rights
-/// before is mapped, one without rights after is unmapped, any other is rewritten in place (no
-/// break: the output address and attribute stay, so a device DMA in flight to the page's other
-/// buffers goes on). The entries are visible to the SMMU's walks when this returns; the caller
-/// then invalidates the runs whose entries were valid before ([`invalidate_strict`]), once per
-/// call.
-///
-/// # Errors
-/// NO_DEVICE; NO_MEMORY (tables: the runs before the failing page are written, and the caller
-/// undoes them); BUSY for an entry that does not match the counted rights (a bug, logged).
-pub fn apply_rights(stream_id: u32, updates: &[RightsUpdate]) -> Result<(), Status> {
-    if updates.is_empty() {
-        return Ok(());
     }
-    let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
-    let coherent = smmu.coherent;
-    let device = smmu
-        .devices
-        .iter_mut()
-        .find(|d| d.stream_id == stream_id)
-        .ok_or(Status::NoDevice)?;
-    let table = device.stage2.as_mut().ok_or(Status::NoDevice)?;
-    let mut heap = HeapTables;
-    // The SMMU walks write-back tables when it is coherent (CR1): a DSB makes the entries
-    // visible; otherwise every line written is cleaned to the point of coherency first (the
-    // tracking that finds those lines copies each table it writes, so only then).
-    if coherent {
-        let written = write_rights(table, &mut heap, stream_id, updates);
-        arch::dsb_ish();
-        written
-    } else {
-        let mut cleaning = CleaningTables::new(&mut heap);
-        let written = write_rights(table, &mut cleaning, stream_id, updates);
-        cleaning.clean(&mut Cpu::new());
-        written
+
+    fn dma_device(&self, stream_id: u32) -> Option<DmaDevice> {
+        let smmu = self.state.lock();
+        smmu.devices
+            .iter()
+            .find(|d| d.stream_id == stream_id && d.mode != DmaMode::Blocked)
+            .map(|d| DmaDevice {
+                stream_id,
+                strict: d.mode == DmaMode::Strict,
+                coherent: d.coherent,
+            })
+    }
+
+    /// Writes rights changes into a strict device's stage 2, page by page: a page without
+    /// rights before is mapped, one without rights after is unmapped, any other is rewritten in
+    /// place (no break: the output address and attribute stay, so a device DMA in flight to the
+    /// page's other buffers goes on).
+    fn apply_rights(&self, stream_id: u32, updates: &[RightsUpdate]) -> Result<(), IommuError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let mut smmu = self.state.lock();
+        let coherent = smmu.coherent;
+        let device = smmu
+            .devices
+            .iter_mut()
+            .find(|d| d.stream_id == stream_id)
+            .ok_or(IommuError::NoDevice)?;
+        let table = device.stage2.as_mut().ok_or(IommuError::NoDevice)?;
+        let mut heap = HeapTables;
+        // The SMMU walks write-back tables when it is coherent (CR1): a DSB makes the entries
+        // visible; otherwise every line written is cleaned to the point of coherency first (the
+        // tracking that finds those lines copies each table it writes, so only then).
+        if coherent {
+            let written = write_rights(table, &mut heap, stream_id, updates);
+            arch::dsb_ish();
+            written
+        } else {
+            let mut cleaning = CleaningTables::new(&mut heap);
+            let written = write_rights(table, &mut cleaning, stream_id, updates);
+            cleaning.clean(&mut Cpu::new());
+            written
+        }
+    }
+
+    fn invalidate_strict(&self, stream_id: u32, runs: &[(Ipa, u64)]) -> Result<Issued, IommuError> {
+        if runs.is_empty() {
+            return Ok(Issued::default());
+        }
+        let mut smmu = self.state.lock();
+        let vmid = Self::vmid_of(&smmu, stream_id)?;
+        let mut commands = Vec::new();
+        // `submit`'s own CMD_SYNC.
+        let mut issued = Issued {
+            count: 1,
+            kinds: stagehand_abi::audit::smmu_command::SYNC,
+        };
+        for &(ipa, size) in runs {
+            let (more, counted) = tlbi_commands(vmid, ipa.get(), size);
+            commands.extend(more);
+            issued.count += counted.count - 1;
+            issued.kinds |= counted.kinds;
+        }
+        let submitted = smmu.submit(&commands);
+        self.note_loss(&smmu);
+        submitted.map_err(|error| {
+            log::error!("SMMU: TLB invalidation failed: {error}");
+            IommuError::NotConfirmed
+        })?;
+        Ok(issued)
+    }
+
+    fn invalidate_shared(&self, ipa: Ipa, size: u64) -> Issued {
+        let mut smmu = self.state.lock();
+        let Some(vmid) = smmu
+            .devices
+            .iter()
+            .find(|d| d.mode == DmaMode::Shared)
+            .map(|d| d.vmid)
+        else {
+            return Issued::default();
+        };
+        let (commands, issued) = tlbi_commands(vmid, ipa.get(), size);
+        let submitted = smmu.submit(&commands);
+        self.note_loss(&smmu);
+        match submitted {
+            Ok(()) => issued,
+            Err(error) => {
+                // A device could still use a stale translation: say so loudly.
+                log::error!("SMMU: TLB invalidation for shared devices failed: {error}");
+                Issued::default()
+            }
+        }
+    }
+
+    /// When nothing is new it costs one MMIO read (EVENTQ_PROD, compared with the cached CONS)
+    /// and takes no lock; when another CPU is draining, it returns and leaves the work to that
+    /// CPU.
+    fn drain_events(&self, vcpu: usize, audit: &impl AuditSink) {
+        if self.registers.evtq_prod.get() == self.event_cons.load(Ordering::Acquire)
+            && !self.loss_pending.load(Ordering::Acquire)
+        {
+            return;
+        }
+        if let Some(mut smmu) = self.state.try_lock() {
+            self.loss_pending.store(false, Ordering::Release);
+            smmu.drain_locked(vcpu, audit, &self.event_cons);
+        }
     }
 }
 
@@ -858,11 +902,11 @@ fn write_rights(
     memory: &mut impl TableMemory,
     stream_id: u32,
     updates: &[RightsUpdate],
-) -> Result<(), Status> {
+) -> Result<(), IommuError> {
     for update in updates {
         let mut offset = 0;
         while offset < update.size {
-            let (ipa, pa) = (update.ipa + offset, update.pa + offset);
+            let (ipa, pa) = (update.ipa.get() + offset, update.pa.get() + offset);
             let result = match (update.before, update.after) {
                 (_, None) => table.unmap(memory, ipa, PAGE_SIZE),
                 (None, Some(rights)) => {
@@ -873,74 +917,12 @@ fn write_rights(
             if let Err(error) = result {
                 log::error!("SMMU: rights of {ipa:#x} for StreamID {stream_id:#x}: {error:?}");
                 return Err(match error {
-                    MapError::OutOfTableMemory => Status::NoMemory,
-                    _ => Status::Busy,
+                    MapError::OutOfTableMemory => IommuError::NoMemory,
+                    _ => IommuError::NotConfirmed,
                 });
             }
             offset += PAGE_SIZE;
         }
     }
     Ok(())
-}
-
-/// Invalidates a strict device's SMMU TLB for each run of `runs` and waits for one CMD_SYNC:
-/// when this returns, the device uses only what its stage 2 now says. Nothing to do (and
-/// nothing issued) for no runs.
-///
-/// # Errors
-/// NO_DEVICE, or BUSY when the SMMU did not complete the invalidation.
-pub fn invalidate_strict(stream_id: u32, runs: &[(u64, u64)]) -> Result<Issued, Status> {
-    if runs.is_empty() {
-        return Ok(Issued::default());
-    }
-    let mut smmu = SMMU.get().ok_or(Status::NoDevice)?.lock();
-    let vmid = smmu
-        .devices
-        .iter()
-        .find(|d| d.stream_id == stream_id)
-        .ok_or(Status::NoDevice)?
-        .vmid;
-    let mut commands = Vec::new();
-    // `submit`'s own CMD_SYNC.
-    let mut issued = Issued {
-        count: 1,
-        kinds: stagehand_abi::audit::smmu_command::SYNC,
-    };
-    for &(ipa, size) in runs {
-        let (more, counted) = tlbi_commands(vmid, ipa, size);
-        commands.extend(more);
-        issued.count += counted.count - 1;
-        issued.kinds |= counted.kinds;
-    }
-    smmu.submit(&commands).map_err(|error| {
-        log::error!("SMMU: TLB invalidation failed: {error}");
-        Status::Busy
-    })?;
-    Ok(issued)
-}
-
-/// Invalidates the SMMU's TLB for guest `[ipa, ipa + size)` on behalf of the devices that share
-/// the guest's stage 2, and waits for the CMD_SYNC. Nothing to do when no device shares it.
-pub fn invalidate_shared(ipa: u64, size: u64) -> Issued {
-    let Some(smmu) = SMMU.get() else {
-        return Issued::default();
-    };
-    let mut smmu = smmu.lock();
-    let Some(vmid) = smmu
-        .devices
-        .iter()
-        .find(|d| d.mode == DmaMode::Shared)
-        .map(|d| d.vmid)
-    else {
-        return Issued::default();
-    };
-    let (commands, issued) = tlbi_commands(vmid, ipa, size);
-    match smmu.submit(&commands) {
-        Ok(()) => issued,
-        Err(error) => {
-            // A device could still use a stale translation: say so loudly.
-            log::error!("SMMU: TLB invalidation for shared devices failed: {error}");
-            Issued::default()
-        }
-    }
 }

@@ -1,6 +1,8 @@
 //! The one VM: building it (guest RAM layout, stage 2, images through fw_cfg, the guest's
-//! device tree) and entering it on each CPU. After [`build`] the VM description is read-only
-//! except for atomics (power states, pending CPU_ON requests).
+//! device tree, the SMMU) and entering it on each CPU. What the calls act on is the portable
+//! [`hyp_core::hypercall::Vm`] inside; this adds what only the aarch64 layer uses (register
+//! values, the GIC, the per-CPU windows). It is the one global the hardware entry needs: a trap
+//! finds it once and passes it down.
 
 use crate::arch;
 use crate::arch::entry::{MAX_CPUS, STACK_SIZE};
@@ -10,9 +12,11 @@ use crate::arch::sysreg::{
     SCTLR_EL1_RES1, SMCR_EL2, VPIDR_EL2, ZCR_EL2,
 };
 use crate::arch::vectors::{enter_guest, TrapFrame};
+use crate::audit::HypAudit;
 use crate::fw_cfg::{FwCfg, FwCfgError};
 use crate::gic::InterruptController;
 use crate::guest_memory;
+use crate::smmu::{GuestStage2Config, SmmuV3};
 use crate::{console, exit, QEMU_DTB};
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, HAFGRTR_EL2, HCR_EL2, HDFGRTR_EL2, HDFGWTR_EL2,
@@ -25,14 +29,14 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 use hyp_core::attributes::AttributeManager;
 use hyp_core::audit;
 use hyp_core::config::{self, Config};
 use hyp_core::geometry::{Geometry, UnsupportedPaRange};
+use hyp_core::hypercall::GuestStage2;
 use hyp_core::image;
 use hyp_core::layout::{self, GuestRam};
-use hyp_core::lock::FairRwLock;
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
 use hyp_core::traps::{self, IdRegisters};
@@ -44,34 +48,25 @@ use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
 /// VMID of the one guest.
 const VMID: u64 = 1;
 
+/// The portable VM as this hypervisor instantiates it: tables on the heap, the SMMUv3 if the
+/// board has one, the hypervisor's audit log.
+pub type CoreVm = hyp_core::hypercall::Vm<HeapTables, Option<SmmuV3>, HypAudit>;
+
 /// Everything the traps need to know about the VM.
 pub struct Vm {
-    /// Guest RAM.
-    pub ram: GuestRam,
-    /// PSCI view of the vCPUs.
-    pub power: PowerStates,
-    /// Pending CPU_ON requests: entry point and context id per vCPU.
-    pub boot_requests: Vec<(AtomicU64, AtomicU64)>,
+    /// What the calls act on: stage 2 and its ledger, DMA mappings, the IOMMU, the audit log,
+    /// power states.
+    pub core: CoreVm,
     /// HCR_EL2 while the guest runs.
     pub hcr: u64,
     /// VTCR_EL2.
     pub vtcr: u64,
-    /// The shape of stage 2 (strict devices' own tables take the same).
-    pub geometry: Geometry,
     /// VTTBR_EL2 (VMID and stage-2 root).
     pub vttbr: u64,
-    /// Stage 2 uses FEAT_S2FWB encodings.
-    pub fwb: bool,
     /// The interrupt controller (GICv2 or GICv3), as the hypervisor uses it.
     pub gic: Box<dyn InterruptController>,
-    /// Smallest D-cache line in bytes.
-    pub dcache_line: u64,
-    /// Stage 2 and its ledger. Readers (cache operations, queries, guest-memory copies) share
-    /// it; an attribute change holds it alone, which serialises operations on a page. The lock
-    /// is phase-fair: vCPUs looping cache operations cannot hold off an attribute change for
-    /// more than the sections already inside.
-    pub attributes: FairRwLock<AttributeManager>,
-    /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one).
+    /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one). Only its own
+    /// CPU locks it, once per trap that needs it.
     pub windows: Vec<spin::Mutex<Window<HeapTables>>>,
 }
 
@@ -85,7 +80,8 @@ pub fn vm() -> &'static Vm {
     }
 }
 
-/// Records an audit event caused by `vcpu` (into the ring, and onto the host stream).
+/// Records an audit event caused by `vcpu` (into the ring, and onto the host stream): the
+/// traps that are no call (faults, stops, filtered writes).
 pub fn audit(vcpu: usize, event: audit::Event) {
     crate::audit::record(vcpu, &event);
 }
@@ -280,24 +276,32 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
     .map_err(BuildError::GuestMemory)?;
 
     let root = attributes.root();
-    VM.call_once(|| Vm {
-        ram,
-        power: PowerStates::new(board.cpus.clone(), boot_vcpu),
-        boot_requests: (0..board.cpus.len())
-            .map(|_| (AtomicU64::new(0), AtomicU64::new(0)))
-            .collect(),
-        hcr: hcr_value(fwb),
-        vtcr: geometry.vtcr(),
-        geometry,
-        vttbr: (VTTBR_EL2::VMID.val(VMID) + VTTBR_EL2::BADDR.val(root >> 1)).value,
+    let stage2 = GuestStage2Config {
         fwb,
+        vtcr: geometry.vtcr(),
+        vttbr: (VTTBR_EL2::VMID.val(VMID) + VTTBR_EL2::BADDR.val(root >> 1)).value,
+        geometry,
+    };
+    // Before the guest runs, so before any device can master the bus.
+    let smmu = crate::smmu::init(board, &config, &stage2, &mut attributes);
+    VM.call_once(|| Vm {
+        core: CoreVm::new(
+            GuestStage2 {
+                manager: attributes,
+                tables: HeapTables,
+            },
+            PowerStates::new(board.cpus.clone(), boot_vcpu),
+            arch::dcache_line_size(),
+            config.dma_mappings,
+            smmu,
+            HypAudit,
+        ),
+        hcr: hcr_value(fwb),
+        vtcr: stage2.vtcr,
+        vttbr: stage2.vttbr,
         gic,
-        dcache_line: arch::dcache_line_size(),
-        attributes: FairRwLock::new(attributes),
         windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
-    crate::smmu::init(board, &config, vm());
-    crate::dma_calls::set_quota(config.dma_mappings);
     let (used, total) = crate::heap::usage();
     log::info!(
         "guest: RAM IPA {:#x}+{:#x} at PA {:#x}, entry {entry:#x}, dtb {:#x} ({} bytes), initrd {}, FWB {}, heap {used}/{total}",
@@ -571,7 +575,7 @@ pub fn enter_boot_cpu(boot: BootCpu) -> ! {
         boot.vcpu,
         audit::Event::GuestStart {
             entry: boot.entry,
-            ram: vm.ram.size,
+            ram: vm.core.ram.size,
         },
     );
     log::info!(
@@ -586,16 +590,16 @@ pub fn enter_boot_cpu(boot: BootCpu) -> ! {
 /// Enters the guest on a secondary CPU started by the guest's CPU_ON.
 pub fn enter_secondary(vcpu: usize) -> ! {
     let vm = vm();
-    if vcpu >= vm.power.len() {
+    if vcpu >= vm.core.power.len() {
         exit::fatal(format_args!("CPU started with unknown index {vcpu}"));
     }
     configure_cpu(vm, vcpu);
-    let (entry, context) = &vm.boot_requests[vcpu];
+    let (entry, context) = &vm.core.boot_requests[vcpu];
     let (entry, context) = (
         entry.load(Ordering::Acquire),
         context.load(Ordering::Acquire),
     );
-    vm.power.mark_on(vcpu);
+    vm.core.power.mark_on(vcpu);
     log::debug!("vCPU {vcpu} on at {entry:#x}");
     enter(vcpu, entry, context)
 }

@@ -1,5 +1,5 @@
 //! The portable core of the hypervisor: stage-2 tables, guest image parsing, configuration,
-//! PSCI and hypercall decoding. Nothing here touches hardware; the aarch64 layer in `hyp`
+//! PSCI, hypercall decoding and every hypercall handler (`hypercall`). Nothing here touches hardware; the aarch64 layer in `hyp`
 //! calls into it, and `cargo test` runs it on the host.
 
 #![cfg_attr(not(test), no_std)]
@@ -8,6 +8,7 @@
 
 extern crate alloc;
 
+pub mod address;
 pub mod attributes;
 pub mod audit;
 pub mod call;
@@ -16,6 +17,7 @@ pub mod dma;
 pub mod esr;
 pub mod geometry;
 pub mod gic;
+pub mod hypercall;
 pub mod image;
 pub mod inject;
 pub mod layout;

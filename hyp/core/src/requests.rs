@@ -4,7 +4,9 @@
 //! here once; handlers receive typed values.
 
 use crate::maintenance::CacheOp;
-use stagehand_abi::{cache_op, Status};
+use stagehand_abi::driver::BatchEntry as AbiBatchEntry;
+use stagehand_abi::{batch, cache_op, Status};
+use zerocopy::FromBytes;
 
 /// A decoded CACHE_OP x3.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,16 +38,16 @@ pub fn cache_request(value: u64) -> Result<CacheRequest, Status> {
     })
 }
 
-/// Bytes of one CACHE_OP_BATCH entry: `{u64 addr, u64 size, u32 op, u32 reserved}`.
-pub const BATCH_ENTRY_SIZE: usize = 24;
+/// Bytes of one CACHE_OP_BATCH entry: the ABI's [`AbiBatchEntry`].
+pub const BATCH_ENTRY_SIZE: usize = batch::ENTRY_SIZE as usize;
 /// Most entries a batch may name (the cookie keeps the index in 24 bits).
-pub const BATCH_MAX_ENTRIES: u64 = 1 << 24;
+pub const BATCH_MAX_ENTRIES: u64 = batch::MAX_ENTRIES;
 /// Most entries one call works through, however small they are (I6).
-pub const BATCH_ENTRIES_PER_CALL: u64 = 64;
+pub const BATCH_ENTRIES_PER_CALL: u64 = batch::ENTRIES_PER_CALL;
 
-/// One CACHE_OP_BATCH entry, parsed from guest bytes.
+/// One CACHE_OP_BATCH entry, checked: the guest's [`AbiBatchEntry`] with its operation decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BatchEntry {
+pub struct BatchRequest {
     /// First address.
     pub address: u64,
     /// Bytes.
@@ -54,21 +56,20 @@ pub struct BatchEntry {
     pub request: CacheRequest,
 }
 
-/// Parses and checks one entry.
+/// Parses and checks one entry from the guest's bytes, through the ABI's own layout (the same
+/// struct a guest driver fills in), never by casting guest memory.
 ///
 /// # Errors
-/// INVALID_PARAMETER for a bad op, a non-zero reserved word or a zero size.
-pub fn batch_entry(bytes: &[u8; BATCH_ENTRY_SIZE]) -> Result<BatchEntry, Status> {
-    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or([0; 8]));
-    let op = u32::from_le_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
-    let reserved = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
-    if reserved != 0 || word(8) == 0 {
+/// INVALID_PARAMETER for a short slice, a bad op, a non-zero reserved word or a zero size.
+pub fn batch_entry(bytes: &[u8]) -> Result<BatchRequest, Status> {
+    let entry = AbiBatchEntry::read_from_bytes(bytes).map_err(|_| Status::InvalidParameter)?;
+    if entry.reserved != 0 || entry.size == 0 {
         return Err(Status::InvalidParameter);
     }
-    Ok(BatchEntry {
-        address: word(0),
-        size: word(8),
-        request: cache_request(op as u64)?,
+    Ok(BatchRequest {
+        address: entry.address,
+        size: entry.size,
+        request: cache_request(entry.op as u64)?,
     })
 }
 
@@ -81,7 +82,7 @@ pub struct Cookie {
     pub offset: u64,
 }
 
-const COOKIE_OFFSET_BITS: u32 = 40;
+const COOKIE_OFFSET_BITS: u32 = batch::COOKIE_ENTRY_SHIFT;
 
 impl Cookie {
     /// The value returned in x2.
@@ -203,6 +204,7 @@ mod tests {
         let mut op = bytes;
         op[16] = 9;
         assert_eq!(batch_entry(&op), Err(Status::InvalidParameter));
+        assert_eq!(batch_entry(&bytes[..23]), Err(Status::InvalidParameter));
     }
 
     #[test]

@@ -1,7 +1,13 @@
-//! [`hyp_core::maintenance::Arch`] on the real CPU: one instruction per call (one per line for
-//! cache ranges), in order. The portable engine decides the sequence; host tests pin it.
+//! This CPU, as the portable core sees it: [`hyp_core::maintenance::Arch`] (one instruction per
+//! call, one per line for cache ranges, in order; the portable engine decides the sequence and
+//! host tests pin it), the guest's memory and translation regime
+//! ([`hyp_core::hypercall::platform::GuestMemory`]) and the firmware's PSCI power calls
+//! ([`hyp_core::hypercall::platform::Firmware`]).
 
+use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0, SCTLR_EL1};
 use core::arch::asm;
+use hyp_core::address::{GuestVa, HypVa, Pa};
+use hyp_core::hypercall::platform::{Firmware, FirmwareRefused, GuestMemory, TranslationFailed};
 use hyp_core::maintenance::{Arch, CacheOp, TableWrite};
 
 /// This CPU.
@@ -12,9 +18,12 @@ pub struct Cpu {
 impl Cpu {
     /// The CPU, with its data-cache line size read once.
     pub fn new() -> Self {
-        Self {
-            line: super::dcache_line_size(),
-        }
+        Self::with_line(super::dcache_line_size())
+    }
+
+    /// The CPU, whose smallest data-cache line (CTR_EL0.DminLine) the caller read before.
+    pub fn with_line(line: u64) -> Self {
+        Self { line }
     }
 }
 
@@ -123,10 +132,67 @@ impl Arch for Cpu {
         unsafe { asm!("tlbi alle2is", options(nostack, preserves_flags)) };
     }
 
-    fn device_tlbi(&mut self, ipa: u64, size: u64) {
-        // The SMMU is the only device TLB that caches the guest's stage 2 (shared mode).
-        crate::smmu::invalidate_shared(ipa, size);
+    fn device_tlbi(&mut self, _ipa: u64, _size: u64) {
+        // The CPU has no device TLB. The call handlers edit stage 2 through
+        // `hyp_core::hypercall::platform::WithDeviceTlb`, which adds the IOMMU's invalidation.
     }
 
     fn table_write(&mut self, _write: TableWrite) {}
+}
+
+impl GuestMemory for Cpu {
+    fn read_bytes(&mut self, at: HypVa, _pa: Pa, into: &mut [u8]) {
+        // SAFETY: the caller mapped `into.len()` bytes of guest RAM at `at` in this CPU's window
+        // for the duration of the call; a byte copy has no alignment requirement. The guest may
+        // change the bytes concurrently: they are parsed afterwards, never trusted as a value.
+        unsafe {
+            core::ptr::copy_nonoverlapping(at.get() as *const u8, into.as_mut_ptr(), into.len())
+        };
+    }
+
+    fn write_bytes(&mut self, at: HypVa, _pa: Pa, bytes: &[u8]) {
+        // SAFETY: as in `read_bytes`; guest RAM is never hypervisor memory.
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), at.get() as *mut u8, bytes.len()) };
+    }
+
+    fn stage1_enabled(&self) -> bool {
+        SCTLR_EL1.is_set(SCTLR_EL1::M)
+    }
+
+    fn translate(
+        &mut self,
+        va: GuestVa,
+        both_stages: bool,
+        write: bool,
+    ) -> Result<u64, TranslationFailed> {
+        super::translate_guest_va(va.get(), both_stages, write).map_err(|_| TranslationFailed)
+    }
+}
+
+impl Firmware for Cpu {
+    fn cpu_on(&mut self, mpidr: u64, vcpu: usize) -> Result<(), FirmwareRefused> {
+        let start = super::entry::secondary_entry as *const () as u64;
+        // A CPU that has just turned itself off may not be off in the firmware yet (the guest
+        // can see AFFINITY_INFO = OFF first): keep asking for up to 100 ms of counter time.
+        let deadline = CNTPCT_EL0.get() + CNTFRQ_EL0.get() / 10;
+        loop {
+            match smccc::psci::cpu_on::<smccc::Smc>(mpidr, start, vcpu as u64) {
+                Ok(()) => return Ok(()),
+                Err(smccc::psci::Error::AlreadyOn) if CNTPCT_EL0.get() < deadline => {
+                    core::hint::spin_loop()
+                }
+                Err(error) => {
+                    log::warn!("firmware CPU_ON of vCPU {vcpu} failed: {error:?}");
+                    return Err(FirmwareRefused);
+                }
+            }
+        }
+    }
+
+    fn cpu_off(&mut self) {
+        // Returns only on failure, which the caller reports to the guest.
+        if let Err(error) = smccc::psci::cpu_off::<smccc::Smc>() {
+            log::warn!("firmware CPU_OFF failed: {error:?}");
+        }
+    }
 }
