@@ -56,7 +56,7 @@ pub use crate::attributes::{Attribute, TlbiScope};
 pub use crate::inject::Access;
 pub use crate::maintenance::CacheOp;
 
-/// Records the hypervisor's ring holds (512 KiB).
+/// Records the hypervisor's ring holds (544 KiB: 128 bytes and a published number each).
 pub const RING_CAPACITY: usize = 4096;
 
 /// Why the guest stopped.
