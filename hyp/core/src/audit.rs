@@ -656,13 +656,13 @@ impl AuditRing {
     }
 
     /// Writes `record` (sequence, time, VM, vCPU and hash filled in here) into the next slot
-    /// and returns its sequence number: the caller's whole cost of an audit record. Its hash is
-    /// computed later, in order, by the drain side.
+    /// and returns its sequence number. Kept private: only events, and the drain side's own
+    /// overflow records, become records.
     ///
     /// # Errors
     /// [`RingFull`] when no slot is free; nothing was written and no number was taken.
     #[inline(always)]
-    pub fn write(&self, time: u64, vcpu: u16, mut record: Record) -> Result<u64, RingFull> {
+    fn write(&self, time: u64, vcpu: u16, mut record: Record) -> Result<u64, RingFull> {
         let sequence = self.reserve()?;
         record.sequence = U64::new(sequence);
         record.timestamp = U64::new(time);
@@ -681,7 +681,9 @@ impl AuditRing {
         Ok(sequence)
     }
 
-    /// Writes the record of `event`; see [`write`](Self::write).
+    /// Writes the record of `event` (caused by `vcpu` at counter `time`) into the next slot and
+    /// returns its sequence number: the caller's whole cost of an audit record. Its hash is
+    /// computed later, in order, by the drain side ([`AuditDrain`]).
     ///
     /// # Errors
     /// [`RingFull`] when no slot is free.
