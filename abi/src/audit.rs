@@ -252,6 +252,7 @@ pub fn chain_hash(previous: u64, record: &Record) -> u64 {
 
 impl Record {
     /// An all-zero record of this layout version, with the "none" markers set.
+    #[inline(always)]
     pub fn empty(kind: u8) -> Record {
         let mut record = Record::new_zeroed();
         record.version = U16::new(LAYOUT_VERSION);

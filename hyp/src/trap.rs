@@ -59,6 +59,13 @@ extern "C" fn handle_trap(frame: &mut TrapFrame, vector: u64) {
     }
 }
 
+/// Called from the vectors for `HVC #0` from AArch64 (told apart there by its ESR_EL2), with a
+/// frame that holds x0-x18, x30, ELR and SPSR only: all that [`smccc`] reads.
+#[unsafe(no_mangle)]
+extern "C" fn handle_hypercall(frame: &mut TrapFrame) {
+    smccc(vm(), current_vcpu(), frame);
+}
+
 fn guest_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
     let esr = ESR_EL2.get();
     match ExceptionClass::from_esr(esr) {

@@ -82,6 +82,7 @@ pub fn vm() -> &'static Vm {
 
 /// Records an audit event caused by `vcpu` (into the ring, and onto the host stream): the
 /// traps that are no call (faults, stops, filtered writes).
+#[inline(always)]
 pub fn audit(vcpu: usize, event: audit::Event) {
     crate::audit::record(vcpu, &event);
 }

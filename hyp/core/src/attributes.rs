@@ -79,6 +79,16 @@ struct Page {
     pins: u16,
 }
 
+/// Counts over the pages of one 2 MiB region, kept with the ledger so that whether the region
+/// may be one block is known without reading its 512 pages.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct RegionCounts {
+    /// Pages that are non-cacheable.
+    non_cacheable: u16,
+    /// Pages with at least one pin.
+    pinned: u16,
+}
+
 /// What MEM_GET_ATTR reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PageInfo {
@@ -211,6 +221,8 @@ pub struct AttributeManager {
     ram: GuestRam,
     mmio: Vec<(u64, u64)>,
     pages: Vec<Page>,
+    /// [`RegionCounts`] per 2 MiB region of guest RAM, the first one holding `ram.ipa`.
+    regions: Vec<RegionCounts>,
     /// A walker that does not snoop the CPU caches reads these tables (a device sharing the
     /// guest's stage 2 behind a non-coherent SMMU): every entry written is cleaned to the point
     /// of coherency, and barriers are DSB SY, before that walker may read it.
@@ -244,11 +256,13 @@ impl AttributeManager {
             Permissions::RWX,
         )?;
         let pages = vec![Page::default(); (ram.size / PAGE_SIZE) as usize];
+        let regions = (ram.ipa_end().div_ceil(BLOCK) - ram.ipa / BLOCK) as usize;
         Ok(Self {
             stage2,
             ram,
             mmio: Vec::new(),
             pages,
+            regions: vec![RegionCounts::default(); regions],
             noncoherent_walker: false,
         })
     }
@@ -378,6 +392,11 @@ impl AttributeManager {
         ((ipa - self.ram.ipa) / PAGE_SIZE) as usize
     }
 
+    /// The counts of the 2 MiB region holding `ipa` (guest RAM).
+    fn region_counts(&mut self, ipa: u64) -> &mut RegionCounts {
+        &mut self.regions[(ipa / BLOCK - self.ram.ipa / BLOCK) as usize]
+    }
+
     /// MEM_GET_ATTR.
     ///
     /// # Errors
@@ -453,6 +472,14 @@ impl AttributeManager {
                     page.non_cacheable = target_nc;
                 }
             }
+            // The chunk lies in one 2 MiB region.
+            let changed = changing.iter().filter(|&&c| c).count() as u16;
+            let counts = self.region_counts(ipa);
+            if target_nc {
+                counts.non_cacheable += changed;
+            } else {
+                counts.non_cacheable -= changed;
+            }
             maintenance.merged =
                 self.merge_if_uniform(memory, &mut counting, ipa & !(BLOCK - 1), attribute);
         }
@@ -493,9 +520,7 @@ impl AttributeManager {
         } else if is_block {
             // Split, with the pages to change already invalid in the new table.
             let first_in_region = ((ipa - region) / PAGE_SIZE) as usize;
-            self.split_block(memory, arch, region, |i| {
-                i >= first_in_region && changing.get(i - first_in_region).copied().unwrap_or(false)
-            })?;
+            self.split_block(memory, arch, region, first_in_region, changing)?;
             maintenance.split = true;
             maintenance.tlbi = TlbiScope::ByIpa;
         } else {
@@ -604,9 +629,9 @@ impl AttributeManager {
         Ok(())
     }
 
-    /// Replaces the 2 MiB block at `region` by a table of pages, each with its ledger attribute,
-    /// except those for which `breaking(index in region)` holds, which are left invalid (the
-    /// caller makes them). The table is prepared first (the only step that can fail), then the
+    /// Replaces the 2 MiB block at `region` by a table of pages with the block's attribute,
+    /// except those flagged in `breaking` (whose first flag is page `first_breaking` of the
+    /// region), which are left invalid (the caller makes them). The table is prepared first (the only step that can fail), then the
     /// block is broken (see [`Self::break_block`]) and the table made. The break is the only
     /// moment any page of the region is unmapped, so it must hold no pinned page: pinning
     /// splits a page's block first ([`Self::pin`]), and merging waits for no pins.
@@ -618,28 +643,31 @@ impl AttributeManager {
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
         region: u64,
-        breaking: impl Fn(usize) -> bool,
+        first_breaking: usize,
+        breaking: &[bool],
     ) -> Result<(), Status> {
-        let new_table = memory.allocate().ok_or(Status::NoMemory)?;
+        // Every entry is written below, before the table is linked in.
+        let new_table = memory.allocate_for_overwrite().ok_or(Status::NoMemory)?;
         let block_pa = self.ram.pa + (region - self.ram.ipa);
-        let first_page = self.page_index(region);
+        // A block has one attribute, which every page of its region has in the ledger (see
+        // `check_invariants`); the region's counts say which. A page's descriptor differs from
+        // the first page's only in its address, whose low 21 bits are the page's offset in the
+        // block (zero in the block's own).
+        let counts = self.regions[(region / BLOCK - self.ram.ipa / BLOCK) as usize];
+        debug_assert!(matches!(counts.non_cacheable, 0 | 512));
+        let attribute = if usize::from(counts.non_cacheable) == PAGES_PER_BLOCK {
+            Attribute::NonCacheable
+        } else {
+            Attribute::WriteBack
+        };
+        let descriptor =
+            self.stage2
+                .leaf_descriptor(block_pa, 3, attribute.memory_type(), Permissions::RWX);
         for i in 0..PAGES_PER_BLOCK {
-            let attribute = if self.pages[first_page + i].non_cacheable {
-                Attribute::NonCacheable
-            } else {
-                Attribute::WriteBack
-            };
-            let entry = if breaking(i) {
-                0
-            } else {
-                self.stage2.leaf_descriptor(
-                    block_pa + i as u64 * PAGE_SIZE,
-                    3,
-                    attribute.memory_type(),
-                    Permissions::RWX,
-                )
-            };
-            memory.set_entry(new_table, i, entry);
+            memory.set_entry(new_table, i, descriptor + i as u64 * PAGE_SIZE);
+        }
+        for (i, _) in breaking.iter().enumerate().filter(|(_, &b)| b) {
+            memory.set_entry(new_table, first_breaking + i, 0);
         }
         // Cleaned before the break, whose barrier completes it before the table is linked in.
         self.clean_table(arch, new_table);
@@ -690,16 +718,15 @@ impl AttributeManager {
     ) -> bool {
         let first = self.page_index(region);
         let target_nc = attribute == Attribute::NonCacheable;
-        let Some(pages) = self.pages.get(first..first + PAGES_PER_BLOCK) else {
+        if !region.is_multiple_of(BLOCK) || self.pages.get(first..first + PAGES_PER_BLOCK).is_none()
+        {
             return false;
-        };
+        }
         // A pinned page's translation is never broken: a device may be using it (shared mode
         // reads the CPU's stage 2), and a device has no retry.
-        if !region.is_multiple_of(BLOCK)
-            || !pages
-                .iter()
-                .all(|p| p.non_cacheable == target_nc && p.pins == 0)
-        {
+        let counts = *self.region_counts(region);
+        let uniform = counts.non_cacheable == if target_nc { PAGES_PER_BLOCK as u16 } else { 0 };
+        if !uniform || counts.pinned > 0 {
             return false;
         }
         let Some((table, index)) = self.stage2.slot(memory, region, 2) else {
@@ -865,6 +892,21 @@ impl AttributeManager {
                     "IPA {ipa:#x}: stage 2 says {memory_type:?}, ledger {want:?}"
                 ));
             }
+            if ipa == self.ram.ipa || ipa.is_multiple_of(BLOCK) {
+                let from = self.page_index(ipa);
+                let to = self.page_index(((ipa & !(BLOCK - 1)) + BLOCK).min(self.ram.ipa_end()));
+                let region = &self.pages[from..to];
+                let counted = RegionCounts {
+                    non_cacheable: region.iter().filter(|p| p.non_cacheable).count() as u16,
+                    pinned: region.iter().filter(|p| p.pins > 0).count() as u16,
+                };
+                let kept = self.regions[(ipa / BLOCK - self.ram.ipa / BLOCK) as usize];
+                if kept != counted {
+                    return Err(format!(
+                        "2 MiB region {ipa:#x}: counts {kept:?}, ledger {counted:?}"
+                    ));
+                }
+            }
             if ipa.is_multiple_of(BLOCK) && ipa + BLOCK <= self.ram.ipa_end() {
                 let region =
                     &self.pages[self.page_index(ipa)..self.page_index(ipa) + PAGES_PER_BLOCK];
@@ -966,13 +1008,16 @@ impl AttributeManager {
                 .translate(memory, region)
                 .is_some_and(|t| t.level == 2)
             {
-                self.split_block(memory, arch, region, |_| false)?;
+                self.split_block(memory, arch, region, 0, &[])?;
             }
             region += BLOCK;
         }
-        self.pages[first..first + count]
-            .iter_mut()
-            .for_each(|p| p.pins += 1);
+        let mut newly_pinned = 0;
+        for page in &mut self.pages[first..first + count] {
+            newly_pinned += u16::from(page.pins == 0);
+            page.pins += 1;
+        }
+        self.count_pins(first, count, newly_pinned, true);
         Ok(())
     }
 
@@ -980,9 +1025,40 @@ impl AttributeManager {
     pub fn unpin(&mut self, ipa: u64, size: u64) {
         if self.check_range(ipa, size).is_ok() {
             let (first, count) = (self.page_index(ipa), (size / PAGE_SIZE) as usize);
-            self.pages[first..first + count]
-                .iter_mut()
-                .for_each(|p| p.pins = p.pins.saturating_sub(1));
+            let mut unpinned = 0;
+            for page in &mut self.pages[first..first + count] {
+                unpinned += u16::from(page.pins == 1);
+                page.pins = page.pins.saturating_sub(1);
+            }
+            self.count_pins(first, count, unpinned, false);
+        }
+    }
+
+    /// Updates the regions' pinned-page counts after pages `first..first + count` changed pins:
+    /// `changed` of them went from 0 to 1 pin (`up`) or from 1 to 0. A range of several regions
+    /// is recounted region by region (rare: buffers are mostly within one).
+    fn count_pins(&mut self, first: usize, count: usize, changed: u16, up: bool) {
+        if changed == 0 {
+            return;
+        }
+        let start = self.ram.ipa + first as u64 * PAGE_SIZE;
+        let end = start + count as u64 * PAGE_SIZE;
+        if start / BLOCK == (end - 1) / BLOCK {
+            let counts = self.region_counts(start);
+            if up {
+                counts.pinned += changed;
+            } else {
+                counts.pinned -= changed;
+            }
+            return;
+        }
+        let mut region = start & !(BLOCK - 1);
+        while region < end {
+            let from = self.page_index(region.max(self.ram.ipa));
+            let to = self.page_index((region + BLOCK).min(self.ram.ipa_end()));
+            let pinned = self.pages[from..to].iter().filter(|p| p.pins > 0).count() as u16;
+            self.region_counts(region).pinned = pinned;
+            region += BLOCK;
         }
     }
 }

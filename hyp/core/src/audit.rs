@@ -8,14 +8,16 @@
 //!   and its hash chains to the previous record's: the chain and the numbering run over every
 //!   record ever written, with no exception. Losing a record never renumbers or rehashes
 //!   anything.
-//! - The ring holds the newest `capacity` records. Making room evicts the oldest, so the records
-//!   lost from the ring are always sequences `0..dropped`; `dropped` is what AUDIT_READ reports
-//!   in x3, and the oldest record held is number `dropped`.
+//! - The ring holds at most `capacity` records. When a record finds it full, the drain side
+//!   retires the oldest (a batch of `capacity / 16`, at least 2, so that a full ring takes
+//!   that path once per batch), so the records lost from the ring are always sequences
+//!   `0..dropped`; `dropped` is what AUDIT_READ reports in x3, and the oldest record held is
+//!   number `dropped`.
 //! - Ring losses are reported by overflow records: `detail` = the first lost sequence, `dropped`
 //!   = how many in a row, `tag` = the hash of the last of them (a chain anchor). One is written
-//!   (a) when a record evicts another while the ring holds no overflow record, and (b) before
-//!   AUDIT_READ answers, whenever losses are unreported ([`AuditLog::report_losses`]). Together
-//!   the ring overflow records cover every loss exactly once, in order.
+//!   (a) when records are retired while the ring holds no overflow record, and (b) before
+//!   AUDIT_READ answers, whenever losses are unreported ([`AuditDrain::report_losses`]).
+//!   Together the ring overflow records cover every loss exactly once, in order.
 //! - The host stream normally receives each record as it is written, so ring losses leave it
 //!   complete. When streaming must wait (a UART shared with a running guest), records wait in
 //!   the ring; if some were evicted before they could be streamed, the stream gets the records
@@ -27,18 +29,25 @@
 //!
 //! # What a record costs its caller
 //!
-//! Writing a record ([`AuditLog::record`]) encodes it and appends it to the ring: a few stores.
-//! Its hash is computed later, in sequence order, by [`AuditLog::seal`], which everything that
-//! lets a record out of the ring calls first (reading, streaming, and evicting: the chain
-//! anchor of a lost record is its hash). The sequence number, the content and the order are
-//! fixed at the moment of writing, so sealing later changes nothing a reader can see; it only
-//! moves the SipHash off the path of the call being audited.
+//! The log has two sides. Recording vCPUs share the [`AuditRing`] and take no lock: a record
+//! ([`AuditRing::record`]) reserves the next sequence number with one compare-and-swap (which
+//! fails, taking nothing, when the ring is full), writes its 16 words into the slot that number
+//! owns, and publishes the slot with a release store of the number: about 70 instructions.
+//! Everything else belongs to the [`AuditDrain`], which one holder at a time runs: it seals
+//! records (computes their hashes) strictly in sequence order, waiting for a slot whose writer
+//! has reserved but not yet published it (a writer never waits in between, so the wait is
+//! short); it reads, streams and retires them. A slot is written again only after the drain
+//! side retired its record, so nothing it reads changes under it. The sequence number, the
+//! content and the order are fixed when the number is reserved and the words written, so
+//! sealing later changes nothing a reader can see; it only moves the SipHash off the path of
+//! the call being audited. [`AuditLog`] bundles both sides for a single owner (tests, tools).
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use stagehand_abi::audit::{
     self as abi, access, attr, cmo, direction, flag, kind, stop_reason, tlbi, Record, GENESIS_HASH,
+    RECORD_SIZE,
 };
 use stagehand_abi::function;
 use zerocopy::byteorder::little_endian::{I64, U16, U32, U64};
@@ -47,7 +56,7 @@ pub use crate::attributes::{Attribute, TlbiScope};
 pub use crate::inject::Access;
 pub use crate::maintenance::CacheOp;
 
-/// Records the hypervisor's ring holds (512 KiB).
+/// Records the hypervisor's ring holds (544 KiB: 128 bytes and a published number each).
 pub const RING_CAPACITY: usize = 4096;
 
 /// Why the guest stopped.
@@ -272,6 +281,7 @@ pub enum AuditLevel {
 impl AuditLevel {
     /// Whether `event` becomes a record at this level. Events a level leaves out get no sequence
     /// number, so the stream stays gap-free.
+    #[inline(always)]
     pub fn admits(self, event: &Event) -> bool {
         match self {
             AuditLevel::All => true,
@@ -281,6 +291,7 @@ impl AuditLevel {
     }
 }
 
+#[inline(always)]
 fn attribute_code(attribute: Attribute) -> u8 {
     match attribute {
         Attribute::WriteBack => attr::WB,
@@ -288,6 +299,7 @@ fn attribute_code(attribute: Attribute) -> u8 {
     }
 }
 
+#[inline(always)]
 fn cmo_code(op: Option<CacheOp>) -> u8 {
     match op {
         None => cmo::NONE,
@@ -297,6 +309,7 @@ fn cmo_code(op: Option<CacheOp>) -> u8 {
     }
 }
 
+#[inline(always)]
 fn access_code(a: Access) -> u8 {
     match a {
         Access::Read => access::READ,
@@ -305,6 +318,7 @@ fn access_code(a: Access) -> u8 {
     }
 }
 
+#[inline(always)]
 fn direction_code(d: DmaDirection) -> u8 {
     match d {
         DmaDirection::Bidirectional => direction::BIDIRECTIONAL,
@@ -313,6 +327,7 @@ fn direction_code(d: DmaDirection) -> u8 {
     }
 }
 
+#[inline(always)]
 fn with_maintenance(record: &mut Record, m: &Maintenance) {
     record.cmo_op = cmo_code(m.cmo);
     record.cmo_lines = U64::new(m.cmo_lines);
@@ -336,6 +351,7 @@ fn with_maintenance(record: &mut Record, m: &Maintenance) {
 
 impl Event {
     /// The record body of this event: every field but sequence, time, VM, vCPU and hash.
+    #[inline(always)]
     pub fn encode(&self) -> Record {
         let range = |r: &mut Record, ipa: u64, size: u64| {
             r.ipa = U64::new(ipa);
@@ -523,96 +539,381 @@ pub struct ReadResult {
     pub dropped: u64,
 }
 
-/// The bounded ring of records and the state of the hash chain and the host stream.
+/// Why [`AuditRing::record`] wrote nothing: every slot holds a record the drain side has not
+/// retired yet. The caller makes room ([`AuditDrain::make_room`]) and records again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingFull;
+
+/// Words of a record in a slot (the record is 128 bytes).
+const WORDS: usize = RECORD_SIZE / 8;
+/// Index of the hash in a slot's words (the record's last field).
+const HASH_WORD: usize = WORDS - 1;
+
+/// One record's place in the ring. Its words are atomics so that a recording vCPU and the drain
+/// side share the ring without a lock and without `unsafe`: each word is written by one side at
+/// a time, and `published` says which record the words hold.
 #[derive(Debug)]
-pub struct AuditLog {
-    ring: VecDeque<Record>,
-    capacity: usize,
+struct Slot {
+    /// `sequence + 1` of the record whose words are complete (0: none yet).
+    published: AtomicU64,
+    words: [AtomicU64; WORDS],
+}
+
+impl Slot {
+    fn new() -> Self {
+        Slot {
+            published: AtomicU64::new(0),
+            words: core::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+
+    fn load(&self) -> Record {
+        let words: [u64; WORDS] = core::array::from_fn(|i| self.words[i].load(Ordering::Relaxed));
+        zerocopy::transmute!(words)
+    }
+}
+
+/// The part of the log that recording vCPUs share: a bounded ring of slots and the counters
+/// that say which slots are free. Recording ([`record`](Self::record)) takes no lock: it
+/// reserves the next sequence number with one compare-and-swap, writes the record's words into
+/// its slot and publishes it. Everything else (hashing, losses, reading, streaming) is the
+/// drain side's ([`AuditDrain`]), which one holder at a time runs.
+#[derive(Debug)]
+pub struct AuditRing {
     vm: u16,
-    next_sequence: u64,
+    slots: Vec<Slot>,
+    /// The next sequence number to hand out.
+    reserved: AtomicU64,
+    /// Records `0..retired` left the ring (`dropped`): their slots may be written again. Only
+    /// the drain side advances it, after it is done with those records.
+    retired: AtomicU64,
+    /// Records `0..streamed` went to the host stream or were reported lost to it (the drain
+    /// side's figure, mirrored here for the high-water check of recording vCPUs).
+    streamed: AtomicU64,
+}
+
+impl AuditRing {
+    /// An empty ring for VM `vm` holding at most `capacity` records (at least 2: an overflow
+    /// record and the record that caused it).
+    pub fn new(vm: u16, capacity: usize) -> Self {
+        let capacity = capacity.max(2);
+        AuditRing {
+            vm,
+            slots: (0..capacity).map(|_| Slot::new()).collect(),
+            reserved: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
+            streamed: AtomicU64::new(0),
+        }
+    }
+
+    /// Records the ring can hold.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The sequence number the next record will get.
+    pub fn next_sequence(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+
+    /// Records lost from the ring since boot (AUDIT_READ x3).
+    pub fn dropped(&self) -> u64 {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Records written (or being written) but not yet sent to the host stream or reported lost
+    /// to it.
+    pub fn unstreamed(&self) -> u64 {
+        let first = self.streamed.load(Ordering::Acquire).max(self.dropped());
+        self.next_sequence().saturating_sub(first)
+    }
+
+    #[inline(always)]
+    fn slot(&self, sequence: u64) -> &Slot {
+        &self.slots[(sequence % self.slots.len() as u64) as usize]
+    }
+
+    /// Takes the next sequence number if its slot is free.
+    #[inline(always)]
+    fn reserve(&self) -> Result<u64, RingFull> {
+        let capacity = self.slots.len() as u64;
+        let mut next = self.reserved.load(Ordering::Relaxed);
+        loop {
+            // Acquire: the drain side finished with the retired slot's old record first.
+            if next >= self.retired.load(Ordering::Acquire) + capacity {
+                return Err(RingFull);
+            }
+            match self.reserved.compare_exchange_weak(
+                next,
+                next + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(next),
+                Err(now) => next = now,
+            }
+        }
+    }
+
+    /// Writes `record` (sequence, time, VM, vCPU and hash filled in here) into the next slot
+    /// and returns its sequence number. Kept private: only events, and the drain side's own
+    /// overflow records, become records.
+    ///
+    /// # Errors
+    /// [`RingFull`] when no slot is free; nothing was written and no number was taken.
+    #[inline(always)]
+    fn write(&self, time: u64, vcpu: u16, mut record: Record) -> Result<u64, RingFull> {
+        let sequence = self.reserve()?;
+        record.sequence = U64::new(sequence);
+        record.timestamp = U64::new(time);
+        record.vm = U16::new(self.vm);
+        record.vcpu = U16::new(vcpu);
+        record.hash = U64::new(0);
+        let words: [u64; WORDS] = zerocopy::transmute!(record);
+        let slot = self.slot(sequence);
+        // Spelled out: the firmware is built for size, which would keep a loop here.
+        macro_rules! store {
+            ($($i:literal)*) => { $(slot.words[$i].store(words[$i], Ordering::Relaxed);)* };
+        }
+        store!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        // Release: a drain that sees the number sees the words.
+        slot.published.store(sequence + 1, Ordering::Release);
+        Ok(sequence)
+    }
+
+    /// Writes the record of `event` (caused by `vcpu` at counter `time`) into the next slot and
+    /// returns its sequence number: the caller's whole cost of an audit record. Its hash is
+    /// computed later, in order, by the drain side ([`AuditDrain`]).
+    ///
+    /// # Errors
+    /// [`RingFull`] when no slot is free.
+    #[inline(always)]
+    pub fn record(&self, time: u64, vcpu: u16, event: &Event) -> Result<u64, RingFull> {
+        self.write(time, vcpu, event.encode())
+    }
+
+    /// Record `sequence` once its writer has published it. A writer holds no lock and never
+    /// waits between taking a number and publishing it, so the wait is short.
+    fn published(&self, sequence: u64) -> Record {
+        let slot = self.slot(sequence);
+        while slot.published.load(Ordering::Acquire) != sequence + 1 {
+            core::hint::spin_loop();
+            // Host threads, unlike vCPUs, can be descheduled between reserving and publishing.
+            #[cfg(test)]
+            std::thread::yield_now();
+        }
+        slot.load()
+    }
+}
+
+/// The drain side of the log: the hash chain, losses and the host stream's progress. One
+/// holder at a time uses it (the hypervisor keeps it behind a lock), always with the same
+/// [`AuditRing`].
+#[derive(Debug)]
+pub struct AuditDrain {
+    /// Records `0..sealed` have their hash; `last_hash` is the hash of record `sealed - 1`.
+    sealed: u64,
     last_hash: u64,
-    /// Hash of the newest evicted record (the chain anchor of the oldest one held).
+    /// Hash of the newest retired record (the chain anchor of the oldest one held).
     evicted_hash: u64,
-    /// Records evicted since boot: sequences `0..dropped`.
-    dropped: u64,
     /// Ring losses `0..reported` are covered by ring overflow records.
     reported: u64,
     /// Sequence number of the newest ring overflow record.
     newest_overflow: Option<u64>,
     /// Records `0..streamed` went to the host stream (or were reported lost to it).
     streamed: u64,
-    /// Records `0..sealed` have their hash; `last_hash` is the hash of record `sealed - 1`.
-    sealed: u64,
 }
 
-impl AuditLog {
-    /// An empty log for VM `vm` holding at most `capacity` records (at least 2: an overflow
-    /// record and the record that caused it).
-    pub fn new(vm: u16, capacity: usize) -> Self {
-        let capacity = capacity.max(2);
-        AuditLog {
-            ring: VecDeque::with_capacity(capacity),
-            capacity,
-            vm,
-            next_sequence: 0,
+impl Default for AuditDrain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AuditDrain {
+    /// The drain side of an empty ring.
+    pub const fn new() -> Self {
+        AuditDrain {
+            sealed: 0,
             last_hash: GENESIS_HASH,
             evicted_hash: GENESIS_HASH,
-            dropped: 0,
             reported: 0,
             newest_overflow: None,
             streamed: 0,
-            sealed: 0,
+        }
+    }
+
+    /// Computes the hash of every record taken so far, in sequence order (waiting for records
+    /// being written to be published).
+    pub fn seal(&mut self, ring: &AuditRing) {
+        let end = ring.next_sequence();
+        while self.sealed < end {
+            let record = ring.published(self.sealed);
+            self.last_hash = abi::chain_hash(self.last_hash, &record);
+            ring.slot(self.sealed).words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
+            self.sealed += 1;
+        }
+    }
+
+    /// Makes room after [`AuditRing::record`] found the ring full: retires the oldest records
+    /// (a batch, so a full ring takes this path once per batch, not once per record) and writes
+    /// an overflow record for the loss unless one is held already.
+    pub fn make_room(&mut self, ring: &AuditRing, time: u64, vcpu: u16) {
+        self.retire(ring, (ring.capacity() / 16).max(2));
+        let ring_overflow_held = self.newest_overflow.is_some_and(|s| s >= ring.dropped());
+        if !ring_overflow_held {
+            self.report_losses(ring, time, vcpu);
+        }
+    }
+
+    /// Retires the oldest `count` records held (fewer if the ring holds fewer).
+    fn retire(&mut self, ring: &AuditRing, count: usize) {
+        // A retired record's hash is the chain anchor of the loss: seal first.
+        self.seal(ring);
+        let dropped = ring.dropped();
+        let until = (dropped + count as u64).min(self.sealed);
+        if until > dropped {
+            self.evicted_hash = ring.slot(until - 1).words[HASH_WORD].load(Ordering::Relaxed);
+            // Release: nothing of the retired records is read after this.
+            ring.retired.store(until, Ordering::Release);
+        }
+    }
+
+    /// Writes an overflow record for ring losses no overflow record covers yet, if any. Call it
+    /// before [`read`](Self::read) answers a guest, so the reader finds every loss recorded.
+    pub fn report_losses(&mut self, ring: &AuditRing, time: u64, vcpu: u16) {
+        if self.reported < ring.dropped() {
+            let first = self.reported;
+            let sequence = self.append_overflow(ring, time, vcpu, first, 0);
+            self.reported = ring.dropped();
+            self.newest_overflow = Some(sequence);
+        }
+    }
+
+    /// Appends an overflow record for the lost sequences `first..dropped` (retiring more first
+    /// if the ring is full: the record then counts those too) and returns its sequence number.
+    fn append_overflow(
+        &mut self,
+        ring: &AuditRing,
+        time: u64,
+        vcpu: u16,
+        first: u64,
+        flags: u32,
+    ) -> u64 {
+        loop {
+            // Only this side retires, so `dropped` holds still while the record is written.
+            let mut r = Record::empty(kind::OVERFLOW);
+            r.flags = U32::new(flags);
+            r.detail = U64::new(first);
+            r.dropped = U64::new(ring.dropped() - first);
+            r.tag = U64::new(self.evicted_hash);
+            match ring.write(time, vcpu, r) {
+                Ok(sequence) => return sequence,
+                Err(RingFull) => self.retire(ring, 1),
+            }
+        }
+    }
+
+    /// Up to `max` records from `first` on, oldest first. A `first` older than the oldest record
+    /// held reads from the oldest held; one beyond the newest reads nothing and says where the
+    /// next record will be.
+    pub fn read(&mut self, ring: &AuditRing, first: u64, max: usize) -> ReadResult {
+        self.seal(ring);
+        let oldest = ring.dropped();
+        let start = first.clamp(oldest, self.sealed);
+        let end = start + (self.sealed - start).min(max as u64);
+        ReadResult {
+            records: (start..end).map(|s| ring.slot(s).load()).collect(),
+            next_sequence: end,
+            dropped: oldest,
+        }
+    }
+
+    /// Copies at most `max` records the host stream has not had yet into `out`, oldest first,
+    /// and marks them streamed. If some were retired before they could be streamed, they are
+    /// followed (in a later call if `max` cuts them off) by a [`flag::STREAM_LOSS`] overflow
+    /// record covering exactly those.
+    pub fn take_unstreamed_into(
+        &mut self,
+        ring: &AuditRing,
+        time: u64,
+        vcpu: u16,
+        out: &mut Vec<Record>,
+        max: usize,
+    ) {
+        if self.streamed < ring.dropped() {
+            let first = self.streamed;
+            self.append_overflow(ring, time, vcpu, first, flag::STREAM_LOSS);
+        }
+        self.seal(ring);
+        let first = self.streamed.max(ring.dropped());
+        let end = first + (self.sealed - first).min(max as u64);
+        out.extend((first..end).map(|s| ring.slot(s).load()));
+        self.streamed = end;
+        ring.streamed.store(end, Ordering::Release);
+    }
+}
+
+/// A log owned by one holder: an [`AuditRing`] with its [`AuditDrain`], recording through
+/// `&mut self` (tests and host tools; the hypervisor shares the ring between vCPUs instead).
+#[derive(Debug)]
+pub struct AuditLog {
+    ring: AuditRing,
+    drain: AuditDrain,
+    /// What [`take_unstreamed`](Self::take_unstreamed) lends out.
+    streaming: Vec<Record>,
+}
+
+impl AuditLog {
+    /// An empty log for VM `vm` holding at most `capacity` records (at least 2).
+    pub fn new(vm: u16, capacity: usize) -> Self {
+        AuditLog {
+            ring: AuditRing::new(vm, capacity),
+            drain: AuditDrain::new(),
+            streaming: Vec::new(),
         }
     }
 
     /// Records written but not yet sent to the host stream (or reported lost to it).
     pub fn unstreamed(&self) -> u64 {
-        self.next_sequence - self.streamed.max(self.dropped)
+        self.ring.unstreamed()
     }
 
     /// Computes the hash of every record that has none yet, in sequence order.
     pub fn seal(&mut self) {
-        let held_from = self.dropped;
-        let first = (self.sealed.max(held_from) - held_from) as usize;
-        for record in self.ring.iter_mut().skip(first) {
-            record.hash = U64::new(abi::chain_hash(self.last_hash, record));
-            self.last_hash = record.hash.get();
-        }
-        self.sealed = self.next_sequence;
+        self.drain.seal(&self.ring);
     }
 
     /// The sequence number the next record will get.
     pub fn next_sequence(&self) -> u64 {
-        self.next_sequence
+        self.ring.next_sequence()
     }
 
     /// Records lost from the ring since boot (AUDIT_READ x3).
     pub fn dropped(&self) -> u64 {
-        self.dropped
+        self.ring.dropped()
     }
 
     /// Records the ring holds now.
     pub fn len(&self) -> usize {
-        self.ring.len()
+        (self.ring.next_sequence() - self.ring.dropped()) as usize
     }
 
     /// Whether the ring is empty.
     pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
+        self.len() == 0
     }
 
     /// Writes the record of `event`, caused by `vcpu` at counter `time`, and returns its sequence
-    /// number. A full ring loses its oldest record (see the module docs for how that is reported).
+    /// number. A full ring loses its oldest records (see the module docs for how that is
+    /// reported).
     pub fn record(&mut self, time: u64, vcpu: u16, event: &Event) -> u64 {
-        self.make_room(1);
-        let ring_overflow_held = self.newest_overflow.is_some_and(|s| s >= self.dropped);
-        if self.reported < self.dropped && !ring_overflow_held {
-            self.make_room(2);
-            self.append_overflow(time, vcpu, self.reported, 0);
-            self.reported = self.dropped;
-            self.newest_overflow = Some(self.next_sequence - 1);
+        loop {
+            match self.ring.record(time, vcpu, event) {
+                Ok(sequence) => return sequence,
+                Err(RingFull) => self.drain.make_room(&self.ring, time, vcpu),
+            }
         }
-        self.append(time, vcpu, event.encode())
     }
 
     /// AUDIT_MARK: writes a mark with `tag` and returns its sequence number.
@@ -620,47 +921,27 @@ impl AuditLog {
         self.record(time, vcpu, &Event::Mark { tag })
     }
 
-    /// Writes an overflow record for ring losses no overflow record covers yet, if any. Call it
-    /// before [`read`](Self::read) answers a guest, so the reader finds every loss recorded.
+    /// See [`AuditDrain::report_losses`].
     pub fn report_losses(&mut self, time: u64, vcpu: u16) {
-        if self.reported < self.dropped {
-            self.make_room(1);
-            self.append_overflow(time, vcpu, self.reported, 0);
-            self.reported = self.dropped;
-            self.newest_overflow = Some(self.next_sequence - 1);
-        }
+        self.drain.report_losses(&self.ring, time, vcpu);
     }
 
-    /// Up to `max` records from `first` on, oldest first. A `first` older than the oldest record
-    /// held reads from the oldest held; one beyond the newest reads nothing and says where the
-    /// next record will be.
+    /// See [`AuditDrain::read`].
     pub fn read(&mut self, first: u64, max: usize) -> ReadResult {
-        self.seal();
-        let oldest = self.dropped;
-        let start = first.clamp(oldest, self.next_sequence);
-        let skip = (start - oldest) as usize;
-        let records: Vec<Record> = self.ring.iter().skip(skip).take(max).copied().collect();
-        ReadResult {
-            next_sequence: start + records.len() as u64,
-            records,
-            dropped: self.dropped,
-        }
+        self.drain.read(&self.ring, first, max)
     }
 
-    /// The records the host stream has not had yet, oldest first, and marks them streamed. If
-    /// some were evicted before they could be streamed, they are followed by a
-    /// [`flag::STREAM_LOSS`] overflow record covering exactly those.
+    /// The records the host stream has not had yet, oldest first, and marks them streamed; see
+    /// [`AuditDrain::take_unstreamed_into`].
     pub fn take_unstreamed(&mut self, time: u64, vcpu: u16) -> impl Iterator<Item = &Record> {
-        self.note_stream_loss(time, vcpu);
-        self.seal();
-        let first = self.streamed.max(self.dropped);
-        self.streamed = self.next_sequence;
-        let skip = (first - self.dropped) as usize;
-        self.ring.iter().skip(skip)
+        let mut out = core::mem::take(&mut self.streaming);
+        out.clear();
+        self.take_unstreamed_into(time, vcpu, &mut out, usize::MAX);
+        self.streaming = out;
+        self.streaming.iter()
     }
 
-    /// Like [`take_unstreamed`](Self::take_unstreamed), at most `max` records, copied into
-    /// `out`: a drain can then write them out without holding the log.
+    /// See [`AuditDrain::take_unstreamed_into`].
     pub fn take_unstreamed_into(
         &mut self,
         time: u64,
@@ -668,60 +949,8 @@ impl AuditLog {
         out: &mut Vec<Record>,
         max: usize,
     ) {
-        self.note_stream_loss(time, vcpu);
-        self.seal();
-        let first = self.streamed.max(self.dropped);
-        let skip = (first - self.dropped) as usize;
-        let before = out.len();
-        out.extend(self.ring.iter().skip(skip).take(max).copied());
-        self.streamed = first + (out.len() - before) as u64;
-    }
-
-    /// Writes a STREAM_LOSS overflow record if records were evicted before they were streamed.
-    fn note_stream_loss(&mut self, time: u64, vcpu: u16) {
-        if self.streamed < self.dropped {
-            // Make room first: the eviction may lose more unstreamed records, which the overflow
-            // record must then count too.
-            self.make_room(1);
-            self.append_overflow(time, vcpu, self.streamed, flag::STREAM_LOSS);
-        }
-    }
-
-    /// Evicts the oldest records until `count` more fit.
-    fn make_room(&mut self, count: usize) {
-        if self.ring.len() + count > self.capacity && self.sealed <= self.dropped {
-            // The oldest record leaves unsealed: its hash is the anchor of the loss.
-            self.seal();
-        }
-        while self.ring.len() + count > self.capacity {
-            if let Some(old) = self.ring.pop_front() {
-                self.evicted_hash = old.hash.get();
-                self.dropped += 1;
-            }
-        }
-    }
-
-    /// Appends an overflow record for the lost sequences `first..self.dropped`.
-    fn append_overflow(&mut self, time: u64, vcpu: u16, first: u64, flags: u32) {
-        let mut r = Record::empty(kind::OVERFLOW);
-        r.flags = U32::new(flags);
-        r.detail = U64::new(first);
-        r.dropped = U64::new(self.dropped - first);
-        r.tag = U64::new(self.evicted_hash);
-        self.append(time, vcpu, r);
-    }
-
-    fn append(&mut self, time: u64, vcpu: u16, mut r: Record) -> u64 {
-        let sequence = self.next_sequence;
-        r.sequence = U64::new(sequence);
-        r.timestamp = U64::new(time);
-        r.vm = U16::new(self.vm);
-        r.vcpu = U16::new(vcpu);
-        // Hashed by `seal`, in order, before the record leaves the ring.
-        r.hash = U64::new(0);
-        self.next_sequence += 1;
-        self.ring.push_back(r);
-        sequence
+        self.drain
+            .take_unstreamed_into(&self.ring, time, vcpu, out, max);
     }
 }
 
@@ -798,7 +1027,8 @@ mod tests {
             hashes.push(log.read(tag, 1).records[0].hash.get());
         }
         assert_eq!(log.dropped(), 0);
-        // The ninth record evicts 0 and, as no overflow record is held, 1 to fit one.
+        // The ninth record finds the ring full: 0 and 1 are retired, an overflow record reports
+        // them, then the mark is written.
         assert_eq!(log.mark(0, 0, 8), 9);
         assert_eq!(log.dropped(), 2);
         let read = log.read(0, 100);
@@ -817,11 +1047,12 @@ mod tests {
             "anchor: hash of the last lost record"
         );
         assert!(chained(&read.records, hashes[1]));
-        // More losses accumulate while that overflow record is held...
+        // More losses accumulate while that overflow record is held (a full ring retires two
+        // at a time at this capacity: records 10 and 11 each found it full)...
         for tag in 0..3 {
             log.mark(0, 0, 100 + tag);
         }
-        assert_eq!(log.dropped(), 5);
+        assert_eq!(log.dropped(), 6);
         // ...and a reader gets them reported before it reads.
         log.report_losses(0, 0);
         let read = log.read(0, 100);
@@ -959,6 +1190,100 @@ mod tests {
         assert!(!AuditLevel::Off.admits(&mark));
     }
 
+    /// Several threads record at once into one small ring while each of them, at a full ring
+    /// or at half a ring waiting, drains it the way the hypervisor does (stream first, then
+    /// retire): every record reaches the stream once, numbered without gaps, chained, and each
+    /// thread's records in its own order. A reader meanwhile reads gap-free, chained windows.
+    #[test]
+    fn concurrent_recorders_lose_nothing_from_the_stream() {
+        use std::sync::Mutex;
+        const THREADS: u64 = 3;
+        const EACH: u64 = 1000;
+        let ring = AuditRing::new(1, 64);
+        let drain = Mutex::new((AuditDrain::new(), Vec::<Record>::new()));
+        let stream_some = |drain: &mut (AuditDrain, Vec<Record>)| {
+            let (side, stream) = drain;
+            side.take_unstreamed_into(&ring, 0, 0, stream, usize::MAX);
+        };
+        std::thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let (ring, drain) = (&ring, &drain);
+                scope.spawn(move || {
+                    for i in 0..EACH {
+                        let event = Event::Mark {
+                            tag: thread << 32 | i,
+                        };
+                        loop {
+                            match ring.record(0, thread as u16, &event) {
+                                Ok(_) => break,
+                                Err(RingFull) => {
+                                    let mut d = drain.lock().unwrap();
+                                    stream_some(&mut d);
+                                    d.0.make_room(ring, 0, thread as u16);
+                                }
+                            }
+                        }
+                        if ring.unstreamed() >= 32 {
+                            stream_some(&mut drain.lock().unwrap());
+                        }
+                    }
+                });
+            }
+            scope.spawn(|| {
+                for _ in 0..200 {
+                    let mut d = drain.lock().unwrap();
+                    let read = d.0.read(&ring, 0, usize::MAX);
+                    assert!(chained(&read.records, d.0.evicted_hash));
+                    if let Some(first) = read.records.first() {
+                        assert_eq!(first.sequence.get(), read.dropped);
+                    }
+                }
+            });
+        });
+        let mut d = drain.lock().unwrap();
+        stream_some(&mut d);
+        let stream = &d.1;
+        assert!(ring.dropped() > 0, "the ring overflowed");
+        assert_eq!(stream.len() as u64, ring.next_sequence());
+        check_stream(stream).unwrap();
+        assert!(stream
+            .iter()
+            .all(|r| r.flags.get() & flag::STREAM_LOSS == 0));
+        for thread in 0..THREADS {
+            let tags: Vec<u64> = stream
+                .iter()
+                .filter(|r| r.kind == kind::MARK && r.vcpu.get() == thread as u16)
+                .map(|r| r.tag.get())
+                .collect();
+            let expected: Vec<u64> = (0..EACH).map(|i| thread << 32 | i).collect();
+            assert_eq!(tags, expected);
+        }
+    }
+
+    /// A full ring refuses a record without taking a number; the drain side retires the oldest
+    /// (sealed first: the anchor is the last retired record's hash) and the record fits.
+    #[test]
+    fn a_full_ring_refuses_until_room_is_made() {
+        let ring = AuditRing::new(1, 4);
+        let mut drain = AuditDrain::new();
+        for tag in 0..4 {
+            assert_eq!(ring.record(0, 0, &Event::Mark { tag }), Ok(tag));
+        }
+        assert_eq!(ring.record(0, 0, &Event::Mark { tag: 4 }), Err(RingFull));
+        assert_eq!(ring.next_sequence(), 4);
+        let before = drain.read(&ring, 0, 4).records;
+        drain.make_room(&ring, 0, 0);
+        assert_eq!(ring.dropped(), 2);
+        assert_eq!(drain.evicted_hash, before[1].hash.get());
+        assert_eq!(ring.record(0, 0, &Event::Mark { tag: 4 }), Ok(5));
+        let read = drain.read(&ring, 0, 10);
+        assert_eq!(
+            kinds(&read.records),
+            [kind::MARK, kind::MARK, kind::OVERFLOW, kind::MARK]
+        );
+        assert!(chained(&read.records, before[1].hash.get()));
+    }
+
     /// A stream of records `0`, then `rest`: the checks a stream reader makes.
     fn lines_with_first(rest: &[Record]) -> Vec<Record> {
         let mut log = AuditLog::new(1, 4);
@@ -1025,7 +1350,7 @@ mod tests {
                 if let Some(first) = read.records.first() {
                     prop_assert_eq!(first.sequence.get(), read.dropped);
                 }
-                prop_assert!(chained(&read.records, log.evicted_hash));
+                prop_assert!(chained(&read.records, log.drain.evicted_hash));
             }
             stream.extend(log.take_unstreamed(0, 0).copied());
             prop_assert_eq!(stream.last().map_or(0, |r| r.sequence.get() + 1), log.next_sequence());

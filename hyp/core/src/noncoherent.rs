@@ -90,6 +90,12 @@ impl<M: TableMemory> TableMemory for CleaningTables<'_, M> {
         Some(pa)
     }
 
+    fn allocate_for_overwrite(&mut self) -> Option<u64> {
+        let pa = self.memory.allocate_for_overwrite()?;
+        self.touched.push(Touched { pa, before: None });
+        Some(pa)
+    }
+
     fn entry(&self, table: u64, index: usize) -> u64 {
         self.memory.entry(table, index)
     }

@@ -34,6 +34,12 @@ pub trait TableMemory {
     /// Allocates a zeroed, 4 KiB-aligned table and returns its physical address, or `None`
     /// when no memory is left.
     fn allocate(&mut self) -> Option<u64>;
+    /// Allocates a table whose every entry the caller writes before any walker can reach it:
+    /// its contents are unspecified (skipping the zeroing that [`allocate`](Self::allocate)
+    /// does), and reading an entry before writing it is a bug.
+    fn allocate_for_overwrite(&mut self) -> Option<u64> {
+        self.allocate()
+    }
     /// Entry `index` of the table at physical address `table` (one returned by `allocate`).
     fn entry(&self, table: u64, index: usize) -> u64;
     /// Writes entry `index` of the table at physical address `table`.
@@ -634,6 +640,15 @@ pub(crate) mod fake {
             }
             self.tables.push([0; ENTRIES]);
             Some(BASE + (self.tables.len() as u64 - 1) * PAGE_SIZE)
+        }
+        fn allocate_for_overwrite(&mut self) -> Option<u64> {
+            // Garbage, valid-looking entries: a caller that forgets one leaves a wrong mapping
+            // a test sees, not a hole that happens to be right.
+            let table = self.allocate()?;
+            for index in 0..ENTRIES {
+                self.set_entry(table, index, 0xdead_0000_0000_0003 | (index as u64) << 12);
+            }
+            Some(table)
         }
         fn entry(&self, table: u64, index: usize) -> u64 {
             self.tables[((table - BASE) / PAGE_SIZE) as usize][index]

@@ -109,6 +109,15 @@ impl TableMemory for HeapTables {
         (!ptr.is_null()).then_some(ptr as u64)
     }
 
+    fn allocate_for_overwrite(&mut self) -> Option<u64> {
+        let layout =
+            core::alloc::Layout::from_size_align(PAGE_SIZE as usize, PAGE_SIZE as usize).ok()?;
+        // SAFETY: the layout has a non-zero size. The caller writes every entry before reading
+        // any (the trait's contract), so the block's old contents are never read.
+        let ptr = unsafe { alloc::alloc::alloc(layout) };
+        (!ptr.is_null()).then_some(ptr as u64)
+    }
+
     fn entry(&self, table: u64, index: usize) -> u64 {
         // SAFETY: `table` came from `allocate` (a live heap block of table size, not yet freed)
         // or from the boot tables (never freed), is only accessed through `entry_at`, and the

@@ -1,13 +1,22 @@
 //! The EL2 exception vector table and the guest entry/exit path.
 //!
-//! Every exception saves x0-x30, ELR_EL2 and SPSR_EL2 in a [`TrapFrame`] on the CPU's EL2 stack
-//! and calls a Rust handler with it; the handler may change the frame (results of a call, a
-//! new ELR), and the same path restores it and returns with `eret`. Entering a guest for the
-//! first time is a return through that path with a frame built by hand.
+//! Every exception saves the guest's registers, ELR_EL2 and SPSR_EL2 in a [`TrapFrame`] on the
+//! CPU's EL2 stack and calls a Rust handler with it; the handler may change the frame (results
+//! of a call, a new ELR), and the same path restores it and returns with `eret`. Entering a
+//! guest for the first time is a return through that path with a frame built by hand.
+//!
+//! The hypercall (`HVC #0` from AArch64, told apart in the vector by its exact ESR_EL2) takes a
+//! shorter path: it saves only what the Rust handler may clobber (x0-x18, x30, ELR, SPSR) and
+//! leaves x19-x29 in the registers, where the AAPCS64 makes the handler preserve them. vCPUs
+//! are pinned one to one to CPUs, so nothing else runs on this CPU before the `eret`. Every
+//! other exception (MMIO emulation reads and writes any register by number, fault reports
+//! print them all) saves the full frame.
 
 use core::arch::global_asm;
 
-/// The guest's general-purpose registers and return state, as saved on entry to EL2.
+/// The guest's general-purpose registers and return state, as saved on entry to EL2. On the
+/// hypercall path (`handle_hypercall`) `x[19..30]` are not saved: they hold stale values and
+/// the guest's own stay in the registers.
 #[repr(C)]
 #[derive(Clone, Debug, Default)]
 pub struct TrapFrame {
@@ -74,7 +83,19 @@ el2_vectors:
     VECTOR 1
     VECTOR 1
     VECTOR 1
-    VECTOR 2
+    // Lower EL, AArch64, synchronous: the hypercall's path first.
+    .balign 0x80
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp]
+    stp     x2, x3, [sp, #16]
+    mrs     x2, esr_el2
+    // ESR_EL2 of HVC #0 from AArch64: EC 0x16, IL 1, ISS (the immediate) 0.
+    movz    x3, #{esr_hvc0_high}, lsl #16
+    cmp     x2, x3
+    b.eq    hvc_save
+    ldp     x2, x3, [sp, #16]
+    mov     x0, #2
+    b       trap_save
     VECTOR 3
     VECTOR 3
     VECTOR 4
@@ -82,6 +103,39 @@ el2_vectors:
     VECTOR 3
     VECTOR 3
     VECTOR 4
+
+    // x0-x3 saved by the vector. x19-x29 stay in their registers (callee-saved in Rust).
+hvc_save:
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    str     x18, [sp, #144]
+    mrs     x2, elr_el2
+    mrs     x3, spsr_el2
+    stp     x30, x2, [sp, #240]
+    str     x3, [sp, #256]
+    mov     x0, sp
+    bl      handle_hypercall
+    ldr     x2, [sp, #256]
+    ldp     x30, x3, [sp, #240]
+    msr     spsr_el2, x2
+    msr     elr_el2, x3
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldr     x18, [sp, #144]
+    ldp     x0, x1, [sp]
+    add     sp, sp, #{frame}
+    eret
 
 trap_save:
     stp     x2, x3, [sp, #16]
@@ -159,7 +213,12 @@ enter_guest_with:
     eret
 "#,
     frame = const core::mem::size_of::<TrapFrame>(),
+    esr_hvc0_high = const ESR_HVC0 >> 16,
 );
+
+/// ESR_EL2 of `HVC #0` from AArch64: EC 0x16 (bits 31:26), IL (bit 25), immediate 0.
+const ESR_HVC0: u64 = (0x16 << 26) | (1 << 25);
+const _: () = assert!(ESR_HVC0 & 0xffff == 0);
 
 unsafe extern "C" {
     /// Base of the vector table, for VBAR_EL2.

@@ -22,6 +22,7 @@ fn main() -> ! {
             psci_version_hvc,
             psci_features_hvc,
             unknown_function_not_supported_hvc,
+            hvc_preserves_x4_to_x30,
             secondaries_start_run_and_stop,
             cpu_on_already_on,
             cpu_on_unknown_mpidr,
@@ -41,6 +42,102 @@ fn main() -> ! {
 const UNKNOWN_ID: u32 = 0x8400_FFFF;
 /// Bound on polls while waiting for another CPU.
 const POLLS: usize = 50_000_000;
+
+/// Loads x4-x30 from `input`, calls `HVC #0` (or, with `other_immediate`, `HVC #1`, which
+/// takes the full trap path) with x0 = `function`, and returns x4-x30 as they came back.
+fn hvc_with_registers(function: u32, input: &[u64; 27], other_immediate: bool) -> [u64; 27] {
+    let mut output = [0u64; 27];
+    macro_rules! body {
+        ($hvc:literal) => {
+            // SAFETY: x19-x30 (which Rust reserves or needs back) are saved on the stack and
+            // restored; every other register the block writes is declared clobbered. The
+            // hypervisor reads x0-x6 and writes x0-x3 only.
+            unsafe {
+                core::arch::asm!(
+                    "sub sp, sp, #112",
+                    "stp x19, x20, [sp]",
+                    "stp x21, x22, [sp, #16]",
+                    "stp x23, x24, [sp, #32]",
+                    "stp x25, x26, [sp, #48]",
+                    "stp x27, x28, [sp, #64]",
+                    "stp x29, x30, [sp, #80]",
+                    "stp x18, x2, [sp, #96]",
+                    "ldp x4, x5, [x1]",
+                    "ldp x6, x7, [x1, #16]",
+                    "ldp x8, x9, [x1, #32]",
+                    "ldp x10, x11, [x1, #48]",
+                    "ldp x12, x13, [x1, #64]",
+                    "ldp x14, x15, [x1, #80]",
+                    "ldp x16, x17, [x1, #96]",
+                    "ldp x18, x19, [x1, #112]",
+                    "ldp x20, x21, [x1, #128]",
+                    "ldp x22, x23, [x1, #144]",
+                    "ldp x24, x25, [x1, #160]",
+                    "ldp x26, x27, [x1, #176]",
+                    "ldp x28, x29, [x1, #192]",
+                    "ldr x30, [x1, #208]",
+                    $hvc,
+                    "ldr x1, [sp, #104]",
+                    "stp x4, x5, [x1]",
+                    "stp x6, x7, [x1, #16]",
+                    "stp x8, x9, [x1, #32]",
+                    "stp x10, x11, [x1, #48]",
+                    "stp x12, x13, [x1, #64]",
+                    "stp x14, x15, [x1, #80]",
+                    "stp x16, x17, [x1, #96]",
+                    "stp x18, x19, [x1, #112]",
+                    "stp x20, x21, [x1, #128]",
+                    "stp x22, x23, [x1, #144]",
+                    "stp x24, x25, [x1, #160]",
+                    "stp x26, x27, [x1, #176]",
+                    "stp x28, x29, [x1, #192]",
+                    "str x30, [x1, #208]",
+                    "ldp x19, x20, [sp]",
+                    "ldp x21, x22, [sp, #16]",
+                    "ldp x23, x24, [sp, #32]",
+                    "ldp x25, x26, [sp, #48]",
+                    "ldp x27, x28, [sp, #64]",
+                    "ldp x29, x30, [sp, #80]",
+                    "ldr x18, [sp, #96]",
+                    "add sp, sp, #112",
+                    inout("x0") u64::from(function) => _,
+                    inout("x1") input.as_ptr() => _,
+                    inout("x2") output.as_mut_ptr() => _,
+                    out("x3") _, out("x4") _, out("x5") _, out("x6") _, out("x7") _,
+                    out("x8") _, out("x9") _, out("x10") _, out("x11") _, out("x12") _,
+                    out("x13") _, out("x14") _, out("x15") _, out("x16") _, out("x17") _,
+                )
+            }
+        };
+    }
+    if other_immediate {
+        body!("hvc #1");
+    } else {
+        body!("hvc #0");
+    }
+    output
+}
+
+/// The SMCCC preserves every register but x0-x3: the hypercall's short path saves only what
+/// the hypervisor's handler may clobber, so x19-x30 are checked here as well as x4-x18, on
+/// that path (a known call, one refused and audited) and on the full trap path.
+fn hvc_preserves_x4_to_x30() -> Result<(), String> {
+    let calls = [
+        ("PSCI_VERSION", psci::PSCI_VERSION, false),
+        ("CALL_UID", stagehand_abi::function::CALL_UID, false),
+        ("an unknown ID", UNKNOWN_ID, false),
+        ("HVC #1", psci::PSCI_VERSION, true),
+    ];
+    for (round, (name, function, other_immediate)) in calls.into_iter().enumerate() {
+        let input: [u64; 27] =
+            core::array::from_fn(|i| 0x5a5a_0000_0000_0000 | (round as u64) << 32 | (i as u64 + 4));
+        let output = hvc_with_registers(function, &input, other_immediate);
+        for i in 0..27 {
+            check_eq!(output[i], input[i], "x{} after {}", i + 4, name);
+        }
+    }
+    Ok(())
+}
 
 fn smccc_version(conduit: Conduit) -> Result<(), String> {
     let version = conduit.call_status(psci::SMCCC_VERSION, &[]);
