@@ -1,17 +1,18 @@
-//! The hypervisor's one audit log: the ring its vCPUs record into without a lock
-//! ([`hyp_core::audit::AuditRing`]), its drain side behind a lock, the host stream of its records
-//! on the hypervisor's UART, and [`HypAudit`], the handle through which the portable AUDIT_READ /
-//! AUDIT_MARK handlers and every other call reach it.
+//! The VM's audit log, [`HypAudit`], a value the VM owns: the ring its vCPUs record into
+//! without a lock ([`hyp_core::audit::AuditRing`]), its drain side behind a lock, and the host
+//! stream of its records on the hypervisor's UART. The portable call handlers reach it as the
+//! VM's `AuditSink`, the trap layer (faults, stops, idle) through the same value.
 //!
-//! Recording an event on a call's path only writes it into the ring ([`record`]): a reserved
-//! slot and its stores. Its hash, its text line and the UART write happen later, in [`drain`],
+//! Recording an event on a call's path only writes it into the ring ([`HypAudit::record`]): a
+//! reserved slot and its stores. Its hash, its text line and the UART write happen later, in
+//! [`HypAudit::drain`],
 //! which runs when a vCPU idles (the guest's WFI traps), before AUDIT_READ answers, when the
 //! guest starts or stops, and, synchronously on every recording vCPU, when the records waiting
 //! reach [`HIGH_WATER`] (so that a guest that never idles, or whose vCPUs record faster than one
 //! drain streams, loses nothing: they wait for the stream instead). A vCPU that finds the ring
 //! full streams what waits, then retires the oldest records (counted and reported losses of the
 //! ring, never of the stream unless a running guest owns the UART). One drain at a time (the
-//! `DRAIN` lock) seals and streams records in sequence order, so lines never interleave or
+//! drain side's lock) seals and streams records in sequence order, so lines never interleave or
 //! reorder; recording vCPUs never wait for it below the high water. When the hypervisor shares
 //! its UART with the guest, records wait in the ring while the guest runs and are streamed when
 //! it stops (a loss meanwhile is reported by a STREAM_LOSS overflow record; see
@@ -28,22 +29,9 @@ use hyp_core::hypercall::platform::AuditSink;
 /// VM id the records carry.
 const VM_ID: u16 = 1;
 
-/// The ring, made on first use (it lives on the heap).
-static RING: spin::Once<AuditRing> = spin::Once::new();
-
-/// The drain side; held by the one vCPU sealing, streaming, retiring or reading.
-static DRAIN: spin::Mutex<AuditDrain> = spin::Mutex::new(AuditDrain::new());
-
-/// The configured level, read on every record without a lock.
-static LEVEL: AtomicU8 = AtomicU8::new(LEVEL_ALL);
 const LEVEL_ALL: u8 = 0;
 const LEVEL_CHANGES: u8 = 1;
 const LEVEL_OFF: u8 = 2;
-
-/// The UART is the guest's console too.
-static SHARED_UART: AtomicBool = AtomicBool::new(false);
-/// A guest runs (meaningful with a shared UART: lines then wait).
-static GUEST_RUNNING: AtomicBool = AtomicBool::new(false);
 
 /// Records waiting for the stream at which the recording vCPU drains them itself: well below
 /// the ring's capacity, so that a busy guest loses none.
@@ -52,162 +40,175 @@ pub const HIGH_WATER: u64 = (RING_CAPACITY as u64) / 2;
 /// Records one drain formats between looks at the ring.
 const BATCH: usize = 16;
 
-fn ring() -> &'static AuditRing {
-    RING.call_once(|| AuditRing::new(VM_ID, RING_CAPACITY))
-}
-
-#[inline(always)]
-fn level() -> AuditLevel {
-    match LEVEL.load(Ordering::Relaxed) {
-        LEVEL_ALL => AuditLevel::All,
-        LEVEL_CHANGES => AuditLevel::Changes,
-        _ => AuditLevel::Off,
-    }
-}
-
 fn now() -> u64 {
     CNTPCT_EL0.get()
 }
 
-/// Sets the level from the configuration and says whether the UART is shared with the guest.
-pub fn configure(level: AuditLevel, shared_uart: bool) {
-    let code = match level {
-        AuditLevel::All => LEVEL_ALL,
-        AuditLevel::Changes => LEVEL_CHANGES,
-        AuditLevel::Off => LEVEL_OFF,
-    };
-    LEVEL.store(code, Ordering::Relaxed);
-    SHARED_UART.store(shared_uart, Ordering::Relaxed);
+/// The VM's audit log, owned by the VM: the ring vCPUs record into without a lock, the drain
+/// side behind one, and what decides whether lines may go to the UART. The portable call
+/// handlers reach it as the VM's [`AuditSink`]; the trap layer through the same value.
+pub struct HypAudit {
+    ring: AuditRing,
+    /// Held by the one vCPU sealing, streaming, retiring or reading.
+    drain_side: spin::Mutex<AuditDrain>,
+    /// The configured level, read on every record without a lock.
+    level: AtomicU8,
+    /// The UART is the guest's console too.
+    shared_uart: bool,
+    /// A guest runs (meaningful with a shared UART: lines then wait).
+    guest_running: AtomicBool,
 }
 
-/// Whether the configuration keeps any records (AUDIT_READ and AUDIT_MARK answer
-/// NOT_SUPPORTED otherwise).
-pub fn enabled() -> bool {
-    level() != AuditLevel::Off
-}
-
-/// Whether lines may go to the UART now (not while a guest owns a shared one).
-fn may_stream() -> bool {
-    !(SHARED_UART.load(Ordering::Relaxed) && GUEST_RUNNING.load(Ordering::Relaxed))
-}
-
-/// Records `event`, caused by `vcpu`. Returns its sequence number, or `None` when the
-/// configured level leaves such events out. Start and stop records, and a log at its high
-/// water, are drained at once.
-///
-/// Inlined: at a call site the event's kind is known, so its level check and encoding fold
-/// into a few stores; everything rare (a full ring, the high water, start and stop) is called.
-#[inline(always)]
-pub fn record(vcpu: usize, event: &Event) -> Option<u64> {
-    if matches!(event, Event::GuestStart { .. } | Event::GuestStop { .. }) {
-        return record_boundary(vcpu, event);
-    }
-    if !level().admits(event) {
-        return None;
-    }
-    let ring = ring();
-    let sequence = match ring.record(now(), vcpu as u16, event) {
-        Ok(sequence) => sequence,
-        Err(RingFull) => record_when_full(vcpu as u16, event),
-    };
-    if ring.unstreamed() >= HIGH_WATER {
-        // Every recording vCPU waits for the drain at the high water: vCPUs that record faster
-        // than one drain streams would otherwise overrun the ring and lose records from the
-        // stream.
-        drain_all(vcpu);
-    }
-    Some(sequence)
-}
-
-/// A full ring: streams what waits (so that retiring loses nothing the stream still needs),
-/// retires the oldest records, and records again.
-#[cold]
-#[inline(never)]
-fn record_when_full(vcpu: u16, event: &Event) -> u64 {
-    let ring = ring();
-    loop {
-        {
-            let mut drain = DRAIN.lock();
-            stream_locked(&mut drain, vcpu);
-            drain.make_room(ring, now(), vcpu);
-        }
-        if let Ok(sequence) = ring.record(now(), vcpu, event) {
-            return sequence;
+impl HypAudit {
+    /// An empty log at `level`; `shared_uart` says whether the UART is the guest's console too.
+    pub fn new(level: AuditLevel, shared_uart: bool) -> Self {
+        let code = match level {
+            AuditLevel::All => LEVEL_ALL,
+            AuditLevel::Changes => LEVEL_CHANGES,
+            AuditLevel::Off => LEVEL_OFF,
+        };
+        Self {
+            ring: AuditRing::new(VM_ID, RING_CAPACITY),
+            drain_side: spin::Mutex::new(AuditDrain::new()),
+            level: AtomicU8::new(code),
+            shared_uart,
+            guest_running: AtomicBool::new(false),
         }
     }
-}
 
-/// The guest's start or stop: the console's state changes, and nothing may be left behind
-/// (QEMU exits after a stop).
-#[cold]
-#[inline(never)]
-fn record_boundary(vcpu: usize, event: &Event) -> Option<u64> {
-    GUEST_RUNNING.store(matches!(event, Event::GuestStart { .. }), Ordering::Relaxed);
-    if !level().admits(event) {
-        return None;
+    #[inline(always)]
+    fn level(&self) -> AuditLevel {
+        match self.level.load(Ordering::Relaxed) {
+            LEVEL_ALL => AuditLevel::All,
+            LEVEL_CHANGES => AuditLevel::Changes,
+            _ => AuditLevel::Off,
+        }
     }
-    let sequence = match ring().record(now(), vcpu as u16, event) {
-        Ok(sequence) => sequence,
-        Err(RingFull) => record_when_full(vcpu as u16, event),
-    };
-    drain_all(vcpu);
-    Some(sequence)
-}
 
-/// Seals the records waiting and writes their lines to the UART, oldest first, unless another
-/// vCPU is draining (it takes these too) or a running guest owns the UART.
-pub fn drain(vcpu: usize) {
-    if let Some(mut drain) = DRAIN.try_lock() {
-        stream_locked(&mut drain, vcpu as u16);
+    /// Whether the configuration keeps any records (AUDIT_READ and AUDIT_MARK answer
+    /// NOT_SUPPORTED otherwise).
+    pub fn enabled(&self) -> bool {
+        self.level() != AuditLevel::Off
     }
-}
 
-/// [`drain`], waiting for a drain in progress to finish first: every record written before
-/// the call is streamed when it returns (unless a running guest owns the UART).
-pub fn drain_all(vcpu: usize) {
-    stream_locked(&mut DRAIN.lock(), vcpu as u16);
-}
-
-fn stream_locked(drain: &mut AuditDrain, vcpu: u16) {
-    if !may_stream() {
-        return;
+    /// Whether lines may go to the UART now (not while a guest owns a shared one).
+    fn may_stream(&self) -> bool {
+        !(self.shared_uart && self.guest_running.load(Ordering::Relaxed))
     }
-    let ring = ring();
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
-    loop {
-        batch.clear();
-        drain.take_unstreamed_into(ring, now(), vcpu, &mut batch, BATCH);
-        if batch.is_empty() {
+
+    /// Records `event`, caused by `vcpu`. Returns its sequence number, or `None` when the
+    /// configured level leaves such events out. Start and stop records, and a log at its high
+    /// water, are drained at once.
+    ///
+    /// Inlined: at a call site the event's kind is known, so its level check and encoding fold
+    /// into a few stores; everything rare (a full ring, the high water, start and stop) is
+    /// called.
+    #[inline(always)]
+    pub fn record(&self, vcpu: usize, event: &Event) -> Option<u64> {
+        if matches!(event, Event::GuestStart { .. } | Event::GuestStop { .. }) {
+            return self.record_boundary(vcpu, event);
+        }
+        if !self.level().admits(event) {
+            return None;
+        }
+        let sequence = match self.ring.record(now(), vcpu as u16, event) {
+            Ok(sequence) => sequence,
+            Err(RingFull) => self.record_when_full(vcpu as u16, event),
+        };
+        if self.ring.unstreamed() >= HIGH_WATER {
+            // Every recording vCPU waits for the drain at the high water: vCPUs that record
+            // faster than one drain streams would otherwise overrun the ring and lose records
+            // from the stream.
+            self.drain_all(vcpu);
+        }
+        Some(sequence)
+    }
+
+    /// A full ring: streams what waits (so that retiring loses nothing the stream still
+    /// needs), retires the oldest records, and records again.
+    #[cold]
+    #[inline(never)]
+    fn record_when_full(&self, vcpu: u16, event: &Event) -> u64 {
+        loop {
+            {
+                let mut drain = self.drain_side.lock();
+                self.stream_locked(&mut drain, vcpu);
+                drain.make_room(&self.ring, now(), vcpu);
+            }
+            if let Ok(sequence) = self.ring.record(now(), vcpu, event) {
+                return sequence;
+            }
+        }
+    }
+
+    /// The guest's start or stop: the console's state changes, and nothing may be left behind
+    /// (QEMU exits after a stop).
+    #[cold]
+    #[inline(never)]
+    fn record_boundary(&self, vcpu: usize, event: &Event) -> Option<u64> {
+        self.guest_running
+            .store(matches!(event, Event::GuestStart { .. }), Ordering::Relaxed);
+        if !self.level().admits(event) {
+            return None;
+        }
+        let sequence = match self.ring.record(now(), vcpu as u16, event) {
+            Ok(sequence) => sequence,
+            Err(RingFull) => self.record_when_full(vcpu as u16, event),
+        };
+        self.drain_all(vcpu);
+        Some(sequence)
+    }
+
+    /// Seals the records waiting and writes their lines to the UART, oldest first, unless
+    /// another vCPU is draining (it takes these too) or a running guest owns the UART.
+    pub fn drain(&self, vcpu: usize) {
+        if let Some(mut drain) = self.drain_side.try_lock() {
+            self.stream_locked(&mut drain, vcpu as u16);
+        }
+    }
+
+    /// [`Self::drain`], waiting for a drain in progress to finish first: every record written
+    /// before the call is streamed when it returns (unless a running guest owns the UART).
+    pub fn drain_all(&self, vcpu: usize) {
+        self.stream_locked(&mut self.drain_side.lock(), vcpu as u16);
+    }
+
+    fn stream_locked(&self, drain: &mut AuditDrain, vcpu: u16) {
+        if !self.may_stream() {
             return;
         }
-        for record in &batch {
-            let len = record.format_line(&mut line);
-            crate::console::write_audit_line(&line[..len]);
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
+        loop {
+            batch.clear();
+            drain.take_unstreamed_into(&self.ring, now(), vcpu, &mut batch, BATCH);
+            if batch.is_empty() {
+                return;
+            }
+            for record in &batch {
+                let len = record.format_line(&mut line);
+                crate::console::write_audit_line(&line[..len]);
+            }
         }
     }
 }
-
-/// The audit log's call-side handle, which the portable call handlers record through. The log
-/// it reaches is this module's one log.
-pub struct HypAudit;
 
 impl AuditSink for HypAudit {
     #[inline(always)]
     fn record(&self, vcpu: usize, event: &Event) -> Option<u64> {
-        record(vcpu, event)
+        HypAudit::record(self, vcpu, event)
     }
 
     fn enabled(&self) -> bool {
-        enabled()
+        HypAudit::enabled(self)
     }
 
     /// AUDIT_READ's view: what waits is streamed first, losses are reported, then up to `max`
     /// records from `first` on.
     fn read(&self, vcpu: usize, first: u64, max: usize) -> ReadResult {
-        drain(vcpu);
-        let mut drain = DRAIN.lock();
-        drain.report_losses(ring(), now(), vcpu as u16);
-        drain.read(ring(), first, max.min(RING_CAPACITY))
+        self.drain(vcpu);
+        let mut drain = self.drain_side.lock();
+        drain.report_losses(&self.ring, now(), vcpu as u16);
+        drain.read(&self.ring, first, max.min(RING_CAPACITY))
     }
 }

@@ -8,7 +8,7 @@ use crate::arch::vectors::{el2_vectors, TrapFrame, Vector};
 use crate::arch::{self, recover};
 use crate::console::{self, LineBuffer};
 use crate::exit;
-use crate::vm::{audit, vm, Vm};
+use crate::vm::{vm, Vm};
 use aarch64_cpu::registers::{
     Readable, Writeable, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2, HPFAR_EL2, SCTLR_EL1,
     SPSR_EL1, TPIDR_EL2, VBAR_EL1, VBAR_EL2,
@@ -100,7 +100,7 @@ fn guest_sync(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
 /// whatever PSTATE's masks.
 fn idle(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     vm.core.iommu.drain_events(vcpu, &vm.core.audit);
-    crate::audit::drain(vcpu);
+    vm.core.audit.drain(vcpu);
     arch::wait_for_interrupt();
     frame.elr += instruction_length(esr);
 }
@@ -127,7 +127,7 @@ fn smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
         Action::Stop(reason) => {
             // The console first: with a shared UART, held audit lines are streamed at the stop.
             console::set_guest_running(false);
-            audit(vcpu, Event::GuestStop { reason });
+            vm.core.audit.record(vcpu, &Event::GuestStop { reason });
             if reason == StopReason::SystemReset {
                 log::info!("guest asked for a reset");
                 exit::system_reset()
@@ -200,9 +200,9 @@ fn emulate_redistributor(
         };
         let decision = gic::decide(offset, Some(value));
         if decision.filtered(Some(value)) {
-            audit(
+            vm.core.audit.record(
                 vcpu,
-                Event::Filtered {
+                &Event::Filtered {
                     ipa,
                     requested: value,
                 },
@@ -280,7 +280,9 @@ fn deliver(vm: &Vm, frame: &mut TrapFrame, injection: inject::Injection) {
 /// Gives the guest a synchronous external abort for an access to `ipa`, which it does not own.
 fn inject_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, access: Access, ipa: u64) {
     let far = FAR_EL2.get();
-    audit(vcpu, Event::Stage2Fault { ipa, access });
+    vm.core
+        .audit
+        .record(vcpu, &Event::Stage2Fault { ipa, access });
     deliver(
         vm,
         frame,
@@ -291,7 +293,7 @@ fn inject_abort(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, access: Access, ipa
 /// Gives the guest an UNDEF for a trapped instruction the hypervisor does not emulate.
 fn inject_undefined(vm: &Vm, vcpu: usize, frame: &mut TrapFrame, esr: u64) {
     let far = FAR_EL1.get();
-    audit(vcpu, Event::Undefined { esr });
+    vm.core.audit.record(vcpu, &Event::Undefined { esr });
     deliver(vm, frame, inject::undefined(&guest_context(frame), far));
 }
 
@@ -323,9 +325,9 @@ fn report(frame: &TrapFrame, title: &str) {
 fn stop_guest(frame: &TrapFrame, why: &str) -> ! {
     console::set_guest_running(false);
     report(frame, why);
-    audit(
+    vm().core.audit.record(
         current_vcpu(),
-        Event::GuestStop {
+        &Event::GuestStop {
             reason: StopReason::Fault,
         },
     );

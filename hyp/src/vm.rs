@@ -80,13 +80,6 @@ pub fn vm() -> &'static Vm {
     }
 }
 
-/// Records an audit event caused by `vcpu` (into the ring, and onto the host stream): the
-/// traps that are no call (faults, stops, filtered writes).
-#[inline(always)]
-pub fn audit(vcpu: usize, event: audit::Event) {
-    crate::audit::record(vcpu, &event);
-}
-
 /// Why the VM could not be built: one clear line each.
 #[derive(Debug)]
 pub enum BuildError {
@@ -174,7 +167,7 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
         None => Config::default(),
     };
     console::set_level(config.log_level);
-    crate::audit::configure(config.audit, board.hypervisor_uart().is_none());
+    let audit_log = HypAudit::new(config.audit, board.hypervisor_uart().is_none());
     if board.cpus.len() > MAX_CPUS {
         return Err(BuildError::TooManyCpus(board.cpus.len()));
     }
@@ -295,7 +288,7 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
             arch::dcache_line_size(),
             config.dma_mappings,
             smmu,
-            HypAudit,
+            audit_log,
         ),
         hcr: hcr_value(fwb),
         vtcr: stage2.vtcr,
@@ -572,9 +565,9 @@ pub fn enter_boot_cpu(boot: BootCpu) -> ! {
     configure_cpu(vm, boot.vcpu);
     arch::tlbi_vmalls12e1is();
     arch::invalidate_icache();
-    audit(
+    vm.core.audit.record(
         boot.vcpu,
-        audit::Event::GuestStart {
+        &audit::Event::GuestStart {
             entry: boot.entry,
             ram: vm.core.ram.size,
         },
