@@ -284,8 +284,10 @@ pub const SUITES: &[Suite] = &[
         timeout_secs: 90,
         ..guest("hostile-sysreg", 1, "512M")
     },
+    // Every page of IPA space below RAM, each an abort and an audit record: about 100 s alone
+    // on two cores, so the timeout leaves room for a loaded host.
     Suite {
-        timeout_secs: 120,
+        timeout_secs: 240,
         ..guest("hostile-ipa", 1, "512M")
     },
     guest("hostile-gicr", 4, "512M"),
@@ -302,7 +304,7 @@ pub const SUITES: &[Suite] = &[
     Suite {
         name: "hostile-ipa-a53-gicv2",
         machine: board("cortex-a53", Gic::V2, false),
-        timeout_secs: 120,
+        timeout_secs: 240,
         ..guest("hostile-ipa", 1, "512M")
     },
     Suite {
