@@ -170,6 +170,11 @@ fn main() -> ! {
         core::hint::black_box(hypercall(function::REVISION, &[]));
     });
     row("null-hypercall", Some(native), null);
+    // The call the KVM figures of issue 10 were measured with.
+    let psci_version = per_iteration(1000, || {
+        core::hint::black_box(hypercall(guest_rt::psci::PSCI_VERSION, &[]));
+    });
+    row("null-psci-version", Some(native), psci_version);
     row(
         "audit-drain-per-record",
         None,
