@@ -99,8 +99,9 @@ el2_vectors:
     // A call whose answer is constant: its slot in the table (hypercall::constant), then one
     // compare of w0 with the slot's ID. Only x0-x3 are touched (x0-x3 are the answer; the
     // guest's x0-x3 are in the frame for a miss) and ELR/SPSR are left as they are: this is
-    // register arithmetic and one load from the read-only table, which cannot fault, and EL2
-    // runs with every interrupt and SError masked, so nothing can overwrite them before eret.
+    // register arithmetic and loads from the read-only table, which cannot fault, and taking
+    // this exception masked interrupts, SError and debug, so nothing overwrites them before
+    // the eret.
     eor     w1, w0, w0, ror #{hash_rotate}
     ubfx    w1, w1, #{hash_shift}, #{index_bits}
     adrp    x2, {table}
