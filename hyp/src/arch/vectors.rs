@@ -6,13 +6,16 @@
 //! guest for the first time is a return through that path with a frame built by hand.
 //!
 //! The hypercall (`HVC #0` from AArch64, told apart in the vector by its exact ESR_EL2) takes a
-//! shorter path: it saves only what the Rust handler may clobber (x0-x18, x30, ELR, SPSR) and
-//! leaves x19-x29 in the registers, where the AAPCS64 makes the handler preserve them. vCPUs
-//! are pinned one to one to CPUs, so nothing else runs on this CPU before the `eret`. Every
-//! other exception (MMIO emulation reads and writes any register by number, fault reports
-//! print them all) saves the full frame.
+//! shorter path. A call whose answer is constant (REVISION, the versions, CALL_UID: the table
+//! of `hyp_core::hypercall::constant`) is answered in the vector itself, with x0-x3 only, and
+//! returns without saving anything else. Any other call saves only what the Rust handler may
+//! clobber (x0-x18, x30, ELR, SPSR) and leaves x19-x29 in the registers, where the AAPCS64
+//! makes the handler preserve them. vCPUs are pinned one to one to CPUs, so nothing else runs
+//! on this CPU before the `eret`. Every other exception (MMIO emulation reads and writes any
+//! register by number, fault reports print them all) saves the full frame.
 
 use core::arch::global_asm;
+use hyp_core::hypercall::constant;
 
 /// The guest's general-purpose registers and return state, as saved on entry to EL2. On the
 /// hypercall path (`handle_hypercall`) `x[19..30]` are not saved: they hold stale values and
@@ -92,10 +95,31 @@ el2_vectors:
     // ESR_EL2 of HVC #0 from AArch64: EC 0x16, IL 1, ISS (the immediate) 0.
     movz    x3, #{esr_hvc0_high}, lsl #16
     cmp     x2, x3
-    b.eq    hvc_save
+    b.ne    guest_sync_save
+    // A call whose answer is constant: its slot in the table (hypercall::constant), then one
+    // compare of w0 with the slot's ID. Only x0-x3 are touched (x0-x3 are the answer; the
+    // guest's x0-x3 are in the frame for a miss) and ELR/SPSR are left as they are: this is
+    // register arithmetic and loads from the read-only table, which cannot fault, and taking
+    // this exception masked interrupts, SError and debug, so nothing overwrites them before
+    // the eret.
+    eor     w1, w0, w0, ror #{hash_rotate}
+    ubfx    w1, w1, #{hash_shift}, #{index_bits}
+    adrp    x2, {table}
+    add     x2, x2, :lo12:{table}
+    add     x2, x2, x1, lsl #{slot_size_log2}
+    ldr     w3, [x2]
+    cmp     w3, w0
+    b.ne    hvc_save
+    ldp     x0, x1, [x2, #8]
+    ldp     x2, x3, [x2, #24]
+    add     sp, sp, #{frame}
+    eret
+guest_sync_save:
     ldp     x2, x3, [sp, #16]
     mov     x0, #2
     b       trap_save
+    // The assembler stops here if the path above outgrows its 32-instruction slot.
+    .org    el2_vectors + 0x480
     VECTOR 3
     VECTOR 3
     VECTOR 4
@@ -104,7 +128,9 @@ el2_vectors:
     VECTOR 3
     VECTOR 4
 
-    // x0-x3 saved by the vector. x19-x29 stay in their registers (callee-saved in Rust).
+    // x0-x3 saved by the vector (their registers hold scratch now). x19-x29 stay in their
+    // registers (callee-saved in Rust). ELR and SPSR are saved: the handlers may take an
+    // exception at EL2 (a recoverable access to guest memory), whose entry overwrites them.
 hvc_save:
     stp     x4, x5, [sp, #32]
     stp     x6, x7, [sp, #48]
@@ -214,6 +240,11 @@ enter_guest_with:
 "#,
     frame = const core::mem::size_of::<TrapFrame>(),
     esr_hvc0_high = const ESR_HVC0 >> 16,
+    hash_rotate = const constant::HASH.rotate,
+    hash_shift = const constant::HASH.shift,
+    index_bits = const constant::INDEX_BITS,
+    slot_size_log2 = const constant::SLOT_SIZE_LOG2,
+    table = sym constant::TABLE,
 );
 
 /// ESR_EL2 of `HVC #0` from AArch64: EC 0x16 (bits 31:26), IL (bit 25), immediate 0.

@@ -22,6 +22,7 @@ fn main() -> ! {
             psci_version_hvc,
             psci_features_hvc,
             unknown_function_not_supported_hvc,
+            constant_answers_hvc,
             hvc_preserves_x4_to_x30,
             secondaries_start_run_and_stop,
             cpu_on_already_on,
@@ -34,6 +35,7 @@ fn main() -> ! {
             psci_version_smc,
             psci_features_smc,
             unknown_function_not_supported_smc,
+            constant_answers_smc,
         ],
     )
 }
@@ -118,13 +120,15 @@ fn hvc_with_registers(function: u32, input: &[u64; 27], other_immediate: bool) -
     output
 }
 
-/// The SMCCC preserves every register but x0-x3: the hypercall's short path saves only what
-/// the hypervisor's handler may clobber, so x19-x30 are checked here as well as x4-x18, on
-/// that path (a known call, one refused and audited) and on the full trap path.
+/// The SMCCC preserves every register but x0-x3: the hypercall's short paths save only what
+/// they clobber, so x19-x30 are checked here as well as x4-x18, on each: a constant answer
+/// from the vector's table (PSCI_VERSION, CALL_UID), a call the handler runs (FEATURES), one
+/// refused and audited, and the full trap path.
 fn hvc_preserves_x4_to_x30() -> Result<(), String> {
     let calls = [
         ("PSCI_VERSION", psci::PSCI_VERSION, false),
         ("CALL_UID", stagehand_abi::function::CALL_UID, false),
+        ("FEATURES", stagehand_abi::function::FEATURES, false),
         ("an unknown ID", UNKNOWN_ID, false),
         ("HVC #1", psci::PSCI_VERSION, true),
     ];
@@ -185,6 +189,34 @@ fn unknown_function_not_supported(conduit: Conduit) -> Result<(), String> {
     Ok(())
 }
 
+/// The calls the hypervisor answers from its table of constants (in the HVC vector, and for a
+/// trapped SMC): each answers x0-x3 in full, whatever x1-x3 held; their neighbours, which the
+/// table does not hold, are still refused.
+fn constant_answers(conduit: Conduit) -> Result<(), String> {
+    let uuid = stagehand_abi::uuid_words().map(u64::from);
+    let answers = [
+        (
+            "REVISION",
+            stagehand_abi::function::REVISION,
+            [stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0],
+        ),
+        ("CALL_UID", stagehand_abi::function::CALL_UID, uuid),
+        ("SMCCC_VERSION", psci::SMCCC_VERSION, [0x1_0001, 0, 0, 0]),
+        ("PSCI_VERSION", psci::PSCI_VERSION, [0x1_0001, 0, 0, 0]),
+        ("CPU_SUSPEND (32)", 0x8400_0001, [0; 4]),
+        ("CPU_SUSPEND (64)", 0xC400_0001, [0; 4]),
+        ("MIGRATE_INFO_TYPE", 0x8400_0006, [2, 0, 0, 0]),
+    ];
+    for (name, id, expected) in answers {
+        let regs = conduit.call(id, &[0xa1, 0xa2, 0xa3]);
+        check_eq!([regs.x0, regs.x1, regs.x2, regs.x3], expected, "{}", name);
+    }
+    for id in [0x8600_FF00, 0x8600_FF02, 0x8400_0007, 0xC600_FF03, 0x8000_0002] {
+        check_eq!(conduit.call_status(id, &[]), code::NOT_SUPPORTED, "function {:#x}", id);
+    }
+    Ok(())
+}
+
 /// Defines `<name>_hvc` and `<name>_smc` tests that run `name(conduit)`.
 macro_rules! per_conduit {
     ($($name:ident: $hvc:ident, $smc:ident;)*) => {
@@ -205,6 +237,7 @@ per_conduit! {
     psci_version: psci_version_hvc, psci_version_smc;
     psci_features: psci_features_hvc, psci_features_smc;
     unknown_function_not_supported: unknown_function_not_supported_hvc, unknown_function_not_supported_smc;
+    constant_answers: constant_answers_hvc, constant_answers_smc;
 }
 
 /// How many secondaries reached their work.

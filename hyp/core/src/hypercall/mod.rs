@@ -11,6 +11,7 @@
 //! calls [`dispatch`], and writes the registers back.
 
 pub mod audit_calls;
+pub mod constant;
 pub mod dma;
 pub mod memory;
 pub mod platform;
@@ -297,9 +298,9 @@ fn registers(status: i64, results: [u64; 3]) -> [u64; 4] {
 }
 
 /// Runs the call in x0 with arguments x1-x6 (`registers`, the guest's x0-x6) for `cpu`,
-/// audits a refusal, writes the answer into x0-x3 and says what to do next. The calls that
-/// only answer a constant are answered here, inline in the trap path; the others go to
-/// [`run`], whose larger frame they then pay for.
+/// audits a refusal, writes the answer into x0-x3 and says what to do next. Every call is
+/// decoded in full here, the constant ones included: an `HVC #0` whose answer is constant
+/// never gets here (the vector answers it from [`constant::TABLE`]); a trapped SMC does.
 #[inline(always)]
 pub fn dispatch<M, I, S, C, W>(
     vm: &Vm<M, I, S>,
@@ -313,30 +314,11 @@ where
     C: Arch + GuestMemory + Firmware,
     W: TableMemory,
 {
-    let id = registers[0] as u32;
-    // The constant answers by function ID alone, before the full decode (which `run` does for
-    // every other call, these included): the null call's path stays a few compares long, and
-    // the stagehand ABI's own calls (0xC600_00xx) skip even those.
-    use smccc::psci::{PSCI_CPU_SUSPEND_32, PSCI_CPU_SUSPEND_64, PSCI_VERSION};
-    if id & 0xffff_ff00 != 0xc600_0000 {
-        let answer = match id {
-            smccc::arch::SMCCC_VERSION | PSCI_VERSION => Some([0x1_0001, 0, 0, 0]),
-            stagehand_abi::function::REVISION => {
-                Some([stagehand_abi::ABI_MAJOR, stagehand_abi::ABI_MINOR, 0, 0])
-            }
-            PSCI_CPU_SUSPEND_32 | PSCI_CPU_SUSPEND_64 => Some([0; 4]),
-            _ => None,
-        };
-        if let Some(answer) = answer {
-            registers[..4].copy_from_slice(&answer);
-            return Action::Return;
-        }
-    }
     run(vm, cpu, registers)
 }
 
-/// Every call but the constant answers of [`dispatch`]: writes x0-x3, or says why the guest
-/// stops.
+/// Every call: writes x0-x3, or says why the guest stops. Out of line, so that its frame is
+/// paid for by the calls that reach it only.
 #[inline(never)]
 fn run<M, I, S, C, W>(
     vm: &Vm<M, I, S>,
@@ -377,16 +359,16 @@ where
     let function = x0 as u32;
     let call = call::decode(x0, &[x1, x2, x3, x4, x5, x6]);
     let result = match call {
-        Call::SmcccVersion => return Ok([0x1_0001, 0, 0, 0]),
+        Call::SmcccVersion => return Ok([constant::SMCCC_VERSION_1_1, 0, 0, 0]),
         Call::SmcccArchFeatures { function } => {
             return Ok([call::arch_feature(function) as u64, 0, 0, 0])
         }
-        Call::PsciVersion => return Ok([0x1_0001, 0, 0, 0]),
+        Call::PsciVersion => return Ok([constant::PSCI_VERSION_1_1, 0, 0, 0]),
         Call::PsciFeatures { function } => {
             return Ok([call::psci_feature(function) as u64, 0, 0, 0])
         }
         Call::CpuSuspend => return Ok([0; 4]),
-        Call::MigrateInfoType => return Ok([2, 0, 0, 0]), // No trusted OS.
+        Call::MigrateInfoType => return Ok([constant::MIGRATE_INFO_NO_TRUSTED_OS, 0, 0, 0]),
         Call::SystemOff => return Err(StopReason::SystemOff),
         Call::SystemReset => return Err(StopReason::SystemReset),
         Call::CpuOff | Call::CpuOn { .. } | Call::AffinityInfo { .. } => {

@@ -1127,3 +1127,35 @@ fn random_calls_keep_every_promise() {
         assert_eq!(h.pins(page), 0, "{page:#x} still pinned");
     }
 }
+
+/// The vector answers the calls of [`constant::TABLE`] without reaching the dispatcher: the
+/// full path must give each exactly the same registers, and record nothing either way.
+#[test]
+fn the_vectors_constant_answers_are_the_dispatchers() {
+    let mut h = harness();
+    for (id, answer) in constant::CALLS {
+        for x0 in [id as u64, 0xffff_ffff_0000_0000 | id as u64] {
+            assert_eq!(constant::lookup(x0), Some(answer), "{x0:#x}");
+            let mut x = [x0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6];
+            let mut cpu = PerCpu {
+                vcpu: 0,
+                cpu: core::mem::take(&mut h.cpu),
+                window: &h.window,
+            };
+            assert_eq!(run(&h.vm, &mut cpu, &mut x), Action::Return);
+            h.cpu = cpu.cpu;
+            assert_eq!(x[..4], answer, "{x0:#x}");
+            assert_eq!(x[4..], [0xa4, 0xa5, 0xa6], "{x0:#x}");
+        }
+    }
+    assert!(h.events().is_empty());
+    // Calls whose answer depends on the VM or an argument are not in the table.
+    for id in [
+        function::FEATURES,
+        smccc::arch::SMCCC_ARCH_FEATURES,
+        smccc::psci::PSCI_FEATURES,
+        smccc::psci::PSCI_CPU_ON_64,
+    ] {
+        assert_eq!(constant::lookup(id as u64), None, "{id:#x}");
+    }
+}
