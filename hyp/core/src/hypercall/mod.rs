@@ -29,7 +29,6 @@ use crate::lock::FairRwLock;
 use crate::maintenance::Arch;
 use crate::pagetable::TableMemory;
 use crate::psci::PowerStates;
-use crate::window::Window;
 use alloc::vec::Vec;
 use core::sync::atomic::AtomicU64;
 use platform::{AuditSink, Firmware, GuestMemory, Iommu};
@@ -256,17 +255,13 @@ impl<M, I, S: AuditSink> Vm<M, I, S> {
 }
 
 /// The vCPU making a call, found once where the trap enters: its index, this CPU's
-/// instructions, guest-memory access and firmware calls, and its maintenance window. No other
-/// CPU touches the window, so its lock is never contended; a handler takes it only for the
-/// work that needs it (after stage 2: that is the lock order), so that a call that does not
-/// return (CPU_OFF) holds nothing.
-pub struct PerCpu<'w, C, W: TableMemory> {
+/// instructions, guest-memory access and firmware calls. It holds no lock and no mapping: the
+/// hypervisor reaches guest RAM through its alias, which the `Vm`'s attribute lock guards.
+pub struct PerCpu<C> {
     /// vCPU index (= physical CPU index: pinned one to one).
     pub vcpu: usize,
     /// This CPU.
     pub cpu: C,
-    /// This CPU's maintenance window.
-    pub window: &'w spin::Mutex<Window<W>>,
 }
 
 /// The range a refusal record names, from the call's own arguments (`None`: a call with no
@@ -301,9 +296,9 @@ fn registers(status: i64, results: [u64; 3]) -> [u64; 4] {
 /// only answer a constant are answered here, inline in the trap path; the others go to
 /// [`run`], whose larger frame they then pay for.
 #[inline(always)]
-pub fn dispatch<M, I, S, C, W>(
+pub fn dispatch<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     registers: &mut [u64; 7],
 ) -> Action
 where
@@ -311,7 +306,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory + Firmware,
-    W: TableMemory,
 {
     let id = registers[0] as u32;
     // The constant answers by function ID alone, before the full decode (which `run` does for
@@ -338,17 +332,12 @@ where
 /// Every call but the constant answers of [`dispatch`]: writes x0-x3, or says why the guest
 /// stops.
 #[inline(never)]
-fn run<M, I, S, C, W>(
-    vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
-    registers: &mut [u64; 7],
-) -> Action
+fn run<M, I, S, C>(vm: &Vm<M, I, S>, cpu: &mut PerCpu<C>, registers: &mut [u64; 7]) -> Action
 where
     M: TableMemory,
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory + Firmware,
-    W: TableMemory,
 {
     match answer(vm, cpu, registers) {
         Ok(answer) => {
@@ -361,9 +350,9 @@ where
 
 /// The answer of a call [`run`] runs: x0-x3, or why the guest stops.
 #[inline(always)]
-fn answer<M, I, S, C, W>(
+fn answer<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     guest: &[u64; 7],
 ) -> Result<Answer, StopReason>
 where
@@ -371,7 +360,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory + Firmware,
-    W: TableMemory,
 {
     let [x0, x1, x2, x3, x4, x5, x6] = *guest;
     let function = x0 as u32;
