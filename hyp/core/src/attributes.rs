@@ -1915,6 +1915,62 @@ mod tests {
         Ok(())
     }
 
+    #[test]
+    fn a_split_without_table_memory_changes_nothing_in_stage_2_or_the_alias() {
+        // No table for the alias's split, then one for it but none for stage 2's.
+        for spare in [0, 1] {
+            let mut f = fixture(true);
+            f.memory.limit = f.memory.tables.len() + spare;
+            let ipa = R0 + 0x5000;
+            assert_eq!(
+                f.set(ipa, PAGE_SIZE, Attribute::NonCacheable).unwrap_err(),
+                Status::NoMemory
+            );
+            assert!(f.arch.ops.is_empty(), "spare {spare}: {:?}", f.arch.ops);
+            assert_eq!(f.manager.attribute_of(ipa), Attribute::WriteBack);
+            f.check();
+        }
+    }
+
+    #[test]
+    fn the_i1_i2_replay_catches_a_wrong_order() {
+        let mut f = fixture(true);
+        let ipa = R0 + 0x3000;
+        f.set(ipa, PAGE_SIZE, Attribute::NonCacheable).unwrap();
+        let before = vec![false; (RAM.size / PAGE_SIZE) as usize];
+        let good = f.arch.ops.clone();
+        check_i2(&good, &before).unwrap();
+        // Without the pass through the write-back alias (no clean before NC: I2).
+        let first_dc = good.iter().position(|o| matches!(o, Op::Dc(..))).unwrap();
+        let mut bad = good.clone();
+        bad.remove(first_dc);
+        assert!(check_i2(&bad, &before).is_err());
+        // Stage 2 made NC before the alias is (a cacheable alias of an NC page: I1).
+        let make = good
+            .iter()
+            .position(|o| matches!(o, Op::Write(Make { .. })))
+            .unwrap();
+        let alias_make = good
+            .iter()
+            .position(|o| matches!(o, Op::Write(AliasMake { .. })))
+            .unwrap();
+        let mut bad = good.clone();
+        let op = bad.remove(make);
+        bad.insert(alias_make, op);
+        assert!(check_i2(&bad, &before).is_err());
+        // A DC through the alias while its entry is broken.
+        let alias_break = good
+            .iter()
+            .position(|o| matches!(o, Op::Write(AliasBreak { .. })))
+            .unwrap();
+        let mut bad = good.clone();
+        bad.insert(
+            alias_break + 1,
+            Op::Dc(CacheOp::CleanInvalidate, ALIAS_VA + ipa, 64),
+        );
+        assert!(check_i2(&bad, &before).is_err());
+    }
+
     #[derive(Clone, Debug)]
     enum Step {
         Set { page: u64, pages: u64, nc: bool },
