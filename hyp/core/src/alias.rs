@@ -46,6 +46,7 @@ pub struct HypAlias {
 /// its region and, when the change cuts a block, the table of the split.
 #[derive(Debug)]
 pub struct PreparedChange {
+    ipa: u64,
     slot: (u64, usize),
     entry: u64,
     split_table: Option<u64>,
@@ -144,6 +145,7 @@ impl HypAlias {
             None
         };
         Ok(PreparedChange {
+            ipa,
             slot: (table, index),
             entry,
             split_table,
@@ -162,17 +164,17 @@ impl HypAlias {
     /// page (one TLBI ALLE2IS above the threshold), DSB ISH, make, DSB ISHST, ISB. A block the
     /// change cuts is split (the table `prepared` holds), with the changing pages already
     /// invalid in the new table; a block changed whole is broken and made whole. `prepared`
-    /// comes from [`Self::prepare`] with the same `ipa` and `changing`, under the same lock.
+    /// comes from [`Self::prepare`] with the same `changing`, under the same lock.
     pub fn change(
         &mut self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
         ram: &GuestRam,
         prepared: PreparedChange,
-        ipa: u64,
         changing: &[bool],
         non_cacheable: bool,
     ) {
+        let ipa = prepared.ipa;
         let region = ipa & !(BLOCK - 1);
         let first = ((ipa - region) / PAGE_SIZE) as usize;
         let pa_of = |at: u64| ram.pa + (at - ram.ipa);

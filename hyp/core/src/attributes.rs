@@ -593,7 +593,6 @@ impl AttributeManager {
             arch,
             &self.ram,
             alias_change,
-            ipa,
             changing,
             non_cacheable,
         );
@@ -1865,9 +1864,8 @@ mod tests {
                 Op::Dc(CacheOp::CleanInvalidate, va, len) => {
                     let first = page_of(va - ALIAS_VA);
                     let last = page_of(va - ALIAS_VA + len - 1);
-                    for page in first..=last {
-                        let nc =
-                            alias[page].ok_or(format!("DC through broken alias page {page}"))?;
+                    for (page, state) in alias.iter().enumerate().take(last + 1).skip(first) {
+                        let nc = state.ok_or(format!("DC through broken alias page {page}"))?;
                         passes.push((page, nc, i));
                     }
                 }
