@@ -6,9 +6,13 @@
 //! break-before-make. So while a page is non-cacheable in stage 2 it is non-cacheable here
 //! too, and the hypervisor holds no cacheable alias of it (invariant I1).
 //!
-//! Layout: 2 MiB blocks where a region is uniform, a level-3 table where it is not (or where
-//! RAM does not fill it). The alias splits and merges on its own schedule, independent of
-//! stage 2's (which also splits for DMA pins; the alias has no device walking it). The EL2
+//! Layout: 2 MiB blocks at first (a level-3 table where RAM does not fill a region). The first
+//! attribute change that cuts a block splits it, and the region stays split: merging it back
+//! would cost a TLBI ALLE2IS and the split again at the next change (the 512 entries are most
+//! of a one-page MEM_SET_ATTR), while a split region costs only its 4 KiB table (at most 1/512
+//! of guest RAM) and TLB reach for the hypervisor's own cache maintenance. A region changed
+//! whole while still a block stays a block. Stage 2 keeps its own schedule (it merges, and
+//! splits for DMA pins; the alias has no device walking it). The EL2
 //! walker reads these tables through inner-shareable write-back walks (TCR_EL2 SH0/IRGN0/
 //! ORGN0), so it is coherent with the CPU's stores: no table is cleaned to the point of
 //! coherency, a DSB ISHST suffices before a walk may see an entry.
@@ -184,7 +188,7 @@ impl HypAlias {
         let is_block = entry & VALID != 0 && entry & TABLE_OR_PAGE == 0;
         if is_block && prepared.split_table.is_none() {
             // The whole block changes: break it and make it again with the new type.
-            self.break_entries(memory, arch, &[(l2_table, l2_index, region, 2)], false);
+            self.break_entries(memory, arch, &[(l2_table, l2_index, region, 2)]);
             memory.set_entry(
                 l2_table,
                 l2_index,
@@ -214,7 +218,7 @@ impl HypAlias {
             for (i, _) in changing.iter().enumerate().filter(|(_, &c)| c) {
                 memory.set_entry(new_table, first + i, 0);
             }
-            self.break_entries(memory, arch, &[(l2_table, l2_index, region, 2)], false);
+            self.break_entries(memory, arch, &[(l2_table, l2_index, region, 2)]);
             memory.set_entry(l2_table, l2_index, new_table | TABLE_OR_PAGE | VALID);
             arch.table_write(TableWrite::AliasTable {
                 va: self.va_of(region),
@@ -228,7 +232,7 @@ impl HypAlias {
                 .filter(|(_, &c)| c)
                 .map(|(i, _)| (table, first + i, ipa + i as u64 * PAGE_SIZE, 3))
                 .collect();
-            self.break_entries(memory, arch, &broken, false);
+            self.break_entries(memory, arch, &broken);
             table
         };
         for (i, _) in changing.iter().enumerate().filter(|(_, &c)| c) {
@@ -253,14 +257,13 @@ impl HypAlias {
     /// invalid, DSB ISHST (the walker sees the invalid entries), the TLB entries of every CPU
     /// removed, DSB ISH. A leaf (page or block) is one TLB entry, removed by one TLBI VAE2IS of
     /// its VA (which also drops the walk-cache entries on its path); a broken table
-    /// descriptor (`table_descriptor`) may have any of its 512 pages cached, so it takes TLBI
-    /// ALLE2IS, as do more than [`ALIAS_TLBI_THRESHOLD`] leaves.
+    /// descriptor would have any of its 512 pages cached (no path breaks one: a split region
+    /// stays split), and more than [`ALIAS_TLBI_THRESHOLD`] leaves take one TLBI ALLE2IS.
     fn break_entries(
         &self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
         entries: &[(u64, usize, u64, usize)],
-        table_descriptor: bool,
     ) {
         for &(table, index, ipa, level) in entries {
             memory.set_entry(table, index, 0);
@@ -270,7 +273,7 @@ impl HypAlias {
             });
         }
         arch.dsb_ishst();
-        if table_descriptor || entries.len() > ALIAS_TLBI_THRESHOLD {
+        if entries.len() > ALIAS_TLBI_THRESHOLD {
             arch.tlbi_alle2is();
         } else {
             for &(_, _, ipa, _) in entries {
@@ -278,53 +281,6 @@ impl HypAlias {
             }
         }
         arch.dsb_ish();
-    }
-
-    /// Replaces the level-3 table of the 2 MiB region at `region` by one block of
-    /// `non_cacheable` or write-back, when the caller has found all its pages agree. Returns
-    /// whether it merged (false: already a block, or a region RAM does not fill).
-    pub fn merge(
-        &mut self,
-        memory: &mut impl TableMemory,
-        arch: &mut impl Arch,
-        ram: &GuestRam,
-        region: u64,
-        non_cacheable: bool,
-    ) -> bool {
-        if !region.is_multiple_of(BLOCK)
-            || region < ram.ipa
-            || region + BLOCK > ram.ipa_end()
-            || !(ram.pa + (region - ram.ipa)).is_multiple_of(BLOCK)
-        {
-            return false;
-        }
-        let Some((table, index)) = self.tree.slot(memory, region, 2) else {
-            return false;
-        };
-        let entry = memory.entry(table, index);
-        if entry & VALID == 0 || entry & TABLE_OR_PAGE == 0 {
-            return false;
-        }
-        self.break_entries(memory, arch, &[(table, index, region, 2)], true);
-        memory.set_entry(
-            table,
-            index,
-            self.tree.leaf_descriptor(
-                ram.pa + (region - ram.ipa),
-                2,
-                Self::memory_type(non_cacheable),
-                Permissions::RW,
-            ),
-        );
-        arch.table_write(TableWrite::AliasMake {
-            va: self.va_of(region),
-            level: 2,
-            non_cacheable,
-        });
-        arch.dsb_ishst();
-        arch.isb();
-        memory.free(entry & ADDRESS_MASK);
-        true
     }
 
     /// Checks that the alias maps every page of `ram` to its own PA, read-write and never

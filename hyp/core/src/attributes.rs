@@ -489,13 +489,6 @@ impl AttributeManager {
             }
             let region = ipa & !(BLOCK - 1);
             maintenance.merged = self.merge_if_uniform(memory, &mut counting, region, attribute);
-            // The alias has no device walking it, so pins do not keep it split.
-            let uniform = self.region_counts(region).non_cacheable
-                == if target_nc { PAGES_PER_BLOCK as u16 } else { 0 };
-            if uniform {
-                self.alias
-                    .merge(memory, &mut counting, &self.ram, region, target_nc);
-            }
         }
         maintenance.tlbi_count = counting.tlbis;
         Ok(Progress {
@@ -1219,20 +1212,15 @@ mod tests {
         ops
     }
 
-    /// The alias's block of `region` made again as `nc`: over a block (`tlbi` = one TLBI VAE2IS)
-    /// or over a table (a merge: TLBI ALLE2IS).
-    fn alias_block(region: u64, nc: bool, over_table: bool) -> Vec<Op> {
+    /// The alias's block of `region` broken (one TLBI VAE2IS) and made again as `nc`.
+    fn alias_block(region: u64, nc: bool) -> Vec<Op> {
         vec![
             Op::Write(AliasBreak {
                 va: ALIAS_VA + region,
                 level: 2,
             }),
             Op::DsbIshst,
-            if over_table {
-                Op::TlbiAlle2
-            } else {
-                Op::TlbiVae2(ALIAS_VA + region)
-            },
+            Op::TlbiVae2(ALIAS_VA + region),
             Op::DsbIsh,
             Op::Write(AliasMake {
                 va: ALIAS_VA + region,
@@ -1416,8 +1404,7 @@ mod tests {
                 }),
                 Op::DsbIshst,
             ]);
-            // The alias's region agrees again too: one block, every page's TLB entry dropped.
-            expected.extend(alias_block(R0, false, true));
+            // The alias's region stays split (no merge, no TLBI ALLE2IS).
             assert_eq!(f.arch.ops, expected, "fwb={fwb}");
             assert!(f.manager.get(&f.memory, ipa).unwrap().block_mapped);
             f.check();
@@ -1439,7 +1426,7 @@ mod tests {
             Op::DeviceTlbi(R1, BLOCK),
         ];
         expected.extend(alias_pass(R1, 512));
-        expected.extend(alias_block(R1, true, false));
+        expected.extend(alias_block(R1, true));
         expected.extend(alias_pass(R1, 512));
         expected.extend([
             Op::Write(Make {
@@ -1465,7 +1452,7 @@ mod tests {
             assert_eq!(p.maintenance.tlbi_count, 3);
         }
         // Inside split regions: above the threshold, one VMID-wide TLBI whatever the size, plus
-        // one TLBI ALLE2IS for the alias's pages, plus one for a merge when the region agrees.
+        // one TLBI ALLE2IS for the alias's pages.
         let mut counts = Vec::new();
         for pages in [17u64, 100, 300, 510] {
             let mut f = fixture(true);
