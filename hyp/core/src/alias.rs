@@ -7,12 +7,13 @@
 //! too, and the hypervisor holds no cacheable alias of it (invariant I1).
 //!
 //! Layout: 2 MiB blocks at first (a level-3 table where RAM does not fill a region). The first
-//! attribute change that cuts a block splits it, and the region stays split: merging it back
-//! would cost a TLBI ALLE2IS and the split again at the next change (the 512 entries are most
-//! of a one-page MEM_SET_ATTR), while a split region costs only its 4 KiB table (at most 1/512
-//! of guest RAM) and TLB reach for the hypervisor's own cache maintenance. A region changed
-//! whole while still a block stays a block. Stage 2 keeps its own schedule (it merges, and
-//! splits for DMA pins; the alias has no device walking it). The EL2
+//! attribute change that cuts a block splits it, and the region stays split while changes only
+//! cut it: merging it back when its pages agree again would cost a TLBI ALLE2IS and the split
+//! again at the next change (the 512 entries are most of a one-page MEM_SET_ATTR), while a
+//! split region costs only its 4 KiB table and TLB reach for the hypervisor's own cache
+//! maintenance. A change of a whole region makes it one block again (one entry instead of 512).
+//! Stage 2 keeps its own schedule (it merges, and splits for DMA pins; the alias has no device
+//! walking it). The EL2
 //! walker reads these tables through inner-shareable write-back walks (TCR_EL2 SH0/IRGN0/
 //! ORGN0), so it is coherent with the CPU's stores: no table is cleaned to the point of
 //! coherency, a DSB ISHST suffices before a walk may see an entry.
@@ -186,9 +187,17 @@ impl HypAlias {
         let (l2_table, l2_index) = prepared.slot;
         let entry = prepared.entry;
         let is_block = entry & VALID != 0 && entry & TABLE_OR_PAGE == 0;
-        if is_block && prepared.split_table.is_none() {
-            // The whole block changes: break it and make it again with the new type.
-            self.break_entries(memory, arch, &[(l2_table, l2_index, region, 2)]);
+        let whole = first == 0 && changing.len() == PAGES_PER_BLOCK && changing.iter().all(|&c| c);
+        if whole && prepared.split_table.is_none() {
+            // The whole region changes: break its block (one TLBI VAE2IS) or its table (TLBI
+            // ALLE2IS: any page may be cached), and make one block with the new type.
+            let table_descriptor = !is_block;
+            self.break_entries(
+                memory,
+                arch,
+                core::iter::once((l2_table, l2_index, region, 2)),
+                table_descriptor,
+            );
             memory.set_entry(
                 l2_table,
                 l2_index,
@@ -202,6 +211,10 @@ impl HypAlias {
             });
             arch.dsb_ishst();
             arch.isb();
+            if table_descriptor {
+                // No walker can reach the old table any more (its TLBI completed).
+                memory.free(entry & ADDRESS_MASK);
+            }
             return;
         }
         let table = if let Some(new_table) = prepared.split_table {
@@ -218,7 +231,12 @@ impl HypAlias {
             for (i, _) in changing.iter().enumerate().filter(|(_, &c)| c) {
                 memory.set_entry(new_table, first + i, 0);
             }
-            self.break_entries(memory, arch, &[(l2_table, l2_index, region, 2)]);
+            self.break_entries(
+                memory,
+                arch,
+                core::iter::once((l2_table, l2_index, region, 2)),
+                false,
+            );
             memory.set_entry(l2_table, l2_index, new_table | TABLE_OR_PAGE | VALID);
             arch.table_write(TableWrite::AliasTable {
                 va: self.va_of(region),
@@ -226,13 +244,12 @@ impl HypAlias {
             new_table
         } else {
             let table = entry & ADDRESS_MASK;
-            let broken: alloc::vec::Vec<(u64, usize, u64, usize)> = changing
+            let broken = changing
                 .iter()
                 .enumerate()
                 .filter(|(_, &c)| c)
-                .map(|(i, _)| (table, first + i, ipa + i as u64 * PAGE_SIZE, 3))
-                .collect();
-            self.break_entries(memory, arch, &broken);
+                .map(|(i, _)| (table, first + i, ipa + i as u64 * PAGE_SIZE, 3));
+            self.break_entries(memory, arch, broken, false);
             table
         };
         for (i, _) in changing.iter().enumerate().filter(|(_, &c)| c) {
@@ -257,26 +274,29 @@ impl HypAlias {
     /// invalid, DSB ISHST (the walker sees the invalid entries), the TLB entries of every CPU
     /// removed, DSB ISH. A leaf (page or block) is one TLB entry, removed by one TLBI VAE2IS of
     /// its VA (which also drops the walk-cache entries on its path); a broken table
-    /// descriptor would have any of its 512 pages cached (no path breaks one: a split region
-    /// stays split), and more than [`ALIAS_TLBI_THRESHOLD`] leaves take one TLBI ALLE2IS.
+    /// descriptor (`table_descriptor`) may have any of its 512 pages cached, so it takes TLBI
+    /// ALLE2IS, as do more than [`ALIAS_TLBI_THRESHOLD`] leaves.
     fn break_entries(
         &self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        entries: &[(u64, usize, u64, usize)],
+        entries: impl Iterator<Item = (u64, usize, u64, usize)> + Clone,
+        table_descriptor: bool,
     ) {
-        for &(table, index, ipa, level) in entries {
+        let mut count = 0;
+        for (table, index, ipa, level) in entries.clone() {
             memory.set_entry(table, index, 0);
             arch.table_write(TableWrite::AliasBreak {
                 va: self.va_of(ipa),
                 level,
             });
+            count += 1;
         }
         arch.dsb_ishst();
-        if entries.len() > ALIAS_TLBI_THRESHOLD {
+        if table_descriptor || count > ALIAS_TLBI_THRESHOLD {
             arch.tlbi_alle2is();
         } else {
-            for &(_, _, ipa, _) in entries {
+            for (_, _, ipa, _) in entries {
                 arch.tlbi_vae2is(self.va_of(ipa));
             }
         }

@@ -1918,6 +1918,68 @@ mod tests {
     }
 
     #[test]
+    fn the_alias_stays_split_until_a_whole_region_changes() {
+        let mut f = fixture(true);
+        f.set(R1 + PAGE_SIZE, PAGE_SIZE, Attribute::NonCacheable)
+            .unwrap();
+        f.arch.clear();
+        // Back to WB: stage 2 merges, the alias keeps its table (a page break, no ALLE2IS).
+        f.set(R1 + PAGE_SIZE, PAGE_SIZE, Attribute::WriteBack)
+            .unwrap();
+        let alias_ops: Vec<Op> = f
+            .arch
+            .ops
+            .iter()
+            .copied()
+            .filter(|o| matches!(o, Op::Write(AliasBreak { .. } | AliasMake { .. })))
+            .collect();
+        assert_eq!(
+            alias_ops,
+            [
+                Op::Write(AliasBreak {
+                    va: ALIAS_VA + R1 + PAGE_SIZE,
+                    level: 3
+                }),
+                Op::Write(AliasMake {
+                    va: ALIAS_VA + R1 + PAGE_SIZE,
+                    level: 3,
+                    non_cacheable: false
+                })
+            ]
+        );
+        f.check();
+        // The whole region: its table goes (TLBI ALLE2IS: any page may be cached), one block.
+        f.arch.clear();
+        f.set(R1, BLOCK, Attribute::NonCacheable).unwrap();
+        let at = f
+            .arch
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::Write(AliasBreak { .. })))
+            .unwrap();
+        assert_eq!(
+            f.arch.ops[at..at + 7],
+            [
+                Op::Write(AliasBreak {
+                    va: ALIAS_VA + R1,
+                    level: 2
+                }),
+                Op::DsbIshst,
+                Op::TlbiAlle2,
+                Op::DsbIsh,
+                Op::Write(AliasMake {
+                    va: ALIAS_VA + R1,
+                    level: 2,
+                    non_cacheable: true
+                }),
+                Op::DsbIshst,
+                Op::Isb,
+            ]
+        );
+        f.check();
+    }
+
+    #[test]
     fn the_i1_i2_replay_catches_a_wrong_order() {
         let mut f = fixture(true);
         let ipa = R0 + 0x3000;
