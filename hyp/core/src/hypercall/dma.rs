@@ -46,9 +46,9 @@ pub fn device_info<M, I: Iommu, S>(vm: &Vm<M, I, S>, index: u64) -> Result<Reply
     ]))
 }
 
-/// `op` over guest `[ipa, ipa + size)` through the hypervisor's alias of guest RAM, to the end (the caller bounds
-/// `size`): exactly the buffer's lines, partial edge lines of an invalidate cleaned too. Returns
-/// the lines maintained.
+/// `op` over guest `[ipa, ipa + size)` through the hypervisor's alias of guest RAM, to the end
+/// (the caller bounds `size`): exactly the buffer's lines, partial edge lines of an invalidate
+/// cleaned too. Returns the lines maintained.
 fn maintain<A: Arch>(
     manager: &AttributeManager,
     cpu: &mut A,
