@@ -865,8 +865,9 @@ impl AttributeManager {
 
     /// Checks that stage 2 maps every page of guest RAM to its own PA with the ledger's
     /// attribute, blocks only where a whole 2 MiB region agrees and holds no pinned page, and
-    /// that the hypervisor's alias maps every page with the ledger's attribute too (I1). (A region that agrees may stay split after its pins went; the
-    /// next attribute change in it merges it.)
+    /// that the hypervisor's alias maps every page with the ledger's attribute too (I1). (A
+    /// region that agrees may stay split after its pins went; the next attribute change in it
+    /// merges it.)
     ///
     /// # Errors
     /// A description of the first mismatch.
@@ -1793,7 +1794,8 @@ mod tests {
                     let first = page_of(ipa);
                     for page in first..(first + 512).min(guest.len()) {
                         let made_later = ops[i..].iter().any(|o| {
-                            matches!(*o, Op::Write(Make { ipa, level: 3, .. }) if page_of(ipa) == page)
+                            matches!(*o, Op::Write(Make { ipa, level: 3, .. })
+                                if page_of(ipa) == page)
                         });
                         guest[page] = if made_later { None } else { guest_saved[page] };
                     }
@@ -1818,7 +1820,8 @@ mod tests {
                     let first = page_of(va - ALIAS_VA);
                     for page in first..(first + 512).min(alias.len()) {
                         let made_later = ops[i..].iter().any(|o| {
-                            matches!(*o, Op::Write(AliasMake { va, level: 3, .. }) if page_of(va - ALIAS_VA) == page)
+                            matches!(*o, Op::Write(AliasMake { va, level: 3, .. })
+                                if page_of(va - ALIAS_VA) == page)
                         });
                         alias[page] = if made_later { None } else { alias_saved[page] };
                     }
