@@ -1,6 +1,8 @@
-//! The hypervisor's own EL2 stage-1 map (identity: VA == PA): RAM as Normal write-back, the
-//! MMIO it drives as Device, nothing else (flash is never mapped). Built by the boot CPU with
-//! the MMU off in tables the linker script reserves, then shared by every CPU.
+//! The hypervisor's own EL2 stage-1 map (identity: VA == PA): its own RAM as Normal
+//! write-back, the MMIO it drives as Device, nothing else (flash is never mapped), plus one
+//! level-1 table at [`ALIAS_BASE`] for the alias of guest RAM, which `hyp_core::alias` fills and
+//! edits. Built by the boot CPU with the MMU off in tables the linker script reserves, then
+//! shared by every CPU.
 
 use super::sysreg::{SCTLR_EL2_RES1, TCR_EL2_RES1};
 use super::{dsb_sy, invalidate_range, isb};
