@@ -68,14 +68,10 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
     let Some(log_uart) = board.hypervisor_uart().or(board.console_uart()) else {
         exit::exit(exit_status::ERROR);
     };
-    let windows = match mmu::extend(&mut tables, &mut map, &board).and_then(|()| {
-        mmu::create_windows(
-            &mut tables,
-            &mut map,
-            board.cpus.len().min(arch::entry::MAX_CPUS),
-        )
-    }) {
-        Ok(windows) => windows,
+    let alias = match mmu::extend(&mut tables, &mut map, &board)
+        .and_then(|()| mmu::create_alias_table(&mut tables, &mut map))
+    {
+        Ok(alias) => alias,
         Err(_) => exit::exit(exit_status::ERROR), // The UART may be unmapped: nothing to print on.
     };
     // SAFETY: the UART was just mapped as Device memory and stays mapped.
@@ -92,7 +88,7 @@ extern "C" fn boot_cpu_main(cpu: u64) -> ! {
         board.memory
     );
 
-    match vm::build(&board, windows) {
+    match vm::build(&board, alias) {
         Ok(boot) => {
             if boot.selftest == Some(SelfTest::El2Fault) {
                 el2_fault_selftest();

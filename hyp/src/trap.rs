@@ -1,5 +1,5 @@
 //! Trap dispatch: decodes what the guest did (hypervisor call, trapped SMC, stage-2 fault) and
-//! hands it to `hyp_core`. A call finds the VM and this CPU's context (vCPU index, window, the
+//! hands it to `hyp_core`. A call finds the VM and this CPU's context (vCPU index, the
 //! CPU itself) once here and runs in `hyp_core::hypercall::dispatch`; the other decisions (GIC
 //! filtering, abort injection) are made in `hyp_core` too.
 
@@ -114,14 +114,13 @@ fn is_data_abort_at_el2(esr: u64) -> bool {
     ExceptionClass::from_esr(esr) == ExceptionClass::DataAbortSame
 }
 
-/// An SMCCC call: this CPU's context (its window, the CPU itself) is found here, once, and the
+/// An SMCCC call: this CPU's context (its vCPU index, the CPU itself) is found here, once, and the
 /// portable dispatcher does the rest.
 #[inline(always)]
 fn smccc(vm: &Vm, vcpu: usize, frame: &mut TrapFrame) {
     let mut cpu = PerCpu {
         vcpu,
         cpu: Cpu::with_line(vm.core.dcache_line),
-        window: &vm.windows[vcpu],
     };
     let Some(registers) = frame.x.first_chunk_mut::<7>() else {
         return; // x0-x6 are always in the frame.

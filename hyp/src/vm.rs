@@ -1,7 +1,7 @@
 //! The one VM: building it (guest RAM layout, stage 2, images through fw_cfg, the guest's
 //! device tree, the SMMU) and entering it on each CPU. What the calls act on is the portable
 //! [`hyp_core::hypercall::Vm`] inside; this adds what only the aarch64 layer uses (register
-//! values, the GIC, the per-CPU windows). It is the one global the hardware entry needs: a trap
+//! values, the GIC). It is the one global the hardware entry needs: a trap
 //! finds it once and passes it down.
 
 use crate::arch;
@@ -30,6 +30,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use core::sync::atomic::Ordering;
+use hyp_core::alias::AliasPlace;
 use hyp_core::attributes::AttributeManager;
 use hyp_core::audit;
 use hyp_core::config::{self, Config};
@@ -40,7 +41,6 @@ use hyp_core::layout::{self, GuestRam};
 use hyp_core::pagetable::{MapError, PAGE_SIZE};
 use hyp_core::psci::PowerStates;
 use hyp_core::traps::{self, IdRegisters};
-use hyp_core::window::Window;
 use stagehand_platform::board::{Board, Region};
 use stagehand_platform::fw_cfg::key;
 use stagehand_platform::guest_dt::{guest_device_tree, GuestDtConfig};
@@ -65,9 +65,6 @@ pub struct Vm {
     pub vttbr: u64,
     /// The interrupt controller (GICv2 or GICv3), as the hypervisor uses it.
     pub gic: Box<dyn InterruptController>,
-    /// Each CPU's maintenance window, indexed like the vCPUs (pinned one to one). Only its own
-    /// CPU locks it, once per trap that needs it.
-    pub windows: Vec<spin::Mutex<Window<HeapTables>>>,
 }
 
 static VM: spin::Once<Vm> = spin::Once::new();
@@ -99,7 +96,7 @@ pub enum BuildError {
     DeviceTree(stagehand_platform::board::DtError),
     /// Stage 2 could not be built.
     Stage2(MapError),
-    /// Guest RAM could not be reached through the maintenance window.
+    /// Guest RAM could not be reached through the hypervisor's alias.
     GuestMemory(stagehand_abi::Status),
     /// More CPUs than the hypervisor has stacks for.
     TooManyCpus(usize),
@@ -155,7 +152,7 @@ pub struct BootCpu {
 ///
 /// # Errors
 /// A [`BuildError`], whose `Display` is the one line printed before stopping.
-pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<BootCpu, BuildError> {
+pub fn build(board: &Board, alias: AliasPlace) -> Result<BootCpu, BuildError> {
     let fw_cfg_region = board.fw_cfg.ok_or(BuildError::Missing("fw_cfg"))?;
     // SAFETY: the region comes from the device tree and `mmu::extend` mapped it as Device; only
     // this code drives fw_cfg.
@@ -202,12 +199,14 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
             reachable
         })
         .collect();
-    let mut attributes =
-        AttributeManager::new(&mut HeapTables, fwb, ram, &geometry).map_err(BuildError::Stage2)?;
+    let mut attributes = AttributeManager::new(&mut HeapTables, fwb, ram, &geometry, alias)
+        .map_err(BuildError::Stage2)?;
     map_guest_mmio(&mut attributes, &guest_mmio, gic.as_ref()).map_err(BuildError::Stage2)?;
-    // The walker reads tables through the caches (VTCR says write-back walks), so a DSB makes
-    // the entries visible; they are not live until VTTBR_EL2 is written.
+    // The walkers read tables through the caches (VTCR and TCR_EL2 say write-back walks), so a
+    // DSB makes the entries visible; stage 2's are not live until VTTBR_EL2 is written, and the
+    // alias's were invalid before (no TLB holds them), so the ISB is all this CPU needs.
     arch::dsb_ish();
+    arch::isb();
 
     let boot_mpidr = arch::mpidr() & hyp_core::psci::MPIDR_AFFINITY_MASK;
     let boot_vcpu = board
@@ -215,10 +214,7 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
         .iter()
         .position(|&m| m == boot_mpidr)
         .unwrap_or(0);
-    let window = windows
-        .get_mut(boot_vcpu)
-        .ok_or(BuildError::Missing("maintenance window for the boot CPU"))?;
-    let (entry, kernel_end) = load_kernel(&fw_cfg, &attributes, window)?;
+    let (entry, kernel_end) = load_kernel(&fw_cfg, &attributes)?;
     let initrd_len = fw_cfg.read_u32(key::INITRD_SIZE)? as u64;
     let placement =
         layout::place_boot_images(&ram, kernel_end, initrd_len, 0).map_err(BuildError::Layout)?;
@@ -230,7 +226,7 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
             guest_pa(&ram, initrd.base, initrd.size),
             initrd.size,
         )?;
-        clean_for_guest(&attributes, window, initrd.base, initrd.size)?;
+        clean_for_guest(&attributes, initrd.base, initrd.size)?;
     }
     let command_line = fw_cfg.command_line()?;
     let dtb = guest_device_tree(
@@ -252,11 +248,10 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
     }
     guest_memory::with_mapped(
         &attributes,
-        window,
         placement.dtb,
         dtb.len() as u64,
         |va, offset, len| {
-            // SAFETY: the window maps this piece of guest RAM write-back and no guest runs yet.
+            // SAFETY: the alias maps guest RAM write-back (no page is NC yet) and no guest runs.
             unsafe {
                 core::ptr::copy_nonoverlapping(
                     dtb[offset as usize..].as_ptr(),
@@ -294,7 +289,6 @@ pub fn build(board: &Board, mut windows: Vec<Window<HeapTables>>) -> Result<Boot
         vtcr: stage2.vtcr,
         vttbr: stage2.vttbr,
         gic,
-        windows: windows.into_iter().map(spin::Mutex::new).collect(),
     });
     let (used, total) = crate::heap::usage();
     log::info!(
@@ -350,15 +344,10 @@ fn map_guest_mmio(
     gic.map_for_guest(attributes)
 }
 
-/// Cleans and invalidates `[ipa, ipa + len)` to the point of coherency through the window: the
+/// Cleans and invalidates `[ipa, ipa + len)` to the point of coherency through the alias: the
 /// guest starts with its MMU off, so its reads go to memory.
-fn clean_for_guest(
-    attributes: &AttributeManager,
-    window: &mut Window<HeapTables>,
-    ipa: u64,
-    len: u64,
-) -> Result<(), BuildError> {
-    guest_memory::with_mapped(attributes, window, ipa, len, |va, _, len| {
+fn clean_for_guest(attributes: &AttributeManager, ipa: u64, len: u64) -> Result<(), BuildError> {
+    guest_memory::with_mapped(attributes, ipa, len, |va, _, len| {
         arch::clean_invalidate_range(va, len)
     })
     .map_err(BuildError::GuestMemory)
@@ -373,11 +362,7 @@ fn guest_pa(ram: &GuestRam, ipa: u64, len: u64) -> u64 {
 
 /// Loads `-kernel` into guest RAM per its format. Returns the entry point and the end of what it
 /// occupies.
-fn load_kernel(
-    fw_cfg: &FwCfg,
-    attributes: &AttributeManager,
-    window: &mut Window<HeapTables>,
-) -> Result<(u64, u64), BuildError> {
+fn load_kernel(fw_cfg: &FwCfg, attributes: &AttributeManager) -> Result<(u64, u64), BuildError> {
     let ram = attributes.ram();
     let size = fw_cfg.read_u32(key::KERNEL_SIZE)? as u64;
     if size == 0 {
@@ -393,17 +378,16 @@ fn load_kernel(
         if bss > 0 {
             guest_memory::with_mapped(
                 attributes,
-                window,
                 segment.ipa + segment.file_size,
                 bss,
                 |va, _, len| {
-                    // SAFETY: the window maps this piece of guest RAM and no guest runs yet.
+                    // SAFETY: the alias maps this piece of guest RAM and no guest runs yet.
                     unsafe { core::ptr::write_bytes(va as *mut u8, 0, len as usize) };
                 },
             )
             .map_err(BuildError::GuestMemory)?;
         }
-        clean_for_guest(attributes, window, segment.ipa, segment.mem_size)?;
+        clean_for_guest(attributes, segment.ipa, segment.mem_size)?;
     }
     log::info!(
         "kernel: {:?}, {} bytes, {} segment(s)",

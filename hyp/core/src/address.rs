@@ -63,7 +63,7 @@ address!(
     GuestVa
 );
 address!(
-    /// A virtual address of the hypervisor's EL2 regime (a maintenance window's page).
+    /// A virtual address of the hypervisor's EL2 regime (in its alias of guest RAM).
     HypVa
 );
 

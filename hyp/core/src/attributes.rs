@@ -1,7 +1,8 @@
 //! The attribute manager: the ledger (one entry per 4 KiB page of guest RAM: attribute and pin
 //! count) and the engine that changes the guest's live stage 2 by the rules of invariants I1
 //! and I2. It is portable: translation tables come through [`TableMemory`], instructions
-//! through [`Arch`], and the hypervisor's access to guest pages through a per-CPU [`Window`].
+//! through [`Arch`], and the hypervisor's access to guest pages through its alias of guest RAM
+//! ([`HypAlias`]), whose memory types this engine keeps equal to stage 2's.
 //!
 //! A change of one run of pages inside one 2 MiB region, write-back to non-cacheable:
 //! 1. check every page (pinned: BUSY) before touching anything;
@@ -9,21 +10,23 @@
 //!    change already invalid in the new table), DSB, TLBI IPAS2E1IS per entry then TLBI
 //!    VMALLE1IS for the combined entries (or one TLBI VMALLS12E1IS above a threshold), DSB:
 //!    from here the guest cannot allocate a line for these pages;
-//! 3. clean and invalidate through a write-back window mapping, DSB; unmap it (TLBI); clean
-//!    and invalidate again through a non-cacheable mapping, which drops any line the
-//!    write-back mapping let the CPU allocate speculatively after the first pass;
+//! 3. clean and invalidate through the hypervisor's alias, still write-back, DSB; change the
+//!    alias to non-cacheable (break, TLBI VAE2IS, DSB, make); clean and invalidate again
+//!    through it, which drops any line the write-back alias let the CPU allocate
+//!    speculatively after the first pass;
 //! 4. make the new entries, DSB; merge the 2 MiB region back into one block if all its pages
 //!    now agree.
 //!
-//! Non-cacheable to write-back is the same with one pass in step 3 (invalidate again).
+//! Non-cacheable to write-back is the same with one pass in step 3 (invalidate again through
+//! the alias while it is still non-cacheable), then the alias changed to write-back.
 
+use crate::alias::{AliasPlace, HypAlias};
 use crate::layout::GuestRam;
 use crate::maintenance::{Arch, CacheOp, TableWrite};
 use crate::pagetable::{
     level_size, MapError, MemoryType, PageTable, Permissions, Stage2, TableMemory, ADDRESS_MASK,
     PAGE_SIZE, TABLE_OR_PAGE, VALID,
 };
-use crate::window::{Window, WINDOW_PAGES};
 use alloc::vec;
 use alloc::vec::Vec;
 use stagehand_abi::{attr, Status};
@@ -121,7 +124,7 @@ pub struct Maintenance {
     pub cmo_bytes: u64,
     /// Stage-2 TLB maintenance scope.
     pub tlbi: TlbiScope,
-    /// TLBI instructions issued (stage 2 and EL2 window).
+    /// TLBI instructions issued (stage 2 and the EL2 alias).
     pub tlbi_count: u32,
     /// A 2 MiB block was split.
     pub split: bool,
@@ -227,11 +230,14 @@ pub struct AttributeManager {
     /// guest's stage 2 behind a non-coherent SMMU): every entry written is cleaned to the point
     /// of coherency, and barriers are DSB SY, before that walker may read it.
     noncoherent_walker: bool,
+    /// The hypervisor's alias of guest RAM, whose memory types mirror stage 2's.
+    alias: HypAlias,
 }
 
 impl AttributeManager {
-    /// Builds stage 2 with all of guest RAM write-back (2 MiB blocks where aligned); the
-    /// caller adds MMIO through [`Self::map_mmio`].
+    /// Builds stage 2 with all of guest RAM write-back (2 MiB blocks where aligned), and the
+    /// hypervisor's alias of it, write-back too, in the EL2 table of `alias`; the caller adds
+    /// MMIO through [`Self::map_mmio`], and issues DSB ISHST and ISB before the alias is used.
     ///
     /// # Errors
     /// A [`MapError`] if tables run out.
@@ -240,6 +246,7 @@ impl AttributeManager {
         fwb: bool,
         ram: GuestRam,
         geometry: &crate::geometry::Geometry,
+        alias: AliasPlace,
     ) -> Result<Self, MapError> {
         let mut stage2 = PageTable::new(
             memory,
@@ -255,6 +262,7 @@ impl AttributeManager {
             MemoryType::NormalWriteBack,
             Permissions::RWX,
         )?;
+        let alias = HypAlias::new(memory, alias, &ram)?;
         let pages = vec![Page::default(); (ram.size / PAGE_SIZE) as usize];
         let regions = (ram.ipa_end().div_ceil(BLOCK) - ram.ipa / BLOCK) as usize;
         Ok(Self {
@@ -264,6 +272,7 @@ impl AttributeManager {
             pages,
             regions: vec![RegionCounts::default(); regions],
             noncoherent_walker: false,
+            alias,
         })
     }
 
@@ -429,7 +438,6 @@ impl AttributeManager {
         &mut self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        window: &mut Window<impl TableMemory>,
         ipa: u64,
         size: u64,
         attribute: Attribute,
@@ -461,7 +469,6 @@ impl AttributeManager {
             self.change(
                 memory,
                 &mut counting,
-                window,
                 ipa,
                 &changing,
                 attribute,
@@ -480,8 +487,8 @@ impl AttributeManager {
             } else {
                 counts.non_cacheable -= changed;
             }
-            maintenance.merged =
-                self.merge_if_uniform(memory, &mut counting, ipa & !(BLOCK - 1), attribute);
+            let region = ipa & !(BLOCK - 1);
+            maintenance.merged = self.merge_if_uniform(memory, &mut counting, region, attribute);
         }
         maintenance.tlbi_count = counting.tlbis;
         Ok(Progress {
@@ -497,7 +504,6 @@ impl AttributeManager {
         &mut self,
         memory: &mut impl TableMemory,
         arch: &mut impl Arch,
-        window: &mut Window<impl TableMemory>,
         ipa: u64,
         changing: &[bool],
         attribute: Attribute,
@@ -512,15 +518,26 @@ impl AttributeManager {
             .is_some_and(|t| t.level == 2);
         let changed = changing.iter().filter(|&&c| c).count() as u64;
         maintenance.pages = changed;
+        // The alias's split table, if it needs one, is allocated before anything is broken.
+        let alias_change = self
+            .alias
+            .prepare(memory, ipa, changing)
+            .map_err(|_| Status::NoMemory)?;
 
         // Step 2: break.
         if is_block && whole_region {
-            self.break_block(memory, arch, region)?;
+            if let Err(status) = self.break_block(memory, arch, region) {
+                HypAlias::abandon(memory, alias_change);
+                return Err(status);
+            }
             maintenance.tlbi = TlbiScope::ByIpa;
         } else if is_block {
             // Split, with the pages to change already invalid in the new table.
             let first_in_region = ((ipa - region) / PAGE_SIZE) as usize;
-            self.split_block(memory, arch, region, first_in_region, changing)?;
+            if let Err(status) = self.split_block(memory, arch, region, first_in_region, changing) {
+                HypAlias::abandon(memory, alias_change);
+                return Err(status);
+            }
             maintenance.split = true;
             maintenance.tlbi = TlbiScope::ByIpa;
         } else {
@@ -555,34 +572,27 @@ impl AttributeManager {
             arch.device_tlbi(ipa + first * PAGE_SIZE, (last + 1 - first) * PAGE_SIZE);
         }
 
-        // Step 3: maintenance through the window, run by run of changing pages.
-        let mut i = 0;
-        while i < changing.len() {
-            if !changing[i] {
-                i += 1;
-                continue;
-            }
-            let run_start = i;
-            while i < changing.len() && changing[i] {
-                i += 1;
-            }
-            let run_ipa = ipa + run_start as u64 * PAGE_SIZE;
-            let pa = self.ram.pa + (run_ipa - self.ram.ipa);
-            let pages = (i - run_start) as u64;
-            let bytes = pages * PAGE_SIZE;
-            let passes: &[bool] = match attribute {
-                // First through a write-back alias, then through a non-cacheable one.
-                Attribute::NonCacheable => &[false, true],
-                Attribute::WriteBack => &[true],
-            };
-            for &non_cacheable in passes {
-                let va = window.map(arch, pa, pages, |_| non_cacheable);
-                arch.dcache_range(CacheOp::CleanInvalidate, va, bytes);
-                arch.dsb_ish();
-                window.unmap(arch);
-                maintenance.cmo_bytes += bytes;
-            }
+        // Step 3: maintenance through the alias, run by run of changing pages, and the
+        // alias's own change. To NC: clean+invalidate through the alias while it is still
+        // write-back (I2), make the alias NC, then again through it, which drops the lines the
+        // write-back alias may have let the CPU allocate speculatively in between; from then no
+        // cacheable mapping of the pages is left anywhere (I1). To WB: invalidate through the
+        // alias while it is still NC (no cacheable alias exists yet), then make it WB.
+        let non_cacheable = attribute == Attribute::NonCacheable;
+        let passes = if non_cacheable { 2 } else { 1 };
+        self.clean_invalidate_runs(arch, ipa, changing);
+        self.alias.change(
+            memory,
+            arch,
+            &self.ram,
+            alias_change,
+            changing,
+            non_cacheable,
+        );
+        if non_cacheable {
+            self.clean_invalidate_runs(arch, ipa, changing);
         }
+        maintenance.cmo_bytes += passes * changed * PAGE_SIZE;
 
         // Step 4: make.
         if is_block && whole_region {
@@ -627,6 +637,29 @@ impl AttributeManager {
         }
         self.complete_stores(arch);
         Ok(())
+    }
+
+    /// Cleans and invalidates, through the alias, the pages from `ipa` on whose `changing` flag
+    /// is set, run by run, then DSB ISH.
+    fn clean_invalidate_runs(&self, arch: &mut impl Arch, ipa: u64, changing: &[bool]) {
+        let mut i = 0;
+        while i < changing.len() {
+            if !changing[i] {
+                i += 1;
+                continue;
+            }
+            let run_start = i;
+            while i < changing.len() && changing[i] {
+                i += 1;
+            }
+            let run_ipa = ipa + run_start as u64 * PAGE_SIZE;
+            arch.dcache_range(
+                CacheOp::CleanInvalidate,
+                self.alias.va_of(run_ipa),
+                (i - run_start) as u64 * PAGE_SIZE,
+            );
+        }
+        arch.dsb_ish();
     }
 
     /// Replaces the 2 MiB block at `region` by a table of pages with the block's attribute,
@@ -765,9 +798,10 @@ impl AttributeManager {
         true
     }
 
-    /// CACHE_OP by IPA: `op` on `[ipa, ipa + size)`, to the point of coherency, through a
-    /// window mapping with each page's own attribute. At most [`WORK_BUDGET`] bytes and one
-    /// window's worth of pages per call. An INVALIDATE cleans and invalidates partial edge
+    /// CACHE_OP by IPA: `op` on `[ipa, ipa + size)`, to the point of coherency, through the
+    /// hypervisor's alias (each page with its own attribute; nothing is mapped or invalidated
+    /// per call). At most [`WORK_BUDGET`] bytes, and no more than the 2 MiB from the page of
+    /// `ipa`, per call. An INVALIDATE cleans and invalidates partial edge
     /// lines, and for the guest is widened to CLEAN_INVALIDATE on a pinned page (shared with a
     /// device).
     ///
@@ -776,7 +810,6 @@ impl AttributeManager {
     pub fn cache_operation(
         &self,
         arch: &mut impl Arch,
-        window: &mut Window<impl TableMemory>,
         ipa: u64,
         size: u64,
         op: CacheOp,
@@ -788,21 +821,18 @@ impl AttributeManager {
         self.check_range(ipa, size)?;
         let end = ipa + size;
         let page_base = ipa & !(PAGE_SIZE - 1);
-        let chunk_end = end
-            .min(page_base + WINDOW_PAGES * PAGE_SIZE)
-            .min(ipa + WORK_BUDGET);
+        let chunk_end = end.min(page_base + BLOCK).min(ipa + WORK_BUDGET);
         let line = arch.line_size();
-        let high = chunk_end.next_multiple_of(line);
-        let pages = (high.next_multiple_of(PAGE_SIZE) - page_base) / PAGE_SIZE;
-        let first = self.page_index(page_base);
-        let page_run = &self.pages[first..first + pages as usize];
-        let widened = requester == Requester::Guest
-            && op == CacheOp::Invalidate
-            && page_run.iter().any(|p| p.pins > 0);
+        let widened = requester == Requester::Guest && op == CacheOp::Invalidate && {
+            let high = chunk_end.next_multiple_of(line);
+            let pages = (high.next_multiple_of(PAGE_SIZE) - page_base) / PAGE_SIZE;
+            let first = self.page_index(page_base);
+            self.pages[first..first + pages as usize]
+                .iter()
+                .any(|p| p.pins > 0)
+        };
 
-        let pa = self.ram.pa + (page_base - self.ram.ipa);
-        let va_base = window.map(arch, pa, pages, |i| page_run[i as usize].non_cacheable);
-        let va = |address: u64| va_base + (address - page_base);
+        let va = |address: u64| self.alias.va_of(address);
         let op = if widened {
             CacheOp::CleanInvalidate
         } else {
@@ -815,7 +845,6 @@ impl AttributeManager {
             arch.dcache_range(stroke_op, va(start), len);
         }
         arch.dsb_ish();
-        window.unmap(arch);
         Ok(CacheProgress {
             done: chunk_end - ipa,
             complete: chunk_end == end,
@@ -823,51 +852,30 @@ impl AttributeManager {
         })
     }
 
-    /// Maps `[ipa, ipa + len)` (inside one window's reach) into `window` with each page's own
-    /// attribute and returns the VA of `ipa`, for the hypervisor's reads and writes of guest
-    /// memory. The caller unmaps the window when done.
+    /// The EL2 VA of `[ipa, ipa + len)` in the hypervisor's alias (each page with the attribute
+    /// stage 2 gives it), for the hypervisor's reads and writes of guest memory. It stays valid
+    /// while the caller holds the attribute lock (shared or alone) and makes no change itself.
     ///
     /// # Errors
-    /// OUT_OF_RANGE or DENIED when the range is not guest RAM; INVALID_PARAMETER when it
-    /// spans more than one window.
-    pub fn map_for_access(
-        &self,
-        arch: &mut impl Arch,
-        window: &mut Window<impl TableMemory>,
-        ipa: u64,
-        len: u64,
-    ) -> Result<u64, Status> {
+    /// OUT_OF_RANGE or DENIED when the range is not guest RAM.
+    pub fn alias_of(&self, ipa: u64, len: u64) -> Result<u64, Status> {
         self.check_range(ipa, len.max(1))?;
-        let page_base = ipa & !(PAGE_SIZE - 1);
-        let pages = ((ipa + len).next_multiple_of(PAGE_SIZE) - page_base) / PAGE_SIZE;
-        if pages > WINDOW_PAGES {
-            return Err(Status::InvalidParameter);
-        }
-        let first = self.page_index(page_base);
-        let page_run = &self.pages[first..first + pages.max(1) as usize];
-        let pa = self.ram.pa + (page_base - self.ram.ipa);
-        let va = window.map(arch, pa, pages.max(1), |i| {
-            page_run[i as usize].non_cacheable
-        });
-        Ok(va + (ipa - page_base))
+        Ok(self.alias.va_of(ipa))
     }
 
     /// Checks that stage 2 maps every page of guest RAM to its own PA with the ledger's
     /// attribute, blocks only where a whole 2 MiB region agrees and holds no pinned page, and
-    /// that `window` is empty. (A region that agrees may stay split after its pins went; the
-    /// next attribute change in it merges it.)
+    /// that the hypervisor's alias maps every page with the ledger's attribute too (I1). (A
+    /// region that agrees may stay split after its pins went; the next attribute change in it
+    /// merges it.)
     ///
     /// # Errors
     /// A description of the first mismatch.
-    pub fn check_invariants(
-        &self,
-        memory: &impl TableMemory,
-        window: &Window<impl TableMemory>,
-    ) -> Result<(), alloc::string::String> {
+    pub fn check_invariants(&self, memory: &impl TableMemory) -> Result<(), alloc::string::String> {
         use alloc::format;
-        if window.mapped() != 0 {
-            return Err(format!("window still maps {} pages", window.mapped()));
-        }
+        self.alias.check(memory, &self.ram, |ipa| {
+            self.pages[self.page_index(ipa)].non_cacheable
+        })?;
         let format = *self.stage2.format();
         let mut ipa = self.ram.ipa;
         while ipa < self.ram.ipa_end() {
@@ -1077,7 +1085,8 @@ mod tests {
         pa: 0x1_0000_0000,
         size: 8 << 20,
     };
-    const WINDOW_VA: u64 = 0x7000_0000_0000;
+    /// EL2 VA of IPA 0 in the hypervisor's alias.
+    const ALIAS_VA: u64 = 0x7f00_0000_0000;
     const UART: (u64, u64) = (0x0900_0000, 0x1000);
     const R0: u64 = 0x4000_0000; // first 2 MiB region
     const R1: u64 = 0x4020_0000;
@@ -1085,7 +1094,6 @@ mod tests {
     struct Fixture {
         memory: VecMemory,
         manager: AttributeManager,
-        window: Window<VecMemory>,
         arch: Recorder,
     }
 
@@ -1094,29 +1102,23 @@ mod tests {
         // Both stage-2 shapes: a 44-bit space from a level-0 root with FWB, and the 39-bit one
         // from a level-1 root of a 40-bit CPU (which has no FWB, as cortex-a53) without.
         let geometry = crate::geometry::Geometry::for_cpu(if fwb { 4 } else { 2 }).unwrap();
-        let mut manager = AttributeManager::new(&mut memory, fwb, RAM, &geometry).unwrap();
+        let alias = AliasPlace {
+            va: ALIAS_VA,
+            table: memory.allocate().unwrap(),
+        };
+        let mut manager = AttributeManager::new(&mut memory, fwb, RAM, &geometry, alias).unwrap();
         manager.map_mmio(&mut memory, UART.0, UART.1).unwrap();
-        let mut window_memory = VecMemory::new(1);
-        let window_table = window_memory.allocate().unwrap();
-        let window = Window::new(WINDOW_VA, window_table, window_memory);
         Fixture {
             memory,
             manager,
-            window,
             arch: Recorder::new(),
         }
     }
 
     impl Fixture {
         fn set(&mut self, ipa: u64, size: u64, attribute: Attribute) -> Result<Progress, Status> {
-            self.manager.set_attribute(
-                &mut self.memory,
-                &mut self.arch,
-                &mut self.window,
-                ipa,
-                size,
-                attribute,
-            )
+            self.manager
+                .set_attribute(&mut self.memory, &mut self.arch, ipa, size, attribute)
         }
         fn set_all(&mut self, ipa: u64, size: u64, attribute: Attribute) -> Vec<Progress> {
             let mut calls = Vec::new();
@@ -1131,19 +1133,11 @@ mod tests {
             }
         }
         fn cmo(&mut self, ipa: u64, size: u64, op: CacheOp) -> Result<CacheProgress, Status> {
-            self.manager.cache_operation(
-                &mut self.arch,
-                &mut self.window,
-                ipa,
-                size,
-                op,
-                Requester::Guest,
-            )
+            self.manager
+                .cache_operation(&mut self.arch, ipa, size, op, Requester::Guest)
         }
         fn check(&mut self) {
-            self.manager
-                .check_invariants(&self.memory, &self.window)
-                .unwrap();
+            self.manager.check_invariants(&self.memory).unwrap();
         }
         fn mem_attr(&mut self, ipa: u64) -> u64 {
             (self
@@ -1157,31 +1151,86 @@ mod tests {
         }
     }
 
-    fn window_pass(pa: u64, pages: u64, nc: bool) -> Vec<Op> {
+    /// One clean+invalidate pass through the alias over `pages` pages from `ipa`, then DSB.
+    fn alias_pass(ipa: u64, pages: u64) -> Vec<Op> {
+        vec![
+            Op::Dc(CacheOp::CleanInvalidate, ALIAS_VA + ipa, pages * PAGE_SIZE),
+            Op::DsbIsh,
+        ]
+    }
+
+    /// The alias's break-before-make of pages `ipa..` (already a level-3 table).
+    fn alias_pages(ipa: u64, pages: u64, nc: bool) -> Vec<Op> {
+        let va = |i: u64| ALIAS_VA + ipa + i * PAGE_SIZE;
+        let mut ops: Vec<Op> = (0..pages)
+            .map(|i| {
+                Op::Write(AliasBreak {
+                    va: va(i),
+                    level: 3,
+                })
+            })
+            .collect();
+        ops.push(Op::DsbIshst);
+        if pages > crate::alias::ALIAS_TLBI_THRESHOLD as u64 {
+            ops.push(Op::TlbiAlle2);
+        } else {
+            ops.extend((0..pages).map(|i| Op::TlbiVae2(va(i))));
+        }
+        ops.push(Op::DsbIsh);
+        ops.extend((0..pages).map(|i| {
+            Op::Write(AliasMake {
+                va: va(i),
+                level: 3,
+                non_cacheable: nc,
+            })
+        }));
+        ops.extend([Op::DsbIshst, Op::Isb]);
+        ops
+    }
+
+    /// The alias's split of the block of `region` with pages `ipa..` changing to `nc`.
+    fn alias_split(region: u64, ipa: u64, pages: u64, nc: bool) -> Vec<Op> {
         let mut ops = vec![
-            Op::Write(WindowMap {
-                va: WINDOW_VA,
-                pa,
-                pages,
+            Op::Write(AliasBreak {
+                va: ALIAS_VA + region,
+                level: 2,
+            }),
+            Op::DsbIshst,
+            Op::TlbiVae2(ALIAS_VA + region),
+            Op::DsbIsh,
+            Op::Write(AliasTable {
+                va: ALIAS_VA + region,
+            }),
+        ];
+        ops.extend((0..pages).map(|i| {
+            Op::Write(AliasMake {
+                va: ALIAS_VA + ipa + i * PAGE_SIZE,
+                level: 3,
+                non_cacheable: nc,
+            })
+        }));
+        ops.extend([Op::DsbIshst, Op::Isb]);
+        ops
+    }
+
+    /// The alias's block of `region` broken (one TLBI VAE2IS) and made again as `nc`.
+    fn alias_block(region: u64, nc: bool) -> Vec<Op> {
+        vec![
+            Op::Write(AliasBreak {
+                va: ALIAS_VA + region,
+                level: 2,
+            }),
+            Op::DsbIshst,
+            Op::TlbiVae2(ALIAS_VA + region),
+            Op::DsbIsh,
+            Op::Write(AliasMake {
+                va: ALIAS_VA + region,
+                level: 2,
                 non_cacheable: nc,
             }),
             Op::DsbIshst,
             Op::Isb,
-            Op::Dc(CacheOp::CleanInvalidate, WINDOW_VA, pages * PAGE_SIZE),
-            Op::DsbIsh,
-            Op::Write(WindowUnmap {
-                va: WINDOW_VA,
-                pages,
-            }),
-            Op::DsbIshst,
-        ];
-        if pages > crate::window::WINDOW_TLBI_THRESHOLD {
-            ops.push(Op::TlbiAlle2);
-        } else {
-            ops.extend((0..pages).map(|i| Op::TlbiVae2(WINDOW_VA + i * PAGE_SIZE)));
-        }
-        ops.extend([Op::DsbIsh, Op::Isb]);
-        ops
+        ]
     }
 
     /// The address of the line holding the stage-2 entry a recorded write describes.
@@ -1189,7 +1238,7 @@ mod tests {
         let (ipa, level) = match write {
             Break { ipa, level } | Make { ipa, level, .. } => (ipa, level),
             Table { ipa } | Merge { ipa, .. } => (ipa, 2),
-            WindowMap { .. } | WindowUnmap { .. } => return None,
+            AliasBreak { .. } | AliasMake { .. } | AliasTable { .. } => return None,
         };
         let (table, index) = f.manager.stage2.slot(&f.memory, ipa, level)?;
         Some((table + index as u64 * 8) & !63)
@@ -1286,7 +1335,6 @@ mod tests {
             let ipa = R0 + 0x3000;
             let p = f.set(ipa, PAGE_SIZE, Attribute::NonCacheable).unwrap();
             assert!(p.complete && p.maintenance.split && !p.maintenance.merged);
-            let pa = RAM.pa + 0x3000;
             let mut expected = vec![
                 Op::Write(Break { ipa: R0, level: 2 }),
                 Op::DsbIsh,
@@ -1298,8 +1346,9 @@ mod tests {
                 Op::Write(Table { ipa: R0 }),
                 Op::DsbIshst,
             ];
-            expected.extend(window_pass(pa, 1, false));
-            expected.extend(window_pass(pa, 1, true));
+            expected.extend(alias_pass(ipa, 1));
+            expected.extend(alias_split(R0, ipa, 1, true));
+            expected.extend(alias_pass(ipa, 1));
             expected.extend([
                 Op::Write(Make {
                     ipa,
@@ -1327,7 +1376,6 @@ mod tests {
             f.arch.clear();
             let p = f.set(ipa, PAGE_SIZE, Attribute::WriteBack).unwrap();
             assert!(p.maintenance.merged);
-            let pa = RAM.pa + 0x3000;
             let mut expected = vec![
                 Op::Write(Break { ipa, level: 3 }),
                 Op::DsbIsh,
@@ -1337,7 +1385,8 @@ mod tests {
                 Op::DsbIsh,
                 Op::DeviceTlbi(ipa, PAGE_SIZE),
             ];
-            expected.extend(window_pass(pa, 1, true));
+            expected.extend(alias_pass(ipa, 1));
+            expected.extend(alias_pages(ipa, 1, false));
             expected.extend([
                 Op::Write(Make {
                     ipa,
@@ -1356,6 +1405,7 @@ mod tests {
                 }),
                 Op::DsbIshst,
             ]);
+            // The alias's region stays split (no merge, no TLBI ALLE2IS).
             assert_eq!(f.arch.ops, expected, "fwb={fwb}");
             assert!(f.manager.get(&f.memory, ipa).unwrap().block_mapped);
             f.check();
@@ -1376,9 +1426,9 @@ mod tests {
             Op::DsbIsh,
             Op::DeviceTlbi(R1, BLOCK),
         ];
-        let pa = RAM.pa + (R1 - RAM.ipa);
-        expected.extend(window_pass(pa, 512, false));
-        expected.extend(window_pass(pa, 512, true));
+        expected.extend(alias_pass(R1, 512));
+        expected.extend(alias_block(R1, true));
+        expected.extend(alias_pass(R1, 512));
         expected.extend([
             Op::Write(Make {
                 ipa: R1,
@@ -1395,15 +1445,15 @@ mod tests {
     #[test]
     fn tlbi_count_does_not_grow_with_the_range() {
         let mut f = fixture(true);
-        // Every call of a 2 MiB-aligned range: 2 stage-2 TLBIs and one EL2 TLBI per window pass.
+        // Every call of a 2 MiB-aligned range: 2 stage-2 TLBIs and one for the alias's block.
         for p in f.set_all(RAM.ipa, RAM.size, Attribute::NonCacheable) {
-            assert_eq!(p.maintenance.tlbi_count, 4);
+            assert_eq!(p.maintenance.tlbi_count, 3);
         }
         for p in f.set_all(RAM.ipa, RAM.size, Attribute::WriteBack) {
             assert_eq!(p.maintenance.tlbi_count, 3);
         }
         // Inside split regions: above the threshold, one VMID-wide TLBI whatever the size, plus
-        // one EL2 TLBI per window pass, plus one for a merge when the region agrees again.
+        // one TLBI ALLE2IS for the alias's pages.
         let mut counts = Vec::new();
         for pages in [17u64, 100, 300, 510] {
             let mut f = fixture(true);
@@ -1467,16 +1517,16 @@ mod tests {
         let ipa = R0 + 0x1010; // starts 16 bytes into a line
         let p = f.cmo(ipa, 0x100, CacheOp::Invalidate).unwrap();
         assert!(p.complete && !p.widened);
-        let va = WINDOW_VA; // the window starts at the page of `ipa`
+        let va = ALIAS_VA + R0 + 0x1000; // the alias of the page of `ipa`
         assert_eq!(
-            f.arch.ops[3..6],
+            f.arch.ops[0..3],
             [
                 Op::Dc(CacheOp::CleanInvalidate, va, 64),
                 Op::Dc(CacheOp::CleanInvalidate, va + 0x100, 64),
                 Op::Dc(CacheOp::Invalidate, va + 64, 0xc0),
             ]
         );
-        assert_eq!(f.arch.ops[6], Op::DsbIsh);
+        assert_eq!(f.arch.ops[3..], [Op::DsbIsh]);
         f.arch.clear();
         f.manager
             .pin(&mut f.memory, &mut f.arch, R0 + 0x1000, PAGE_SIZE)
@@ -1487,17 +1537,10 @@ mod tests {
         // The hypervisor's own DMA maintenance invalidates exactly, pinned or not.
         let dma = f
             .manager
-            .cache_operation(
-                &mut f.arch,
-                &mut f.window,
-                ipa,
-                0x100,
-                CacheOp::Invalidate,
-                Requester::Dma,
-            )
+            .cache_operation(&mut f.arch, ipa, 0x100, CacheOp::Invalidate, Requester::Dma)
             .unwrap();
         assert!(!dma.widened);
-        assert_eq!(f.arch.ops[3], Op::Dc(CacheOp::CleanInvalidate, va, 0x140));
+        assert_eq!(f.arch.ops[0], Op::Dc(CacheOp::CleanInvalidate, va, 0x140));
         f.check();
     }
 
@@ -1580,22 +1623,14 @@ mod tests {
                             f.arch.clear();
                             let p = f
                                 .manager
-                                .cache_operation(
-                                    &mut f.arch,
-                                    &mut f.window,
-                                    start,
-                                    len,
-                                    op,
-                                    Requester::Dma,
-                                )
+                                .cache_operation(&mut f.arch, start, len, op, Requester::Dma)
                                 .unwrap();
                             assert!(p.complete && !p.widened);
-                            let page_base = start & !(PAGE_SIZE - 1);
                             let mut seen = std::collections::BTreeMap::new();
                             for o in &f.arch.ops {
                                 if let Op::Dc(dc, va, bytes) = *o {
                                     for at in (va..va + bytes).step_by(line as usize) {
-                                        let ipa = at - WINDOW_VA + page_base;
+                                        let ipa = at - ALIAS_VA;
                                         assert!(
                                             seen.insert(ipa, dc).is_none(),
                                             "{op:?} {start:#x}+{len}: line {ipa:#x} twice"
@@ -1696,26 +1731,20 @@ mod tests {
     }
 
     #[test]
-    fn cache_operations_map_each_page_with_its_own_attribute() {
+    fn cache_operations_go_through_the_alias_with_no_mapping_and_no_tlbi() {
         let mut f = fixture(true);
         f.set(R0 + PAGE_SIZE, PAGE_SIZE, Attribute::NonCacheable)
             .unwrap();
         f.arch.clear();
         f.cmo(R0, 3 * PAGE_SIZE, CacheOp::Clean).unwrap();
+        // The pages keep the alias's attributes (the middle one NC, as stage 2 says; `check`
+        // below compares them): one DC range and its DSB, nothing else.
         assert_eq!(
-            f.arch.ops[0],
-            Op::Write(WindowMap {
-                va: WINDOW_VA,
-                pa: RAM.pa,
-                pages: 3,
-                non_cacheable: false
-            })
-        );
-        let table = f.window.table();
-        let _ = table;
-        assert_eq!(
-            f.arch.ops[3],
-            Op::Dc(CacheOp::Clean, WINDOW_VA, 3 * PAGE_SIZE)
+            f.arch.ops,
+            [
+                Op::Dc(CacheOp::Clean, ALIAS_VA + R0, 3 * PAGE_SIZE),
+                Op::DsbIsh
+            ]
         );
         assert_eq!(f.cmo(R0, 0, CacheOp::Clean), Err(Status::InvalidParameter));
         assert_eq!(f.cmo(UART.0, 4, CacheOp::Clean), Err(Status::Denied));
@@ -1724,22 +1753,94 @@ mod tests {
             Err(Status::OutOfRange)
         );
         let p = f.cmo(R0 + 8, 3 << 20, CacheOp::CleanInvalidate).unwrap();
-        assert!(!p.complete && p.done == BLOCK - 8, "one window per call");
+        assert!(
+            !p.complete && p.done == BLOCK - 8,
+            "2 MiB from the page per call"
+        );
         f.check();
     }
 
-    /// I2 read off a recorded call: every page made non-cacheable was broken, TLB-invalidated
-    /// (with a DSB after), cleaned and invalidated through a write-back window and then again
-    /// through a non-cacheable one, all before its make; every page made write-back again was
-    /// invalidated through a non-cacheable window before its make.
-    fn check_i2(ops: &[Op]) -> Result<(), String> {
-        let mut windows: Vec<(u64, u64, u64, bool)> = Vec::new(); // va, pa, bytes, nc
+    /// I1 and I2 read off a recorded call, replayed over a model of both mappings of each page
+    /// (the guest's stage 2 and the hypervisor's alias; `None` while broken), starting from the
+    /// ledger `before`. I2: every page made non-cacheable in stage 2 was broken, TLB-invalidated
+    /// (with a DSB after), cleaned and invalidated through the alias while write-back and then
+    /// again while non-cacheable, all before its make; every page made write-back again was
+    /// invalidated through the non-cacheable alias before its make. I1: stage 2 never makes a
+    /// page NC while the alias maps it WB, and the alias never maps a page WB while stage 2
+    /// maps it NC. No DC goes through a broken alias entry.
+    fn check_i2(ops: &[Op], before: &[bool]) -> Result<(), String> {
+        let page_of = |ipa: u64| ((ipa - RAM.ipa) / PAGE_SIZE) as usize;
+        let pages_of = |level: usize| (level_size(level) / PAGE_SIZE) as usize;
+        let mut guest: Vec<Option<bool>> = before.iter().map(|&nc| Some(nc)).collect();
+        let mut alias = guest.clone();
+        // What a broken block held, for the split that links a table of the same pages.
+        let mut guest_saved = guest.clone();
+        let mut alias_saved = alias.clone();
         let mut broken: Vec<(u64, u64, usize)> = Vec::new(); // ipa, bytes, index of break
-        let mut passes: Vec<(u64, u64, bool, usize)> = Vec::new(); // pa, bytes, nc, index
+        let mut passes: Vec<(usize, bool, usize)> = Vec::new(); // page, nc, index
         let mut last_tlbi_done = 0usize;
         for (i, op) in ops.iter().enumerate() {
             match *op {
-                Op::Write(Break { ipa, level }) => broken.push((ipa, level_size(level), i)),
+                Op::Write(Break { ipa, level }) => {
+                    broken.push((ipa, level_size(level), i));
+                    let first = page_of(ipa);
+                    for page in first..(first + pages_of(level)).min(guest.len()) {
+                        guest_saved[page] = guest[page];
+                        guest[page] = None;
+                    }
+                }
+                Op::Write(Table { ipa }) => {
+                    // A split leaves the pages it changes invalid: those a later make maps.
+                    let first = page_of(ipa);
+                    for page in first..(first + 512).min(guest.len()) {
+                        let made_later = ops[i..].iter().any(|o| {
+                            matches!(*o, Op::Write(Make { ipa, level: 3, .. })
+                                if page_of(ipa) == page)
+                        });
+                        guest[page] = if made_later { None } else { guest_saved[page] };
+                    }
+                }
+                Op::Write(Merge { ipa, non_cacheable }) => {
+                    let first = page_of(ipa);
+                    for page in first..(first + 512).min(guest.len()) {
+                        if non_cacheable && alias[page] != Some(true) {
+                            return Err(format!("{ipa:#x} merged NC over a WB alias page"));
+                        }
+                        guest[page] = Some(non_cacheable);
+                    }
+                }
+                Op::Write(AliasBreak { va, level }) => {
+                    let first = page_of(va - ALIAS_VA);
+                    for page in first..(first + pages_of(level)).min(alias.len()) {
+                        alias_saved[page] = alias[page];
+                        alias[page] = None;
+                    }
+                }
+                Op::Write(AliasTable { va }) => {
+                    let first = page_of(va - ALIAS_VA);
+                    for page in first..(first + 512).min(alias.len()) {
+                        let made_later = ops[i..].iter().any(|o| {
+                            matches!(*o, Op::Write(AliasMake { va, level: 3, .. })
+                                if page_of(va - ALIAS_VA) == page)
+                        });
+                        alias[page] = if made_later { None } else { alias_saved[page] };
+                    }
+                }
+                Op::Write(AliasMake {
+                    va,
+                    level,
+                    non_cacheable,
+                }) => {
+                    let first = page_of(va - ALIAS_VA);
+                    for page in first..(first + pages_of(level)).min(alias.len()) {
+                        if !non_cacheable && guest[page] == Some(true) {
+                            return Err(format!(
+                                "alias of page {page} made WB while NC in stage 2"
+                            ));
+                        }
+                        alias[page] = Some(non_cacheable);
+                    }
+                }
                 Op::DsbIsh
                     if i > 0
                         && ops[..i]
@@ -1750,15 +1851,13 @@ mod tests {
                 {
                     last_tlbi_done = i
                 }
-                Op::Write(WindowMap {
-                    va,
-                    pa,
-                    pages,
-                    non_cacheable,
-                }) => windows.push((va, pa, pages * PAGE_SIZE, non_cacheable)),
                 Op::Dc(CacheOp::CleanInvalidate, va, len) => {
-                    let &(wva, wpa, _, nc) = windows.last().ok_or("DC with no window")?;
-                    passes.push((wpa + (va - wva), len, nc, i));
+                    let first = page_of(va - ALIAS_VA);
+                    let last = page_of(va - ALIAS_VA + len - 1);
+                    for (page, state) in alias.iter().enumerate().take(last + 1).skip(first) {
+                        let nc = state.ok_or(format!("DC through broken alias page {page}"))?;
+                        passes.push((page, nc, i));
+                    }
                 }
                 Op::Write(Make {
                     ipa,
@@ -1766,7 +1865,6 @@ mod tests {
                     non_cacheable,
                 }) => {
                     let size = level_size(level);
-                    let pa = RAM.pa + (ipa - RAM.ipa);
                     let brk = broken
                         .iter()
                         .filter(|&&(b, len, _)| b <= ipa && ipa + size <= b + len)
@@ -1778,22 +1876,149 @@ mod tests {
                             "make of {ipa:#x}: no completed TLBI after its break"
                         ));
                     }
-                    let covered = |want_nc: bool| {
-                        passes.iter().any(|&(p, len, nc, at)| {
-                            nc == want_nc && at > brk && p <= pa && pa + size <= p + len
-                        })
-                    };
-                    if non_cacheable && !(covered(false) && covered(true)) {
-                        return Err(format!("{ipa:#x} made NC without both clean passes"));
-                    }
-                    if !non_cacheable && !covered(true) {
-                        return Err(format!("{ipa:#x} made WB without an invalidate"));
+                    for page in page_of(ipa)..page_of(ipa) + pages_of(level) {
+                        let covered = |want_nc: bool| {
+                            passes
+                                .iter()
+                                .any(|&(p, nc, at)| nc == want_nc && at > brk && p == page)
+                        };
+                        if non_cacheable && !(covered(false) && covered(true)) {
+                            return Err(format!("{ipa:#x} made NC without both clean passes"));
+                        }
+                        if !non_cacheable && !covered(true) {
+                            return Err(format!("{ipa:#x} made WB without an invalidate"));
+                        }
+                        if non_cacheable && alias[page] != Some(true) {
+                            return Err(format!("{ipa:#x} made NC while its alias is not NC"));
+                        }
+                        guest[page] = Some(non_cacheable);
                     }
                 }
                 _ => {}
             }
         }
+        if let Some(page) = (0..alias.len()).find(|&p| alias[p].is_none() || guest[p].is_none()) {
+            return Err(format!("page {page} left broken"));
+        }
         Ok(())
+    }
+
+    #[test]
+    fn a_split_without_table_memory_changes_nothing_in_stage_2_or_the_alias() {
+        // No table for the alias's split, then one for it but none for stage 2's.
+        for spare in [0, 1] {
+            let mut f = fixture(true);
+            f.memory.limit = f.memory.tables.len() + spare;
+            let ipa = R0 + 0x5000;
+            assert_eq!(
+                f.set(ipa, PAGE_SIZE, Attribute::NonCacheable).unwrap_err(),
+                Status::NoMemory
+            );
+            assert!(f.arch.ops.is_empty(), "spare {spare}: {:?}", f.arch.ops);
+            assert_eq!(f.manager.attribute_of(ipa), Attribute::WriteBack);
+            f.check();
+        }
+    }
+
+    #[test]
+    fn the_alias_stays_split_until_a_whole_region_changes() {
+        let mut f = fixture(true);
+        f.set(R1 + PAGE_SIZE, PAGE_SIZE, Attribute::NonCacheable)
+            .unwrap();
+        f.arch.clear();
+        // Back to WB: stage 2 merges, the alias keeps its table (a page break, no ALLE2IS).
+        f.set(R1 + PAGE_SIZE, PAGE_SIZE, Attribute::WriteBack)
+            .unwrap();
+        let alias_ops: Vec<Op> = f
+            .arch
+            .ops
+            .iter()
+            .copied()
+            .filter(|o| matches!(o, Op::Write(AliasBreak { .. } | AliasMake { .. })))
+            .collect();
+        assert_eq!(
+            alias_ops,
+            [
+                Op::Write(AliasBreak {
+                    va: ALIAS_VA + R1 + PAGE_SIZE,
+                    level: 3
+                }),
+                Op::Write(AliasMake {
+                    va: ALIAS_VA + R1 + PAGE_SIZE,
+                    level: 3,
+                    non_cacheable: false
+                })
+            ]
+        );
+        f.check();
+        // The whole region: its table goes (TLBI ALLE2IS: any page may be cached), one block.
+        f.arch.clear();
+        f.set(R1, BLOCK, Attribute::NonCacheable).unwrap();
+        let at = f
+            .arch
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::Write(AliasBreak { .. })))
+            .unwrap();
+        assert_eq!(
+            f.arch.ops[at..at + 7],
+            [
+                Op::Write(AliasBreak {
+                    va: ALIAS_VA + R1,
+                    level: 2
+                }),
+                Op::DsbIshst,
+                Op::TlbiAlle2,
+                Op::DsbIsh,
+                Op::Write(AliasMake {
+                    va: ALIAS_VA + R1,
+                    level: 2,
+                    non_cacheable: true
+                }),
+                Op::DsbIshst,
+                Op::Isb,
+            ]
+        );
+        f.check();
+    }
+
+    #[test]
+    fn the_i1_i2_replay_catches_a_wrong_order() {
+        let mut f = fixture(true);
+        let ipa = R0 + 0x3000;
+        f.set(ipa, PAGE_SIZE, Attribute::NonCacheable).unwrap();
+        let before = vec![false; (RAM.size / PAGE_SIZE) as usize];
+        let good = f.arch.ops.clone();
+        check_i2(&good, &before).unwrap();
+        // Without the pass through the write-back alias (no clean before NC: I2).
+        let first_dc = good.iter().position(|o| matches!(o, Op::Dc(..))).unwrap();
+        let mut bad = good.clone();
+        bad.remove(first_dc);
+        assert!(check_i2(&bad, &before).is_err());
+        // Stage 2 made NC before the alias is (a cacheable alias of an NC page: I1).
+        let make = good
+            .iter()
+            .position(|o| matches!(o, Op::Write(Make { .. })))
+            .unwrap();
+        let alias_make = good
+            .iter()
+            .position(|o| matches!(o, Op::Write(AliasMake { .. })))
+            .unwrap();
+        let mut bad = good.clone();
+        let op = bad.remove(make);
+        bad.insert(alias_make, op);
+        assert!(check_i2(&bad, &before).is_err());
+        // A DC through the alias while its entry is broken.
+        let alias_break = good
+            .iter()
+            .position(|o| matches!(o, Op::Write(AliasBreak { .. })))
+            .unwrap();
+        let mut bad = good.clone();
+        bad.insert(
+            alias_break + 1,
+            Op::Dc(CacheOp::CleanInvalidate, ALIAS_VA + ipa, 64),
+        );
+        assert!(check_i2(&bad, &before).is_err());
     }
 
     #[derive(Clone, Debug)]
@@ -1837,7 +2062,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
         /// Random operation sequences against a reference model: after every call the ledger
         /// and stage 2 agree with the model (I1 for the guest's alias, blocks where possible),
-        /// the window is empty (no hypervisor alias left), the recorded sequence satisfies I2,
+        /// the hypervisor's alias agrees with the ledger, the recorded sequence satisfies I1 and I2,
         /// each call does at most the budget (I6), and each call yields one outcome to audit (I5).
         #[test]
         fn random_sequences_keep_the_invariants(fwb in any::<bool>(), steps in proptest::collection::vec(step(), 1..25)) {
@@ -1862,7 +2087,7 @@ mod tests {
                             match result {
                                 Ok(p) => {
                                     prop_assert!(p.done <= WORK_BUDGET && p.done > 0);
-                                    check_i2(&f.arch.ops).map_err(TestCaseError::fail)?;
+                                    check_i2(&f.arch.ops, &model_nc).map_err(TestCaseError::fail)?;
                                     no_pinned_page_broken(&f.arch.ops, &model_pins)?;
                                     let first = ((at - RAM.ipa) / PAGE_SIZE) as usize;
                                     model_nc[first..first + (p.done / PAGE_SIZE) as usize].fill(nc);
@@ -1898,15 +2123,11 @@ mod tests {
                         audited += 1;
                         let p = f.cmo(RAM.ipa + offset, len, op).unwrap();
                         prop_assert!(p.done <= WORK_BUDGET);
-                        // The window maps every page with the attribute the ledger gives it.
-                        if let Some(Op::Write(WindowMap { pa, pages, non_cacheable, .. })) = f.arch.ops.first().copied() {
-                            let first = ((pa - RAM.pa) / PAGE_SIZE) as usize;
-                            let slice = &model_nc[first..first + pages as usize];
-                            if non_cacheable { prop_assert!(slice.iter().all(|&nc| nc)); }
-                        }
+                        // Through the alias, with no mapping or TLBI of its own.
+                        prop_assert!(f.arch.ops.iter().all(|op| matches!(op, Op::Dc(..) | Op::DsbIsh)));
                     }
                 }
-                f.manager.check_invariants(&f.memory, &f.window).map_err(TestCaseError::fail)?;
+                f.manager.check_invariants(&f.memory).map_err(TestCaseError::fail)?;
                 for (i, &nc) in model_nc.iter().enumerate() {
                     let info = f.manager.get(&f.memory, RAM.ipa + i as u64 * PAGE_SIZE).unwrap();
                     prop_assert_eq!(info.attribute == Attribute::NonCacheable, nc, "page {}", i);

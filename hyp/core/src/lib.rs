@@ -9,6 +9,7 @@
 extern crate alloc;
 
 pub mod address;
+pub mod alias;
 pub mod attributes;
 pub mod audit;
 pub mod call;
@@ -28,4 +29,3 @@ pub mod pagetable;
 pub mod psci;
 pub mod requests;
 pub mod traps;
-pub mod window;

@@ -84,23 +84,26 @@ pub enum TableWrite {
         /// First IPA it covers.
         ipa: u64,
     },
-    /// The per-CPU maintenance window mapped over a run of guest pages.
-    WindowMap {
-        /// First VA of the window.
+    /// An entry of the hypervisor's alias of guest RAM made invalid (break).
+    AliasBreak {
+        /// First EL2 VA the entry mapped.
         va: u64,
-        /// Physical address mapped at `va`.
-        pa: u64,
-        /// Pages mapped.
-        pages: u64,
-        /// Mapped non-cacheable (else write-back).
+        /// Level of the entry (2: a block or a table descriptor, 3: a page).
+        level: usize,
+    },
+    /// An alias leaf written (make).
+    AliasMake {
+        /// First EL2 VA it maps.
+        va: u64,
+        /// Level (2: block, 3: page).
+        level: usize,
+        /// Non-cacheable (else write-back).
         non_cacheable: bool,
     },
-    /// The window's entries made invalid again.
-    WindowUnmap {
-        /// First VA of the window.
+    /// An alias table descriptor written over a broken block (a split).
+    AliasTable {
+        /// First EL2 VA it covers.
         va: u64,
-        /// Pages unmapped.
-        pages: u64,
     },
 }
 

@@ -202,6 +202,18 @@ impl<F: Format> PageTable<F> {
         })
     }
 
+    /// A tree whose root table already exists: a sub-tree that its owner linked into a larger
+    /// map (the hypervisor's alias of guest RAM is one level-1 table of the EL2 map).
+    pub fn from_root(root: u64, format: F, start_level: usize, input_bits: u32) -> Self {
+        debug_assert!(start_level <= 2 && input_bits <= level_shift(start_level) + 9);
+        Self {
+            root,
+            start_level,
+            input_bits,
+            format,
+        }
+    }
+
     /// Physical address of the root table (for TTBR/VTTBR).
     pub fn root(&self) -> u64 {
         self.root

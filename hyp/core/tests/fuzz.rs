@@ -2,18 +2,18 @@
 //! toolchain so that CI runs it on every push: random register values (biased towards the edges
 //! that matter: RAM bounds, page and line boundaries, flag bits, huge and wrapping sizes) go
 //! through `call::decode`, the request decoders and the ledger operations, and after every
-//! call the stage 2, the ledger and the window must agree and nothing may panic.
+//! call the stage 2, the ledger and the hypervisor's alias must agree and nothing may panic.
 //!
 //! `STAGEHAND_FUZZ_SECONDS` sets the duration (default 3 s); `STAGEHAND_FUZZ_SEED` replays a
 //! run (the seed is printed when a case fails).
 
+use hyp_core::alias::AliasPlace;
 use hyp_core::attributes::{Attribute, AttributeManager};
 use hyp_core::call::{self, Call};
 use hyp_core::layout::GuestRam;
 use hyp_core::maintenance::Recorder;
 use hyp_core::pagetable::{Table, TableMemory, ENTRIES, PAGE_SIZE};
 use hyp_core::requests;
-use hyp_core::window::Window;
 use stagehand_abi::function;
 use std::time::{Duration, Instant};
 
@@ -104,11 +104,13 @@ fn run(seed: u64, deadline: Instant) -> u64 {
     let mut tables = Tables(Vec::new());
     let geometry =
         hyp_core::geometry::Geometry::for_cpu(if seed & 4 == 0 { 4 } else { 2 }).unwrap();
-    let mut manager = AttributeManager::new(&mut tables, seed & 2 == 0, RAM, &geometry).unwrap();
+    let alias = AliasPlace {
+        va: 0x7f00_0000_0000,
+        table: tables.allocate().unwrap(),
+    };
+    let mut manager =
+        AttributeManager::new(&mut tables, seed & 2 == 0, RAM, &geometry, alias).unwrap();
     manager.map_mmio(&mut tables, 0x0900_0000, 0x1000).unwrap();
-    let mut window_tables = Tables(Vec::new());
-    let window_table = window_tables.allocate().unwrap();
-    let mut window = Window::new(0x7f00_0000_0000, window_table, window_tables);
     let mut arch = Recorder::new();
     let mut iterations = 0;
     let functions = [
@@ -146,14 +148,9 @@ fn run(seed: u64, deadline: Instant) -> u64 {
                 attribute,
             } => {
                 if let Some(attribute) = Attribute::from_abi(attribute) {
-                    if let Ok(p) = manager.set_attribute(
-                        &mut tables,
-                        &mut arch,
-                        &mut window,
-                        ipa,
-                        size,
-                        attribute,
-                    ) {
+                    if let Ok(p) =
+                        manager.set_attribute(&mut tables, &mut arch, ipa, size, attribute)
+                    {
                         assert!(
                             p.done > 0 && p.done <= hyp_core::attributes::WORK_BUDGET,
                             "seed {seed:#x}"
@@ -169,7 +166,6 @@ fn run(seed: u64, deadline: Instant) -> u64 {
                     if !request.by_va {
                         if let Ok(p) = manager.cache_operation(
                             &mut arch,
-                            &mut window,
                             address,
                             size,
                             request.op,
@@ -205,7 +201,7 @@ fn run(seed: u64, deadline: Instant) -> u64 {
             }
             _ => {}
         }
-        if let Err(problem) = manager.check_invariants(&tables, &window) {
+        if let Err(problem) = manager.check_invariants(&tables) {
             panic!("seed {seed:#x}, iteration {iterations}: {problem}");
         }
     }

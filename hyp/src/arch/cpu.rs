@@ -35,7 +35,8 @@ macro_rules! dc_loop {
         let (va, len, line): (u64, u64, u64) = ($va, $len, $line);
         let end = va + len;
         let bulk_end = va + (len / (4 * line)) * (4 * line);
-        // SAFETY: the engine passes a range it has just mapped in this CPU's window; a cache
+        // SAFETY: the engine passes a range of the hypervisor's alias of guest RAM, mapped while
+        // the attribute lock is held; a cache
         // maintenance instruction does not change memory contents any observer relies on
         // except as the engine intends (IVAC only where the engine decided to discard).
         unsafe {
@@ -142,8 +143,8 @@ impl Arch for Cpu {
 
 impl GuestMemory for Cpu {
     fn read_bytes(&mut self, at: HypVa, _pa: Pa, into: &mut [u8]) {
-        // SAFETY: the caller mapped `into.len()` bytes of guest RAM at `at` in this CPU's window
-        // for the duration of the call; a byte copy has no alignment requirement. The guest may
+        // SAFETY: `at` is the alias of `into.len()` bytes of guest RAM, which stays mapped while
+        // the caller holds the attribute lock, as it does for the duration of the call; a byte copy has no alignment requirement. The guest may
         // change the bytes concurrently: they are parsed afterwards, never trusted as a value.
         unsafe {
             core::ptr::copy_nonoverlapping(at.get() as *const u8, into.as_mut_ptr(), into.len())

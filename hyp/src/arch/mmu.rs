@@ -1,6 +1,8 @@
-//! The hypervisor's own EL2 stage-1 map (identity: VA == PA): RAM as Normal write-back, the
-//! MMIO it drives as Device, nothing else (flash is never mapped). Built by the boot CPU with
-//! the MMU off in tables the linker script reserves, then shared by every CPU.
+//! The hypervisor's own EL2 stage-1 map (identity: VA == PA): its own RAM as Normal
+//! write-back, the MMIO it drives as Device, nothing else (flash is never mapped), plus one
+//! level-1 table at [`ALIAS_BASE`] for the alias of guest RAM, which `hyp_core::alias` fills and
+//! edits. Built by the boot CPU with the MMU off in tables the linker script reserves, then
+//! shared by every CPU.
 
 use super::sysreg::{SCTLR_EL2_RES1, TCR_EL2_RES1};
 use super::{dsb_sy, invalidate_range, isb};
@@ -9,10 +11,10 @@ use aarch64_cpu::registers::{
 };
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
+use hyp_core::alias::AliasPlace;
 use hyp_core::pagetable::{
     El2, MapError, MemoryType, PageTable, Permissions, TableMemory, ENTRIES, PAGE_SIZE,
 };
-use hyp_core::window::{Window, WINDOW_PAGES};
 
 /// EL2 virtual-address bits (T0SZ = 16): a level-0 walk covering every PA QEMU virt uses.
 const VA_BITS: u32 = 48;
@@ -96,7 +98,7 @@ impl TableMemory for BootTables {
 /// Table memory from the heap (after the MMU is on). It holds nothing: each entry is read or
 /// written where it lies, atomically, so CPUs that share the attribute lock can read the same
 /// tables at once with `&HeapTables`, and a writer, which holds the lock alone, edits them with
-/// `&mut HeapTables`. Entries of the boot tables (a CPU's window) are reached the same way.
+/// `&mut HeapTables`. Entries of the boot tables (the alias's level-1 table) are reached the same way.
 #[derive(Debug)]
 pub struct HeapTables;
 
@@ -227,9 +229,10 @@ pub unsafe fn enable(map: &PageTable<El2>) {
     isb();
 }
 
-/// Adds the MMIO the hypervisor drives to the live EL2 map. Guest RAM is deliberately absent:
-/// the hypervisor reaches it only through per-CPU windows ([`create_windows`]) mapped with each
-/// page's own attribute, so it never holds a cacheable alias of a non-cacheable page. Only
+/// Adds the MMIO the hypervisor drives to the live EL2 map. Guest RAM is deliberately absent
+/// from the identity map: the hypervisor reaches it only through its alias
+/// ([`create_alias_table`]), whose pages have the attributes stage 2 gives them, so it never
+/// holds a cacheable alias of a non-cacheable page. Only
 /// invalid entries are filled, which needs no break-before-make and no TLB invalidation
 /// (translation faults are never cached), just a barrier before the first use.
 ///
@@ -274,27 +277,23 @@ pub fn extend(
     Ok(())
 }
 
-/// EL2 address of CPU 0's maintenance window; CPU `i`'s is 2 MiB above CPU `i - 1`'s. Far above
-/// every physical address of the board, so it never collides with the identity map.
-pub const WINDOW_BASE: u64 = 0x7f00_0000_0000;
+/// EL2 address of IPA 0 in the hypervisor's alias of guest RAM (guest IPA `ipa` is at
+/// `ALIAS_BASE + ipa`): 512 GiB-aligned, so one level-1 table of the EL2 map covers it, and far
+/// above every physical address of the board, so it never collides with the identity map.
+pub const ALIAS_BASE: u64 = 0x7f00_0000_0000;
 
-/// Creates one empty maintenance window per CPU: a level-3 table linked into the EL2 map.
+/// Creates the empty level-1 table of the alias of guest RAM, linked into the EL2 map; the
+/// attribute manager fills it ([`hyp_core::alias`]).
 ///
 /// # Errors
 /// A [`MapError`] when the boot tables run out.
-pub fn create_windows(
+pub fn create_alias_table(
     tables: &mut BootTables,
     map: &mut PageTable<El2>,
-    cpus: usize,
-) -> Result<alloc::vec::Vec<Window<HeapTables>>, MapError> {
-    let windows = (0..cpus as u64)
-        .map(|i| {
-            let va = WINDOW_BASE + i * (WINDOW_PAGES * PAGE_SIZE);
-            map.table_at(tables, va, 3)
-                .map(|table| Window::new(va, table, HeapTables))
-        })
-        .collect();
-    super::dsb_ish();
-    isb();
-    windows
+) -> Result<AliasPlace, MapError> {
+    let table = map.table_at(tables, ALIAS_BASE, 1)?;
+    Ok(AliasPlace {
+        va: ALIAS_BASE,
+        table,
+    })
 }

@@ -33,9 +33,9 @@ pub fn mark<M, I, S: AuditSink>(
 ///
 /// # Errors
 /// NOT_SUPPORTED (no records kept), INVALID_PARAMETER (size), ALIGNMENT, OUT_OF_RANGE, DENIED.
-pub fn read<M, I, S, C, W>(
+pub fn read<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     buffer: u64,
     size: u64,
     first: u64,
@@ -45,7 +45,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     if !vm.audit.enabled() {
         return Err(HypercallError::NotSupported);
@@ -70,8 +69,7 @@ where
     // The range was checked above and guest RAM does not move: a failure here is the answer
     // the check would have given.
     let stage2 = vm.stage2.read();
-    let mut window = cpu.window.lock();
-    write_guest(&stage2.manager, &mut cpu.cpu, &mut window, buffer, &bytes)?;
+    write_guest(&stage2.manager, &mut cpu.cpu, buffer, &bytes)?;
     Ok(Reply::success([
         read.records.len() as u64,
         read.next_sequence,

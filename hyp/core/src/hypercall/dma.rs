@@ -23,7 +23,6 @@ use crate::dma::{
 };
 use crate::maintenance::{Arch, CacheOp};
 use crate::pagetable::{MemoryType, TableMemory};
-use crate::window::Window;
 use alloc::vec::Vec;
 use stagehand_abi::dma_sg::{Segment, HANDLE_OFFSET, SEGMENT_SIZE};
 use stagehand_abi::function;
@@ -47,13 +46,12 @@ pub fn device_info<M, I: Iommu, S>(vm: &Vm<M, I, S>, index: u64) -> Result<Reply
     ]))
 }
 
-/// `op` over guest `[ipa, ipa + size)` through this CPU's window, to the end (the caller bounds
-/// `size`): exactly the buffer's lines, partial edge lines of an invalidate cleaned too. Returns
-/// the lines maintained.
-fn maintain<A: Arch, W: TableMemory>(
+/// `op` over guest `[ipa, ipa + size)` through the hypervisor's alias of guest RAM, to the end
+/// (the caller bounds `size`): exactly the buffer's lines, partial edge lines of an invalidate
+/// cleaned too. Returns the lines maintained.
+fn maintain<A: Arch>(
     manager: &AttributeManager,
     cpu: &mut A,
-    window: &mut Window<W>,
     line: u64,
     op: CacheOp,
     ipa: u64,
@@ -61,8 +59,7 @@ fn maintain<A: Arch, W: TableMemory>(
 ) -> Result<u64, HypercallError> {
     let mut done = 0;
     while done < size {
-        let progress =
-            manager.cache_operation(cpu, window, ipa + done, size - done, op, Requester::Dma)?;
+        let progress = manager.cache_operation(cpu, ipa + done, size - done, op, Requester::Dma)?;
         done += progress.done;
     }
     Ok((ipa + size).div_ceil(line) - ipa / line)
@@ -166,11 +163,10 @@ impl<I: Iommu> Held<'_, I> {
 /// added to `stale_runs`, for the caller's one sync before it returns to the guest (the device
 /// cannot use the buffer before it learns of it).
 #[allow(clippy::too_many_arguments)]
-fn map_buffer<A: Arch, W: TableMemory, M: TableMemory, I: Iommu>(
+fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
     held: &mut Held<'_, I>,
     tables: &mut M,
     cpu: &mut A,
-    window: &mut Window<W>,
     line: u64,
     device: DmaDevice,
     ipa: u64,
@@ -244,7 +240,7 @@ fn map_buffer<A: Arch, W: TableMemory, M: TableMemory, I: Iommu>(
         dma::maintenance(direction, Step::Map)
     };
     if let Some(op) = op {
-        if let Err(error) = maintain(held.manager, cpu, window, line, op, ipa, size) {
+        if let Err(error) = maintain(held.manager, cpu, line, op, ipa, size) {
             // The device must not get a buffer that was not maintained.
             if held.mappings.remove(handle).is_err() {
                 log::error!("DMA: handle {handle} vanished under the lock");
@@ -325,9 +321,9 @@ fn dma_device<I: Iommu>(iommu: &I, device: u64) -> Result<DmaDevice, HypercallEr
 ///
 /// # Errors
 /// INVALID_PARAMETER, OUT_OF_RANGE, DENIED, NO_DEVICE, NO_MEMORY, BUSY; nothing is mapped.
-pub fn map<M, I, S, C, W>(
+pub fn map<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     device: u64,
     ipa: u64,
     size: u64,
@@ -338,7 +334,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch,
-    W: TableMemory,
 {
     // A driver's DMA calls are where its device's faults matter: drain them into the log (one
     // register read when there are none).
@@ -354,13 +349,11 @@ where
         mappings: &mut mappings,
         iommu: &vm.iommu,
     };
-    let mut window = cpu.window.lock();
     let mut stale_runs = Vec::new();
     let mapped = map_buffer(
         &mut held,
         &mut stage2.tables,
         &mut cpu.cpu,
-        &mut window,
         vm.dcache_line,
         device,
         ipa,
@@ -443,12 +436,11 @@ fn revoke<I: Iommu>(
 /// invalidate (the range was checked at map time: not expected) keeps the pin and is the
 /// record's status.
 #[allow(clippy::too_many_arguments)]
-fn finish_unmap<M, I, S: AuditSink, A: Arch, W: TableMemory>(
+fn finish_unmap<M, I, S: AuditSink, A: Arch>(
     vm: &Vm<M, I, S>,
     vcpu: usize,
     manager: &mut AttributeManager,
     cpu: &mut A,
-    window: &mut Window<W>,
     unmapping: &Unmapping,
     issued: Issued,
 ) -> Result<(), HypercallError> {
@@ -460,15 +452,7 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch, W: TableMemory>(
         dma::maintenance(mapping.direction, Step::Unmap)
     };
     let (result, cmo_lines) = match op {
-        Some(op) => match maintain(
-            manager,
-            cpu,
-            window,
-            vm.dcache_line,
-            op,
-            mapping.ipa,
-            mapping.size,
-        ) {
+        Some(op) => match maintain(manager, cpu, vm.dcache_line, op, mapping.ipa, mapping.size) {
             Ok(lines) => (Ok(()), lines),
             Err(error) => (Err(error), 0),
         },
@@ -509,9 +493,9 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch, W: TableMemory>(
 /// # Errors
 /// BAD_HANDLE (nothing changed); BUSY when the IOMMU did not confirm the invalidation (the
 /// mapping is gone, its pages stay pinned: the device's view is unknown).
-pub fn unmap<M, I, S, C, W>(
+pub fn unmap<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     handle: u64,
 ) -> Result<Reply, HypercallError>
 where
@@ -519,7 +503,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch,
-    W: TableMemory,
 {
     let mut stage2 = vm.stage2.write();
     let mut mappings = vm.mappings.lock();
@@ -530,20 +513,11 @@ where
     };
     let mut stale_runs = Vec::new();
     let unmapping = revoke(&mut held, handle, &mut stale_runs)?;
-    let mut window = cpu.window.lock();
     // The device loses access, and the IOMMU confirms it, before any invalidate.
     let issued = vm
         .iommu
         .invalidate_strict(unmapping.mapping.stream_id, &stale_runs)?;
-    match finish_unmap(
-        vm,
-        cpu.vcpu,
-        held.manager,
-        &mut cpu.cpu,
-        &mut window,
-        &unmapping,
-        issued,
-    ) {
+    match finish_unmap(vm, cpu.vcpu, held.manager, &mut cpu.cpu, &unmapping, issued) {
         Ok(()) => Ok(Reply::success([0; 3])),
         Err(error) => Ok(Reply::new(Completion::Stopped(error), [0; 3])),
     }
@@ -555,9 +529,9 @@ where
 /// # Errors
 /// BAD_HANDLE. INVALID_PARAMETER (target, zero size) and OUT_OF_RANGE (beyond the buffer) are
 /// refusals too, recorded here with the buffer's IPA and answered as a reply that did nothing.
-pub fn sync<M, I, S, C, W>(
+pub fn sync<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     handle: u64,
     offset: u64,
     size: u64,
@@ -568,7 +542,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch,
-    W: TableMemory,
 {
     let stage2 = vm.stage2.read();
     let mapping = vm.mappings.lock().get(handle)?;
@@ -613,16 +586,7 @@ where
     let mut maintenance = Maintenance::default();
     let completion = match dma::maintenance(mapping.direction, step) {
         Some(op) if !coherent && !stage2.manager.all_non_cacheable(ipa, size) => {
-            let mut window = cpu.window.lock();
-            match maintain(
-                &stage2.manager,
-                &mut cpu.cpu,
-                &mut window,
-                vm.dcache_line,
-                op,
-                ipa,
-                size,
-            ) {
+            match maintain(&stage2.manager, &mut cpu.cpu, vm.dcache_line, op, ipa, size) {
                 Ok(lines) => {
                     maintenance.cmo = Some(op);
                     maintenance.cmo_lines = lines;
@@ -649,15 +613,14 @@ where
 }
 
 /// Reads segment `index` of a scatter-gather array, through the ABI's own layout.
-fn read_segment<C: Arch + GuestMemory, W: TableMemory>(
+fn read_segment<C: Arch + GuestMemory>(
     manager: &AttributeManager,
     cpu: &mut C,
-    window: &mut Window<W>,
     request: &SgRequest,
     index: u64,
 ) -> Result<Segment, HypercallError> {
     let mut raw = [0u8; SEGMENT_SIZE as usize];
-    read_guest(manager, cpu, window, request.segment_ipa(index), &mut raw)?;
+    read_guest(manager, cpu, request.segment_ipa(index), &mut raw)?;
     Segment::read_from_bytes(&raw).map_err(|_| HypercallError::InvalidParameter)
 }
 
@@ -703,9 +666,9 @@ fn sg_stopped<M, I, S: AuditSink>(
 /// INVALID_PARAMETER, ALIGNMENT, OUT_OF_RANGE, DENIED, NO_DEVICE before any segment; BUSY when
 /// the IOMMU did not confirm (nothing of the call is handed out).
 #[allow(clippy::too_many_arguments)]
-pub fn map_sg<M, I, S, C, W>(
+pub fn map_sg<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     device: u64,
     array: u64,
     count: u64,
@@ -717,7 +680,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     vm.iommu.drain_events(cpu.vcpu, &vm.audit);
     let request = SgRequest::check(array, count, cookie)?;
@@ -736,9 +698,9 @@ where
 }
 
 /// DMA_MAP_SG once its array, count and cookie are checked.
-fn map_segments<M, I, S, C, W>(
+fn map_segments<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     device: u64,
     request: SgRequest,
     direction: u64,
@@ -748,7 +710,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     let SgRequest { array, count, .. } = request;
     let direction = dma::direction(direction).ok_or(HypercallError::InvalidParameter)?;
@@ -762,14 +723,13 @@ where
         mappings: &mut mappings,
         iommu: &vm.iommu,
     };
-    let mut window = cpu.window.lock();
     let mut budget = SgBudget::new(attributes::WORK_BUDGET);
     let mut stale_runs = Vec::new();
     let mut done = Vec::new();
     let mut next = request.first;
     let mut stopped = None;
     while next < count && budget.admits() {
-        let segment = match read_segment(held.manager, &mut cpu.cpu, &mut window, &request, next) {
+        let segment = match read_segment(held.manager, &mut cpu.cpu, &request, next) {
             Ok(segment) => segment,
             Err(error) => {
                 stopped = Some((error, array, count));
@@ -780,7 +740,6 @@ where
             &mut held,
             &mut stage2.tables,
             &mut cpu.cpu,
-            &mut window,
             vm.dcache_line,
             device,
             segment.addr,
@@ -797,7 +756,6 @@ where
         let written = write_guest(
             held.manager,
             &mut cpu.cpu,
-            &mut window,
             request.segment_ipa(next) + HANDLE_OFFSET,
             &mapped.handle.to_le_bytes(),
         );
@@ -851,9 +809,9 @@ where
 /// # Errors
 /// INVALID_PARAMETER, ALIGNMENT, OUT_OF_RANGE, DENIED before any segment; BUSY when the IOMMU
 /// did not confirm (the mappings of the call are gone, their pages stay pinned).
-pub fn unmap_sg<M, I, S, C, W>(
+pub fn unmap_sg<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     array: u64,
     count: u64,
     cookie: u64,
@@ -863,7 +821,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     let request = SgRequest::check(array, count, cookie)?;
     match unmap_segments(vm, cpu, request) {
@@ -879,9 +836,9 @@ where
 }
 
 /// DMA_UNMAP_SG once its array, count and cookie are checked.
-fn unmap_segments<M, I, S, C, W>(
+fn unmap_segments<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     request: SgRequest,
 ) -> Result<Reply, HypercallError>
 where
@@ -889,7 +846,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     let SgRequest { array, count, .. } = request;
     let mut stage2 = vm.stage2.write();
@@ -900,7 +856,6 @@ where
         mappings: &mut mappings,
         iommu: &vm.iommu,
     };
-    let mut window = cpu.window.lock();
     let mut budget = SgBudget::new(attributes::WORK_BUDGET);
     // (device, stale runs) for each device the call names.
     let mut stale_by_device: Vec<(u32, Vec<(Ipa, u64)>)> = Vec::new();
@@ -908,7 +863,7 @@ where
     let mut next = request.first;
     let mut stopped = None;
     while next < count && budget.admits() {
-        let handle = match read_segment(held.manager, &mut cpu.cpu, &mut window, &request, next) {
+        let handle = match read_segment(held.manager, &mut cpu.cpu, &request, next) {
             Ok(segment) => segment.handle,
             Err(error) => {
                 stopped = Some((error, array, count));
@@ -949,15 +904,9 @@ where
         issued.add(vm.iommu.invalidate_strict(*stream_id, runs)?);
     }
     for unmapping in &unmappings {
-        if let Err(error) = finish_unmap(
-            vm,
-            cpu.vcpu,
-            held.manager,
-            &mut cpu.cpu,
-            &mut window,
-            unmapping,
-            issued,
-        ) {
+        if let Err(error) =
+            finish_unmap(vm, cpu.vcpu, held.manager, &mut cpu.cpu, unmapping, issued)
+        {
             // Already in that mapping's record; the call reports the first such failure.
             stopped.get_or_insert((error, unmapping.mapping.ipa, unmapping.mapping.size));
         }

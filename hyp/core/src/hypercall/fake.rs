@@ -29,10 +29,6 @@ pub struct FakeCpu {
     pub firmware_refuses: bool,
     /// CPU_ON and CPU_OFF calls the firmware got: (mpidr, vcpu) or (u64::MAX, vcpu) for off.
     pub firmware_calls: Vec<(u64, usize)>,
-    /// Asked when the firmware turns the CPU off (whether a lock is held then).
-    pub probe: Option<alloc::rc::Rc<dyn Fn() -> bool>>,
-    /// What `probe` said.
-    pub probed: Option<bool>,
 }
 
 impl Arch for FakeCpu {
@@ -143,7 +139,6 @@ impl Firmware for FakeCpu {
         }
     }
     fn cpu_off(&mut self) {
-        self.probed = self.probe.as_ref().map(|probe| probe());
         self.firmware_calls.push((u64::MAX, 0));
     }
 }

@@ -1,7 +1,7 @@
 //! The attribute and cache-maintenance calls: MEM_SET_ATTR, MEM_GET_ATTR, MEM_QUERY_VA,
 //! CACHE_OP and CACHE_OP_BATCH, and the hypervisor's copies to and from guest RAM through this
-//! CPU's window. Each takes stage 2 shared (queries, cache operations, copies) or alone
-//! (attribute changes) and this CPU's window, and writes its own records when it did work.
+//! hypervisor's alias of guest RAM. Each takes stage 2 shared (queries, cache operations,
+//! copies) or alone (attribute changes), and writes its own records when it did work.
 
 use super::platform::{AuditSink, GuestMemory, Iommu, WithDeviceTlb};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
@@ -11,19 +11,18 @@ use crate::audit::{Event, Maintenance};
 use crate::maintenance::{Arch, CacheOp};
 use crate::pagetable::{TableMemory, PAGE_SIZE};
 use crate::requests::{self, CacheRequest, Cookie, Translation, BATCH_ENTRY_SIZE};
-use crate::window::{Window, WINDOW_PAGES};
 use alloc::vec::Vec;
 use stagehand_abi::{cache_op, function, Status};
 
-/// Calls `visit(arch, va, pa, offset, len)` for each window-sized piece of guest
-/// `[ipa, ipa + len)`, mapped in `window` (each page with its own attribute) while `visit` runs.
+/// Calls `visit(arch, va, pa, offset, len)` once for guest `[ipa, ipa + len)`, reached through
+/// the hypervisor's alias of guest RAM (each page with its own attribute) at `va`. The caller
+/// holds stage 2 (either way), which keeps the alias unchanged while `visit` runs.
 ///
 /// # Errors
-/// OUT_OF_RANGE or DENIED when the range is not guest RAM (checked before anything is mapped).
-pub fn with_mapped<A: Arch, W: TableMemory>(
+/// OUT_OF_RANGE or DENIED when the range is not guest RAM.
+pub fn with_mapped<A: Arch>(
     manager: &AttributeManager,
     arch: &mut A,
-    window: &mut Window<W>,
     ipa: u64,
     len: u64,
     mut visit: impl FnMut(&mut A, HypVa, Pa, u64, u64),
@@ -31,19 +30,10 @@ pub fn with_mapped<A: Arch, W: TableMemory>(
     if len == 0 {
         return Ok(());
     }
-    manager.check(ipa, len)?;
+    let va = manager.alias_of(ipa, len)?;
     // Checked once: from here on the range is guest RAM, and its PA follows from it.
     let range = GuestRange::new(manager.ram(), Ipa::new(ipa), len)?;
-    let end = ipa + len;
-    let mut at = ipa;
-    while at < end {
-        let piece_end = end.min((at & !(PAGE_SIZE - 1)) + WINDOW_PAGES * PAGE_SIZE);
-        let va = manager.map_for_access(arch, window, at, piece_end - at)?;
-        let pa = range.pa().offset(at - ipa);
-        visit(arch, HypVa::new(va), pa, at - ipa, piece_end - at);
-        window.unmap(arch);
-        at = piece_end;
-    }
+    visit(arch, HypVa::new(va), range.pa(), 0, len);
     Ok(())
 }
 
@@ -51,48 +41,32 @@ pub fn with_mapped<A: Arch, W: TableMemory>(
 ///
 /// # Errors
 /// OUT_OF_RANGE or DENIED when the range is not guest RAM.
-pub fn read_guest<C: Arch + GuestMemory, W: TableMemory>(
+pub fn read_guest<C: Arch + GuestMemory>(
     manager: &AttributeManager,
     cpu: &mut C,
-    window: &mut Window<W>,
     ipa: u64,
     into: &mut [u8],
 ) -> Result<(), Status> {
     let len = into.len() as u64;
-    with_mapped(
-        manager,
-        cpu,
-        window,
-        ipa,
-        len,
-        |cpu, va, pa, offset, len| {
-            cpu.read_bytes(va, pa, &mut into[offset as usize..(offset + len) as usize])
-        },
-    )
+    with_mapped(manager, cpu, ipa, len, |cpu, va, pa, offset, len| {
+        cpu.read_bytes(va, pa, &mut into[offset as usize..(offset + len) as usize])
+    })
 }
 
 /// Writes `bytes` to guest RAM at `ipa`, for a caller that holds stage 2 (either way).
 ///
 /// # Errors
 /// OUT_OF_RANGE or DENIED when the range is not guest RAM.
-pub fn write_guest<C: Arch + GuestMemory, W: TableMemory>(
+pub fn write_guest<C: Arch + GuestMemory>(
     manager: &AttributeManager,
     cpu: &mut C,
-    window: &mut Window<W>,
     ipa: u64,
     bytes: &[u8],
 ) -> Result<(), Status> {
     let len = bytes.len() as u64;
-    with_mapped(
-        manager,
-        cpu,
-        window,
-        ipa,
-        len,
-        |cpu, va, pa, offset, len| {
-            cpu.write_bytes(va, pa, &bytes[offset as usize..(offset + len) as usize])
-        },
-    )
+    with_mapped(manager, cpu, ipa, len, |cpu, va, pa, offset, len| {
+        cpu.write_bytes(va, pa, &bytes[offset as usize..(offset + len) as usize])
+    })
 }
 
 /// MEM_SET_ATTR(ipa, size, attr): x1 bytes done. The records are written while stage 2 is still
@@ -101,9 +75,9 @@ pub fn write_guest<C: Arch + GuestMemory, W: TableMemory>(
 ///
 /// # Errors
 /// INVALID_PARAMETER, ALIGNMENT, OUT_OF_RANGE, DENIED, BUSY, NO_MEMORY; nothing changed.
-pub fn set_attribute<M, I, S, C, W>(
+pub fn set_attribute<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     ipa: u64,
     size: u64,
     value: u64,
@@ -113,7 +87,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch,
-    W: TableMemory,
 {
     let attribute = Attribute::from_abi(value).ok_or(HypercallError::InvalidParameter)?;
     let mut stage2 = vm.stage2.write();
@@ -129,23 +102,17 @@ where
         }
         _ => Vec::new(),
     };
-    let mut window = cpu.window.lock();
     let mut arch = WithDeviceTlb {
         cpu: &mut cpu.cpu,
         iommu: &vm.iommu,
     };
-    let result = stage2.manager.set_attribute(
-        &mut stage2.tables,
-        &mut arch,
-        &mut window,
-        ipa,
-        size,
-        attribute,
-    );
-    // Debug builds check stage 2, the ledger and the window after every change: a mismatch is
+    let result = stage2
+        .manager
+        .set_attribute(&mut stage2.tables, &mut arch, ipa, size, attribute);
+    // Debug builds check stage 2, the ledger and the alias after every change: a mismatch is
     // a hypervisor bug, not a guest's doing.
     #[cfg(debug_assertions)]
-    if let Err(problem) = stage2.manager.check_invariants(&stage2.tables, &window) {
+    if let Err(problem) = stage2.manager.check_invariants(&stage2.tables) {
         panic!("attribute invariant broken after MEM_SET_ATTR: {problem}");
     }
     let progress = result?;
@@ -238,16 +205,15 @@ fn stage1<C: GuestMemory>(cpu: &mut C, va: u64, write: bool) -> Result<(u64, u8)
 /// # Errors
 /// INVALID_PARAMETER (bad access kind, stage 1 does not translate), OUT_OF_RANGE or DENIED
 /// (not guest RAM; both stages do not translate).
-pub fn query_va<M, I, S, C, W>(
+pub fn query_va<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     va: u64,
     access: u64,
 ) -> Result<Reply, HypercallError>
 where
     M: TableMemory,
     C: GuestMemory,
-    W: TableMemory,
 {
     let write = requests::query_access(access)?;
     let (ipa, stage1_attribute) = stage1(&mut cpu.cpu, va, write)?;
@@ -308,10 +274,9 @@ struct Work {
 /// Up to `limit` bytes of one cache request from `address`. An error after some progress still
 /// reports that progress. By VA, each IPA run touched is pushed on `pieces` (what the audit
 /// records say was maintained).
-fn cache_work<C: Arch + GuestMemory, W: TableMemory>(
+fn cache_work<C: Arch + GuestMemory>(
     manager: &AttributeManager,
     cpu: &mut C,
-    window: &mut Window<W>,
     request: CacheRequest,
     address: u64,
     limit: u64,
@@ -335,7 +300,7 @@ fn cache_work<C: Arch + GuestMemory, W: TableMemory>(
         } else {
             (at, limit - work.done)
         };
-        match manager.cache_operation(cpu, window, ipa, len, request.op, Requester::Guest) {
+        match manager.cache_operation(cpu, ipa, len, request.op, Requester::Guest) {
             Ok(CacheProgress {
                 done: step,
                 widened,
@@ -382,9 +347,9 @@ fn lines(address: u64, len: u64, line: u64) -> u64 {
 /// # Errors
 /// INVALID_PARAMETER (op, flags, zero size, an untranslatable VA), OUT_OF_RANGE, DENIED, when
 /// nothing was done.
-pub fn cache_operation<M, I, S, C, W>(
+pub fn cache_operation<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     address: u64,
     size: u64,
     value: u64,
@@ -393,7 +358,6 @@ where
     M: TableMemory,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     let request = requests::cache_request(value)?;
     if size == 0 {
@@ -410,11 +374,9 @@ where
             // Like MEM_SET_ATTR, refuse a range that leaves guest RAM before doing any of it.
             stage2.manager.check(address, size)?;
         }
-        let mut window = cpu.window.lock();
         cache_work(
             &stage2.manager,
             &mut cpu.cpu,
-            &mut window,
             request,
             address,
             limit,
@@ -473,9 +435,9 @@ where
 /// # Errors
 /// INVALID_PARAMETER (count, cookie), ALIGNMENT, OUT_OF_RANGE, DENIED, when nothing was done.
 /// An entry that fails after the call started stops it with that status (and its record).
-pub fn cache_batch<M, I, S, C, W>(
+pub fn cache_batch<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     array: u64,
     count: u64,
     cookie: u64,
@@ -484,7 +446,6 @@ where
     M: TableMemory,
     S: AuditSink,
     C: Arch + GuestMemory,
-    W: TableMemory,
 {
     if count == 0 || count > requests::BATCH_MAX_ENTRIES {
         return Err(HypercallError::InvalidParameter);
@@ -508,12 +469,10 @@ where
         && entries_this_call < requests::BATCH_ENTRIES_PER_CALL
     {
         let stage2 = vm.stage2.read();
-        let mut window = cpu.window.lock();
         let mut raw = [0u8; BATCH_ENTRY_SIZE];
         let entry = read_guest(
             &stage2.manager,
             &mut cpu.cpu,
-            &mut window,
             array + at.entry * BATCH_ENTRY_SIZE as u64,
             &mut raw,
         )
@@ -543,13 +502,11 @@ where
         let work = cache_work(
             &stage2.manager,
             &mut cpu.cpu,
-            &mut window,
             entry.request,
             start,
             limit,
             &mut pieces,
         );
-        drop(window);
         drop(stage2);
         at.offset += work.done;
         total += work.done;

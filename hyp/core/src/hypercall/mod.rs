@@ -30,7 +30,6 @@ use crate::lock::FairRwLock;
 use crate::maintenance::Arch;
 use crate::pagetable::TableMemory;
 use crate::psci::PowerStates;
-use crate::window::Window;
 use alloc::vec::Vec;
 use core::sync::atomic::AtomicU64;
 use platform::{AuditSink, Firmware, GuestMemory, Iommu};
@@ -257,17 +256,13 @@ impl<M, I, S: AuditSink> Vm<M, I, S> {
 }
 
 /// The vCPU making a call, found once where the trap enters: its index, this CPU's
-/// instructions, guest-memory access and firmware calls, and its maintenance window. No other
-/// CPU touches the window, so its lock is never contended; a handler takes it only for the
-/// work that needs it (after stage 2: that is the lock order), so that a call that does not
-/// return (CPU_OFF) holds nothing.
-pub struct PerCpu<'w, C, W: TableMemory> {
+/// instructions, guest-memory access and firmware calls. It holds no lock and no mapping: the
+/// hypervisor reaches guest RAM through its alias, which the `Vm`'s attribute lock guards.
+pub struct PerCpu<C> {
     /// vCPU index (= physical CPU index: pinned one to one).
     pub vcpu: usize,
     /// This CPU.
     pub cpu: C,
-    /// This CPU's maintenance window.
-    pub window: &'w spin::Mutex<Window<W>>,
 }
 
 /// The range a refusal record names, from the call's own arguments (`None`: a call with no
@@ -302,9 +297,9 @@ fn registers(status: i64, results: [u64; 3]) -> [u64; 4] {
 /// decoded in full here, the constant ones included: an `HVC #0` whose answer is constant
 /// never gets here (the vector answers it from [`constant::TABLE`]); a trapped SMC does.
 #[inline(always)]
-pub fn dispatch<M, I, S, C, W>(
+pub fn dispatch<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     registers: &mut [u64; 7],
 ) -> Action
 where
@@ -312,7 +307,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory + Firmware,
-    W: TableMemory,
 {
     run(vm, cpu, registers)
 }
@@ -320,17 +314,12 @@ where
 /// Every call: writes x0-x3, or says why the guest stops. Out of line, so that its frame is
 /// paid for by the calls that reach it only.
 #[inline(never)]
-fn run<M, I, S, C, W>(
-    vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
-    registers: &mut [u64; 7],
-) -> Action
+fn run<M, I, S, C>(vm: &Vm<M, I, S>, cpu: &mut PerCpu<C>, registers: &mut [u64; 7]) -> Action
 where
     M: TableMemory,
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory + Firmware,
-    W: TableMemory,
 {
     match answer(vm, cpu, registers) {
         Ok(answer) => {
@@ -343,9 +332,9 @@ where
 
 /// The answer of a call [`run`] runs: x0-x3, or why the guest stops.
 #[inline(always)]
-fn answer<M, I, S, C, W>(
+fn answer<M, I, S, C>(
     vm: &Vm<M, I, S>,
-    cpu: &mut PerCpu<'_, C, W>,
+    cpu: &mut PerCpu<C>,
     guest: &[u64; 7],
 ) -> Result<Answer, StopReason>
 where
@@ -353,7 +342,6 @@ where
     I: Iommu,
     S: AuditSink,
     C: Arch + GuestMemory + Firmware,
-    W: TableMemory,
 {
     let [x0, x1, x2, x3, x4, x5, x6] = *guest;
     let function = x0 as u32;

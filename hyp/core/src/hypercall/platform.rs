@@ -236,10 +236,10 @@ impl<A: Arch, I: Iommu> Arch for WithDeviceTlb<'_, A, I> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TranslationFailed;
 
-/// The guest's memory as this CPU reaches it: bytes through a maintenance-window page, and the
+/// The guest's memory as this CPU reaches it: bytes through the hypervisor's alias of guest RAM, and the
 /// guest's own translation regime (its EL1 MMU state and the AT instructions).
 pub trait GuestMemory {
-    /// Copies guest bytes at `at` (a window page the caller mapped; physically `pa`, for
+    /// Copies guest bytes at `at` (in the hypervisor's alias of guest RAM; physically `pa`, for
     /// implementations that model memory by physical address) into `into`.
     fn read_bytes(&mut self, at: HypVa, pa: Pa, into: &mut [u8]);
     /// Copies `bytes` to guest memory at `at` (physically `pa`).

@@ -8,6 +8,7 @@ use super::fake::{FakeAudit, FakeCpu, FakeIommu, IommuOp};
 use super::platform::IommuError;
 use super::*;
 use crate::address::{Ipa, Pa};
+use crate::alias::AliasPlace;
 use crate::audit::{DmaDirection, Event};
 use crate::config::DmaMode;
 use crate::maintenance::{CacheOp, Op, TableWrite};
@@ -23,7 +24,8 @@ const RAM: GuestRam = GuestRam {
 };
 const RAM_END: u64 = 0x4080_0000;
 const UART: u64 = 0x0900_0000;
-const WINDOW_VA: u64 = 0x7f00_0000_0000;
+/// EL2 VA of IPA 0 in the hypervisor's alias of guest RAM.
+const ALIAS_VA: u64 = 0x7f00_0000_0000;
 /// StreamIDs of the fake devices.
 const STRICT_NC: u32 = 0x10;
 const SHARED: u32 = 0x18;
@@ -32,7 +34,6 @@ const STRICT_COHERENT: u32 = 0x28;
 
 struct Harness {
     vm: Vm<VecMemory, FakeIommu, FakeAudit>,
-    window: alloc::rc::Rc<spin::Mutex<Window<VecMemory>>>,
     cpu: FakeCpu,
 }
 
@@ -43,11 +44,13 @@ fn harness() -> Harness {
 fn harness_with(adjust: impl FnOnce(&mut VecMemory)) -> Harness {
     let mut tables = VecMemory::new(64);
     let geometry = crate::geometry::Geometry::for_cpu(4).unwrap();
-    let mut manager = AttributeManager::new(&mut tables, true, RAM, &geometry).unwrap();
+    let alias = AliasPlace {
+        va: ALIAS_VA,
+        table: tables.allocate().unwrap(),
+    };
+    let mut manager = AttributeManager::new(&mut tables, true, RAM, &geometry, alias).unwrap();
     manager.map_mmio(&mut tables, UART, 0x1000).unwrap();
     adjust(&mut tables);
-    let mut window_memory = VecMemory::new(1);
-    let window_table = window_memory.allocate().unwrap();
     let iommu = FakeIommu::with(&[
         (STRICT_NC, DmaMode::Strict, false),
         (SHARED, DmaMode::Shared, true),
@@ -64,11 +67,6 @@ fn harness_with(adjust: impl FnOnce(&mut VecMemory)) -> Harness {
     );
     Harness {
         vm,
-        window: alloc::rc::Rc::new(spin::Mutex::new(Window::new(
-            WINDOW_VA,
-            window_table,
-            window_memory,
-        ))),
         cpu: FakeCpu::default(),
     }
 }
@@ -83,7 +81,6 @@ impl Harness {
         let mut cpu = PerCpu {
             vcpu: 0,
             cpu: core::mem::take(&mut self.cpu),
-            window: &self.window,
         };
         let action = dispatch(&self.vm, &mut cpu, &mut x);
         self.cpu = cpu.cpu;
@@ -584,10 +581,11 @@ fn strict_map_writes_typed_rights_cleans_and_unmap_syncs_before_the_invalidate()
         )]
     );
     // TO_DEVICE on a non-coherent device cleans exactly the buffer's lines.
-    assert!(h
-        .cpu
-        .ops()
-        .contains(&Op::Dc(CacheOp::Clean, WINDOW_VA + 0x40, 0x1000)));
+    assert!(h.cpu.ops().contains(&Op::Dc(
+        CacheOp::Clean,
+        ALIAS_VA + RAM.ipa + 0x1_0040,
+        0x1000
+    )));
     assert!(matches!(
         h.events()[..],
         [Event::DmaMap {
@@ -618,10 +616,11 @@ fn from_device_unmap_invalidates_after_the_device_lost_access() {
     h.vm.iommu.take();
     h.cpu = FakeCpu::default();
     assert_eq!(h.regs(function::DMA_UNMAP, &[handle])[0], 0);
-    assert!(h
-        .cpu
-        .ops()
-        .contains(&Op::Dc(CacheOp::Invalidate, WINDOW_VA, 0x1000)));
+    assert!(h.cpu.ops().contains(&Op::Dc(
+        CacheOp::Invalidate,
+        ALIAS_VA + RAM.ipa + 0x2_0000,
+        0x1000
+    )));
     let events = h.events();
     assert!(matches!(
         events[1..],
@@ -1002,12 +1001,7 @@ fn power_calls_go_through_the_firmware_and_undo_on_refusal() {
     assert_eq!(events.len(), 5);
     assert!(events.iter().all(|e| matches!(e, Event::Refused { .. })));
     // CPU_OFF returns only when the firmware refused: the vCPU is on again, the guest told so.
-    // It holds no lock while the firmware has it (a CPU turned off never returns to release
-    // it): this CPU's window stays free.
-    let window = h.window.clone();
-    h.cpu.probe = Some(alloc::rc::Rc::new(move || window.is_locked()));
     assert_eq!(h.regs(0x8400_0002, &[])[0] as i64, -6);
-    assert_eq!(h.cpu.probed, Some(false));
     assert_eq!(h.cpu.firmware_calls.last(), Some(&(u64::MAX, 0)));
     assert_eq!(h.regs(0xC400_0004, &[0, 0])[0], 0);
     assert_eq!(
@@ -1098,8 +1092,7 @@ fn random_calls_keep_every_promise() {
             );
         }
         let stage2 = h.vm.stage2.read();
-        let window = h.window.lock();
-        if let Err(problem) = stage2.manager.check_invariants(&stage2.tables, &window) {
+        if let Err(problem) = stage2.manager.check_invariants(&stage2.tables) {
             panic!("round {round}: {function:#x}{args:x?}: {problem}");
         }
     }
