@@ -404,7 +404,7 @@ fn try_init(
     wait_for("CR0ACK (command queue)", || {
         registers.cr0ack.is_set(CR0::CMDQEN)
     })?;
-    smmu.submit(&[Command::cfgi_all(), Command::tlbi_nsnh_all()])?;
+    smmu.submit([Command::cfgi_all(), Command::tlbi_nsnh_all()])?;
     registers.cr0.write(CR0::CMDQEN::SET + CR0::EVTQEN::SET);
     wait_for("CR0ACK (event queue)", || {
         registers.cr0ack.is_set(CR0::EVTQEN)
@@ -570,10 +570,13 @@ impl Smmu {
 
     /// Queues `commands` and a CMD_SYNC, and waits until the SMMU has consumed the CMD_SYNC,
     /// which it does only once every earlier command has completed.
-    fn submit(&mut self, commands: &[Command]) -> Result<(), SmmuError> {
+    fn submit(&mut self, commands: impl IntoIterator<Item = Command>) -> Result<(), SmmuError> {
         let registers = self.registers;
         let queue = self.commands;
-        for command in commands.iter().chain(core::iter::once(&Command::sync())) {
+        for command in commands
+            .into_iter()
+            .chain(core::iter::once(Command::sync()))
+        {
             // Room for one more: wait for the SMMU to consume.
             wait_for("command queue space", || {
                 !queue.is_full(self.command_prod, registers.cmdq_cons.get())
@@ -732,18 +735,24 @@ fn audit_lost_events(vcpu: usize, audit: &impl AuditSink) {
     );
 }
 
-/// The TLB invalidation of `[ipa, ipa + size)` for `vmid` (`smmuv3::tlb_invalidation`, which
-/// host tests pin down), without the CMD_SYNC that [`Smmu::submit`] appends, and what the audit
-/// record counts (the CMD_SYNC included).
-fn tlbi_commands(vmid: u16, ipa: u64, size: u64) -> (Vec<Command>, Issued) {
-    let mut commands = smmuv3::tlb_invalidation(vmid, ipa, size);
-    let issued = Issued {
-        count: commands.len() as u32,
-        kinds: smmuv3::command_kinds(&commands),
+/// Submits the TLB invalidation of each run `(ipa, size)` for `vmid`
+/// (`smmuv3::tlb_invalidation_commands`, which host tests pin down) with [`Smmu::submit`]'s one
+/// CMD_SYNC, queuing the commands as they are made (no vector), and returns what the audit
+/// record counts, the CMD_SYNC included.
+fn invalidate(smmu: &mut Smmu, vmid: u16, runs: &[(Ipa, u64)]) -> (Result<(), SmmuError>, Issued) {
+    let mut issued = Issued {
+        count: 1,
+        kinds: stagehand_abi::audit::smmu_command::SYNC,
     };
-    // `submit` ends every batch with its own CMD_SYNC.
-    commands.pop();
-    (commands, issued)
+    let commands = runs
+        .iter()
+        .flat_map(|&(ipa, size)| smmuv3::tlb_invalidation_commands(vmid, ipa.get(), size))
+        .inspect(|command| {
+            issued.count += 1;
+            issued.kinds |= smmuv3::command_kinds(core::slice::from_ref(command));
+        });
+    let submitted = smmu.submit(commands);
+    (submitted, issued)
 }
 
 impl SmmuV3 {
@@ -835,19 +844,7 @@ impl Iommu for SmmuV3 {
         }
         let mut smmu = self.state.lock();
         let vmid = Self::vmid_of(&smmu, stream_id)?;
-        let mut commands = Vec::new();
-        // `submit`'s own CMD_SYNC.
-        let mut issued = Issued {
-            count: 1,
-            kinds: stagehand_abi::audit::smmu_command::SYNC,
-        };
-        for &(ipa, size) in runs {
-            let (more, counted) = tlbi_commands(vmid, ipa.get(), size);
-            commands.extend(more);
-            issued.count += counted.count - 1;
-            issued.kinds |= counted.kinds;
-        }
-        let submitted = smmu.submit(&commands);
+        let (submitted, issued) = invalidate(&mut smmu, vmid, runs);
         self.note_loss(&smmu);
         submitted.map_err(|error| {
             log::error!("SMMU: TLB invalidation failed: {error}");
@@ -866,8 +863,7 @@ impl Iommu for SmmuV3 {
         else {
             return Issued::default();
         };
-        let (commands, issued) = tlbi_commands(vmid, ipa.get(), size);
-        let submitted = smmu.submit(&commands);
+        let (submitted, issued) = invalidate(&mut smmu, vmid, &[(ipa, size)]);
         self.note_loss(&smmu);
         match submitted {
             Ok(()) => issued,

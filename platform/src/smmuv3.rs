@@ -443,15 +443,20 @@ pub const TLBI_PAGE_THRESHOLD: u64 = 16;
 /// no longer use a stale translation. This list is what one DMA_UNMAP of a strict device (or
 /// one attribute change seen by shared devices) issues, and what its audit record counts.
 pub fn tlb_invalidation(vmid: u16, ipa: u64, size: u64) -> alloc::vec::Vec<Command> {
+    tlb_invalidation_commands(vmid, ipa, size)
+        .chain(core::iter::once(Command::sync()))
+        .collect()
+}
+
+/// The commands of [`tlb_invalidation`] before its CMD_SYNC, one by one, allocating nothing:
+/// what a driver queues for each run ahead of its own single CMD_SYNC.
+pub fn tlb_invalidation_commands(vmid: u16, ipa: u64, size: u64) -> impl Iterator<Item = Command> {
     let pages = size.div_ceil(4096);
-    let mut commands = alloc::vec::Vec::new();
-    if pages > TLBI_PAGE_THRESHOLD {
-        commands.push(Command::tlbi_s12_vmall(vmid));
-    } else {
-        commands.extend((0..pages).map(|page| Command::tlbi_s2_ipa(vmid, ipa + page * 4096, true)));
-    }
-    commands.push(Command::sync());
-    commands
+    let wide = pages > TLBI_PAGE_THRESHOLD;
+    let per_page = if wide { 0 } else { pages };
+    wide.then(|| Command::tlbi_s12_vmall(vmid))
+        .into_iter()
+        .chain((0..per_page).map(move |page| Command::tlbi_s2_ipa(vmid, ipa + page * 4096, true)))
 }
 
 /// The kinds of `commands` as an audit record reports them: bits of

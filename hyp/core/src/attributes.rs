@@ -977,6 +977,25 @@ impl AttributeManager {
         runs
     }
 
+    /// The attribute of the page holding `ipa` and how many bytes of the page-aligned range
+    /// `[ipa, ipa + size)` (guest RAM, checked by the caller) share it from there: the next run
+    /// of [`Self::attribute_runs`], without collecting them.
+    pub fn attribute_run(&self, ipa: u64, size: u64) -> (Attribute, u64) {
+        let first = self.page_index(ipa);
+        let pages = &self.pages[first..first + (size / PAGE_SIZE) as usize];
+        let non_cacheable = pages.first().is_some_and(|p| p.non_cacheable);
+        let len = pages
+            .iter()
+            .position(|p| p.non_cacheable != non_cacheable)
+            .unwrap_or(pages.len());
+        let attribute = if non_cacheable {
+            Attribute::NonCacheable
+        } else {
+            Attribute::WriteBack
+        };
+        (attribute, len as u64 * PAGE_SIZE)
+    }
+
     /// The attribute of the page holding `ipa` (guest RAM, checked by the caller).
     pub fn attribute_of(&self, ipa: u64) -> Attribute {
         match self.pages.get(self.page_index(ipa)) {
@@ -1011,10 +1030,13 @@ impl AttributeManager {
         }
         let mut region = ipa & !(BLOCK - 1);
         while region < ipa + size {
-            if self
-                .stage2
-                .translate(memory, region)
-                .is_some_and(|t| t.level == 2)
+            // A region already holding a pinned page is split (pins are never merged over):
+            // no walk needed, the common case of a driver's next buffer.
+            if self.region_counts(region).pinned == 0
+                && self
+                    .stage2
+                    .translate(memory, region)
+                    .is_some_and(|t| t.level == 2)
             {
                 self.split_block(memory, arch, region, 0, &[])?;
             }

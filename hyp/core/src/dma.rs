@@ -1,8 +1,12 @@
 //! DMA mappings (ABI 1.1): the direction of a mapping and what it implies (the device's access
 //! rights in strict mode, the cache maintenance at each step for a non-coherent device), the
 //! checks of a byte-granular buffer, the counted rights of each page a strict device reaches,
-//! the growable table of live mappings with its quota, and the decoding and work budget of the
-//! scatter-gather calls.
+//! the table of live mappings (a slab of slots reused under generation-tagged handles, bounded
+//! by its quota), and the decoding and work budget of the scatter-gather calls.
+//!
+//! The map and unmap path allocates nothing once the table has grown to its working size: a
+//! freed slot is reused, and rights changes reach the caller one run at a time through a
+//! closure, not in a vector.
 //!
 //! Rights are counted per device and per page: each live mapping adds one read and/or one write
 //! to every page its buffer touches, and the device's SMMU entry for a page grants exactly the
@@ -10,6 +14,7 @@
 //! rewrites the entry, so buffers of any directions may share a page, and the device never holds
 //! a right no live mapping granted.
 
+use crate::address::Ipa;
 use crate::audit::DmaDirection;
 use crate::maintenance::CacheOp;
 use crate::pagetable::{Permissions, PAGE_SIZE};
@@ -94,15 +99,17 @@ impl PageSpan {
 /// # Errors
 /// INVALID_PARAMETER for a zero size or one above [`MAX_MAPPING_BYTES`]; OUT_OF_RANGE when the
 /// buffer (or its last page) wraps.
+#[inline]
 pub fn check_buffer(ipa: u64, size: u64) -> Result<PageSpan, Status> {
     if size == 0 || size > MAX_MAPPING_BYTES {
         return Err(Status::InvalidParameter);
     }
-    let end = ipa.checked_add(size).ok_or(Status::OutOfRange)?;
+    // One add: the end rounded up to a page (size is small, so only this add can wrap).
+    let last = ipa
+        .checked_add(size + (PAGE_SIZE - 1))
+        .ok_or(Status::OutOfRange)?
+        & !(PAGE_SIZE - 1);
     let first = ipa & !(PAGE_SIZE - 1);
-    let last = end
-        .checked_next_multiple_of(PAGE_SIZE)
-        .ok_or(Status::OutOfRange)?;
     Ok(PageSpan {
         ipa: first,
         size: last - first,
@@ -122,6 +129,8 @@ pub struct Mapping {
     pub direction: DmaDirection,
     /// Whether the device's own stage 2 maps it (strict mode): its rights are counted.
     pub strict: bool,
+    /// Whether the device snoops CPU caches (then no maintenance at unmap or sync).
+    pub coherent: bool,
 }
 
 impl Mapping {
@@ -175,6 +184,68 @@ impl RightsChange {
     }
 }
 
+/// Exact runs [`StaleRuns`] keeps before it folds them into one.
+const STALE_RUNS: usize = 4;
+
+/// The IOTLB runs one call must invalidate before its one sync, kept on the stack: up to
+/// [`STALE_RUNS`] exact runs (adjacent ones merged), then a single run covering all of them.
+/// Invalidating more than changed is always safe (the SMMU driver turns a long run into one
+/// VMID-wide invalidation); invalidating less never happens.
+#[derive(Clone, Copy, Debug)]
+pub struct StaleRuns {
+    runs: [(Ipa, u64); STALE_RUNS],
+    len: usize,
+}
+
+impl Default for StaleRuns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StaleRuns {
+    /// None yet.
+    pub const fn new() -> Self {
+        Self {
+            runs: [(Ipa::new(0), 0); STALE_RUNS],
+            len: 0,
+        }
+    }
+
+    /// Adds `[ipa, ipa + size)`.
+    pub fn push(&mut self, ipa: Ipa, size: u64) {
+        if let Some(last) = self.len.checked_sub(1).map(|i| &mut self.runs[i]) {
+            if last.0.get() + last.1 == ipa.get() {
+                last.1 += size;
+                return;
+            }
+        }
+        if self.len < STALE_RUNS {
+            self.runs[self.len] = (ipa, size);
+            self.len += 1;
+            return;
+        }
+        let kept = &self.runs[..self.len];
+        let start = kept.iter().map(|r| r.0.get()).fold(ipa.get(), u64::min);
+        let end = kept
+            .iter()
+            .map(|r| r.0.get() + r.1)
+            .fold(ipa.get() + size, u64::max);
+        self.runs[0] = (Ipa::new(start), end - start);
+        self.len = 1;
+    }
+
+    /// The runs, in the order added (or the one covering run).
+    pub fn as_slice(&self) -> &[(Ipa, u64)] {
+        &self.runs[..self.len]
+    }
+
+    /// Whether nothing is to be invalidated.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// The counted rights of one strict device over the guest's RAM, one entry per page, allocated
 /// on the device's first mapping.
 #[derive(Debug)]
@@ -199,14 +270,16 @@ impl DeviceRights {
         (end <= self.counts.len()).then_some(first..end)
     }
 
-    /// Adds (`add`) or removes one mapping's rights; check-all, then set-all. Returns the runs
-    /// whose union changed.
+    /// Adds (`add`) or removes one mapping's rights; check-all, then set-all. Hands each run of
+    /// pages whose union changed to `emit`, in address order, adjacent pages of the same change
+    /// merged.
     fn update(
         &mut self,
         span: PageSpan,
         permissions: Permissions,
         add: bool,
-    ) -> Result<Vec<RightsChange>, Status> {
+        mut emit: impl FnMut(RightsChange),
+    ) -> Result<(), Status> {
         let range = self.range(span).ok_or(Status::OutOfRange)?;
         let step = |count: u16, granted: bool| -> Option<u16> {
             match (granted, add) {
@@ -215,14 +288,14 @@ impl DeviceRights {
                 (true, false) => count.checked_sub(1),
             }
         };
-        let counts = &mut self.counts[range.clone()];
+        let counts = &mut self.counts[range];
         if counts.iter().any(|c| {
             step(c.read, permissions.read).is_none() || step(c.write, permissions.write).is_none()
         }) {
             // Overflow: pins (u16 as well) answer BUSY first. Underflow: a bug; refuse.
             return Err(Status::Busy);
         }
-        let mut changes: Vec<RightsChange> = Vec::new();
+        let mut pending: Option<RightsChange> = None;
         for (i, c) in counts.iter_mut().enumerate() {
             let before = c.union();
             c.read = step(c.read, permissions.read).unwrap_or(c.read);
@@ -232,7 +305,7 @@ impl DeviceRights {
                 continue;
             }
             let ipa = span.ipa + i as u64 * PAGE_SIZE;
-            match changes.last_mut() {
+            match pending.as_mut() {
                 Some(last)
                     if last.ipa + last.size == ipa
                         && last.before == before
@@ -240,15 +313,23 @@ impl DeviceRights {
                 {
                     last.size += PAGE_SIZE
                 }
-                _ => changes.push(RightsChange {
-                    ipa,
-                    size: PAGE_SIZE,
-                    before,
-                    after,
-                }),
+                _ => {
+                    if let Some(done) = pending.take() {
+                        emit(done);
+                    }
+                    pending = Some(RightsChange {
+                        ipa,
+                        size: PAGE_SIZE,
+                        before,
+                        after,
+                    });
+                }
             }
         }
-        Ok(changes)
+        if let Some(done) = pending {
+            emit(done);
+        }
+        Ok(())
     }
 
     fn union(&self, ipa: u64) -> Option<Permissions> {
@@ -269,12 +350,42 @@ pub struct RamSpan {
     pub size: u64,
 }
 
-/// The live mappings of one VM, and the counted rights of its strict devices. A handle is a
-/// number never issued before (a 64-bit counter), so a stale handle answers BAD_HANDLE forever.
+/// One slot of the mapping table: a live mapping, or a free slot on the free list.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    mapping: Mapping,
+    /// The generation a handle of this slot must carry; bumped when the mapping goes.
+    generation: u32,
+    /// Free: the next free slot ([`NO_SLOT`] at the end of the list).
+    next_free: u32,
+    live: bool,
+}
+
+/// The end of the free list.
+const NO_SLOT: u32 = u32::MAX;
+
+/// A slot whose generation reached this is retired, never reused: a handle is then never
+/// issued twice, so a stale one answers BAD_HANDLE forever.
+const LAST_GENERATION: u32 = u32::MAX;
+
+/// The handle of `index` in `generation`: the generation in the high half (never 0, so no
+/// handle is 0), the slot index in the low half.
+fn handle_of(index: u32, generation: u32) -> u64 {
+    u64::from(generation) << 32 | u64::from(index)
+}
+
+/// The live mappings of one VM, and the counted rights of its strict devices.
+///
+/// Mappings live in a slab of slots found by handle in O(1): a handle names a slot and the
+/// generation the slot had when the mapping was made. Unmapping frees the slot and bumps its
+/// generation, so the old handle no longer matches (BAD_HANDLE) while the slot serves the next
+/// mapping without any allocation. The slab grows (doubling, fallibly) only when every slot is
+/// live, never beyond the quota.
 #[derive(Debug)]
 pub struct Mappings {
-    live: BTreeMap<u64, Mapping>,
-    next_handle: u64,
+    slots: Vec<Slot>,
+    free: u32,
+    live: usize,
     quota: usize,
     rights: BTreeMap<u32, DeviceRights>,
 }
@@ -289,74 +400,106 @@ impl Mappings {
     /// No mappings, the default quota.
     pub const fn new() -> Self {
         Self {
-            live: BTreeMap::new(),
-            next_handle: 1,
+            slots: Vec::new(),
+            free: NO_SLOT,
+            live: 0,
             quota: DEFAULT_MAPPING_QUOTA,
             rights: BTreeMap::new(),
         }
     }
 
-    /// Sets the most live mappings (the configuration's `dma-mappings`).
+    /// Sets the most live mappings (the configuration's `dma-mappings`, at most 16M: every
+    /// slot index fits the handle's low half).
     pub fn set_quota(&mut self, quota: usize) {
-        self.quota = quota;
+        self.quota = quota.min(NO_SLOT as usize);
     }
 
     /// Live mappings.
     pub fn len(&self) -> usize {
-        self.live.len()
+        self.live
     }
 
     /// Whether no mapping is live.
     pub fn is_empty(&self) -> bool {
-        self.live.is_empty()
+        self.live == 0
     }
 
     /// Whether `more` mappings fit under the quota.
     pub fn has_room(&self, more: usize) -> bool {
-        self.live.len().saturating_add(more) <= self.quota
+        self.live.saturating_add(more) <= self.quota
     }
 
-    /// Grants a strict device `direction`'s rights on the pages of `[ipa, ipa + size)` (checked
-    /// by [`check_buffer`] and the ledger) and returns the runs whose rights changed, which the
-    /// caller writes into the device's stage 2. Nothing changes on error.
+    /// Makes sure the next [`Self::insert`] cannot fail: the quota has room and a slot is free
+    /// or the slab has the capacity for one more (the check step of a map).
     ///
     /// # Errors
-    /// NO_MEMORY when the device's rights table cannot be allocated; OUT_OF_RANGE outside `ram`;
-    /// BUSY when a count would overflow.
+    /// NO_MEMORY when the quota is reached or the slab cannot grow.
+    pub fn reserve(&mut self) -> Result<(), Status> {
+        if !self.has_room(1) {
+            return Err(Status::NoMemory);
+        }
+        if self.free == NO_SLOT && self.slots.len() == self.slots.capacity() {
+            // Double, up to the quota; at least one more.
+            let more = self
+                .slots
+                .len()
+                .min(self.quota.saturating_sub(self.slots.len()))
+                .max(1);
+            self.slots
+                .try_reserve_exact(more)
+                .map_err(|_| Status::NoMemory)?;
+        }
+        Ok(())
+    }
+
+    /// Prepares `stream_id`'s rights table over `ram` (allocated on the device's first mapping),
+    /// so that a later [`Self::grant`] allocates nothing.
+    ///
+    /// # Errors
+    /// NO_MEMORY when it cannot be allocated.
+    pub fn prepare_rights(&mut self, ram: RamSpan, stream_id: u32) -> Result<(), Status> {
+        if let alloc::collections::btree_map::Entry::Vacant(entry) = self.rights.entry(stream_id) {
+            entry.insert(DeviceRights::new(ram.ipa, (ram.size / PAGE_SIZE) as usize)?);
+        }
+        Ok(())
+    }
+
+    /// Grants a strict device `direction`'s rights on `span` (the pages of a buffer checked by
+    /// [`check_buffer`] and the ledger, the rights table prepared by [`Self::prepare_rights`])
+    /// and hands each run whose rights changed to `emit`, for the caller to write into the
+    /// device's stage 2. Nothing changes on error.
+    ///
+    /// # Errors
+    /// NO_DEVICE when the rights table was not prepared; OUT_OF_RANGE outside RAM; BUSY when a
+    /// count would overflow.
     pub fn grant(
         &mut self,
-        ram: RamSpan,
         stream_id: u32,
-        ipa: u64,
-        size: u64,
+        span: PageSpan,
         direction: DmaDirection,
-    ) -> Result<Vec<RightsChange>, Status> {
-        let span = check_buffer(ipa, size)?;
-        let rights = match self.rights.entry(stream_id) {
-            alloc::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
-            alloc::collections::btree_map::Entry::Vacant(entry) => {
-                entry.insert(DeviceRights::new(ram.ipa, (ram.size / PAGE_SIZE) as usize)?)
-            }
-        };
-        rights.update(span, device_permissions(direction), true)
+        emit: impl FnMut(RightsChange),
+    ) -> Result<(), Status> {
+        self.rights
+            .get_mut(&stream_id)
+            .ok_or(Status::NoDevice)?
+            .update(span, device_permissions(direction), true, emit)
     }
 
     /// Takes back what [`Self::grant`] gave (a mapping's unmap, or the undo of a failed map)
-    /// and returns the runs whose rights changed.
+    /// and hands each run whose rights changed to `emit`. Returns whether the rights were found
+    /// and taken back (all or nothing).
     pub fn revoke(
         &mut self,
         stream_id: u32,
-        ipa: u64,
-        size: u64,
+        span: PageSpan,
         direction: DmaDirection,
-    ) -> Vec<RightsChange> {
-        let (Ok(span), Some(rights)) = (check_buffer(ipa, size), self.rights.get_mut(&stream_id))
-        else {
-            return Vec::new();
-        };
-        rights
-            .update(span, device_permissions(direction), false)
-            .unwrap_or_default()
+        emit: impl FnMut(RightsChange),
+    ) -> bool {
+        self.rights.get_mut(&stream_id).is_some_and(|rights| {
+            rights
+                .update(span, device_permissions(direction), false, emit)
+                .is_ok()
+        })
     }
 
     /// The rights a strict device holds on the page of `ipa` (the union of its live mappings').
@@ -367,15 +510,45 @@ impl Mappings {
     /// Adds a mapping and returns its handle.
     ///
     /// # Errors
-    /// NO_MEMORY when the quota is reached.
+    /// NO_MEMORY when the quota is reached or the slab cannot grow ([`Self::reserve`] first
+    /// makes this infallible).
     pub fn insert(&mut self, mapping: Mapping) -> Result<u64, Status> {
-        if !self.has_room(1) {
-            return Err(Status::NoMemory);
-        }
-        let handle = self.next_handle;
-        self.next_handle += 1;
-        self.live.insert(handle, mapping);
-        Ok(handle)
+        self.reserve()?;
+        let index = if self.free != NO_SLOT {
+            let index = self.free;
+            let slot = &mut self.slots[index as usize];
+            self.free = slot.next_free;
+            slot.mapping = mapping;
+            slot.live = true;
+            index
+        } else {
+            let index = self.slots.len() as u32;
+            self.slots.push(Slot {
+                mapping,
+                generation: 1,
+                next_free: NO_SLOT,
+                live: true,
+            });
+            index
+        };
+        self.live += 1;
+        Ok(handle_of(index, self.slots[index as usize].generation))
+    }
+
+    /// The handles of the live mappings, in slot order.
+    pub fn handles(&self) -> impl Iterator<Item = u64> + '_ {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.live)
+            .map(|(index, slot)| handle_of(index as u32, slot.generation))
+    }
+
+    /// The live slot `handle` names, if its generation still matches.
+    fn slot(&self, handle: u64) -> Option<usize> {
+        let index = (handle as u32) as usize;
+        let slot = self.slots.get(index)?;
+        (slot.live && handle_of(index as u32, slot.generation) == handle).then_some(index)
     }
 
     /// The mapping of `handle`.
@@ -383,15 +556,28 @@ impl Mappings {
     /// # Errors
     /// BAD_HANDLE for an unknown or stale handle.
     pub fn get(&self, handle: u64) -> Result<Mapping, Status> {
-        self.live.get(&handle).copied().ok_or(Status::BadHandle)
+        self.slot(handle)
+            .map(|index| self.slots[index].mapping)
+            .ok_or(Status::BadHandle)
     }
 
-    /// Removes the mapping of `handle` (its rights stay until [`Self::revoke`]).
+    /// Removes the mapping of `handle` (its rights stay until [`Self::revoke`]). Its slot goes
+    /// back to the free list under the next generation, or is retired after the last one.
     ///
     /// # Errors
     /// BAD_HANDLE for an unknown or stale handle.
     pub fn remove(&mut self, handle: u64) -> Result<Mapping, Status> {
-        self.live.remove(&handle).ok_or(Status::BadHandle)
+        let index = self.slot(handle).ok_or(Status::BadHandle)?;
+        let free = self.free;
+        let slot = &mut self.slots[index];
+        slot.live = false;
+        slot.generation += 1;
+        if slot.generation != LAST_GENERATION {
+            slot.next_free = free;
+            self.free = index as u32;
+        }
+        self.live -= 1;
+        Ok(slot.mapping)
     }
 }
 
@@ -479,6 +665,40 @@ mod tests {
     };
     const SID: u32 = 0x10;
 
+    /// Grants through the rights table (prepared on first use) and collects the changes.
+    fn grant(
+        table: &mut Mappings,
+        ram: RamSpan,
+        sid: u32,
+        ipa: u64,
+        size: u64,
+        direction: DmaDirection,
+    ) -> Result<Vec<RightsChange>, Status> {
+        let span = check_buffer(ipa, size)?;
+        table.prepare_rights(ram, sid)?;
+        let mut changes = Vec::new();
+        table.grant(sid, span, direction, |c| changes.push(c))?;
+        Ok(changes)
+    }
+
+    /// Revokes and collects the changes (none when refused).
+    fn revoke(
+        table: &mut Mappings,
+        sid: u32,
+        ipa: u64,
+        size: u64,
+        direction: DmaDirection,
+    ) -> Vec<RightsChange> {
+        let Ok(span) = check_buffer(ipa, size) else {
+            return Vec::new();
+        };
+        let mut changes = Vec::new();
+        if !table.revoke(sid, span, direction, |c| changes.push(c)) {
+            assert!(changes.is_empty(), "a refused revoke reported changes");
+        }
+        changes
+    }
+
     fn mapping(ipa: u64, size: u64, direction: DmaDirection) -> Mapping {
         Mapping {
             stream_id: SID,
@@ -486,7 +706,82 @@ mod tests {
             size,
             direction,
             strict: true,
+            coherent: false,
         }
+    }
+
+    #[test]
+    fn stale_runs_merge_neighbours_and_fold_past_their_room() {
+        let page = |n: u64| Ipa::new(0x4000_0000 + n * PAGE_SIZE);
+        let mut runs = StaleRuns::new();
+        assert!(runs.is_empty());
+        runs.push(page(0), PAGE_SIZE);
+        runs.push(page(1), 2 * PAGE_SIZE);
+        assert_eq!(runs.as_slice(), &[(page(0), 3 * PAGE_SIZE)]);
+        for n in [5, 7, 9] {
+            runs.push(page(n), PAGE_SIZE);
+        }
+        assert_eq!(runs.as_slice().len(), STALE_RUNS);
+        // A fifth, below them all: one run covering every page pushed.
+        runs.push(Ipa::new(0x3fff_f000), PAGE_SIZE);
+        assert_eq!(runs.as_slice(), &[(Ipa::new(0x3fff_f000), 11 * PAGE_SIZE)]);
+    }
+
+    #[test]
+    fn a_freed_slot_is_reused_and_its_old_handle_stays_bad() {
+        let mut table = Mappings::new();
+        let a = mapping(0x4000_0000, 0x10, ToDevice);
+        let b = mapping(0x4000_1000, 0x20, FromDevice);
+        let first = table.insert(a).unwrap();
+        table.remove(first).unwrap();
+        let second = table.insert(b).unwrap();
+        // Same slot, next generation.
+        assert_eq!(first as u32, second as u32);
+        assert_ne!(first, second);
+        assert_eq!(table.slots.len(), 1, "no new slot for a reused one");
+        assert_eq!(table.get(first), Err(Status::BadHandle));
+        assert_eq!(table.remove(first), Err(Status::BadHandle));
+        assert_eq!(table.get(second), Ok(b), "a stale unmap changed nothing");
+        // A handle with the slot right but another generation, or past the slab.
+        assert_eq!(table.get(second + (1 << 32)), Err(Status::BadHandle));
+        assert_eq!(table.get(second | 0xffff), Err(Status::BadHandle));
+        assert_eq!(table.get(0), Err(Status::BadHandle), "no handle is 0");
+    }
+
+    #[test]
+    fn a_slot_is_retired_at_its_last_generation() {
+        let mut table = Mappings::new();
+        let m = mapping(0x4000_0000, 0x10, ToDevice);
+        let handle = table.insert(m).unwrap();
+        assert_eq!(handle, handle_of(0, 1));
+        table.slots[0].generation = LAST_GENERATION - 1;
+        let old = handle_of(0, LAST_GENERATION - 1);
+        assert_eq!(table.remove(old), Ok(m));
+        // Retired: the next mapping takes a new slot, the retired one answers nothing.
+        let next = table.insert(m).unwrap();
+        assert_eq!(next as u32, 1);
+        assert_eq!(table.get(old), Err(Status::BadHandle));
+        assert_eq!(
+            table.get(handle_of(0, LAST_GENERATION)),
+            Err(Status::BadHandle)
+        );
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn steady_map_and_unmap_reuse_one_slot() {
+        let mut table = Mappings::new();
+        table.set_quota(4);
+        let m = mapping(0x4000_0000, 0x10, ToDevice);
+        let keep = table.insert(m).unwrap();
+        for _ in 0..1000 {
+            table.reserve().unwrap();
+            let handle = table.insert(m).unwrap();
+            table.remove(handle).unwrap();
+        }
+        assert_eq!(table.slots.len(), 2);
+        assert!(table.slots.capacity() <= 4, "growth bounded by the quota");
+        assert_eq!(table.get(keep), Ok(m));
     }
 
     #[test]
@@ -675,9 +970,9 @@ mod tests {
         for (i, r) in rows.iter().enumerate() {
             let ipa = RAM.ipa + r.offset;
             let changes = if r.grant {
-                table.grant(RAM, SID, ipa, r.size, r.direction).unwrap()
+                grant(&mut table, RAM, SID, ipa, r.size, r.direction).unwrap()
             } else {
-                table.revoke(SID, ipa, r.size, r.direction)
+                revoke(&mut table, SID, ipa, r.size, r.direction)
             };
             assert_eq!(changes, r.changes, "row {i}");
             // The other device is untouched.
@@ -696,23 +991,23 @@ mod tests {
     fn rights_refusals_change_nothing() {
         let mut table = Mappings::new();
         assert_eq!(
-            table.grant(RAM, SID, RAM.ipa + RAM.size, 0x10, ToDevice),
+            grant(&mut table, RAM, SID, RAM.ipa + RAM.size, 0x10, ToDevice),
             Err(Status::OutOfRange)
         );
         assert_eq!(
-            table.grant(RAM, SID, RAM.ipa - 0x1000, 0x2000, ToDevice),
+            grant(&mut table, RAM, SID, RAM.ipa - 0x1000, 0x2000, ToDevice),
             Err(Status::OutOfRange)
         );
         assert_eq!(
-            table.grant(RAM, SID, RAM.ipa, 0, ToDevice),
+            grant(&mut table, RAM, SID, RAM.ipa, 0, ToDevice),
             Err(Status::InvalidParameter)
         );
         assert_eq!(table.rights(SID, RAM.ipa), None);
         // A revoke of what was never granted (a bug) is refused whole, not half-applied.
-        table.grant(RAM, SID, RAM.ipa, 0x10, ToDevice).unwrap();
-        assert_eq!(table.revoke(SID, RAM.ipa, 0x2000, ToDevice), vec![]);
+        grant(&mut table, RAM, SID, RAM.ipa, 0x10, ToDevice).unwrap();
+        assert_eq!(revoke(&mut table, SID, RAM.ipa, 0x2000, ToDevice), vec![]);
         assert_eq!(table.rights(SID, RAM.ipa), RO);
-        assert_eq!(table.revoke(SID + 5, RAM.ipa, 0x10, ToDevice), vec![]);
+        assert_eq!(revoke(&mut table, SID + 5, RAM.ipa, 0x10, ToDevice), vec![]);
     }
 
     /// Every interleaving of map and unmap of three buffers on one page keeps the union equal to
@@ -733,9 +1028,9 @@ mod tests {
                 let (offset, direction) = buffers[which];
                 let ipa = RAM.ipa + offset;
                 if live[which] {
-                    table.revoke(SID, ipa, 0x40, direction);
+                    revoke(&mut table, SID, ipa, 0x40, direction);
                 } else {
-                    table.grant(RAM, SID, ipa, 0x40, direction).unwrap();
+                    grant(&mut table, RAM, SID, ipa, 0x40, direction).unwrap();
                 }
                 live[which] = !live[which];
                 let want = buffers

@@ -211,8 +211,19 @@ fn constant_answers(conduit: Conduit) -> Result<(), String> {
         let regs = conduit.call(id, &[0xa1, 0xa2, 0xa3]);
         check_eq!([regs.x0, regs.x1, regs.x2, regs.x3], expected, "{}", name);
     }
-    for id in [0x8600_FF00, 0x8600_FF02, 0x8400_0007, 0xC600_FF03, 0x8000_0002] {
-        check_eq!(conduit.call_status(id, &[]), code::NOT_SUPPORTED, "function {:#x}", id);
+    for id in [
+        0x8600_FF00,
+        0x8600_FF02,
+        0x8400_0007,
+        0xC600_FF03,
+        0x8000_0002,
+    ] {
+        check_eq!(
+            conduit.call_status(id, &[]),
+            code::NOT_SUPPORTED,
+            "function {:#x}",
+            id
+        );
     }
     Ok(())
 }

@@ -1046,6 +1046,8 @@ fn random_calls_keep_every_promise() {
     ];
     let devices = [STRICT_NC, SHARED, BLOCKED, STRICT_COHERENT, 0x99];
     let mut successes = alloc::collections::BTreeMap::new();
+    // Handles DMA_MAP answered: plausible unmaps and syncs pick among them (live or stale).
+    let mut handles: Vec<u64> = vec![1];
     for round in 0..2500 {
         let function = functions[next() as usize % functions.len()];
         let mut value = |slot: u64| -> u64 {
@@ -1070,8 +1072,13 @@ fn random_calls_keep_every_promise() {
             function::MEM_SET_ATTR => Some(vec![page, (1 + s % 8) * 4096, r % 2]),
             function::CACHE_OP => Some(vec![page + s % 4096, 1 + s % 8192, 1 + r % 3]),
             function::DMA_MAP => Some(vec![device, page + s % 4096, 1 + s % 0x3000, r % 3]),
-            function::DMA_UNMAP => Some(vec![1 + s % 60]),
-            function::DMA_SYNC => Some(vec![1 + s % 60, r % 0x100, 1 + s % 0x100, r % 2]),
+            function::DMA_UNMAP => Some(vec![handles[s as usize % handles.len()]]),
+            function::DMA_SYNC => Some(vec![
+                handles[s as usize % handles.len()],
+                r % 0x100,
+                1 + s % 0x100,
+                r % 2,
+            ]),
             function::DMA_MAP_SG => Some(vec![device, page, 1 + s % 4, r % 3, 0]),
             function::AUDIT_READ => Some(vec![page, 4096, 0]),
             _ => None,
@@ -1083,6 +1090,9 @@ fn random_calls_keep_every_promise() {
         let status = regs[0] as i64;
         if status == 0 {
             *successes.entry(function).or_insert(0) += 1;
+            if function == function::DMA_MAP {
+                handles.push(regs[2]);
+            }
         }
         let events = h.events();
         if status < 0 && function != function::REVISION {
@@ -1110,9 +1120,7 @@ fn random_calls_keep_every_promise() {
         );
     }
     // Unmap everything still mapped: no pin is left behind.
-    let live: Vec<u64> = (1..100_000)
-        .filter(|&handle| h.vm.mappings.lock().get(handle).is_ok())
-        .collect();
+    let live: Vec<u64> = h.vm.mappings.lock().handles().collect();
     for handle in live {
         assert_eq!(h.regs(function::DMA_UNMAP, &[handle])[0], 0);
     }
@@ -1133,7 +1141,6 @@ fn the_vectors_constant_answers_are_the_dispatchers() {
             let mut cpu = PerCpu {
                 vcpu: 0,
                 cpu: core::mem::take(&mut h.cpu),
-                window: &h.window,
             };
             assert_eq!(run(&h.vm, &mut cpu, &mut x), Action::Return);
             h.cpu = cpu.cpu;
@@ -1151,4 +1158,133 @@ fn the_vectors_constant_answers_are_the_dispatchers() {
     ] {
         assert_eq!(constant::lookup(id as u64), None, "{id:#x}");
     }
+}
+
+#[test]
+fn a_reused_slot_never_accepts_the_handle_it_had_before() {
+    let mut h = harness();
+    let first = h.map(STRICT_COHERENT, RAM.ipa + 0x3000, 0x100, 0);
+    assert_eq!(h.regs(function::DMA_UNMAP, &[first])[0], 0);
+    // The next mapping takes the freed slot under a new generation.
+    let second = h.map(STRICT_COHERENT, RAM.ipa + 0x7000, 0x100, 1);
+    assert_ne!(first, second);
+    h.events();
+    h.vm.iommu.take();
+    for (function, args) in [
+        (function::DMA_UNMAP, vec![first]),
+        (function::DMA_SYNC, vec![first, 0, 0x10, 1]),
+    ] {
+        assert_eq!(
+            h.regs(function, &args)[0],
+            code(Status::BadHandle),
+            "{function:#x}"
+        );
+        assert!(
+            matches!(h.events()[..], [Event::RefusedRange { status: -10, .. }]),
+            "{function:#x}: one refusal record"
+        );
+    }
+    // The stale handle changed nothing: the live mapping keeps its pin, rights and entry.
+    assert_eq!(h.vm.iommu.take(), vec![]);
+    assert_eq!(h.pins(RAM.ipa + 0x7000), 1);
+    assert_eq!(
+        h.vm.mappings
+            .lock()
+            .rights(STRICT_COHERENT, RAM.ipa + 0x7000),
+        Some(Permissions::RO)
+    );
+    assert_eq!(h.regs(function::DMA_UNMAP, &[second])[0], 0);
+    assert_eq!(h.pins(RAM.ipa + 0x7000), 0);
+}
+
+#[test]
+fn a_strict_mapping_follows_each_page_attribute_run_without_collecting_them() {
+    let mut h = harness();
+    let ipa = RAM.ipa + 0x4_0000;
+    // The middle page of a three-page buffer is non-cacheable.
+    assert_eq!(
+        h.regs(function::MEM_SET_ATTR, &[ipa + 0x1000, 0x1000, 1])[0],
+        0
+    );
+    h.events();
+    h.vm.iommu.take();
+    let handle = h.map(STRICT_COHERENT, ipa + 0x800, 0x2000, 0);
+    let rights: Vec<_> =
+        h.vm.iommu
+            .take()
+            .into_iter()
+            .filter_map(|op| match op {
+                IommuOp::Rights(STRICT_COHERENT, updates) => Some(updates),
+                _ => None,
+            })
+            .flatten()
+            .map(|u| (u.ipa.get(), u.pa.get(), u.size, u.memory, u.after))
+            .collect();
+    let rw = Some(Permissions::RW);
+    assert_eq!(
+        rights,
+        vec![
+            (
+                ipa,
+                Harness::pa(ipa),
+                0x1000,
+                MemoryType::NormalWriteBack,
+                rw
+            ),
+            (
+                ipa + 0x1000,
+                Harness::pa(ipa + 0x1000),
+                0x1000,
+                MemoryType::NormalNonCacheable,
+                rw
+            ),
+            (
+                ipa + 0x2000,
+                Harness::pa(ipa + 0x2000),
+                0x1000,
+                MemoryType::NormalWriteBack,
+                rw
+            ),
+        ]
+    );
+    // One record per run, clipped to the buffer, the attribute each run's entry has.
+    let records: Vec<_> = h
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::DmaMap {
+                ipa,
+                size,
+                attribute,
+                handle: h,
+                ..
+            } if h == handle => Some((ipa, size, attribute)),
+            _ => None,
+        })
+        .collect();
+    use crate::attributes::Attribute::{NonCacheable, WriteBack};
+    assert_eq!(
+        records,
+        vec![
+            (ipa + 0x800, 0x800, Some(WriteBack)),
+            (ipa + 0x1000, 0x1000, Some(NonCacheable)),
+            (ipa + 0x2000, 0x800, Some(WriteBack)),
+        ]
+    );
+    // The unmap removes all three and invalidates the one run they form, then syncs once.
+    assert_eq!(h.regs(function::DMA_UNMAP, &[handle])[0], 0);
+    let ops = h.vm.iommu.take();
+    assert_eq!(
+        ops.last(),
+        Some(&IommuOp::InvalidateStrict(
+            STRICT_COHERENT,
+            vec![(Ipa::new(ipa), 0x3000)]
+        ))
+    );
+    assert_eq!(
+        ops.iter()
+            .filter(|op| matches!(op, IommuOp::InvalidateStrict(..)))
+            .count(),
+        1
+    );
 }
