@@ -36,9 +36,9 @@ macro_rules! dc_loop {
         let end = va + len;
         let bulk_end = va + (len / (4 * line)) * (4 * line);
         // SAFETY: the engine passes a range of the hypervisor's alias of guest RAM, mapped while
-        // the attribute lock is held; a cache
-        // maintenance instruction does not change memory contents any observer relies on
-        // except as the engine intends (IVAC only where the engine decided to discard).
+        // the attribute lock is held; a cache maintenance instruction does not change memory
+        // contents any observer relies on except as the engine intends (IVAC only where the
+        // engine decided to discard).
         unsafe {
             core::arch::asm!(
                 "cmp {va}, {bulk_end}",
