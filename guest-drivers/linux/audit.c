@@ -191,10 +191,10 @@ static int sh_devices_show(struct seq_file *m, void *v)
 		struct sh_device *d = &sh_devices[i];
 		struct device *dev = READ_ONCE(d->dev);
 
-		seq_printf(m, "%04x:%02x:%02x.%x sid=0x%x %s %s live=%lld %s\n",
+		seq_printf(m, "%04x:%02x:%02x.%x sid=0x%x %s %s live=%ld %s\n",
 			   d->pci >> 16, (d->pci >> 8) & 0xff, (d->pci >> 3) & 0x1f, d->pci & 7,
 			   d->stream_id, d->flags & STAGEHAND_DEV_STRICT ? "strict" : "shared",
-			   sh_coherent(d) ? "coherent" : "noncoherent", atomic64_read(&d->live),
+			   sh_coherent(d) ? "coherent" : "noncoherent", READ_ONCE(d->live),
 			   dev ? "bound" : "unbound");
 	}
 	return 0;

@@ -6,14 +6,18 @@
  * maintenance at EL2. IOVA equals IPA, which is the kernel's physical address.
  *
  * A mapping's handle must be found again at unmap and sync, which Linux identifies only by
- * address (and size and direction): each device keeps its live mappings in an interval tree
- * under a spinlock (the DMA API is called from any context, interrupts included). Hypercalls
- * are made outside the lock.
+ * address (and size and direction): each device keeps its live mappings in a hash table keyed
+ * by the page of their first byte, under a spinlock (the DMA API is called from any context,
+ * interrupts included). Unmap looks in one bucket. A sync may name any bytes inside a mapping:
+ * it looks in the buckets of the SH_NEAR_PAGES pages at and below its address, which hold every
+ * mapping that touches at most that many pages and contains it, then in the device's short list
+ * of larger mappings. Entries come from per-device chunks, kept for the device's lifetime, so
+ * the fast path allocates nothing. Hypercalls are made outside the lock.
  */
 #include <linux/dma-map-ops.h>
 #include <linux/gfp.h>
+#include <linux/hash.h>
 #include <linux/ktime.h>
-#include <linux/interval_tree_generic.h>
 #include <linux/mm.h>
 #include <linux/scatterlist.h>
 #include <linux/seq_file.h>
@@ -26,20 +30,24 @@
 enum sh_kind { SH_STREAMING, SH_COHERENT, SH_PAGES };
 
 struct sh_mapping {
-	struct rb_node rb;
-	u64 start, last; /* IOVA interval, inclusive */
-	u64 subtree_last;
+	struct hlist_node node;  /* in its bucket of the device's table, or on the free list */
+	struct hlist_node large; /* on the device's list of large mappings, if it is one */
+	u64 start, size;         /* IOVA and bytes */
 	u64 handle;
 	u8 dir;
 	u8 kind;
 };
 
-#define SH_START(m) ((m)->start)
-#define SH_LAST(m) ((m)->last)
-INTERVAL_TREE_DEFINE(struct sh_mapping, rb, u64, subtree_last, SH_START, SH_LAST, static,
-		     sh_tree)
+/* Entries are allocated this many at a time (a chunk fits in 4 KiB) and never freed while the
+ * device is served. */
+#define SH_CHUNK_ENTRIES ((4096 - sizeof(void *)) / sizeof(struct sh_mapping))
+struct sh_chunk {
+	struct sh_chunk *next;
+	struct sh_mapping entries[SH_CHUNK_ENTRIES];
+};
 
-static struct kmem_cache *sh_mapping_cache;
+/* A mapping touching more pages than this is large: a sync looks for it in the large list. */
+#define SH_NEAR_PAGES 16
 
 /* Largest buffer one mapping may hold (the hypervisor's limit, docs/abi.md). */
 #define SH_MAX_MAPPING SZ_16M
@@ -67,25 +75,129 @@ static u64 sh_direction(enum dma_data_direction dir)
 	}
 }
 
+static struct hlist_head *sh_bucket(struct sh_device *d, u64 addr)
+{
+	return &d->buckets[hash_64(addr >> PAGE_SHIFT, SH_HASH_BITS)];
+}
+
+static bool sh_is_large(const struct sh_mapping *m)
+{
+	return ((m->start + m->size - 1) >> PAGE_SHIFT) - (m->start >> PAGE_SHIFT) >= SH_NEAR_PAGES;
+}
+
+/* Adds a chunk of free entries to d (any context). */
+static bool sh_grow(struct sh_device *d, gfp_t gfp)
+{
+	struct sh_chunk *chunk = kmalloc(sizeof(*chunk), gfp);
+	unsigned long flags;
+	unsigned int i;
+
+	if (!chunk)
+		return false;
+	spin_lock_irqsave(&d->lock, flags);
+	for (i = 0; i < SH_CHUNK_ENTRIES; i++)
+		hlist_add_head(&chunk->entries[i].node, &d->free);
+	chunk->next = d->chunks;
+	d->chunks = chunk;
+	spin_unlock_irqrestore(&d->lock, flags);
+	return true;
+}
+
+/* A free entry of d taken off its free list, growing it if empty; NULL without memory. */
+static struct sh_mapping *sh_entry_get(struct sh_device *d)
+{
+	struct sh_mapping *m = NULL;
+	unsigned long flags;
+
+	do {
+		spin_lock_irqsave(&d->lock, flags);
+		if (!hlist_empty(&d->free)) {
+			m = hlist_entry(d->free.first, struct sh_mapping, node);
+			hlist_del(&m->node);
+		}
+		spin_unlock_irqrestore(&d->lock, flags);
+	} while (!m && sh_grow(d, GFP_ATOMIC));
+	return m;
+}
+
+static void sh_insert_locked(struct sh_device *d, struct sh_mapping *m)
+{
+	hlist_add_head(&m->node, sh_bucket(d, m->start));
+	if (sh_is_large(m))
+		hlist_add_head(&m->large, &d->large);
+	d->live++;
+}
+
+/* Adds m, filled in, to d's table. */
 static void sh_insert(struct sh_device *d, struct sh_mapping *m)
 {
 	unsigned long flags;
 
 	spin_lock_irqsave(&d->lock, flags);
-	sh_tree_insert(m, &d->mappings);
+	sh_insert_locked(d, m);
 	spin_unlock_irqrestore(&d->lock, flags);
-	atomic64_inc(&d->live);
 }
 
-/* Removes and returns the mapping [addr, addr + size) of direction dir, or NULL. */
-static struct sh_mapping *sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
+/*
+ * Records a new mapping in d's table, taking a free entry; false without memory for one. The
+ * fast path of DMA_MAP: one lock round trip, no allocation.
+ */
+static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 dir, u8 kind)
+{
+	struct sh_mapping *m;
+	unsigned long flags;
+
+	for (;;) {
+		spin_lock_irqsave(&d->lock, flags);
+		if (!hlist_empty(&d->free))
+			break;
+		spin_unlock_irqrestore(&d->lock, flags);
+		if (!sh_grow(d, GFP_ATOMIC))
+			return false;
+	}
+	m = hlist_entry(d->free.first, struct sh_mapping, node);
+	hlist_del(&m->node);
+	m->start = start;
+	m->size = size;
+	m->handle = handle;
+	m->dir = dir;
+	m->kind = kind;
+	sh_insert_locked(d, m);
+	spin_unlock_irqrestore(&d->lock, flags);
+	return true;
+}
+
+/* Puts m, out of the table, back on d's free list. */
+static void sh_put_locked(struct sh_device *d, struct sh_mapping *m)
+{
+	hlist_add_head(&m->node, &d->free);
+}
+
+static void sh_put(struct sh_device *d, struct sh_mapping *m)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&d->lock, flags);
+	sh_put_locked(d, m);
+	spin_unlock_irqrestore(&d->lock, flags);
+}
+
+static void sh_remove_locked(struct sh_device *d, struct sh_mapping *m)
+{
+	hlist_del(&m->node);
+	if (sh_is_large(m))
+		hlist_del(&m->large);
+	d->live--;
+}
+
+/* Removes the mapping [addr, addr + size) of direction dir; its handle, or 0 if none. */
+static u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
 {
 	struct sh_mapping *m, *any = NULL;
-	u64 last = addr + size - 1;
+	u64 handle;
 
-	for (m = sh_tree_iter_first(&d->mappings, addr, addr); m;
-	     m = sh_tree_iter_next(m, addr, addr)) {
-		if (m->start != addr || m->last != last)
+	hlist_for_each_entry(m, sh_bucket(d, addr), node) {
+		if (m->start != addr || m->size != size)
 			continue;
 		if (m->dir == dir) {
 			any = m;
@@ -94,24 +206,71 @@ static struct sh_mapping *sh_take_locked(struct sh_device *d, u64 addr, size_t s
 		/* A driver that unmaps with another direction still gets its mapping back. */
 		any = any ?: m;
 	}
-	if (any)
-		sh_tree_remove(any, &d->mappings);
-	return any;
+	if (!any)
+		return 0;
+	handle = any->handle;
+	sh_remove_locked(d, any);
+	sh_put_locked(d, any);
+	return handle;
 }
 
-static struct sh_mapping *sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
+static u64 sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
 {
-	struct sh_mapping *m;
 	unsigned long flags;
+	u64 handle;
 
 	spin_lock_irqsave(&d->lock, flags);
-	m = sh_take_locked(d, addr, size, dir);
+	handle = sh_take_locked(d, addr, size, dir);
 	spin_unlock_irqrestore(&d->lock, flags);
-	if (m)
-		atomic64_dec(&d->live);
-	else
+	if (!handle)
 		atomic64_inc(&sh_counters.unknown_mappings);
-	return m;
+	return handle;
+}
+
+/* A live mapping of d that contains [addr, last], or NULL. */
+static struct sh_mapping *sh_find_containing_locked(struct sh_device *d, u64 addr, u64 last)
+{
+	u64 page = addr >> PAGE_SHIFT;
+	struct sh_mapping *m;
+	unsigned int i;
+
+	for (i = 0; i < SH_NEAR_PAGES && i <= page; i++)
+		hlist_for_each_entry(m, &d->buckets[hash_64(page - i, SH_HASH_BITS)], node)
+			if (m->start <= addr && last <= m->start + m->size - 1)
+				return m;
+	hlist_for_each_entry(m, &d->large, large)
+		if (m->start <= addr && last <= m->start + m->size - 1)
+			return m;
+	return NULL;
+}
+
+int sh_mappings_init(struct sh_device *d)
+{
+	unsigned int i;
+
+	spin_lock_init(&d->lock);
+	d->buckets = kmalloc_array(1u << SH_HASH_BITS, sizeof(*d->buckets), GFP_KERNEL);
+	if (!d->buckets)
+		return -ENOMEM;
+	for (i = 0; i < 1u << SH_HASH_BITS; i++)
+		INIT_HLIST_HEAD(&d->buckets[i]);
+	INIT_HLIST_HEAD(&d->large);
+	INIT_HLIST_HEAD(&d->free);
+	return sh_grow(d, GFP_KERNEL) ? 0 : -ENOMEM;
+}
+
+/* Frees d's table and entries; nothing may be mapped any more. */
+void sh_mappings_free(struct sh_device *d)
+{
+	while (d->chunks) {
+		struct sh_chunk *next = d->chunks->next;
+
+		kfree(d->chunks);
+		d->chunks = next;
+	}
+	INIT_HLIST_HEAD(&d->free);
+	kfree(d->buckets);
+	d->buckets = NULL;
 }
 
 long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr)
@@ -140,56 +299,50 @@ long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr)
 static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 			 enum dma_data_direction dir, enum sh_kind kind)
 {
-	struct sh_mapping *m;
 	struct sh_ret r;
 
 	if (!size || size > SH_MAX_MAPPING)
 		return DMA_MAPPING_ERROR;
-	m = kmem_cache_alloc(sh_mapping_cache, GFP_ATOMIC);
-	if (!m)
-		return DMA_MAPPING_ERROR;
 	r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id, phys, size, sh_direction(dir), 0);
 	atomic64_inc(&sh_counters.maps);
-	if (r.status != STAGEHAND_SUCCESS) {
+	if (unlikely(r.status != STAGEHAND_SUCCESS)) {
 		sh_count_refusal(r.status);
 		pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n",
 				    size, &phys, dev_name(d->dev), r.status);
-		kmem_cache_free(sh_mapping_cache, m);
 		return DMA_MAPPING_ERROR;
 	}
-	m->start = r.x1;
-	m->last = r.x1 + size - 1;
-	m->handle = r.x2;
-	m->dir = dir;
-	m->kind = kind;
-	sh_insert(d, m);
+	if (unlikely(!sh_record(d, r.x1, size, r.x2, dir, kind))) {
+		/* No memory to remember it: the driver sees a refusal, the device loses access. */
+		sh_count_refusal(sh_call(STAGEHAND_FN_DMA_UNMAP, r.x2, 0, 0, 0, 0).status);
+		atomic64_inc(&sh_counters.unmaps);
+		return DMA_MAPPING_ERROR;
+	}
 	return r.x1;
 }
 
 static void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
 		     enum dma_data_direction dir)
 {
-	struct sh_mapping *m = sh_take(d, addr, size, dir);
+	u64 handle = sh_take(d, addr, size, dir);
 	struct sh_ret r;
 
-	if (!m) {
+	if (unlikely(!handle)) {
 		pr_warn_ratelimited("stagehand: %s: unmap of %zu bytes at %pad that is not mapped\n",
 				    dev_name(d->dev), size, &addr);
 		return;
 	}
-	r = sh_call(STAGEHAND_FN_DMA_UNMAP, m->handle, 0, 0, 0, 0);
+	r = sh_call(STAGEHAND_FN_DMA_UNMAP, handle, 0, 0, 0, 0);
 	atomic64_inc(&sh_counters.unmaps);
-	if (sh_count_refusal(r.status))
-		pr_warn_ratelimited("stagehand: DMA_UNMAP of handle %llu refused: %ld\n",
-				    m->handle, r.status);
-	kmem_cache_free(sh_mapping_cache, m);
+	if (unlikely(sh_count_refusal(r.status)))
+		pr_warn_ratelimited("stagehand: DMA_UNMAP of handle %llu refused: %ld\n", handle,
+				    r.status);
 }
 
 /* DMA_SYNC of [addr, addr + size), which lies in one live mapping, for the CPU or device. */
 static void sh_sync(struct sh_device *d, dma_addr_t addr, size_t size, u64 target)
 {
 	struct sh_mapping *m;
-	u64 handle = 0, offset = 0, last = addr + size - 1;
+	u64 handle = 0, offset = 0;
 	unsigned long flags;
 	struct sh_ret r;
 
@@ -197,13 +350,10 @@ static void sh_sync(struct sh_device *d, dma_addr_t addr, size_t size, u64 targe
 	if (sh_coherent(d) || !size)
 		return;
 	spin_lock_irqsave(&d->lock, flags);
-	for (m = sh_tree_iter_first(&d->mappings, addr, last); m;
-	     m = sh_tree_iter_next(m, addr, last)) {
-		if (m->start <= addr && m->last >= last) {
-			handle = m->handle;
-			offset = addr - m->start;
-			break;
-		}
+	m = sh_find_containing_locked(d, addr, addr + size - 1);
+	if (m) {
+		handle = m->handle;
+		offset = addr - m->start;
 	}
 	spin_unlock_irqrestore(&d->lock, flags);
 	if (!handle) {
@@ -299,7 +449,7 @@ static int sh_map_sg(struct device *dev, struct scatterlist *sgl, int nents,
 		goto out;
 	}
 	for (i = 0; i < nents; i++) {
-		maps[i] = kmem_cache_alloc(sh_mapping_cache, GFP_ATOMIC);
+		maps[i] = sh_entry_get(d);
 		if (!maps[i]) {
 			error = -ENOMEM;
 			goto out;
@@ -352,7 +502,7 @@ static int sh_map_sg(struct device *dev, struct scatterlist *sgl, int nents,
 
 			handles[mapped + i] = array[i].handle;
 			m->start = array[i].addr;
-			m->last = array[i].addr + array[i].size - 1;
+			m->size = array[i].size;
 			m->handle = array[i].handle;
 			m->dir = dir;
 			m->kind = SH_STREAMING;
@@ -377,7 +527,7 @@ out:
 	if (maps)
 		for (i = 0; i < nents; i++)
 			if (maps[i])
-				kmem_cache_free(sh_mapping_cache, maps[i]);
+				sh_put(d, maps[i]);
 	kfree(handles);
 	kfree(maps);
 	kfree(array);
@@ -389,7 +539,6 @@ static void sh_unmap_sg(struct device *dev, struct scatterlist *sgl, int nents,
 {
 	struct sh_device *d = sh_device_of(dev);
 	struct stagehand_dma_segment *array;
-	struct sh_mapping **maps;
 	struct scatterlist *sg;
 	unsigned int found = 0;
 	u64 *handles;
@@ -399,28 +548,22 @@ static void sh_unmap_sg(struct device *dev, struct scatterlist *sgl, int nents,
 		return;
 	atomic64_inc(&sh_counters.sg_unmaps);
 	array = kmalloc_array(SH_SG_CHUNK, sizeof(*array), GFP_ATOMIC);
-	maps = kmalloc_array(nents, sizeof(*maps), GFP_ATOMIC);
 	handles = kmalloc_array(nents, sizeof(*handles), GFP_ATOMIC);
-	if (!array || !maps || !handles) {
+	if (!array || !handles) {
 		/* No memory for the arrays: one DMA_UNMAP per segment instead. */
 		for_each_sg(sgl, sg, nents, i)
 			sh_unmap(d, sg_dma_address(sg), sg_dma_len(sg), dir);
 		goto out;
 	}
 	for_each_sg(sgl, sg, nents, i) {
-		struct sh_mapping *m = sh_take(d, sg_dma_address(sg), sg_dma_len(sg), dir);
+		u64 handle = sh_take(d, sg_dma_address(sg), sg_dma_len(sg), dir);
 
-		if (m) {
-			maps[found] = m;
-			handles[found++] = m->handle;
-		}
+		if (handle)
+			handles[found++] = handle;
 	}
 	sh_unmap_handles(array, handles, found);
-	for (i = 0; i < found; i++)
-		kmem_cache_free(sh_mapping_cache, maps[i]);
 out:
 	kfree(handles);
-	kfree(maps);
 	kfree(array);
 }
 
@@ -646,24 +789,29 @@ const struct dma_map_ops sh_dma_ops = {
 
 void sh_release_mappings(struct sh_device *d)
 {
-	struct sh_mapping *m;
 	unsigned long flags;
-	unsigned int left = 0;
+	unsigned int left = 0, i;
 
-	for (;;) {
-		spin_lock_irqsave(&d->lock, flags);
-		m = sh_tree_iter_first(&d->mappings, 0, U64_MAX);
-		if (m)
-			sh_tree_remove(m, &d->mappings);
-		spin_unlock_irqrestore(&d->lock, flags);
-		if (!m)
-			break;
-		atomic64_dec(&d->live);
-		left++;
-		/* Coherent memory the driver never freed stays allocated (and NC): it may still
-		 * be in use; only its mapping goes. */
-		sh_count_refusal(sh_call(STAGEHAND_FN_DMA_UNMAP, m->handle, 0, 0, 0, 0).status);
-		kmem_cache_free(sh_mapping_cache, m);
+	for (i = 0; i < 1u << SH_HASH_BITS; i++) {
+		for (;;) {
+			struct sh_mapping *m = NULL;
+			u64 handle = 0;
+
+			spin_lock_irqsave(&d->lock, flags);
+			if (!hlist_empty(&d->buckets[i])) {
+				m = hlist_entry(d->buckets[i].first, struct sh_mapping, node);
+				handle = m->handle;
+				sh_remove_locked(d, m);
+				sh_put_locked(d, m);
+			}
+			spin_unlock_irqrestore(&d->lock, flags);
+			if (!m)
+				break;
+			left++;
+			/* Coherent memory the driver never freed stays allocated (and NC): it may
+			 * still be in use; only its mapping goes. */
+			sh_count_refusal(sh_call(STAGEHAND_FN_DMA_UNMAP, handle, 0, 0, 0, 0).status);
+		}
 	}
 	if (left)
 		pr_warn("stagehand: %u DMA mappings left by the unbound driver unmapped\n", left);
@@ -727,17 +875,6 @@ out:
 	return result;
 }
 
-int sh_dma_init(void)
-{
-	sh_mapping_cache = KMEM_CACHE(sh_mapping, 0);
-	return sh_mapping_cache ? 0 : -ENOMEM;
-}
-
-void sh_dma_exit(void)
-{
-	kmem_cache_destroy(sh_mapping_cache);
-}
-
 /* Counters a DMA API round trip must leave as they were. */
 struct sh_snapshot {
 	s64 live, unknown, refused;
@@ -745,7 +882,7 @@ struct sh_snapshot {
 
 static struct sh_snapshot sh_snapshot(struct sh_device *d)
 {
-	struct sh_snapshot s = { atomic64_read(&d->live),
+	struct sh_snapshot s = { READ_ONCE(d->live),
 				 atomic64_read(&sh_counters.unknown_mappings), 0 };
 	int i;
 

@@ -112,8 +112,8 @@ static int sh_read_devices(void)
 		d->stream_id = r.x1;
 		d->pci = r.x2;
 		d->flags = r.x3;
-		spin_lock_init(&d->lock);
-		d->mappings = RB_ROOT_CACHED;
+		if (sh_mappings_init(d))
+			return -ENOMEM;
 		pr_info("stagehand: device %04x:%02x:%02x.%x StreamID %#x: %s, %s\n",
 			d->pci >> 16, (d->pci >> 8) & 0xff, PCI_SLOT(d->pci & 0xff),
 			PCI_FUNC(d->pci & 0xff), d->stream_id,
@@ -256,6 +256,18 @@ out:
 	return result;
 }
 
+/* Frees the devices found and their mapping tables (nothing is mapped any more). */
+static void sh_free_devices(void)
+{
+	unsigned int i;
+
+	for (i = 0; i < sh_device_count; i++)
+		sh_mappings_free(&sh_devices[i]);
+	kfree(sh_devices);
+	sh_devices = NULL;
+	sh_device_count = 0;
+}
+
 static int __init sh_init(void)
 {
 	unsigned int i;
@@ -265,9 +277,6 @@ static int __init sh_init(void)
 	if (error)
 		return error;
 	sh_ram_top = __pa(high_memory - 1);
-	error = sh_dma_init();
-	if (error)
-		return error;
 	error = sh_read_devices();
 	if (error)
 		goto fail;
@@ -290,8 +299,7 @@ static int __init sh_init(void)
 	pr_info("stagehand: loaded; %u device(s) routed through the hypervisor\n", sh_device_count);
 	return 0;
 fail:
-	kfree(sh_devices);
-	sh_dma_exit();
+	sh_free_devices();
 	return error;
 }
 
@@ -300,8 +308,7 @@ static void __exit sh_exit(void)
 {
 	bus_unregister_notifier(&pci_bus_type, &sh_pci_notifier);
 	sh_debugfs_exit();
-	kfree(sh_devices);
-	sh_dma_exit();
+	sh_free_devices();
 	pr_info("stagehand: unloaded\n");
 }
 

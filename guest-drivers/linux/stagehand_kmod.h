@@ -11,7 +11,7 @@
 #include <linux/atomic.h>
 #include <linux/dma-direction.h>
 #include <linux/mutex.h>
-#include <linux/rbtree.h>
+#include <linux/list.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
 
@@ -47,6 +47,8 @@ extern struct sh_counters sh_counters;
 /* Counts a refused call (status < 0 other than NOT_REQUIRED); returns true when it was one. */
 bool sh_count_refusal(long status);
 
+struct sh_chunk;
+
 /* A device DEV_INFO lists as strict or non-coherent: its DMA goes through the module. */
 struct sh_device {
 	u32 stream_id;
@@ -54,11 +56,18 @@ struct sh_device {
 	u32 flags; /* STAGEHAND_DEV_COHERENT, STAGEHAND_DEV_STRICT */
 	/* The bound device while its driver is bound (set by the bus notifier), else NULL. */
 	struct device *dev;
-	/* Live mappings by IOVA interval: unmap and sync find their handle here. */
+	/*
+	 * Live mappings (dma.c): unmap and sync find their handle here. Under lock: the hash
+	 * table keyed by the page of a mapping's first byte, the list of mappings touching more
+	 * than a few pages, the free entries and the chunks they come from, the live count.
+	 */
 	spinlock_t lock;
-	struct rb_root_cached mappings;
-	atomic64_t live;
+	struct hlist_head *buckets; /* 1 << SH_HASH_BITS */
+	struct hlist_head large, free;
+	struct sh_chunk *chunks;
+	long live;
 };
+#define SH_HASH_BITS 10
 
 extern struct sh_device *sh_devices;
 extern unsigned int sh_device_count;
@@ -71,8 +80,9 @@ static inline bool sh_coherent(const struct sh_device *d)
 
 /* dma.c */
 extern const struct dma_map_ops sh_dma_ops;
-int sh_dma_init(void);
-void sh_dma_exit(void);
+/* The mapping table of d: set up when the device is found, freed when the module goes. */
+int sh_mappings_init(struct sh_device *d);
+void sh_mappings_free(struct sh_device *d);
 /* Unmaps whatever the driver of d left mapped (called once its driver has gone). */
 void sh_release_mappings(struct sh_device *d);
 /* MEM_SET_ATTR over a page-aligned range, resuming on INCOMPLETE. */
