@@ -160,25 +160,22 @@ static const char *const sh_status_names[SH_STATUS_SLOTS] = {
 
 static int sh_counters_show(struct seq_file *m, void *v)
 {
-	struct sh_counters *c = &sh_counters;
+	struct sh_counters c;
 	u64 refused = 0;
 	int i;
 
-	seq_printf(m, "maps %lld\nunmaps %lld\nsyncs %lld\n", atomic64_read(&c->maps),
-		   atomic64_read(&c->unmaps), atomic64_read(&c->syncs));
-	seq_printf(m, "sg-maps %lld\nsg-unmaps %lld\nsg-segments %lld\nsg-calls %lld\n",
-		   atomic64_read(&c->sg_maps), atomic64_read(&c->sg_unmaps),
-		   atomic64_read(&c->sg_segments), atomic64_read(&c->sg_calls));
-	seq_printf(m, "allocs %lld\nfrees %lld\npage-allocs %lld\npage-frees %lld\n",
-		   atomic64_read(&c->allocs), atomic64_read(&c->frees),
-		   atomic64_read(&c->page_allocs), atomic64_read(&c->page_frees));
-	seq_printf(m, "unknown-mappings %lld\n", atomic64_read(&c->unknown_mappings));
+	sh_counters_sum(&c);
+	seq_printf(m, "maps %llu\nunmaps %llu\nsyncs %llu\n", c.maps, c.unmaps, c.syncs);
+	seq_printf(m, "sg-maps %llu\nsg-unmaps %llu\nsg-segments %llu\nsg-calls %llu\n",
+		   c.sg_maps, c.sg_unmaps, c.sg_segments, c.sg_calls);
+	seq_printf(m, "allocs %llu\nfrees %llu\npage-allocs %llu\npage-frees %llu\n", c.allocs,
+		   c.frees, c.page_allocs, c.page_frees);
+	seq_printf(m, "unknown-mappings %llu\n", c.unknown_mappings);
 	for (i = 0; i < SH_STATUS_SLOTS; i++)
-		refused += atomic64_read(&c->refused[i]);
+		refused += c.refused[i];
 	seq_printf(m, "refused %llu\n", refused);
 	for (i = 0; i < SH_STATUS_SLOTS; i++)
-		seq_printf(m, "refused-%s %lld\n", sh_status_names[i],
-			   atomic64_read(&c->refused[i]));
+		seq_printf(m, "refused-%s %llu\n", sh_status_names[i], c.refused[i]);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(sh_counters);

@@ -223,7 +223,7 @@ static u64 sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
 	handle = sh_take_locked(d, addr, size, dir);
 	spin_unlock_irqrestore(&d->lock, flags);
 	if (!handle)
-		atomic64_inc(&sh_counters.unknown_mappings);
+		sh_count(unknown_mappings);
 	return handle;
 }
 
@@ -304,7 +304,7 @@ static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 	if (!size || size > SH_MAX_MAPPING)
 		return DMA_MAPPING_ERROR;
 	r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id, phys, size, sh_direction(dir), 0);
-	atomic64_inc(&sh_counters.maps);
+	sh_count(maps);
 	if (unlikely(r.status != STAGEHAND_SUCCESS)) {
 		sh_count_refusal(r.status);
 		pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n",
@@ -314,7 +314,7 @@ static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 	if (unlikely(!sh_record(d, r.x1, size, r.x2, dir, kind))) {
 		/* No memory to remember it: the driver sees a refusal, the device loses access. */
 		sh_count_refusal(sh_call(STAGEHAND_FN_DMA_UNMAP, r.x2, 0, 0, 0, 0).status);
-		atomic64_inc(&sh_counters.unmaps);
+		sh_count(unmaps);
 		return DMA_MAPPING_ERROR;
 	}
 	return r.x1;
@@ -332,7 +332,7 @@ static void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
 		return;
 	}
 	r = sh_call(STAGEHAND_FN_DMA_UNMAP, handle, 0, 0, 0, 0);
-	atomic64_inc(&sh_counters.unmaps);
+	sh_count(unmaps);
 	if (unlikely(sh_count_refusal(r.status)))
 		pr_warn_ratelimited("stagehand: DMA_UNMAP of handle %llu refused: %ld\n", handle,
 				    r.status);
@@ -357,13 +357,13 @@ static void sh_sync(struct sh_device *d, dma_addr_t addr, size_t size, u64 targe
 	}
 	spin_unlock_irqrestore(&d->lock, flags);
 	if (!handle) {
-		atomic64_inc(&sh_counters.unknown_mappings);
+		sh_count(unknown_mappings);
 		pr_warn_ratelimited("stagehand: %s: sync of %zu bytes at %pad that is not mapped\n",
 				    dev_name(d->dev), size, &addr);
 		return;
 	}
 	r = sh_call(STAGEHAND_FN_DMA_SYNC, handle, offset, size, target, 0);
-	atomic64_inc(&sh_counters.syncs);
+	sh_count(syncs);
 	sh_count_refusal(r.status);
 }
 
@@ -411,7 +411,7 @@ static void sh_unmap_handles(struct stagehand_dma_segment *array, const u64 *han
 			struct sh_ret r = sh_call(STAGEHAND_FN_DMA_UNMAP_SG, virt_to_phys(array),
 						  n, cookie, 0, 0);
 
-			atomic64_inc(&sh_counters.sg_calls);
+			sh_count(sg_calls);
 			if (r.status == STAGEHAND_SUCCESS)
 				break;
 			if (r.status == STAGEHAND_INCOMPLETE) {
@@ -440,7 +440,7 @@ static int sh_map_sg(struct device *dev, struct scatterlist *sgl, int nents,
 
 	if (!d || nents <= 0)
 		return -EINVAL;
-	atomic64_inc(&sh_counters.sg_maps);
+	sh_count(sg_maps);
 	array = kmalloc_array(SH_SG_CHUNK, sizeof(*array), GFP_ATOMIC);
 	maps = kcalloc(nents, sizeof(*maps), GFP_ATOMIC);
 	handles = kmalloc_array(nents, sizeof(*handles), GFP_ATOMIC);
@@ -478,7 +478,7 @@ static int sh_map_sg(struct device *dev, struct scatterlist *sgl, int nents,
 			struct sh_ret r = sh_call(STAGEHAND_FN_DMA_MAP_SG, d->stream_id,
 						  virt_to_phys(array), n, sh_direction(dir), cookie);
 
-			atomic64_inc(&sh_counters.sg_calls);
+			sh_count(sg_calls);
 			status = r.status;
 			if (status != STAGEHAND_INCOMPLETE)
 				break;
@@ -513,7 +513,7 @@ static int sh_map_sg(struct device *dev, struct scatterlist *sgl, int nents,
 	}
 	for (i = 0; i < nents; i++)
 		sh_insert(d, maps[i]);
-	atomic64_add(nents, &sh_counters.sg_segments);
+	sh_count_add(sg_segments, nents);
 	kfree(handles);
 	kfree(maps);
 	kfree(array);
@@ -546,7 +546,7 @@ static void sh_unmap_sg(struct device *dev, struct scatterlist *sgl, int nents,
 
 	if (!d || nents <= 0)
 		return;
-	atomic64_inc(&sh_counters.sg_unmaps);
+	sh_count(sg_unmaps);
 	array = kmalloc_array(SH_SG_CHUNK, sizeof(*array), GFP_ATOMIC);
 	handles = kmalloc_array(nents, sizeof(*handles), GFP_ATOMIC);
 	if (!array || !handles) {
@@ -628,7 +628,7 @@ static void *sh_alloc(struct device *dev, size_t size, dma_addr_t *dma_handle, g
 
 	if (!d || !size)
 		return NULL;
-	atomic64_inc(&sh_counters.allocs);
+	sh_count(allocs);
 	page = alloc_pages(gfp | __GFP_ZERO, order);
 	if (!page)
 		return NULL;
@@ -671,7 +671,7 @@ static void sh_free(struct device *dev, size_t size, void *cpu_addr, dma_addr_t 
 
 	if (!d)
 		return;
-	atomic64_inc(&sh_counters.frees);
+	sh_count(frees);
 	/* The unmap unpins the pages; only then may their attribute change back. */
 	sh_unmap(d, dma_handle, size, DMA_BIDIRECTIONAL);
 	if (!sh_coherent(d)) {
@@ -696,7 +696,7 @@ static struct page *sh_alloc_pages(struct device *dev, size_t size, dma_addr_t *
 
 	if (!d || !size)
 		return NULL;
-	atomic64_inc(&sh_counters.page_allocs);
+	sh_count(page_allocs);
 	page = alloc_pages(gfp, order);
 	if (!page)
 		return NULL;
@@ -716,7 +716,7 @@ static void sh_free_pages(struct device *dev, size_t size, struct page *page,
 
 	if (!d)
 		return;
-	atomic64_inc(&sh_counters.page_frees);
+	sh_count(page_frees);
 	sh_unmap(d, dma_handle, size, dir);
 	__free_pages(page, get_order(size));
 }
@@ -882,13 +882,23 @@ struct sh_snapshot {
 
 static struct sh_snapshot sh_snapshot(struct sh_device *d)
 {
-	struct sh_snapshot s = { READ_ONCE(d->live),
-				 atomic64_read(&sh_counters.unknown_mappings), 0 };
+	struct sh_counters c;
+	struct sh_snapshot s;
 	int i;
 
+	sh_counters_sum(&c);
+	s = (struct sh_snapshot){ READ_ONCE(d->live), c.unknown_mappings, 0 };
 	for (i = 0; i < SH_STATUS_SLOTS; i++)
-		s.refused += atomic64_read(&sh_counters.refused[i]);
+		s.refused += c.refused[i];
 	return s;
+}
+
+static s64 sh_syncs(void)
+{
+	struct sh_counters c;
+
+	sh_counters_sum(&c);
+	return c.syncs;
 }
 
 /* map+unmap pairs the selftest times. */
@@ -914,7 +924,7 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 {
 	struct device *dev = d->dev;
 	struct sh_snapshot before = sh_snapshot(d), after;
-	s64 syncs = atomic64_read(&sh_counters.syncs);
+	s64 syncs = sh_syncs();
 	struct scatterlist sgl[3];
 	struct sg_table sgt = {};
 	struct page *pages = NULL;
@@ -950,8 +960,8 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 	dma_sync_sg_for_device(dev, sgl, 3, DMA_BIDIRECTIONAL);
 	dma_unmap_sg(dev, sgl, 3, DMA_BIDIRECTIONAL);
 	if (!sh_coherent(d))
-		SH_CHECK(atomic64_read(&sh_counters.syncs) == syncs + 8,
-			 "%lld DMA_SYNC calls, expected 8", atomic64_read(&sh_counters.syncs) - syncs);
+		SH_CHECK(sh_syncs() == syncs + 8, "%lld DMA_SYNC calls, expected 8",
+			 sh_syncs() - syncs);
 
 	pages = dma_alloc_pages(dev, 2 * PAGE_SIZE, &handle, DMA_TO_DEVICE, GFP_KERNEL);
 	SH_CHECK(pages, "dma_alloc_pages refused");

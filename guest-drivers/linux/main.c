@@ -23,7 +23,21 @@
 
 #include "stagehand_kmod.h"
 
-struct sh_counters sh_counters;
+DEFINE_PER_CPU(struct sh_counters, sh_counters);
+
+void sh_counters_sum(struct sh_counters *sum)
+{
+	unsigned int cpu, i;
+
+	memset(sum, 0, sizeof(*sum));
+	for_each_possible_cpu(cpu) {
+		const u64 *one = (const u64 *)per_cpu_ptr(&sh_counters, cpu);
+		u64 *total = (u64 *)sum;
+
+		for (i = 0; i < sizeof(*sum) / sizeof(u64); i++)
+			total[i] += READ_ONCE(one[i]);
+	}
+}
 struct sh_device *sh_devices;
 unsigned int sh_device_count;
 u64 sh_ram_top;
@@ -40,9 +54,9 @@ bool sh_count_refusal(long status)
 	    status == STAGEHAND_NOT_REQUIRED)
 		return false;
 	if (status < 0 && status >= -(long)(SH_STATUS_SLOTS - 1))
-		atomic64_inc(&sh_counters.refused[-status]);
+		sh_count(refused[-status]);
 	else
-		atomic64_inc(&sh_counters.refused[0]);
+		sh_count(refused[0]);
 	return true;
 }
 

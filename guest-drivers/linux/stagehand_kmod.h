@@ -11,6 +11,7 @@
 #include <linux/atomic.h>
 #include <linux/dma-direction.h>
 #include <linux/mutex.h>
+#include <linux/percpu.h>
 #include <linux/list.h>
 #include <linux/spinlock.h>
 #include <linux/types.h>
@@ -35,14 +36,21 @@ static inline struct sh_ret sh_call(u32 fn, u64 a1, u64 a2, u64 a3, u64 a4, u64 
 /* Statuses counted as refusals: everything but SUCCESS, INCOMPLETE and NOT_REQUIRED. */
 #define SH_STATUS_SLOTS 11 /* index -status for -1..-10; 0 for a status the ABI does not know */
 
-/* The module's counters (debugfs stagehand/counters). */
+/*
+ * The module's counters (debugfs stagehand/counters), per CPU so that the fast path writes
+ * only its own CPU's line: sh_count() adds, sh_counters_sum() reads the totals.
+ */
 struct sh_counters {
-	atomic64_t maps, unmaps, syncs, sg_maps, sg_unmaps, sg_segments, sg_calls;
-	atomic64_t allocs, frees, page_allocs, page_frees;
-	atomic64_t unknown_mappings; /* unmap or sync of an address the module never mapped */
-	atomic64_t refused[SH_STATUS_SLOTS];
+	u64 maps, unmaps, syncs, sg_maps, sg_unmaps, sg_segments, sg_calls;
+	u64 allocs, frees, page_allocs, page_frees;
+	u64 unknown_mappings; /* unmap or sync of an address the module never mapped */
+	u64 refused[SH_STATUS_SLOTS];
 };
-extern struct sh_counters sh_counters;
+DECLARE_PER_CPU(struct sh_counters, sh_counters);
+#define sh_count_add(field, n) this_cpu_add(sh_counters.field, n)
+#define sh_count(field) sh_count_add(field, 1)
+/* The totals over all CPUs. */
+void sh_counters_sum(struct sh_counters *sum);
 
 /* Counts a refused call (status < 0 other than NOT_REQUIRED); returns true when it was one. */
 bool sh_count_refusal(long status);
