@@ -13,7 +13,6 @@
 //! an altered, dropped or reordered record, and is not a signature.
 
 use core::fmt;
-use core::hash::Hasher;
 
 use zerocopy::byteorder::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
@@ -243,11 +242,79 @@ pub mod stop_reason {
 
 /// The next link of the hash chain: SipHash-2-4 under [`HASH_KEY`] of `previous` (8 bytes LE)
 /// followed by the first [`HASHED_BYTES`] bytes of `record` (its `hash` field is not covered).
+///
+/// The message is always 128 bytes, 16 little-endian words: SipHash is written out here for
+/// exactly that, a word per compression, rather than through a byte-buffered `Hasher` (the
+/// drain hashes every record; this is a third of the cost). The tests check it against the
+/// `siphasher` crate.
 pub fn chain_hash(previous: u64, record: &Record) -> u64 {
-    let mut hasher = siphasher::sip::SipHasher24::new_with_keys(HASH_KEY.0, HASH_KEY.1);
-    hasher.write(&previous.to_le_bytes());
-    hasher.write(&record.as_bytes()[..HASHED_BYTES]);
-    hasher.finish()
+    chain_hash_words(previous, &record.words())
+}
+
+/// [`chain_hash`] of a record given as its [`RecordWords`] (the drain's form: aligned words
+/// read straight from the ring, where `Record`'s byte-aligned fields cost a load per byte on
+/// targets without unaligned access).
+pub fn chain_hash_words(previous: u64, words: &RecordWords) -> u64 {
+    let mut state = SipState::new(HASH_KEY);
+    state.compress(previous);
+    for &word in &words[..HASHED_BYTES / 8] {
+        state.compress(word);
+    }
+    state.finish(8 + HASHED_BYTES as u64)
+}
+
+/// A record as 16 words: its bytes read as little-endian `u64`s (word 1 is the sequence
+/// number, word 15 the hash; see the field offsets of [`Record`]).
+pub type RecordWords = [u64; RECORD_SIZE / 8];
+
+/// SipHash-2-4's four state words.
+struct SipState([u64; 4]);
+
+impl SipState {
+    #[inline(always)]
+    fn new(key: (u64, u64)) -> SipState {
+        SipState([
+            key.0 ^ 0x736f_6d65_7073_6575,
+            key.1 ^ 0x646f_7261_6e64_6f6d,
+            key.0 ^ 0x6c79_6765_6e65_7261,
+            key.1 ^ 0x7465_6462_7974_6573,
+        ])
+    }
+
+    #[inline(always)]
+    fn round(&mut self) {
+        let [v0, v1, v2, v3] = &mut self.0;
+        *v0 = v0.wrapping_add(*v1);
+        *v1 = v1.rotate_left(13) ^ *v0;
+        *v0 = v0.rotate_left(32);
+        *v2 = v2.wrapping_add(*v3);
+        *v3 = v3.rotate_left(16) ^ *v2;
+        *v0 = v0.wrapping_add(*v3);
+        *v3 = v3.rotate_left(21) ^ *v0;
+        *v2 = v2.wrapping_add(*v1);
+        *v1 = v1.rotate_left(17) ^ *v2;
+        *v2 = v2.rotate_left(32);
+    }
+
+    /// One message word, two compression rounds.
+    #[inline(always)]
+    fn compress(&mut self, word: u64) {
+        self.0[3] ^= word;
+        self.round();
+        self.round();
+        self.0[0] ^= word;
+    }
+
+    /// The last block (no tail bytes: the message is whole words) and four finalisation rounds.
+    #[inline(always)]
+    fn finish(mut self, message_bytes: u64) -> u64 {
+        self.compress(message_bytes << 56);
+        self.0[2] ^= 0xff;
+        for _ in 0..4 {
+            self.round();
+        }
+        self.0[0] ^ self.0[1] ^ self.0[2] ^ self.0[3]
+    }
 }
 
 impl Record {
@@ -272,6 +339,12 @@ impl Record {
     /// The record's bytes.
     pub fn bytes(&self) -> &[u8] {
         self.as_bytes()
+    }
+
+    /// The record as [`RecordWords`].
+    pub fn words(&self) -> RecordWords {
+        let words: [U64; RECORD_SIZE / 8] = zerocopy::transmute!(*self);
+        words.map(|word| word.get())
     }
 
     /// Whether `hash` is the chain's next link after `previous`.
@@ -367,57 +440,135 @@ pub const LINE_MARKER: &str = "AUDIT v";
 /// Longest line [`Record::format_line`] writes (the widest value in every field stays below).
 pub const MAX_LINE: usize = 512;
 
-/// Writes text and numbers into a fixed buffer, without `core::fmt`: the line is written on
-/// every audited hypercall, and formatting machinery would cost more than the call.
+/// Up to 16 bytes of text as two little-endian words (first byte lowest) and a length: a
+/// constant piece of the line, or a name of an enumeration value (`value`).
+#[derive(Clone, Copy)]
+struct Packed {
+    words: [u64; 2],
+    len: u8,
+    value: u8,
+}
+
+impl Packed {
+    const NONE: Packed = Packed {
+        words: [0; 2],
+        len: 0,
+        value: 0,
+    };
+
+    const fn new(text: &str, value: u8) -> Packed {
+        let bytes = text.as_bytes();
+        assert!(!bytes.is_empty() && bytes.len() <= 16);
+        let mut words = [0u64; 2];
+        let mut i = 0;
+        while i < bytes.len() {
+            words[i / 8] |= (bytes[i] as u64) << (8 * (i % 8));
+            i += 1;
+        }
+        Packed {
+            words,
+            len: bytes.len() as u8,
+            value,
+        }
+    }
+}
+
+/// Constant text of the line, packed at compile time.
+macro_rules! text {
+    ($text:expr) => {
+        const { Packed::new($text, 0) }
+    };
+}
+
+/// The names of a one-byte enumeration, indexed by the value's low four bits (the values of
+/// each table differ there: checked at compile time). Values without a name are written in
+/// decimal.
+struct NameTable([Packed; 16]);
+
+impl NameTable {
+    const fn new(names: &[(u8, &str)]) -> NameTable {
+        let mut table = [Packed::NONE; 16];
+        let mut i = 0;
+        while i < names.len() {
+            let (value, name) = names[i];
+            let slot = (value & 15) as usize;
+            assert!(table[slot].len == 0, "two names share their low four bits");
+            table[slot] = Packed::new(name, value);
+            i += 1;
+        }
+        NameTable(table)
+    }
+}
+
+const KIND_TABLE: NameTable = NameTable::new(&KINDS);
+const ATTR_TABLE: NameTable = NameTable::new(&ATTR_NAMES);
+const CMO_TABLE: NameTable = NameTable::new(&CMO_NAMES);
+const TLBI_TABLE: NameTable = NameTable::new(&TLBI_NAMES);
+const ACCESS_TABLE: NameTable = NameTable::new(&ACCESS_NAMES);
+const DIRECTION_TABLE: NameTable = NameTable::new(&DIRECTION_NAMES);
+
+/// ASCII `0` in every byte of a word.
+const ZEROS: u64 = 0x3030_3030_3030_3030;
+
+/// The 8 decimal digits of `value` (below 10^8, leading zeros included), most significant
+/// first (in the word's lowest byte), as numbers 0-9: both halves of four digits are split at
+/// once in the lanes of one word, by multiplications that divide by 100 and 10 exactly in
+/// that range.
+#[inline(always)]
+fn decimal_digits8(value: u32) -> u64 {
+    let halves = (value / 10_000) as u64 | (((value % 10_000) as u64) << 32);
+    let hundreds = ((halves * 10486) >> 20) & 0x0000_007f_0000_007f;
+    let pairs = ((halves - hundreds * 100) << 16) + hundreds;
+    let tens = ((pairs * 103) >> 10) & 0x000f_000f_000f_000f;
+    tens + ((pairs - tens * 10) << 8)
+}
+
+/// The 8 hex digits of `value`, most significant first (in the word's lowest byte), in ASCII.
+#[inline(always)]
+fn hex_digits8(value: u32) -> u64 {
+    let mut nibbles = value as u64;
+    nibbles = (nibbles | (nibbles << 16)) & 0x0000_ffff_0000_ffff;
+    nibbles = (nibbles | (nibbles << 8)) & 0x00ff_00ff_00ff_00ff;
+    nibbles = (nibbles | (nibbles << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // Byte i holds nibble i, the least significant first: the line wants the most first.
+    nibbles = nibbles.swap_bytes();
+    let letters = ((nibbles + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    nibbles + ZEROS + letters * (b'a' - b'0' - 10) as u64
+}
+
+/// Writes text and numbers into a fixed buffer, without `core::fmt` and with few instructions
+/// per byte: the drain formats every record, on a recording guest's time at the high water.
+/// Every write stores whole 8-byte words and then advances by the bytes that count; the next
+/// write overwrites the rest. The widest line stays more than 16 bytes below [`MAX_LINE`], so
+/// no write is ever cut (a test checks the widest record).
 struct LineWriter<'a> {
     out: &'a mut [u8; MAX_LINE],
     len: usize,
 }
 
 impl LineWriter<'_> {
+    /// Stores `word` (first byte lowest) at the end of the line and keeps `count` (at most 8)
+    /// of its bytes.
     #[inline(always)]
-    fn text(&mut self, text: &str) {
-        self.bytes(text.as_bytes());
-    }
-
-    /// Digits written in place, right to left (no temporary, no copy).
-    fn decimal(&mut self, mut value: u64) {
-        let digits = value.checked_ilog10().unwrap_or(0) as usize + 1;
-        let Some(slot) = self.out.get_mut(self.len..self.len + digits) else {
-            return;
-        };
-        for byte in slot.iter_mut().rev() {
-            *byte = b'0' + (value % 10) as u8;
-            value /= 10;
+    fn word(&mut self, word: u64, count: usize) {
+        if let Some(slot) = self.out.get_mut(self.len..self.len + 8) {
+            slot.copy_from_slice(&word.to_le_bytes());
+            self.len += count;
         }
-        self.len += digits;
     }
 
-    fn signed(&mut self, value: i64) {
-        if value < 0 {
-            self.text("-");
+    /// [`Self::word`] for two words, keeping `count` (at most 16) bytes.
+    #[inline(always)]
+    fn words(&mut self, first: u64, second: u64, count: usize) {
+        if let Some(slot) = self.out.get_mut(self.len..self.len + 16) {
+            slot[..8].copy_from_slice(&first.to_le_bytes());
+            slot[8..].copy_from_slice(&second.to_le_bytes());
+            self.len += count;
         }
-        self.decimal(value.unsigned_abs());
     }
 
-    /// `0x` and at least `width` hex digits (`{:#x}` is width 1, `{:#010x}` width 8), written
-    /// in place.
-    fn hex(&mut self, mut value: u64, width: usize) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let digits = (16 - value.leading_zeros() as usize / 4).max(width).max(1);
-        self.text("0x");
-        let Some(slot) = self.out.get_mut(self.len..self.len + digits) else {
-            return;
-        };
-        for byte in slot.iter_mut().rev() {
-            *byte = DIGITS[(value & 0xf) as usize];
-            value >>= 4;
-        }
-        self.len += digits;
-    }
-
-    /// Inlined, so that the constant pieces of the line are copied with a few stores rather
-    /// than a `memcpy` call each.
+    /// Stores exactly `bytes` (constant text: a store per byte costs less than a whole word
+    /// where unaligned words are stored a byte at a time).
     #[inline(always)]
     fn bytes(&mut self, bytes: &[u8]) {
         if let Some(slot) = self.out.get_mut(self.len..self.len + bytes.len()) {
@@ -426,11 +577,79 @@ impl LineWriter<'_> {
         }
     }
 
+    #[inline(always)]
+    fn text(&mut self, text: Packed) {
+        if text.len <= 8 {
+            self.bytes(&text.words[0].to_le_bytes()[..text.len as usize]);
+        } else {
+            self.words(text.words[0], text.words[1], text.len as usize);
+        }
+    }
+
+    /// `value` below 10^8 without leading zeros.
+    #[inline(always)]
+    fn decimal_below_10e8(&mut self, value: u32) {
+        let digits = decimal_digits8(value);
+        // Leading zero digits are the low zero bytes; a zero value keeps one.
+        let zeros = ((digits | 1 << 56).trailing_zeros() / 8) as usize;
+        self.word((digits >> (8 * zeros)) + ZEROS, 8 - zeros);
+    }
+
+    fn decimal(&mut self, value: u64) {
+        const E8: u64 = 100_000_000;
+        if value < 10 {
+            // Most counts are single digits.
+            self.bytes(&[value as u8 + b'0']);
+        } else if value < E8 {
+            self.decimal_below_10e8(value as u32);
+        } else {
+            let high = value / E8;
+            if high < E8 {
+                self.decimal_below_10e8(high as u32);
+            } else {
+                self.decimal_below_10e8((high / E8) as u32);
+                self.word(decimal_digits8((high % E8) as u32) + ZEROS, 8);
+            }
+            self.word(decimal_digits8((value % E8) as u32) + ZEROS, 8);
+        }
+    }
+
+    fn signed(&mut self, value: i64) {
+        if value < 0 {
+            self.bytes(b"-");
+        }
+        self.decimal(value.unsigned_abs());
+    }
+
+    /// At least `width` hex digits (1, 8 or 16) of `value`, no prefix: the significant
+    /// digits are shifted to the top, converted, and written whole.
+    fn hex(&mut self, value: u64, width: usize) {
+        if value < 10 && width == 1 {
+            // Flags, kinds and most details are 0.
+            self.bytes(&[value as u8 + b'0']);
+        } else if value >> 32 == 0 && width <= 8 {
+            let value = value as u32;
+            let count = (8 - value.leading_zeros() as usize / 4).max(width).max(1);
+            self.word(hex_digits8(value << (4 * (8 - count))), count);
+        } else {
+            let count = (16 - value.leading_zeros() as usize / 4).max(width);
+            let value = value << (4 * (16 - count));
+            self.words(
+                hex_digits8((value >> 32) as u32),
+                hex_digits8(value as u32),
+                count,
+            );
+        }
+    }
+
     /// A one-byte enumeration by name, or in decimal when it has none.
-    fn named(&mut self, value: u8, names: &[(u8, &'static str)]) {
-        match names.iter().find(|(v, _)| *v == value) {
-            Some((_, name)) => self.text(name),
-            None => self.decimal(value as u64),
+    #[inline(always)]
+    fn named(&mut self, value: u8, table: &NameTable) {
+        let name = table.0[(value & 15) as usize];
+        if name.len != 0 && name.value == value {
+            self.words(name.words[0], name.words[1], name.len as usize);
+        } else {
+            self.decimal(value as u64);
         }
     }
 }
@@ -445,69 +664,85 @@ impl Record {
     /// ```
     ///
     /// (one line; wrapped here). Every field is always present, in this order; together they
-    /// give back the record's exact bytes ([`parse_line`]).
+    /// give back the record's exact bytes ([`parse_line`]). Bytes of `out` past the length
+    /// are unspecified.
     pub fn format_line(&self, out: &mut [u8; MAX_LINE]) -> usize {
-        let mut w = LineWriter { out, len: 0 };
-        w.text(LINE_MARKER);
-        w.decimal(self.version.get() as u64);
-        w.text(" seq=");
-        w.decimal(self.sequence.get());
-        w.text(" t=");
-        w.decimal(self.timestamp.get());
-        w.text(" vm=");
-        w.decimal(self.vm.get() as u64);
-        w.text(" vcpu=");
-        w.decimal(self.vcpu.get() as u64);
-        w.text(" kind=");
-        match self.kind_name() {
-            Some(name) => w.text(name),
-            None => w.decimal(self.kind as u64),
-        }
-        w.text(" flags=");
-        w.hex(self.flags.get() as u64, 1);
-        w.text(" fn=");
-        w.hex(self.function.get() as u64, 8);
-        w.text(" ipa=");
-        w.hex(self.ipa.get(), 1);
-        w.text(" size=");
-        w.hex(self.size.get(), 1);
-        w.text(" old=");
-        w.named(self.old_attr, &ATTR_NAMES);
-        w.text(" new=");
-        w.named(self.new_attr, &ATTR_NAMES);
-        w.text(" cmo=");
-        w.named(self.cmo_op, &CMO_NAMES);
-        w.text(":");
-        w.decimal(self.cmo_lines.get());
-        w.text(" tlbi=");
-        w.named(self.tlbi_scope, &TLBI_NAMES);
-        w.text(":");
-        w.decimal(self.tlbi_count.get() as u64);
-        w.text(" smmu=");
-        w.decimal(self.smmu_commands.get() as u64);
-        w.text(":");
-        w.hex(self.smmu_kinds.get() as u64, 1);
-        w.text(" sid=");
-        match self.stream_id.get() {
-            NO_STREAM => w.text("-"),
-            sid => w.hex(sid as u64, 1),
-        }
-        w.text(" access=");
-        w.named(self.access, &ACCESS_NAMES);
-        w.text(" dir=");
-        w.named(self.direction, &DIRECTION_NAMES);
-        w.text(" status=");
-        w.signed(self.status.get());
-        w.text(" detail=");
-        w.hex(self.detail.get(), 1);
-        w.text(" tag=");
-        w.hex(self.tag.get(), 1);
-        w.text(" dropped=");
-        w.decimal(self.dropped.get());
-        w.text(" hash=");
-        w.hex(self.hash.get(), 16);
-        w.len
+        format_line_words(&self.words(), out)
     }
+}
+
+/// [`Record::format_line`] of a record given as its [`RecordWords`] (the drain's form; see
+/// [`chain_hash_words`]).
+pub fn format_line_words(words: &RecordWords, out: &mut [u8; MAX_LINE]) -> usize {
+    // Fields by their offsets in `Record`: word, then bit shift.
+    let field = |offset: usize, bits: u32| -> u64 {
+        let value = words[offset / 8] >> (8 * (offset % 8));
+        if bits == 64 {
+            value
+        } else {
+            value & ((1 << bits) - 1)
+        }
+    };
+    let byte = |offset: usize| field(offset, 8) as u8;
+    let mut w = LineWriter { out, len: 0 };
+    w.text(text!(LINE_MARKER));
+    w.decimal(field(0x00, 16));
+    w.text(text!(" seq="));
+    w.decimal(field(0x08, 64));
+    w.text(text!(" t="));
+    w.decimal(field(0x10, 64));
+    w.text(text!(" vm="));
+    w.decimal(field(0x18, 16));
+    w.text(text!(" vcpu="));
+    w.decimal(field(0x1a, 16));
+    w.text(text!(" kind="));
+    w.named(byte(0x02), &KIND_TABLE);
+    w.text(text!(" flags=0x"));
+    w.hex(field(0x04, 32), 1);
+    w.text(text!(" fn=0x"));
+    w.hex(field(0x1c, 32), 8);
+    w.text(text!(" ipa=0x"));
+    w.hex(field(0x20, 64), 1);
+    w.text(text!(" size=0x"));
+    w.hex(field(0x28, 64), 1);
+    w.text(text!(" old="));
+    w.named(byte(0x30), &ATTR_TABLE);
+    w.text(text!(" new="));
+    w.named(byte(0x31), &ATTR_TABLE);
+    w.text(text!(" cmo="));
+    w.named(byte(0x32), &CMO_TABLE);
+    w.text(text!(":"));
+    w.decimal(field(0x40, 64));
+    w.text(text!(" tlbi="));
+    w.named(byte(0x33), &TLBI_TABLE);
+    w.text(text!(":"));
+    w.decimal(field(0x38, 32));
+    w.text(text!(" smmu="));
+    w.decimal(field(0x3c, 32));
+    w.text(text!(":0x"));
+    w.hex(field(0x4c, 16), 1);
+    match field(0x48, 32) as u32 {
+        NO_STREAM => w.text(text!(" sid=-")),
+        sid => {
+            w.text(text!(" sid=0x"));
+            w.hex(sid as u64, 1);
+        }
+    }
+    w.text(text!(" access="));
+    w.named(byte(0x34), &ACCESS_TABLE);
+    w.text(text!(" dir="));
+    w.named(byte(0x35), &DIRECTION_TABLE);
+    w.text(text!(" status="));
+    w.signed(field(0x50, 64) as i64);
+    w.text(text!(" detail=0x"));
+    w.hex(field(0x58, 64), 1);
+    w.text(text!(" tag=0x"));
+    w.hex(field(0x60, 64), 1);
+    w.text(text!(" dropped="));
+    w.decimal(field(0x68, 64));
+    w.text(text!(" hash=0x"));
+    w.hex(field(0x78, 64), 16);
+    w.len
 }
 
 /// The line form; see [`Record::format_line`].
@@ -820,8 +1055,112 @@ mod tests {
         assert_eq!(chain_hash(0x1234, &rehashed), r.hash.get());
     }
 
+    /// The chain link as `siphasher` computes it, byte-buffered (the reference of the
+    /// word-wise [`chain_hash`]).
+    fn chain_hash_by_bytes(previous: u64, record: &Record) -> u64 {
+        use core::hash::Hasher;
+        let mut hasher = siphasher::sip::SipHasher24::new_with_keys(HASH_KEY.0, HASH_KEY.1);
+        hasher.write(&previous.to_le_bytes());
+        hasher.write(&record.as_bytes()[..HASHED_BYTES]);
+        hasher.finish()
+    }
+
+    /// A record whose every field takes a value likely to hit an edge of the fast writer or
+    /// of the word-wise hash: zero, one digit, a power of ten or sixteen and its neighbours, the
+    /// type's maximum, or anything.
+    fn edgy_record(next: &mut impl FnMut() -> u64) -> Record {
+        let mut bytes = [0u8; RECORD_SIZE];
+        for chunk in bytes.chunks_mut(8) {
+            let anything = next();
+            let power = (next() % 20) as u32;
+            let value = match next() % 8 {
+                0 => 0,
+                1 => anything % 10,
+                2 => 10u64.pow(power).wrapping_add(next() % 3).wrapping_sub(1),
+                3 => (1u64 << (next() % 64))
+                    .wrapping_add(next() % 3)
+                    .wrapping_sub(1),
+                4 => u64::MAX,
+                5 => anything >> (next() % 64),
+                _ => anything,
+            };
+            chunk.copy_from_slice(&value.to_le_bytes());
+        }
+        if next() % 2 == 0 {
+            bytes[2] = (next() % 16) as u8; // known and unknown kinds
+        }
+        for byte in &mut bytes[0x30..0x36] {
+            if next() % 2 == 0 {
+                *byte = [0, 1, 2, 3, 0xff][(next() % 5) as usize]; // named and unnamed values
+            }
+        }
+        if next() % 4 == 0 {
+            bytes[0x48..0x4c].copy_from_slice(&NO_STREAM.to_le_bytes());
+        }
+        Record::parse(&bytes).expect("128 bytes")
+    }
+
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    #[test]
+    fn the_word_wise_hash_matches_siphasher() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..20_000 {
+            let record = edgy_record(&mut next);
+            let previous = next();
+            assert_eq!(
+                chain_hash(previous, &record),
+                chain_hash_by_bytes(previous, &record)
+            );
+            assert_eq!(
+                chain_hash_words(previous, &record.words()),
+                chain_hash_by_bytes(previous, &record)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_line_writer_matches_core_fmt_at_the_edges() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let record = edgy_record(&mut next);
+            let mut line = [0u8; MAX_LINE];
+            let len = format_line_words(&record.words(), &mut line);
+            assert_eq!(
+                core::str::from_utf8(&line[..len]).unwrap(),
+                reference::line(&record)
+            );
+        }
+    }
+
+    #[test]
+    fn the_widest_line_leaves_room_for_whole_word_writes() {
+        let mut r = Record::new_zeroed();
+        for word in r.as_mut_bytes().chunks_mut(8) {
+            word.copy_from_slice(&u64::MAX.to_le_bytes());
+        }
+        r.kind = kind::GUEST_START;
+        r.cmo_op = cmo::CLEAN_INVALIDATE;
+        r.direction = direction::FROM_DEVICE;
+        r.access = access::WRITE;
+        r.stream_id = U32::new(NO_STREAM - 1);
+        r.status = I64::new(i64::MIN);
+        let mut line = [0u8; MAX_LINE];
+        let len = r.format_line(&mut line);
+        assert_eq!(len, reference::line(&r).len());
+        assert!(len + 16 <= MAX_LINE, "{len}");
+    }
+
     #[test]
     fn siphash_matches_the_reference_vector() {
+        use core::hash::Hasher;
         // SipHash-2-4 paper, appendix A: key 00..0f, message 00..0e.
         let mut hasher =
             siphasher::sip::SipHasher24::new_with_keys(0x0706050403020100, 0x0f0e0d0c0b0a0908);
