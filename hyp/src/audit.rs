@@ -181,12 +181,12 @@ impl HypAudit {
         let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
         loop {
             batch.clear();
-            drain.take_unstreamed_into(&self.ring, now(), vcpu, &mut batch, BATCH);
+            drain.take_unstreamed_words_into(&self.ring, now(), vcpu, &mut batch, BATCH);
             if batch.is_empty() {
                 return;
             }
             for record in &batch {
-                let len = record.format_line(&mut line);
+                let len = stagehand_abi::audit::format_line_words(record, &mut line);
                 crate::console::write_audit_line(&line[..len]);
             }
         }

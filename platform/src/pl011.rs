@@ -47,6 +47,9 @@ register_structs! {
     }
 }
 
+/// Bytes the transmit FIFO holds at least, on every PL011 revision (32 from r1p5 on).
+const FIFO_DEPTH: usize = 16;
+
 /// A PL011 used for output.
 pub struct Pl011<'a> {
     registers: &'a Pl011Registers,
@@ -89,19 +92,33 @@ impl<'a> Pl011<'a> {
     }
 
     /// Bytes the transmit FIFO holds at least, on every PL011 revision (32 from r1p5 on).
-    pub const FIFO_DEPTH: usize = 16;
+    pub const FIFO_DEPTH: usize = FIFO_DEPTH;
 
     /// Writes `bytes` as they are (no newline translation), [`Self::FIFO_DEPTH`] at a time
     /// into an empty FIFO: one status read per burst instead of one per byte. Only for a UART
     /// whose FIFOs this driver enabled ([`Self::init`]); with FIFOs off it holds one byte.
     pub fn write_bursts(&self, bytes: &[u8]) {
-        for burst in bytes.chunks(Self::FIFO_DEPTH) {
-            while !self.registers.fr.is_set(FR::TXFE) {
-                core::hint::spin_loop();
+        let (bursts, rest) = bytes.as_chunks::<FIFO_DEPTH>();
+        for burst in bursts {
+            self.wait_until_empty();
+            // Whole bursts unrolled: two instructions a byte (load, store).
+            macro_rules! store {
+                ($($i:literal)*) => { $(self.registers.dr.set(burst[$i] as u32);)* };
             }
-            for &byte in burst {
+            store!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        }
+        if !rest.is_empty() {
+            self.wait_until_empty();
+            for &byte in rest {
                 self.registers.dr.set(byte as u32);
             }
+        }
+    }
+
+    /// Waits until the transmit FIFO is empty.
+    fn wait_until_empty(&self) {
+        while !self.registers.fr.is_set(FR::TXFE) {
+            core::hint::spin_loop();
         }
     }
 

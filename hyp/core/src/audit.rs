@@ -571,6 +571,12 @@ impl Slot {
         let words: [u64; WORDS] = core::array::from_fn(|i| self.words[i].load(Ordering::Relaxed));
         zerocopy::transmute!(words)
     }
+
+    /// The record as the words of [`abi::RecordWords`] (its bytes read as little-endian words;
+    /// the slot's words hold them in native order).
+    fn load_words(&self) -> abi::RecordWords {
+        core::array::from_fn(|i| u64::from_le(self.words[i].load(Ordering::Relaxed)))
+    }
 }
 
 /// The part of the log that recording vCPUs share: a bounded ring of slots and the counters
@@ -694,7 +700,7 @@ impl AuditRing {
 
     /// Record `sequence` once its writer has published it. A writer holds no lock and never
     /// waits between taking a number and publishing it, so the wait is short.
-    fn published(&self, sequence: u64) -> Record {
+    fn published(&self, sequence: u64) -> abi::RecordWords {
         let slot = self.slot(sequence);
         while slot.published.load(Ordering::Acquire) != sequence + 1 {
             core::hint::spin_loop();
@@ -702,7 +708,7 @@ impl AuditRing {
             #[cfg(test)]
             std::thread::yield_now();
         }
-        slot.load()
+        slot.load_words()
     }
 }
 
@@ -748,8 +754,8 @@ impl AuditDrain {
     pub fn seal(&mut self, ring: &AuditRing) {
         let end = ring.next_sequence();
         while self.sealed < end {
-            let record = ring.published(self.sealed);
-            self.last_hash = abi::chain_hash(self.last_hash, &record);
+            let words = ring.published(self.sealed);
+            self.last_hash = abi::chain_hash_words(self.last_hash, &words);
             ring.slot(self.sealed).words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
             self.sealed += 1;
         }
@@ -849,6 +855,29 @@ impl AuditDrain {
         let first = self.streamed.max(ring.dropped());
         let end = first + (self.sealed - first).min(max as u64);
         out.extend((first..end).map(|s| ring.slot(s).load()));
+        self.streamed = end;
+        ring.streamed.store(end, Ordering::Release);
+    }
+
+    /// [`Self::take_unstreamed_into`] with the records as [`abi::RecordWords`] (the form the
+    /// hypervisor's stream hashes and formats: aligned words, where `Record`'s byte-aligned
+    /// fields cost a load per byte on targets without unaligned access).
+    pub fn take_unstreamed_words_into(
+        &mut self,
+        ring: &AuditRing,
+        time: u64,
+        vcpu: u16,
+        out: &mut Vec<abi::RecordWords>,
+        max: usize,
+    ) {
+        if self.streamed < ring.dropped() {
+            let first = self.streamed;
+            self.append_overflow(ring, time, vcpu, first, flag::STREAM_LOSS);
+        }
+        self.seal(ring);
+        let first = self.streamed.max(ring.dropped());
+        let end = first + (self.sealed - first).min(max as u64);
+        out.extend((first..end).map(|s| ring.slot(s).load_words()));
         self.streamed = end;
         ring.streamed.store(end, Ordering::Release);
     }
