@@ -536,53 +536,69 @@ fn hex_digits8(value: u32) -> u64 {
     nibbles + ZEROS + letters * (b'a' - b'0' - 10) as u64
 }
 
-/// Writes text and numbers into a fixed buffer, without `core::fmt` and with few instructions
+/// A line as aligned little-endian words (byte `i` is byte `i % 8` of word `i / 8`): the form
+/// [`format_line_words`] writes, so that every store is a whole aligned word (targets without
+/// unaligned access would otherwise store the line a byte at a time).
+pub type LineWords = [u64; MAX_LINE / 8];
+
+/// The first `len` bytes of a line in [`LineWords`], as they lie in memory (on a little-endian
+/// target, which both of stagehand's are: the one below keeps a big-endian one from building).
+#[cfg(target_endian = "little")]
+pub fn line_bytes(line: &LineWords, len: usize) -> &[u8] {
+    &line.as_bytes()[..len.min(MAX_LINE)]
+}
+
+/// Byte `index` of a line in [`LineWords`].
+#[inline(always)]
+pub fn line_byte(line: &LineWords, index: usize) -> u8 {
+    (line[index / 8] >> (8 * (index % 8))) as u8
+}
+
+/// Writes text and numbers into [`LineWords`], without `core::fmt` and with few instructions
 /// per byte: the drain formats every record, on a recording guest's time at the high water.
-/// Every write stores whole 8-byte words and then advances by the bytes that count; the next
-/// write overwrites the rest. The widest line stays more than 16 bytes below [`MAX_LINE`], so
-/// no write is ever cut (a test checks the widest record).
+/// The word being filled stays in a register (`pending`); each write ORs its bytes in and
+/// stores the word whole, moving on to the next word when it is full. Word indices wrap at the
+/// buffer's end instead of being checked on every write: the widest line stays well below
+/// [`MAX_LINE`] (a test checks the widest record), so they never do.
 struct LineWriter<'a> {
-    out: &'a mut [u8; MAX_LINE],
-    len: usize,
+    out: &'a mut LineWords,
+    /// Index of the word being filled.
+    index: usize,
+    /// The bytes written to that word so far, the first lowest; the bytes above are zero.
+    pending: u64,
+    /// Bits of `pending` in use: a multiple of 8, below 64.
+    bits: u32,
 }
 
 impl LineWriter<'_> {
-    /// Stores `word` (first byte lowest) at the end of the line and keeps `count` (at most 8)
-    /// of its bytes.
+    /// Appends the low `count` (at most 8) bytes of `word`, the first lowest; the bytes above
+    /// them must be zero.
     #[inline(always)]
-    fn word(&mut self, word: u64, count: usize) {
-        if let Some(slot) = self.out.get_mut(self.len..self.len + 8) {
-            slot.copy_from_slice(&word.to_le_bytes());
-            self.len += count;
-        }
+    fn push(&mut self, word: u64, count: u32) {
+        let filled = self.pending | word << self.bits;
+        // The bytes that do not fit in this word (none when it was empty: shifts stay below 64).
+        let spilled = (word >> 1) >> (63 - self.bits);
+        self.out[self.index % (MAX_LINE / 8)] = filled;
+        let bits = self.bits + 8 * count;
+        self.index += (bits / 64) as usize;
+        self.pending = if bits >= 64 { spilled } else { filled };
+        self.bits = bits % 64;
     }
 
-    /// [`Self::word`] for two words, keeping `count` (at most 16) bytes.
+    /// Stores the word being filled and returns the line's length in bytes.
     #[inline(always)]
-    fn words(&mut self, first: u64, second: u64, count: usize) {
-        if let Some(slot) = self.out.get_mut(self.len..self.len + 16) {
-            slot[..8].copy_from_slice(&first.to_le_bytes());
-            slot[8..].copy_from_slice(&second.to_le_bytes());
-            self.len += count;
-        }
+    fn finish(self) -> usize {
+        self.out[self.index % (MAX_LINE / 8)] = self.pending;
+        self.index * 8 + (self.bits / 8) as usize
     }
 
-    /// Stores exactly `bytes` (constant text: a store per byte costs less than a whole word
-    /// where unaligned words are stored a byte at a time).
-    #[inline(always)]
-    fn bytes(&mut self, bytes: &[u8]) {
-        if let Some(slot) = self.out.get_mut(self.len..self.len + bytes.len()) {
-            slot.copy_from_slice(bytes);
-            self.len += bytes.len();
-        }
-    }
-
+    /// Up to 16 bytes packed in two words.
     #[inline(always)]
     fn text(&mut self, text: Packed) {
-        if text.len <= 8 {
-            self.bytes(&text.words[0].to_le_bytes()[..text.len as usize]);
-        } else {
-            self.words(text.words[0], text.words[1], text.len as usize);
+        let len = text.len as u32;
+        self.push(text.words[0], len.min(8));
+        if len > 8 {
+            self.push(text.words[1], len - 8);
         }
     }
 
@@ -591,15 +607,16 @@ impl LineWriter<'_> {
     fn decimal_below_10e8(&mut self, value: u32) {
         let digits = decimal_digits8(value);
         // Leading zero digits are the low zero bytes; a zero value keeps one.
-        let zeros = ((digits | 1 << 56).trailing_zeros() / 8) as usize;
-        self.word((digits >> (8 * zeros)) + ZEROS, 8 - zeros);
+        let zeros = (digits | 1 << 56).trailing_zeros() / 8;
+        self.push((digits + ZEROS) >> (8 * zeros), 8 - zeros);
     }
 
+    #[inline(always)]
     fn decimal(&mut self, value: u64) {
         const E8: u64 = 100_000_000;
         if value < 10 {
             // Most counts are single digits.
-            self.bytes(&[value as u8 + b'0']);
+            self.push(value + b'0' as u64, 1);
         } else if value < E8 {
             self.decimal_below_10e8(value as u32);
         } else {
@@ -608,37 +625,38 @@ impl LineWriter<'_> {
                 self.decimal_below_10e8(high as u32);
             } else {
                 self.decimal_below_10e8((high / E8) as u32);
-                self.word(decimal_digits8((high % E8) as u32) + ZEROS, 8);
+                self.push(decimal_digits8((high % E8) as u32) + ZEROS, 8);
             }
-            self.word(decimal_digits8((value % E8) as u32) + ZEROS, 8);
+            self.push(decimal_digits8((value % E8) as u32) + ZEROS, 8);
         }
     }
 
+    #[inline(always)]
     fn signed(&mut self, value: i64) {
         if value < 0 {
-            self.bytes(b"-");
+            self.push(b'-' as u64, 1);
         }
         self.decimal(value.unsigned_abs());
     }
 
-    /// At least `width` hex digits (1, 8 or 16) of `value`, no prefix: the significant
-    /// digits are shifted to the top, converted, and written whole.
-    fn hex(&mut self, value: u64, width: usize) {
+    /// At least `width` hex digits (1, 8 or 16) of `value`, no prefix: all eight or sixteen
+    /// are converted and the leading zeros beyond `width` shifted out.
+    #[inline(always)]
+    fn hex(&mut self, value: u64, width: u32) {
         if value < 10 && width == 1 {
             // Flags, kinds and most details are 0.
-            self.bytes(&[value as u8 + b'0']);
+            self.push(value + b'0' as u64, 1);
         } else if value >> 32 == 0 && width <= 8 {
-            let value = value as u32;
-            let count = (8 - value.leading_zeros() as usize / 4).max(width).max(1);
-            self.word(hex_digits8(value << (4 * (8 - count))), count);
+            let count = (8 - (value as u32).leading_zeros() / 4).max(width).max(1);
+            self.push(hex_digits8(value as u32) >> (8 * (8 - count)), count);
         } else {
-            let count = (16 - value.leading_zeros() as usize / 4).max(width);
-            let value = value << (4 * (16 - count));
-            self.words(
-                hex_digits8((value >> 32) as u32),
-                hex_digits8(value as u32),
-                count,
+            // 9 to 16 digits.
+            let count = (16 - value.leading_zeros() / 4).max(width);
+            self.push(
+                hex_digits8((value >> 32) as u32) >> (8 * (16 - count)),
+                count - 8,
             );
+            self.push(hex_digits8(value as u32), 8);
         }
     }
 
@@ -647,7 +665,9 @@ impl LineWriter<'_> {
     fn named(&mut self, value: u8, table: &NameTable) {
         let name = table.0[(value & 15) as usize];
         if name.len != 0 && name.value == value {
-            self.words(name.words[0], name.words[1], name.len as usize);
+            let len = name.len as u32;
+            self.push(name.words[0], len.min(8));
+            self.push(name.words[1], len.saturating_sub(8));
         } else {
             self.decimal(value as u64);
         }
@@ -667,13 +687,30 @@ impl Record {
     /// give back the record's exact bytes ([`parse_line`]). Bytes of `out` past the length
     /// are unspecified.
     pub fn format_line(&self, out: &mut [u8; MAX_LINE]) -> usize {
-        format_line_words(&self.words(), out)
+        let mut line = [0; MAX_LINE / 8];
+        let len = format_line_words(&self.words(), &mut line);
+        for (chunk, word) in out.chunks_exact_mut(8).zip(line) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        len
     }
 }
 
 /// [`Record::format_line`] of a record given as its [`RecordWords`] (the drain's form; see
-/// [`chain_hash_words`]).
-pub fn format_line_words(words: &RecordWords, out: &mut [u8; MAX_LINE]) -> usize {
+/// [`chain_hash_words`]), into [`LineWords`]. Bytes past the length are zero up to the end of
+/// their word.
+pub fn format_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
+    write_line(words, out, false)
+}
+
+/// [`format_line_words`] followed by `\r\n`: the line as the hypervisor streams it, written
+/// to the UART in one go.
+pub fn format_stream_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
+    write_line(words, out, true)
+}
+
+#[inline(always)]
+fn write_line(words: &RecordWords, out: &mut LineWords, crlf: bool) -> usize {
     // Fields by their offsets in `Record`: word, then bit shift.
     let field = |offset: usize, bits: u32| -> u64 {
         let value = words[offset / 8] >> (8 * (offset % 8));
@@ -684,7 +721,12 @@ pub fn format_line_words(words: &RecordWords, out: &mut [u8; MAX_LINE]) -> usize
         }
     };
     let byte = |offset: usize| field(offset, 8) as u8;
-    let mut w = LineWriter { out, len: 0 };
+    let mut w = LineWriter {
+        out,
+        index: 0,
+        pending: 0,
+        bits: 0,
+    };
     w.text(text!(LINE_MARKER));
     w.decimal(field(0x00, 16));
     w.text(text!(" seq="));
@@ -742,7 +784,10 @@ pub fn format_line_words(words: &RecordWords, out: &mut [u8; MAX_LINE]) -> usize
     w.decimal(field(0x68, 64));
     w.text(text!(" hash=0x"));
     w.hex(field(0x78, 64), 16);
-    w.len
+    if crlf {
+        w.text(text!("\r\n"));
+    }
+    w.finish()
 }
 
 /// The line form; see [`Record::format_line`].
@@ -1131,17 +1176,27 @@ mod tests {
         let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..20_000 {
             let record = edgy_record(&mut next);
-            let mut line = [0u8; MAX_LINE];
+            let expected = reference::line(&record);
+            let mut line = [0u64; MAX_LINE / 8];
             let len = format_line_words(&record.words(), &mut line);
-            assert_eq!(
-                core::str::from_utf8(&line[..len]).unwrap(),
-                reference::line(&record)
-            );
+            assert_eq!(line_text(&line, len), expected);
+            let len = format_stream_line_words(&record.words(), &mut line);
+            assert_eq!(line_text(&line, len), expected.clone() + "\r\n");
+            assert_eq!(line_bytes(&line, len), line_text(&line, len).as_bytes());
+            // The rest of the last word is zero, and so is every word after it (the writer
+            // stores no further).
+            assert!((len..MAX_LINE).all(|i| line_byte(&line, i) == 0));
         }
     }
 
+    /// The first `len` bytes of `line` as text.
+    fn line_text(line: &LineWords, len: usize) -> std::string::String {
+        let bytes: std::vec::Vec<u8> = (0..len).map(|i| line_byte(line, i)).collect();
+        std::string::String::from_utf8(bytes).unwrap()
+    }
+
     #[test]
-    fn the_widest_line_leaves_room_for_whole_word_writes() {
+    fn the_widest_streamed_line_fits_with_room_to_spare() {
         let mut r = Record::new_zeroed();
         for word in r.as_mut_bytes().chunks_mut(8) {
             word.copy_from_slice(&u64::MAX.to_le_bytes());
@@ -1152,9 +1207,11 @@ mod tests {
         r.access = access::WRITE;
         r.stream_id = U32::new(NO_STREAM - 1);
         r.status = I64::new(i64::MIN);
-        let mut line = [0u8; MAX_LINE];
-        let len = r.format_line(&mut line);
-        assert_eq!(len, reference::line(&r).len());
+        let mut line = [0u64; MAX_LINE / 8];
+        let len = format_stream_line_words(&r.words(), &mut line);
+        assert_eq!(len, reference::line(&r).len() + 2);
+        // The writer's word index wraps at the end of the buffer instead of being checked:
+        // the widest streamed line must leave room to spare.
         assert!(len + 16 <= MAX_LINE, "{len}");
     }
 

@@ -178,7 +178,7 @@ impl HypAudit {
             return;
         }
         let mut batch = Vec::with_capacity(BATCH);
-        let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
+        let mut line = [0u64; stagehand_abi::audit::MAX_LINE / 8];
         loop {
             batch.clear();
             drain.take_unstreamed_words_into(&self.ring, now(), vcpu, &mut batch, BATCH);
@@ -186,8 +186,8 @@ impl HypAudit {
                 return;
             }
             for record in &batch {
-                let len = stagehand_abi::audit::format_line_words(record, &mut line);
-                crate::console::write_audit_line(&line[..len]);
+                let len = stagehand_abi::audit::format_stream_line_words(record, &mut line);
+                crate::console::write_audit_line(stagehand_abi::audit::line_bytes(&line, len));
             }
         }
     }

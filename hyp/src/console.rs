@@ -73,7 +73,7 @@ pub fn set_guest_running(running: bool) {
     }
 }
 
-/// Writes one audit line (`line` without its newline) on the hypervisor's UART, whole, under
+/// Writes one audit line (`line` ending in `\r\n`) on the hypervisor's UART, whole, under
 /// the lock. Audit lines skip the `log` machinery: they are written on every audited call and
 /// are their own stable format. The caller (the audit stream) decides when a shared UART may
 /// be used.
@@ -87,11 +87,11 @@ pub fn write_audit_line(line: &[u8]) {
     let uart = unsafe { uart_at(base) };
     if CONSOLE.shared_with_guest.load(Ordering::Relaxed) {
         // Not our FIFO settings: byte by byte.
-        uart.write_str(core::str::from_utf8(line).unwrap_or(""));
+        let text = line.strip_suffix(b"\r\n").unwrap_or(line);
+        uart.write_str(core::str::from_utf8(text).unwrap_or(""));
         uart.write_str("\n");
     } else {
         uart.write_bursts(line);
-        uart.write_bursts(b"\r\n");
     }
 }
 
