@@ -847,39 +847,50 @@ impl AuditDrain {
         out: &mut Vec<Record>,
         max: usize,
     ) {
-        if self.streamed < ring.dropped() {
-            let first = self.streamed;
-            self.append_overflow(ring, time, vcpu, first, flag::STREAM_LOSS);
-        }
-        self.seal(ring);
-        let first = self.streamed.max(ring.dropped());
-        let end = first + (self.sealed - first).min(max as u64);
-        out.extend((first..end).map(|s| ring.slot(s).load()));
-        self.streamed = end;
-        ring.streamed.store(end, Ordering::Release);
+        self.stream_unstreamed(ring, time, vcpu, max, |words| {
+            out.push(zerocopy::transmute!(words.map(u64::to_le)));
+        });
     }
 
-    /// [`Self::take_unstreamed_into`] with the records as [`abi::RecordWords`] (the form the
-    /// hypervisor's stream hashes and formats: aligned words, where `Record`'s byte-aligned
-    /// fields cost a load per byte on targets without unaligned access).
-    pub fn take_unstreamed_words_into(
+    /// [`Self::take_unstreamed_into`] handing each record to `each` as [`abi::RecordWords`]
+    /// instead of copying it out, and returning how many it handed. This is the hypervisor's
+    /// stream: each record is read from its slot once, hashed (if it has no hash yet) and
+    /// given to `each` from the same registers and stack words, in the aligned form that
+    /// `Record`'s byte-aligned fields lack on targets without unaligned access.
+    pub fn stream_unstreamed(
         &mut self,
         ring: &AuditRing,
         time: u64,
         vcpu: u16,
-        out: &mut Vec<abi::RecordWords>,
         max: usize,
-    ) {
+        mut each: impl FnMut(&abi::RecordWords),
+    ) -> usize {
         if self.streamed < ring.dropped() {
             let first = self.streamed;
             self.append_overflow(ring, time, vcpu, first, flag::STREAM_LOSS);
         }
-        self.seal(ring);
+        // Records `first..sealed` have their hash (a reader or a retirement sealed them); the
+        // rest are sealed here, in order, as they are streamed. Retirement stops at `sealed`,
+        // so `first <= sealed`.
         let first = self.streamed.max(ring.dropped());
-        let end = first + (self.sealed - first).min(max as u64);
-        out.extend((first..end).map(|s| ring.slot(s).load_words()));
+        let end = first + (ring.next_sequence() - first).min(max as u64);
+        for sequence in first..end {
+            let words = if sequence < self.sealed {
+                ring.slot(sequence).load_words()
+            } else {
+                debug_assert_eq!(sequence, self.sealed);
+                let mut words = ring.published(sequence);
+                self.last_hash = abi::chain_hash_words(self.last_hash, &words);
+                words[HASH_WORD] = self.last_hash;
+                ring.slot(sequence).words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
+                self.sealed += 1;
+                words
+            };
+            each(&words);
+        }
         self.streamed = end;
         ring.streamed.store(end, Ordering::Release);
+        (end - first) as usize
     }
 }
 
