@@ -554,13 +554,19 @@ pub fn line_byte(line: &LineWords, index: usize) -> u8 {
     (line[index / 8] >> (8 * (index % 8))) as u8
 }
 
-/// Writes text and numbers into [`LineWords`], without `core::fmt` and with few instructions
-/// per byte: the drain formats every record, on a recording guest's time at the high water.
-/// The word being filled stays in a register (`pending`); each write ORs its bytes in and
-/// stores the word whole, moving on to the next word when it is full. Word indices wrap at the
-/// buffer's end instead of being checked on every write: the widest line stays well below
+/// Where [`write_line`] puts a line: pieces of up to 8 bytes, in order.
+pub trait LineSink {
+    /// Appends the low `count` (at most 8) bytes of `word`, the first lowest; the bytes above
+    /// them are zero.
+    fn push(&mut self, word: u64, count: u32);
+}
+
+/// A [`LineSink`] into [`LineWords`], without `core::fmt` and with few instructions per byte.
+/// The word being filled stays in a register (`pending`); each piece is ORed in and the word
+/// stored whole, moving on to the next word when it is full. Word indices wrap at the
+/// buffer's end instead of being checked on every piece: the widest line stays well below
 /// [`MAX_LINE`] (a test checks the widest record), so they never do.
-struct LineWriter<'a> {
+pub struct LineBuffer<'a> {
     out: &'a mut LineWords,
     /// Index of the word being filled.
     index: usize,
@@ -570,9 +576,26 @@ struct LineWriter<'a> {
     bits: u32,
 }
 
-impl LineWriter<'_> {
-    /// Appends the low `count` (at most 8) bytes of `word`, the first lowest; the bytes above
-    /// them must be zero.
+impl<'a> LineBuffer<'a> {
+    /// An empty line in `out`.
+    pub fn new(out: &'a mut LineWords) -> Self {
+        LineBuffer {
+            out,
+            index: 0,
+            pending: 0,
+            bits: 0,
+        }
+    }
+
+    /// Stores the word being filled and returns the line's length in bytes.
+    #[inline(always)]
+    pub fn finish(self) -> usize {
+        self.out[self.index % (MAX_LINE / 8)] = self.pending;
+        self.index * 8 + (self.bits / 8) as usize
+    }
+}
+
+impl LineSink for LineBuffer<'_> {
     #[inline(always)]
     fn push(&mut self, word: u64, count: u32) {
         let filled = self.pending | word << self.bits;
@@ -584,12 +607,16 @@ impl LineWriter<'_> {
         self.pending = if bits >= 64 { spilled } else { filled };
         self.bits = bits % 64;
     }
+}
 
-    /// Stores the word being filled and returns the line's length in bytes.
+/// Text and numbers of the line form, as pieces for a [`LineSink`]: the drain formats every
+/// record, on a recording guest's time at the high water.
+struct LineWriter<'a, S: LineSink>(&'a mut S);
+
+impl<S: LineSink> LineWriter<'_, S> {
     #[inline(always)]
-    fn finish(self) -> usize {
-        self.out[self.index % (MAX_LINE / 8)] = self.pending;
-        self.index * 8 + (self.bits / 8) as usize
+    fn push(&mut self, word: u64, count: u32) {
+        self.0.push(word, count);
     }
 
     /// Up to 16 bytes packed in two words.
@@ -700,17 +727,24 @@ impl Record {
 /// [`chain_hash_words`]), into [`LineWords`]. Bytes past the length are zero up to the end of
 /// their word.
 pub fn format_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
-    write_line(words, out, false)
+    let mut line = LineBuffer::new(out);
+    write_line(words, &mut line, false);
+    line.finish()
 }
 
 /// [`format_line_words`] followed by `\r\n`: the line as the hypervisor streams it, written
 /// to the UART in one go.
 pub fn format_stream_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
-    write_line(words, out, true)
+    let mut line = LineBuffer::new(out);
+    write_line(words, &mut line, true);
+    line.finish()
 }
 
+/// The line form of a record given as its [`RecordWords`] (see [`Record::format_line`]), as
+/// pieces into `sink`, followed by `\r\n` if `crlf` (the streamed form). The hypervisor's
+/// stream gives the pieces straight to the UART.
 #[inline(always)]
-fn write_line(words: &RecordWords, out: &mut LineWords, crlf: bool) -> usize {
+pub fn write_line(words: &RecordWords, sink: &mut impl LineSink, crlf: bool) {
     // Fields by their offsets in `Record`: word, then bit shift.
     let field = |offset: usize, bits: u32| -> u64 {
         let value = words[offset / 8] >> (8 * (offset % 8));
@@ -721,12 +755,7 @@ fn write_line(words: &RecordWords, out: &mut LineWords, crlf: bool) -> usize {
         }
     };
     let byte = |offset: usize| field(offset, 8) as u8;
-    let mut w = LineWriter {
-        out,
-        index: 0,
-        pending: 0,
-        bits: 0,
-    };
+    let mut w = LineWriter(sink);
     w.text(text!(LINE_MARKER));
     w.decimal(field(0x00, 16));
     w.text(text!(" seq="));
@@ -787,7 +816,6 @@ fn write_line(words: &RecordWords, out: &mut LineWords, crlf: bool) -> usize {
     if crlf {
         w.text(text!("\r\n"));
     }
-    w.finish()
 }
 
 /// The line form; see [`Record::format_line`].

@@ -24,7 +24,6 @@ use hyp_core::audit::{
     AuditDrain, AuditLevel, AuditRing, Event, ReadResult, RingFull, RING_CAPACITY,
 };
 use hyp_core::hypercall::platform::AuditSink;
-use stagehand_abi::audit::{format_stream_line_words, line_bytes, LineWords, MAX_LINE};
 
 /// VM id the records carry.
 const VM_ID: u16 = 1;
@@ -44,20 +43,13 @@ fn now() -> u64 {
     CNTPCT_EL0.get()
 }
 
-/// What the drain side's lock guards: the drain and the stream's line buffer (kept here, not
-/// on the stack, so that a drain does not clear 512 bytes first).
-struct DrainSide {
-    drain: AuditDrain,
-    line: LineWords,
-}
-
 /// The VM's audit log, owned by the VM: the ring vCPUs record into without a lock, the drain
 /// side behind one, and what decides whether lines may go to the UART. The portable call
 /// handlers reach it as the VM's [`AuditSink`]; the trap layer through the same value.
 pub struct HypAudit {
     ring: AuditRing,
     /// Held by the one vCPU sealing, streaming, retiring or reading.
-    drain_side: spin::Mutex<DrainSide>,
+    drain_side: spin::Mutex<AuditDrain>,
     /// The configured level, read on every record without a lock.
     level: AtomicU8,
     /// The UART is the guest's console too.
@@ -76,10 +68,7 @@ impl HypAudit {
         };
         Self {
             ring: AuditRing::new(VM_ID, RING_CAPACITY),
-            drain_side: spin::Mutex::new(DrainSide {
-                drain: AuditDrain::new(),
-                line: [0; MAX_LINE / 8],
-            }),
+            drain_side: spin::Mutex::new(AuditDrain::new()),
             level: AtomicU8::new(code),
             shared_uart,
             guest_running: AtomicBool::new(false),
@@ -141,9 +130,9 @@ impl HypAudit {
     fn record_when_full(&self, vcpu: u16, event: &Event) -> u64 {
         loop {
             {
-                let mut side = self.drain_side.lock();
-                self.stream_locked(&mut side, vcpu);
-                side.drain.make_room(&self.ring, now(), vcpu);
+                let mut drain = self.drain_side.lock();
+                self.stream_locked(&mut drain, vcpu);
+                drain.make_room(&self.ring, now(), vcpu);
             }
             if let Ok(sequence) = self.ring.record(now(), vcpu, event) {
                 return sequence;
@@ -172,8 +161,8 @@ impl HypAudit {
     /// Seals the records waiting and writes their lines to the UART, oldest first, unless
     /// another vCPU is draining (it takes these too) or a running guest owns the UART.
     pub fn drain(&self, vcpu: usize) {
-        if let Some(mut side) = self.drain_side.try_lock() {
-            self.stream_locked(&mut side, vcpu as u16);
+        if let Some(mut drain) = self.drain_side.try_lock() {
+            self.stream_locked(&mut drain, vcpu as u16);
         }
     }
 
@@ -183,16 +172,14 @@ impl HypAudit {
         self.stream_locked(&mut self.drain_side.lock(), vcpu as u16);
     }
 
-    fn stream_locked(&self, side: &mut DrainSide, vcpu: u16) {
+    fn stream_locked(&self, drain: &mut AuditDrain, vcpu: u16) {
         if !self.may_stream() {
             return;
         }
-        let DrainSide { drain, line } = side;
         // Batches, so that records coming in meanwhile are taken too, yet one look at the
         // ring does not stream for ever.
         while drain.stream_unstreamed(&self.ring, now(), vcpu, BATCH, |record| {
-            let len = format_stream_line_words(record, line);
-            crate::console::write_audit_line(line_bytes(line, len));
+            crate::console::write_audit_record(record);
         }) != 0
         {}
     }
@@ -212,7 +199,7 @@ impl AuditSink for HypAudit {
     /// records from `first` on.
     fn read(&self, vcpu: usize, first: u64, max: usize) -> ReadResult {
         self.drain(vcpu);
-        let drain = &mut self.drain_side.lock().drain;
+        let mut drain = self.drain_side.lock();
         drain.report_losses(&self.ring, now(), vcpu as u16);
         drain.read(&self.ring, first, max.min(RING_CAPACITY))
     }
