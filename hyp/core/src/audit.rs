@@ -567,6 +567,17 @@ impl Slot {
         }
     }
 
+    /// Waits until the writer of record `sequence` (this slot's) has published it.
+    #[inline(always)]
+    fn wait_published(&self, sequence: u64) {
+        while self.published.load(Ordering::Acquire) != sequence + 1 {
+            core::hint::spin_loop();
+            // Host threads, unlike vCPUs, can be descheduled between reserving and publishing.
+            #[cfg(test)]
+            std::thread::yield_now();
+        }
+    }
+
     fn load(&self) -> Record {
         let words: [u64; WORDS] = core::array::from_fn(|i| self.words[i].load(Ordering::Relaxed));
         zerocopy::transmute!(words)
@@ -576,7 +587,11 @@ impl Slot {
     /// the slot's words hold them in native order).
     #[inline(always)]
     fn load_words(&self) -> abi::RecordWords {
-        core::array::from_fn(|i| u64::from_le(self.words[i].load(Ordering::Relaxed)))
+        // Written out: as a loop (`array::from_fn`) it stays a loop, and copies.
+        macro_rules! words {
+            ($($i:literal)*) => { [$(u64::from_le(self.words[$i].load(Ordering::Relaxed))),*] };
+        }
+        words!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
     }
 }
 
@@ -705,12 +720,7 @@ impl AuditRing {
     #[inline(always)]
     fn published(&self, sequence: u64) -> abi::RecordWords {
         let slot = self.slot(sequence);
-        while slot.published.load(Ordering::Acquire) != sequence + 1 {
-            core::hint::spin_loop();
-            // Host threads, unlike vCPUs, can be descheduled between reserving and publishing.
-            #[cfg(test)]
-            std::thread::yield_now();
-        }
+        slot.wait_published(sequence);
         slot.load_words()
     }
 }
@@ -878,17 +888,20 @@ impl AuditDrain {
         let first = self.streamed.max(ring.dropped());
         let end = first + (ring.next_sequence() - first).min(max as u64);
         for sequence in first..end {
-            let words = if sequence < self.sealed {
-                ring.slot(sequence).load_words()
-            } else {
+            let slot = ring.slot(sequence);
+            let sealed = sequence < self.sealed;
+            if !sealed {
                 debug_assert_eq!(sequence, self.sealed);
-                let mut words = ring.published(sequence);
+                slot.wait_published(sequence);
+            }
+            // One array, filled in place, hashed and handed on (no copies between).
+            let mut words = slot.load_words();
+            if !sealed {
                 self.last_hash = abi::chain_hash_words(self.last_hash, &words);
                 words[HASH_WORD] = self.last_hash;
-                ring.slot(sequence).words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
+                slot.words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
                 self.sealed += 1;
-                words
-            };
+            }
             each(&words);
         }
         self.streamed = end;
