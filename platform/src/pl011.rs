@@ -177,20 +177,27 @@ impl<F: TransmitFifo> stagehand_abi::audit::LineSink for FifoLine<'_, F> {
             self.room = FIFO_DEPTH as u32;
         }
         self.room -= count.min(8);
-        // Unrolled for each count: a store per byte, taken from the word without a reload.
+        // A store per byte, taken from the word without a reload. A whole word (constant text
+        // and most digits) is 8 stores; other counts go by their bits, a test-and-branch each,
+        // rather than a search for the count.
         macro_rules! put {
-            ($($i:literal)*) => {{ $(self.fifo.put((word >> (8 * $i)) as u8);)* }};
+            ($word:ident: $($i:literal)*) => {{ $(self.fifo.put(($word >> (8 * $i)) as u8);)* }};
         }
-        match count {
-            0 => {}
-            1 => put!(0),
-            2 => put!(0 1),
-            3 => put!(0 1 2),
-            4 => put!(0 1 2 3),
-            5 => put!(0 1 2 3 4),
-            6 => put!(0 1 2 3 4 5),
-            7 => put!(0 1 2 3 4 5 6),
-            _ => put!(0 1 2 3 4 5 6 7),
+        if count >= 8 {
+            put!(word: 0 1 2 3 4 5 6 7);
+        } else {
+            let mut rest = word;
+            if count & 4 != 0 {
+                put!(rest: 0 1 2 3);
+                rest >>= 32;
+            }
+            if count & 2 != 0 {
+                put!(rest: 0 1);
+                rest >>= 16;
+            }
+            if count & 1 != 0 {
+                put!(rest: 0);
+            }
         }
     }
 }
