@@ -735,8 +735,8 @@ pub fn format_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
     line.finish()
 }
 
-/// [`format_line_words`] followed by `\r\n`: the line as the hypervisor streams it, written
-/// to the UART in one go.
+/// [`format_line_words`] followed by `\r\n`: the line as the hypervisor streams it (it gives
+/// [`write_line`]'s pieces straight to the UART; this buffered form is what tests compare).
 pub fn format_stream_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
     let mut line = LineBuffer::new(out);
     write_line(words, &mut line, true);

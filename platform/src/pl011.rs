@@ -94,27 +94,6 @@ impl<'a> Pl011<'a> {
     /// Bytes the transmit FIFO holds at least, on every PL011 revision (32 from r1p5 on).
     pub const FIFO_DEPTH: usize = FIFO_DEPTH;
 
-    /// Writes `bytes` as they are (no newline translation), [`Self::FIFO_DEPTH`] at a time
-    /// into an empty FIFO: one status read per burst instead of one per byte. Only for a UART
-    /// whose FIFOs this driver enabled ([`Self::init`]); with FIFOs off it holds one byte.
-    pub fn write_bursts(&self, bytes: &[u8]) {
-        let (bursts, rest) = bytes.as_chunks::<FIFO_DEPTH>();
-        for burst in bursts {
-            self.wait_until_empty();
-            // Whole bursts unrolled: two instructions a byte (load, store).
-            macro_rules! store {
-                ($($i:literal)*) => { $(self.registers.dr.set(burst[$i] as u32);)* };
-            }
-            store!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-        }
-        if !rest.is_empty() {
-            self.wait_until_empty();
-            for &byte in rest {
-                self.registers.dr.set(byte as u32);
-            }
-        }
-    }
-
     /// Waits until the transmit FIFO is empty.
     #[inline(always)]
     fn wait_until_empty(&self) {
@@ -154,8 +133,9 @@ impl TransmitFifo for Pl011<'_> {
 /// A line written in pieces of up to 8 bytes straight into a transmit FIFO (a
 /// [`LineSink`](stagehand_abi::audit::LineSink): the audit stream formats into it with no line
 /// buffer between). It waits for the FIFO to empty only when a piece would not fit in the room
-/// it knows of: one status read per [`Pl011::FIFO_DEPTH`] bytes at most, as
-/// [`Pl011::write_bursts`]. Only for a UART whose FIFOs this driver enabled ([`Pl011::init`]).
+/// it knows of: one status read per [`Pl011::FIFO_DEPTH`] bytes or so instead of one per byte.
+/// Only for a UART whose FIFOs this driver enabled ([`Pl011::init`]); with FIFOs off the
+/// transmitter holds one byte.
 pub struct FifoLine<'a, F: TransmitFifo> {
     fifo: &'a F,
     /// Bytes the FIFO has room for at least.
