@@ -139,7 +139,7 @@ impl TransmitFifo for Pl011<'_> {
 pub struct FifoLine<'a, F: TransmitFifo> {
     fifo: &'a F,
     /// Bytes the FIFO has room for at least.
-    room: u32,
+    room: i32,
 }
 
 impl<'a, F: TransmitFifo> FifoLine<'a, F> {
@@ -152,11 +152,13 @@ impl<'a, F: TransmitFifo> FifoLine<'a, F> {
 impl<F: TransmitFifo> stagehand_abi::audit::LineSink for FifoLine<'_, F> {
     #[inline(always)]
     fn push(&mut self, word: u64, count: u32) {
-        if count > self.room {
+        // Subtract first, then look at the sign: one flag-setting subtraction and a branch.
+        let count = count.min(8) as i32;
+        self.room -= count;
+        if self.room < 0 {
             self.fifo.wait_until_empty();
-            self.room = FIFO_DEPTH as u32;
+            self.room = FIFO_DEPTH as i32 - count;
         }
-        self.room -= count.min(8);
         // A store per byte, taken from the word without a reload. A whole word (constant text
         // and most digits) is 8 stores; other counts go by their bits, a test-and-branch each,
         // rather than a search for the count.
