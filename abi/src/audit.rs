@@ -13,7 +13,6 @@
 //! an altered, dropped or reordered record, and is not a signature.
 
 use core::fmt;
-use core::hash::Hasher;
 
 use zerocopy::byteorder::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
@@ -243,11 +242,82 @@ pub mod stop_reason {
 
 /// The next link of the hash chain: SipHash-2-4 under [`HASH_KEY`] of `previous` (8 bytes LE)
 /// followed by the first [`HASHED_BYTES`] bytes of `record` (its `hash` field is not covered).
+///
+/// The message is always 128 bytes, 16 little-endian words: SipHash is written out here for
+/// exactly that, a word per compression, rather than through a byte-buffered `Hasher` (the
+/// drain hashes every record; this is a third of the cost). The tests check it against the
+/// `siphasher` crate.
 pub fn chain_hash(previous: u64, record: &Record) -> u64 {
-    let mut hasher = siphasher::sip::SipHasher24::new_with_keys(HASH_KEY.0, HASH_KEY.1);
-    hasher.write(&previous.to_le_bytes());
-    hasher.write(&record.as_bytes()[..HASHED_BYTES]);
-    hasher.finish()
+    chain_hash_words(previous, &record.words())
+}
+
+/// [`chain_hash`] of a record given as its [`RecordWords`] (the drain's form: aligned words
+/// read straight from the ring, where `Record`'s byte-aligned fields cost a load per byte on
+/// targets without unaligned access).
+pub fn chain_hash_words(previous: u64, words: &RecordWords) -> u64 {
+    let mut state = SipState::new(HASH_KEY);
+    state.compress(previous);
+    // Written out: the loop's own counting would be a tenth of the cost.
+    macro_rules! compress {
+        ($($i:literal)*) => { $(state.compress(words[$i]);)* };
+    }
+    compress!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+    const { assert!(HASHED_BYTES / 8 == 15) };
+    state.finish(8 + HASHED_BYTES as u64)
+}
+
+/// A record as 16 words: its bytes read as little-endian `u64`s (word 1 is the sequence
+/// number, word 15 the hash; see the field offsets of [`Record`]).
+pub type RecordWords = [u64; RECORD_SIZE / 8];
+
+/// SipHash-2-4's four state words.
+struct SipState([u64; 4]);
+
+impl SipState {
+    #[inline(always)]
+    fn new(key: (u64, u64)) -> SipState {
+        SipState([
+            key.0 ^ 0x736f_6d65_7073_6575,
+            key.1 ^ 0x646f_7261_6e64_6f6d,
+            key.0 ^ 0x6c79_6765_6e65_7261,
+            key.1 ^ 0x7465_6462_7974_6573,
+        ])
+    }
+
+    #[inline(always)]
+    fn round(&mut self) {
+        let [v0, v1, v2, v3] = &mut self.0;
+        *v0 = v0.wrapping_add(*v1);
+        *v1 = v1.rotate_left(13) ^ *v0;
+        *v0 = v0.rotate_left(32);
+        *v2 = v2.wrapping_add(*v3);
+        *v3 = v3.rotate_left(16) ^ *v2;
+        *v0 = v0.wrapping_add(*v3);
+        *v3 = v3.rotate_left(21) ^ *v0;
+        *v2 = v2.wrapping_add(*v1);
+        *v1 = v1.rotate_left(17) ^ *v2;
+        *v2 = v2.rotate_left(32);
+    }
+
+    /// One message word, two compression rounds.
+    #[inline(always)]
+    fn compress(&mut self, word: u64) {
+        self.0[3] ^= word;
+        self.round();
+        self.round();
+        self.0[0] ^= word;
+    }
+
+    /// The last block (no tail bytes: the message is whole words) and four finalisation rounds.
+    #[inline(always)]
+    fn finish(mut self, message_bytes: u64) -> u64 {
+        self.compress(message_bytes << 56);
+        self.0[2] ^= 0xff;
+        for _ in 0..4 {
+            self.round();
+        }
+        self.0[0] ^ self.0[1] ^ self.0[2] ^ self.0[3]
+    }
 }
 
 impl Record {
@@ -272,6 +342,12 @@ impl Record {
     /// The record's bytes.
     pub fn bytes(&self) -> &[u8] {
         self.as_bytes()
+    }
+
+    /// The record as [`RecordWords`].
+    pub fn words(&self) -> RecordWords {
+        let words: [U64; RECORD_SIZE / 8] = zerocopy::transmute!(*self);
+        words.map(|word| word.get())
     }
 
     /// Whether `hash` is the chain's next link after `previous`.
@@ -367,70 +443,263 @@ pub const LINE_MARKER: &str = "AUDIT v";
 /// Longest line [`Record::format_line`] writes (the widest value in every field stays below).
 pub const MAX_LINE: usize = 512;
 
-/// Writes text and numbers into a fixed buffer, without `core::fmt`: the line is written on
-/// every audited hypercall, and formatting machinery would cost more than the call.
-struct LineWriter<'a> {
-    out: &'a mut [u8; MAX_LINE],
-    len: usize,
+/// Up to 16 bytes of text as two little-endian words (first byte lowest) and a length: a
+/// constant piece of the line, or a name of an enumeration value (`value`).
+#[derive(Clone, Copy)]
+struct Packed {
+    words: [u64; 2],
+    len: u8,
+    value: u8,
 }
 
-impl LineWriter<'_> {
-    #[inline(always)]
-    fn text(&mut self, text: &str) {
-        self.bytes(text.as_bytes());
-    }
+impl Packed {
+    const NONE: Packed = Packed {
+        words: [0; 2],
+        len: 0,
+        value: 0,
+    };
 
-    /// Digits written in place, right to left (no temporary, no copy).
-    fn decimal(&mut self, mut value: u64) {
-        let digits = value.checked_ilog10().unwrap_or(0) as usize + 1;
-        let Some(slot) = self.out.get_mut(self.len..self.len + digits) else {
-            return;
-        };
-        for byte in slot.iter_mut().rev() {
-            *byte = b'0' + (value % 10) as u8;
-            value /= 10;
+    const fn new(text: &str, value: u8) -> Packed {
+        let bytes = text.as_bytes();
+        assert!(!bytes.is_empty() && bytes.len() <= 16);
+        let mut words = [0u64; 2];
+        let mut i = 0;
+        while i < bytes.len() {
+            words[i / 8] |= (bytes[i] as u64) << (8 * (i % 8));
+            i += 1;
         }
-        self.len += digits;
+        Packed {
+            words,
+            len: bytes.len() as u8,
+            value,
+        }
+    }
+}
+
+/// Constant text of the line, packed at compile time.
+macro_rules! text {
+    ($text:expr) => {
+        const { Packed::new($text, 0) }
+    };
+}
+
+/// The names of a one-byte enumeration, indexed by the value's low four bits (the values of
+/// each table differ there: checked at compile time). Values without a name are written in
+/// decimal.
+struct NameTable([Packed; 16]);
+
+impl NameTable {
+    const fn new(names: &[(u8, &str)]) -> NameTable {
+        let mut table = [Packed::NONE; 16];
+        let mut i = 0;
+        while i < names.len() {
+            let (value, name) = names[i];
+            let slot = (value & 15) as usize;
+            assert!(table[slot].len == 0, "two names share their low four bits");
+            table[slot] = Packed::new(name, value);
+            i += 1;
+        }
+        NameTable(table)
+    }
+}
+
+const KIND_TABLE: NameTable = NameTable::new(&KINDS);
+const ATTR_TABLE: NameTable = NameTable::new(&ATTR_NAMES);
+const CMO_TABLE: NameTable = NameTable::new(&CMO_NAMES);
+const TLBI_TABLE: NameTable = NameTable::new(&TLBI_NAMES);
+const ACCESS_TABLE: NameTable = NameTable::new(&ACCESS_NAMES);
+const DIRECTION_TABLE: NameTable = NameTable::new(&DIRECTION_NAMES);
+
+/// ASCII `0` in every byte of a word.
+const ZEROS: u64 = 0x3030_3030_3030_3030;
+
+/// The 8 decimal digits of `value` (below 10^8, leading zeros included), most significant
+/// first (in the word's lowest byte), as numbers 0-9: both halves of four digits are split at
+/// once in the lanes of one word, by multiplications that divide by 100 and 10 exactly in
+/// that range.
+#[inline(always)]
+fn decimal_digits8(value: u32) -> u64 {
+    let halves = (value / 10_000) as u64 | (((value % 10_000) as u64) << 32);
+    let hundreds = ((halves * 10486) >> 20) & 0x0000_007f_0000_007f;
+    let pairs = ((halves - hundreds * 100) << 16) + hundreds;
+    let tens = ((pairs * 103) >> 10) & 0x000f_000f_000f_000f;
+    tens + ((pairs - tens * 10) << 8)
+}
+
+/// The 8 hex digits of `value`, most significant first (in the word's lowest byte), in ASCII.
+#[inline(always)]
+fn hex_digits8(value: u32) -> u64 {
+    let mut nibbles = value as u64;
+    nibbles = (nibbles | (nibbles << 16)) & 0x0000_ffff_0000_ffff;
+    nibbles = (nibbles | (nibbles << 8)) & 0x00ff_00ff_00ff_00ff;
+    nibbles = (nibbles | (nibbles << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // Byte i holds nibble i, the least significant first: the line wants the most first.
+    nibbles = nibbles.swap_bytes();
+    let letters = ((nibbles + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    nibbles + ZEROS + letters * (b'a' - b'0' - 10) as u64
+}
+
+/// A line as aligned little-endian words (byte `i` is byte `i % 8` of word `i / 8`): the form
+/// [`format_line_words`] writes, so that every store is a whole aligned word (targets without
+/// unaligned access would otherwise store the line a byte at a time).
+pub type LineWords = [u64; MAX_LINE / 8];
+
+/// The first `len` bytes of a line in [`LineWords`], as they lie in memory (on a little-endian
+/// target, which both of stagehand's are: the one below keeps a big-endian one from building).
+#[cfg(target_endian = "little")]
+pub fn line_bytes(line: &LineWords, len: usize) -> &[u8] {
+    &line.as_bytes()[..len.min(MAX_LINE)]
+}
+
+/// Byte `index` of a line in [`LineWords`].
+#[inline(always)]
+pub fn line_byte(line: &LineWords, index: usize) -> u8 {
+    (line[index / 8] >> (8 * (index % 8))) as u8
+}
+
+/// Where [`write_line`] puts a line: pieces of up to 8 bytes, in order.
+pub trait LineSink {
+    /// Appends the low `count` (at most 8) bytes of `word`, the first lowest; the bytes above
+    /// them are zero.
+    fn push(&mut self, word: u64, count: u32);
+}
+
+/// A [`LineSink`] into [`LineWords`], without `core::fmt` and with few instructions per byte.
+/// The word being filled stays in a register (`pending`); each piece is ORed in and the word
+/// stored whole, moving on to the next word when it is full. Word indices wrap at the
+/// buffer's end instead of being checked on every piece: the widest line stays well below
+/// [`MAX_LINE`] (a test checks the widest record), so they never do.
+pub struct LineBuffer<'a> {
+    out: &'a mut LineWords,
+    /// Index of the word being filled.
+    index: usize,
+    /// The bytes written to that word so far, the first lowest; the bytes above are zero.
+    pending: u64,
+    /// Bits of `pending` in use: a multiple of 8, below 64.
+    bits: u32,
+}
+
+impl<'a> LineBuffer<'a> {
+    /// An empty line in `out`.
+    pub fn new(out: &'a mut LineWords) -> Self {
+        LineBuffer {
+            out,
+            index: 0,
+            pending: 0,
+            bits: 0,
+        }
     }
 
+    /// Stores the word being filled and returns the line's length in bytes.
+    #[inline(always)]
+    pub fn finish(self) -> usize {
+        self.out[self.index % (MAX_LINE / 8)] = self.pending;
+        self.index * 8 + (self.bits / 8) as usize
+    }
+}
+
+impl LineSink for LineBuffer<'_> {
+    #[inline(always)]
+    fn push(&mut self, word: u64, count: u32) {
+        let filled = self.pending | word << self.bits;
+        // The bytes that do not fit in this word (none when it was empty: shifts stay below 64).
+        let spilled = (word >> 1) >> (63 - self.bits);
+        self.out[self.index % (MAX_LINE / 8)] = filled;
+        let bits = self.bits + 8 * count;
+        self.index += (bits / 64) as usize;
+        self.pending = if bits >= 64 { spilled } else { filled };
+        self.bits = bits % 64;
+    }
+}
+
+/// Text and numbers of the line form, as pieces for a [`LineSink`]: the drain formats every
+/// record, on a recording guest's time at the high water.
+struct LineWriter<'a, S: LineSink>(&'a mut S);
+
+impl<S: LineSink> LineWriter<'_, S> {
+    #[inline(always)]
+    fn push(&mut self, word: u64, count: u32) {
+        self.0.push(word, count);
+    }
+
+    /// Up to 16 bytes packed in two words.
+    #[inline(always)]
+    fn text(&mut self, text: Packed) {
+        let len = text.len as u32;
+        self.push(text.words[0], len.min(8));
+        if len > 8 {
+            self.push(text.words[1], len - 8);
+        }
+    }
+
+    /// `value` below 10^8 without leading zeros.
+    #[inline(always)]
+    fn decimal_below_10e8(&mut self, value: u32) {
+        let digits = decimal_digits8(value);
+        // Leading zero digits are the low zero bytes; a zero value keeps one.
+        let zeros = (digits | 1 << 56).trailing_zeros() / 8;
+        self.push((digits + ZEROS) >> (8 * zeros), 8 - zeros);
+    }
+
+    #[inline(always)]
+    fn decimal(&mut self, value: u64) {
+        const E8: u64 = 100_000_000;
+        if value < 10 {
+            // Most counts are single digits.
+            self.push(value + b'0' as u64, 1);
+        } else if value < E8 {
+            self.decimal_below_10e8(value as u32);
+        } else {
+            let high = value / E8;
+            if high < E8 {
+                self.decimal_below_10e8(high as u32);
+            } else {
+                self.decimal_below_10e8((high / E8) as u32);
+                self.push(decimal_digits8((high % E8) as u32) + ZEROS, 8);
+            }
+            self.push(decimal_digits8((value % E8) as u32) + ZEROS, 8);
+        }
+    }
+
+    #[inline(always)]
     fn signed(&mut self, value: i64) {
         if value < 0 {
-            self.text("-");
+            self.push(b'-' as u64, 1);
         }
         self.decimal(value.unsigned_abs());
     }
 
-    /// `0x` and at least `width` hex digits (`{:#x}` is width 1, `{:#010x}` width 8), written
-    /// in place.
-    fn hex(&mut self, mut value: u64, width: usize) {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let digits = (16 - value.leading_zeros() as usize / 4).max(width).max(1);
-        self.text("0x");
-        let Some(slot) = self.out.get_mut(self.len..self.len + digits) else {
-            return;
-        };
-        for byte in slot.iter_mut().rev() {
-            *byte = DIGITS[(value & 0xf) as usize];
-            value >>= 4;
-        }
-        self.len += digits;
-    }
-
-    /// Inlined, so that the constant pieces of the line are copied with a few stores rather
-    /// than a `memcpy` call each.
+    /// At least `width` hex digits (1, 8 or 16) of `value`, no prefix: all eight or sixteen
+    /// are converted and the leading zeros beyond `width` shifted out.
     #[inline(always)]
-    fn bytes(&mut self, bytes: &[u8]) {
-        if let Some(slot) = self.out.get_mut(self.len..self.len + bytes.len()) {
-            slot.copy_from_slice(bytes);
-            self.len += bytes.len();
+    fn hex(&mut self, value: u64, width: u32) {
+        if value < 10 && width == 1 {
+            // Flags, kinds and most details are 0.
+            self.push(value + b'0' as u64, 1);
+        } else if value >> 32 == 0 && width <= 8 {
+            let count = (8 - (value as u32).leading_zeros() / 4).max(width).max(1);
+            self.push(hex_digits8(value as u32) >> (8 * (8 - count)), count);
+        } else {
+            // 9 to 16 digits.
+            let count = (16 - value.leading_zeros() / 4).max(width);
+            self.push(
+                hex_digits8((value >> 32) as u32) >> (8 * (16 - count)),
+                count - 8,
+            );
+            self.push(hex_digits8(value as u32), 8);
         }
     }
 
     /// A one-byte enumeration by name, or in decimal when it has none.
-    fn named(&mut self, value: u8, names: &[(u8, &'static str)]) {
-        match names.iter().find(|(v, _)| *v == value) {
-            Some((_, name)) => self.text(name),
-            None => self.decimal(value as u64),
+    #[inline(always)]
+    fn named(&mut self, value: u8, table: &NameTable) {
+        let name = table.0[(value & 15) as usize];
+        if name.len != 0 && name.value == value {
+            let len = name.len as u32;
+            self.push(name.words[0], len.min(8));
+            self.push(name.words[1], len.saturating_sub(8));
+        } else {
+            self.decimal(value as u64);
         }
     }
 }
@@ -445,68 +714,110 @@ impl Record {
     /// ```
     ///
     /// (one line; wrapped here). Every field is always present, in this order; together they
-    /// give back the record's exact bytes ([`parse_line`]).
+    /// give back the record's exact bytes ([`parse_line`]). Bytes of `out` past the length
+    /// are unspecified.
     pub fn format_line(&self, out: &mut [u8; MAX_LINE]) -> usize {
-        let mut w = LineWriter { out, len: 0 };
-        w.text(LINE_MARKER);
-        w.decimal(self.version.get() as u64);
-        w.text(" seq=");
-        w.decimal(self.sequence.get());
-        w.text(" t=");
-        w.decimal(self.timestamp.get());
-        w.text(" vm=");
-        w.decimal(self.vm.get() as u64);
-        w.text(" vcpu=");
-        w.decimal(self.vcpu.get() as u64);
-        w.text(" kind=");
-        match self.kind_name() {
-            Some(name) => w.text(name),
-            None => w.decimal(self.kind as u64),
+        let mut line = [0; MAX_LINE / 8];
+        let len = format_line_words(&self.words(), &mut line);
+        for (chunk, word) in out.chunks_exact_mut(8).zip(line) {
+            chunk.copy_from_slice(&word.to_le_bytes());
         }
-        w.text(" flags=");
-        w.hex(self.flags.get() as u64, 1);
-        w.text(" fn=");
-        w.hex(self.function.get() as u64, 8);
-        w.text(" ipa=");
-        w.hex(self.ipa.get(), 1);
-        w.text(" size=");
-        w.hex(self.size.get(), 1);
-        w.text(" old=");
-        w.named(self.old_attr, &ATTR_NAMES);
-        w.text(" new=");
-        w.named(self.new_attr, &ATTR_NAMES);
-        w.text(" cmo=");
-        w.named(self.cmo_op, &CMO_NAMES);
-        w.text(":");
-        w.decimal(self.cmo_lines.get());
-        w.text(" tlbi=");
-        w.named(self.tlbi_scope, &TLBI_NAMES);
-        w.text(":");
-        w.decimal(self.tlbi_count.get() as u64);
-        w.text(" smmu=");
-        w.decimal(self.smmu_commands.get() as u64);
-        w.text(":");
-        w.hex(self.smmu_kinds.get() as u64, 1);
-        w.text(" sid=");
-        match self.stream_id.get() {
-            NO_STREAM => w.text("-"),
-            sid => w.hex(sid as u64, 1),
+        len
+    }
+}
+
+/// [`Record::format_line`] of a record given as its [`RecordWords`] (the drain's form; see
+/// [`chain_hash_words`]), into [`LineWords`]. Bytes past the length are zero up to the end of
+/// their word.
+pub fn format_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
+    let mut line = LineBuffer::new(out);
+    write_line(words, &mut line, false);
+    line.finish()
+}
+
+/// [`format_line_words`] followed by `\r\n`: the line as the hypervisor streams it (it gives
+/// [`write_line`]'s pieces straight to the UART; this buffered form is what tests compare).
+pub fn format_stream_line_words(words: &RecordWords, out: &mut LineWords) -> usize {
+    let mut line = LineBuffer::new(out);
+    write_line(words, &mut line, true);
+    line.finish()
+}
+
+/// The line form of a record given as its [`RecordWords`] (see [`Record::format_line`]), as
+/// pieces into `sink`, followed by `\r\n` if `crlf` (the streamed form). The hypervisor's
+/// stream gives the pieces straight to the UART.
+#[inline(always)]
+pub fn write_line(words: &RecordWords, sink: &mut impl LineSink, crlf: bool) {
+    // Fields by their offsets in `Record`: word, then bit shift.
+    let field = |offset: usize, bits: u32| -> u64 {
+        let value = words[offset / 8] >> (8 * (offset % 8));
+        if bits == 64 {
+            value
+        } else {
+            value & ((1 << bits) - 1)
         }
-        w.text(" access=");
-        w.named(self.access, &ACCESS_NAMES);
-        w.text(" dir=");
-        w.named(self.direction, &DIRECTION_NAMES);
-        w.text(" status=");
-        w.signed(self.status.get());
-        w.text(" detail=");
-        w.hex(self.detail.get(), 1);
-        w.text(" tag=");
-        w.hex(self.tag.get(), 1);
-        w.text(" dropped=");
-        w.decimal(self.dropped.get());
-        w.text(" hash=");
-        w.hex(self.hash.get(), 16);
-        w.len
+    };
+    let byte = |offset: usize| field(offset, 8) as u8;
+    let mut w = LineWriter(sink);
+    w.text(text!(LINE_MARKER));
+    w.decimal(field(0x00, 16));
+    w.text(text!(" seq="));
+    w.decimal(field(0x08, 64));
+    w.text(text!(" t="));
+    w.decimal(field(0x10, 64));
+    w.text(text!(" vm="));
+    w.decimal(field(0x18, 16));
+    w.text(text!(" vcpu="));
+    w.decimal(field(0x1a, 16));
+    w.text(text!(" kind="));
+    w.named(byte(0x02), &KIND_TABLE);
+    w.text(text!(" flags=0x"));
+    w.hex(field(0x04, 32), 1);
+    w.text(text!(" fn=0x"));
+    w.hex(field(0x1c, 32), 8);
+    w.text(text!(" ipa=0x"));
+    w.hex(field(0x20, 64), 1);
+    w.text(text!(" size=0x"));
+    w.hex(field(0x28, 64), 1);
+    w.text(text!(" old="));
+    w.named(byte(0x30), &ATTR_TABLE);
+    w.text(text!(" new="));
+    w.named(byte(0x31), &ATTR_TABLE);
+    w.text(text!(" cmo="));
+    w.named(byte(0x32), &CMO_TABLE);
+    w.text(text!(":"));
+    w.decimal(field(0x40, 64));
+    w.text(text!(" tlbi="));
+    w.named(byte(0x33), &TLBI_TABLE);
+    w.text(text!(":"));
+    w.decimal(field(0x38, 32));
+    w.text(text!(" smmu="));
+    w.decimal(field(0x3c, 32));
+    w.text(text!(":0x"));
+    w.hex(field(0x4c, 16), 1);
+    match field(0x48, 32) as u32 {
+        NO_STREAM => w.text(text!(" sid=-")),
+        sid => {
+            w.text(text!(" sid=0x"));
+            w.hex(sid as u64, 1);
+        }
+    }
+    w.text(text!(" access="));
+    w.named(byte(0x34), &ACCESS_TABLE);
+    w.text(text!(" dir="));
+    w.named(byte(0x35), &DIRECTION_TABLE);
+    w.text(text!(" status="));
+    w.signed(field(0x50, 64) as i64);
+    w.text(text!(" detail=0x"));
+    w.hex(field(0x58, 64), 1);
+    w.text(text!(" tag=0x"));
+    w.hex(field(0x60, 64), 1);
+    w.text(text!(" dropped="));
+    w.decimal(field(0x68, 64));
+    w.text(text!(" hash=0x"));
+    w.hex(field(0x78, 64), 16);
+    if crlf {
+        w.text(text!("\r\n"));
     }
 }
 
@@ -820,8 +1131,124 @@ mod tests {
         assert_eq!(chain_hash(0x1234, &rehashed), r.hash.get());
     }
 
+    /// The chain link as `siphasher` computes it, byte-buffered (the reference of the
+    /// word-wise [`chain_hash`]).
+    fn chain_hash_by_bytes(previous: u64, record: &Record) -> u64 {
+        use core::hash::Hasher;
+        let mut hasher = siphasher::sip::SipHasher24::new_with_keys(HASH_KEY.0, HASH_KEY.1);
+        hasher.write(&previous.to_le_bytes());
+        hasher.write(&record.as_bytes()[..HASHED_BYTES]);
+        hasher.finish()
+    }
+
+    /// A record whose every field takes a value likely to hit an edge of the fast writer or
+    /// of the word-wise hash: zero, one digit, a power of ten or sixteen and its neighbours, the
+    /// type's maximum, or anything.
+    fn edgy_record(next: &mut impl FnMut() -> u64) -> Record {
+        let mut bytes = [0u8; RECORD_SIZE];
+        for chunk in bytes.chunks_mut(8) {
+            let anything = next();
+            let power = (next() % 20) as u32;
+            let value = match next() % 8 {
+                0 => 0,
+                1 => anything % 10,
+                2 => 10u64.pow(power).wrapping_add(next() % 3).wrapping_sub(1),
+                3 => (1u64 << (next() % 64))
+                    .wrapping_add(next() % 3)
+                    .wrapping_sub(1),
+                4 => u64::MAX,
+                5 => anything >> (next() % 64),
+                _ => anything,
+            };
+            chunk.copy_from_slice(&value.to_le_bytes());
+        }
+        if next() % 2 == 0 {
+            bytes[2] = (next() % 16) as u8; // known and unknown kinds
+        }
+        for byte in &mut bytes[0x30..0x36] {
+            if next() % 2 == 0 {
+                *byte = [0, 1, 2, 3, 0xff][(next() % 5) as usize]; // named and unnamed values
+            }
+        }
+        if next() % 4 == 0 {
+            bytes[0x48..0x4c].copy_from_slice(&NO_STREAM.to_le_bytes());
+        }
+        Record::parse(&bytes).expect("128 bytes")
+    }
+
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
+    #[test]
+    fn the_word_wise_hash_matches_siphasher() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..20_000 {
+            let record = edgy_record(&mut next);
+            let previous = next();
+            assert_eq!(
+                chain_hash(previous, &record),
+                chain_hash_by_bytes(previous, &record)
+            );
+            assert_eq!(
+                chain_hash_words(previous, &record.words()),
+                chain_hash_by_bytes(previous, &record)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_line_writer_matches_core_fmt_at_the_edges() {
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let record = edgy_record(&mut next);
+            let expected = reference::line(&record);
+            let mut line = [0u64; MAX_LINE / 8];
+            let len = format_line_words(&record.words(), &mut line);
+            assert_eq!(line_text(&line, len), expected);
+            let len = format_stream_line_words(&record.words(), &mut line);
+            assert_eq!(line_text(&line, len), expected.clone() + "\r\n");
+            assert_eq!(line_bytes(&line, len), line_text(&line, len).as_bytes());
+            // The rest of the last word is zero, and so is every word after it (the writer
+            // stores no further).
+            assert!((len..MAX_LINE).all(|i| line_byte(&line, i) == 0));
+        }
+    }
+
+    /// The first `len` bytes of `line` as text.
+    fn line_text(line: &LineWords, len: usize) -> std::string::String {
+        let bytes: std::vec::Vec<u8> = (0..len).map(|i| line_byte(line, i)).collect();
+        std::string::String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn the_widest_streamed_line_fits_with_room_to_spare() {
+        let mut r = Record::new_zeroed();
+        for word in r.as_mut_bytes().chunks_mut(8) {
+            word.copy_from_slice(&u64::MAX.to_le_bytes());
+        }
+        r.kind = kind::GUEST_START;
+        r.cmo_op = cmo::CLEAN_INVALIDATE;
+        r.direction = direction::FROM_DEVICE;
+        r.access = access::WRITE;
+        r.stream_id = U32::new(NO_STREAM - 1);
+        r.status = I64::new(i64::MIN);
+        let mut line = [0u64; MAX_LINE / 8];
+        let len = format_stream_line_words(&r.words(), &mut line);
+        assert_eq!(len, reference::line(&r).len() + 2);
+        // The writer's word index wraps at the end of the buffer instead of being checked:
+        // the widest streamed line must leave room to spare.
+        assert!(len + 16 <= MAX_LINE, "{len}");
+    }
+
     #[test]
     fn siphash_matches_the_reference_vector() {
+        use core::hash::Hasher;
         // SipHash-2-4 paper, appendix A: key 00..0f, message 00..0e.
         let mut hasher =
             siphasher::sip::SipHasher24::new_with_keys(0x0706050403020100, 0x0f0e0d0c0b0a0908);

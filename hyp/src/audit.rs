@@ -19,7 +19,6 @@
 //! `hyp_core::audit`).
 
 use aarch64_cpu::registers::{Readable, CNTPCT_EL0};
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use hyp_core::audit::{
     AuditDrain, AuditLevel, AuditRing, Event, ReadResult, RingFull, RING_CAPACITY,
@@ -177,19 +176,12 @@ impl HypAudit {
         if !self.may_stream() {
             return;
         }
-        let mut batch = Vec::with_capacity(BATCH);
-        let mut line = [0u8; stagehand_abi::audit::MAX_LINE];
-        loop {
-            batch.clear();
-            drain.take_unstreamed_into(&self.ring, now(), vcpu, &mut batch, BATCH);
-            if batch.is_empty() {
-                return;
-            }
-            for record in &batch {
-                let len = record.format_line(&mut line);
-                crate::console::write_audit_line(&line[..len]);
-            }
-        }
+        // Batches, so that records coming in meanwhile are taken too, yet one look at the
+        // ring does not stream for ever.
+        while drain.stream_unstreamed(&self.ring, now(), vcpu, BATCH, |record| {
+            crate::console::write_audit_record(record);
+        }) != 0
+        {}
     }
 }
 

@@ -4,7 +4,8 @@
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use stagehand_platform::pl011::{Pl011, Pl011Registers};
+use stagehand_abi::audit::{format_line_words, line_bytes, write_line, RecordWords, MAX_LINE};
+use stagehand_platform::pl011::{FifoLine, Pl011, Pl011Registers};
 
 /// The hypervisor's UART and when it may speak.
 pub struct Console {
@@ -73,11 +74,10 @@ pub fn set_guest_running(running: bool) {
     }
 }
 
-/// Writes one audit line (`line` without its newline) on the hypervisor's UART, whole, under
-/// the lock. Audit lines skip the `log` machinery: they are written on every audited call and
-/// are their own stable format. The caller (the audit stream) decides when a shared UART may
-/// be used.
-pub fn write_audit_line(line: &[u8]) {
+/// Writes the line of one audit record on the hypervisor's UART, whole, under the lock.
+/// Audit lines skip the `log` machinery: they are written on every audited call and are their
+/// own stable format. The caller (the audit stream) decides when a shared UART may be used.
+pub fn write_audit_record(record: &RecordWords) {
     let base = CONSOLE.base.load(Ordering::Acquire);
     if base == 0 {
         return;
@@ -87,11 +87,13 @@ pub fn write_audit_line(line: &[u8]) {
     let uart = unsafe { uart_at(base) };
     if CONSOLE.shared_with_guest.load(Ordering::Relaxed) {
         // Not our FIFO settings: byte by byte.
-        uart.write_str(core::str::from_utf8(line).unwrap_or(""));
+        let mut line = [0; MAX_LINE / 8];
+        let len = format_line_words(record, &mut line);
+        uart.write_str(core::str::from_utf8(line_bytes(&line, len)).unwrap_or(""));
         uart.write_str("\n");
     } else {
-        uart.write_bursts(line);
-        uart.write_bursts(b"\r\n");
+        // Formatted straight into the FIFO, `\r\n` included.
+        write_line(record, &mut FifoLine::new(&uart), true);
     }
 }
 

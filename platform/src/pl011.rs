@@ -47,6 +47,9 @@ register_structs! {
     }
 }
 
+/// Bytes the transmit FIFO holds at least, on every PL011 revision (32 from r1p5 on).
+const FIFO_DEPTH: usize = 16;
+
 /// A PL011 used for output.
 pub struct Pl011<'a> {
     registers: &'a Pl011Registers,
@@ -89,19 +92,13 @@ impl<'a> Pl011<'a> {
     }
 
     /// Bytes the transmit FIFO holds at least, on every PL011 revision (32 from r1p5 on).
-    pub const FIFO_DEPTH: usize = 16;
+    pub const FIFO_DEPTH: usize = FIFO_DEPTH;
 
-    /// Writes `bytes` as they are (no newline translation), [`Self::FIFO_DEPTH`] at a time
-    /// into an empty FIFO: one status read per burst instead of one per byte. Only for a UART
-    /// whose FIFOs this driver enabled ([`Self::init`]); with FIFOs off it holds one byte.
-    pub fn write_bursts(&self, bytes: &[u8]) {
-        for burst in bytes.chunks(Self::FIFO_DEPTH) {
-            while !self.registers.fr.is_set(FR::TXFE) {
-                core::hint::spin_loop();
-            }
-            for &byte in burst {
-                self.registers.dr.set(byte as u32);
-            }
+    /// Waits until the transmit FIFO is empty.
+    #[inline(always)]
+    fn wait_until_empty(&self) {
+        while !self.registers.fr.is_set(FR::TXFE) {
+            core::hint::spin_loop();
         }
     }
 
@@ -109,6 +106,140 @@ impl<'a> Pl011<'a> {
     pub fn flush(&self) {
         while self.registers.fr.is_set(FR::BUSY) {
             core::hint::spin_loop();
+        }
+    }
+}
+
+/// A transmit FIFO, as [`FifoLine`] uses it: the PL011's, or a recording fake in tests.
+pub trait TransmitFifo {
+    /// Waits until the FIFO is empty.
+    fn wait_until_empty(&self);
+    /// Puts a byte into the FIFO, which must have room for it.
+    fn put(&self, byte: u8);
+}
+
+impl TransmitFifo for Pl011<'_> {
+    #[inline(always)]
+    fn wait_until_empty(&self) {
+        Pl011::wait_until_empty(self);
+    }
+
+    #[inline(always)]
+    fn put(&self, byte: u8) {
+        self.registers.dr.set(byte as u32);
+    }
+}
+
+/// A line written in pieces of up to 8 bytes straight into a transmit FIFO (a
+/// [`LineSink`](stagehand_abi::audit::LineSink): the audit stream formats into it with no line
+/// buffer between). It waits for the FIFO to empty only when a piece would not fit in the room
+/// it knows of: one status read per [`Pl011::FIFO_DEPTH`] bytes or so instead of one per byte.
+/// Only for a UART whose FIFOs this driver enabled ([`Pl011::init`]); with FIFOs off the
+/// transmitter holds one byte.
+pub struct FifoLine<'a, F: TransmitFifo> {
+    fifo: &'a F,
+    /// Bytes the FIFO has room for at least.
+    room: i32,
+}
+
+impl<'a, F: TransmitFifo> FifoLine<'a, F> {
+    /// A line starting at the FIFO's current state (its room unknown until the first wait).
+    pub fn new(fifo: &'a F) -> Self {
+        FifoLine { fifo, room: 0 }
+    }
+}
+
+impl<F: TransmitFifo> stagehand_abi::audit::LineSink for FifoLine<'_, F> {
+    #[inline(always)]
+    fn push(&mut self, word: u64, count: u32) {
+        // Subtract first, then look at the sign: one flag-setting subtraction and a branch.
+        let count = count.min(8) as i32;
+        self.room -= count;
+        if self.room < 0 {
+            self.fifo.wait_until_empty();
+            self.room = FIFO_DEPTH as i32 - count;
+        }
+        // A store per byte, taken from the word without a reload. A whole word (constant text
+        // and most digits) is 8 stores; other counts go by their bits, a test-and-branch each,
+        // rather than a search for the count.
+        macro_rules! put {
+            ($word:ident: $($i:literal)*) => {{ $(self.fifo.put(($word >> (8 * $i)) as u8);)* }};
+        }
+        if count >= 8 {
+            put!(word: 0 1 2 3 4 5 6 7);
+        } else {
+            let mut rest = word;
+            if count & 4 != 0 {
+                put!(rest: 0 1 2 3);
+                rest >>= 32;
+            }
+            if count & 2 != 0 {
+                put!(rest: 0 1);
+                rest >>= 16;
+            }
+            if count & 1 != 0 {
+                put!(rest: 0);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::cell::RefCell;
+    use stagehand_abi::audit::{format_stream_line_words, line_bytes, write_line, Record};
+    use std::vec::Vec;
+
+    /// A FIFO that records what it is given and how full it is.
+    #[derive(Default)]
+    struct RecordingFifo {
+        sent: RefCell<Vec<u8>>,
+        held: RefCell<usize>,
+        waits: RefCell<usize>,
+    }
+
+    impl TransmitFifo for RecordingFifo {
+        fn wait_until_empty(&self) {
+            *self.held.borrow_mut() = 0;
+            *self.waits.borrow_mut() += 1;
+        }
+
+        fn put(&self, byte: u8) {
+            let mut held = self.held.borrow_mut();
+            assert!(*held < FIFO_DEPTH, "a byte into a full FIFO");
+            *held += 1;
+            self.sent.borrow_mut().push(byte);
+        }
+    }
+
+    /// Lines written straight into the FIFO are the buffered lines, byte for byte, and never
+    /// overfill it, with one wait per FIFO's worth at most.
+    #[test]
+    fn fifo_lines_are_the_buffered_lines() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..2000 {
+            let mut bytes = [0u8; 128];
+            for chunk in bytes.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let value = match round % 3 {
+                    0 => state & 0xff,
+                    1 => state >> (state % 64),
+                    _ => state,
+                };
+                chunk.copy_from_slice(&value.to_le_bytes());
+            }
+            bytes[2] = (state % 16) as u8;
+            let words = Record::parse(&bytes).unwrap().words();
+            let fifo = RecordingFifo::default();
+            write_line(&words, &mut FifoLine::new(&fifo), true);
+            let mut line = [0; 64];
+            let len = format_stream_line_words(&words, &mut line);
+            assert_eq!(&fifo.sent.borrow()[..], line_bytes(&line, len));
+            assert!(*fifo.waits.borrow() <= len.div_ceil(FIFO_DEPTH - 7));
         }
     }
 }

@@ -567,9 +567,31 @@ impl Slot {
         }
     }
 
+    /// Waits until the writer of record `sequence` (this slot's) has published it.
+    #[inline(always)]
+    fn wait_published(&self, sequence: u64) {
+        while self.published.load(Ordering::Acquire) != sequence + 1 {
+            core::hint::spin_loop();
+            // Host threads, unlike vCPUs, can be descheduled between reserving and publishing.
+            #[cfg(test)]
+            std::thread::yield_now();
+        }
+    }
+
     fn load(&self) -> Record {
         let words: [u64; WORDS] = core::array::from_fn(|i| self.words[i].load(Ordering::Relaxed));
         zerocopy::transmute!(words)
+    }
+
+    /// The record as the words of [`abi::RecordWords`] (its bytes read as little-endian words;
+    /// the slot's words hold them in native order).
+    #[inline(always)]
+    fn load_words(&self) -> abi::RecordWords {
+        // Written out: as a loop (`array::from_fn`) it stays a loop, and copies.
+        macro_rules! words {
+            ($($i:literal)*) => { [$(u64::from_le(self.words[$i].load(Ordering::Relaxed))),*] };
+        }
+        words!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15)
     }
 }
 
@@ -693,16 +715,13 @@ impl AuditRing {
     }
 
     /// Record `sequence` once its writer has published it. A writer holds no lock and never
-    /// waits between taking a number and publishing it, so the wait is short.
-    fn published(&self, sequence: u64) -> Record {
+    /// waits between taking a number and publishing it, so the wait is short. Inlined: the
+    /// stream hashes and formats the words where they land, without copying them again.
+    #[inline(always)]
+    fn published(&self, sequence: u64) -> abi::RecordWords {
         let slot = self.slot(sequence);
-        while slot.published.load(Ordering::Acquire) != sequence + 1 {
-            core::hint::spin_loop();
-            // Host threads, unlike vCPUs, can be descheduled between reserving and publishing.
-            #[cfg(test)]
-            std::thread::yield_now();
-        }
-        slot.load()
+        slot.wait_published(sequence);
+        slot.load_words()
     }
 }
 
@@ -748,8 +767,8 @@ impl AuditDrain {
     pub fn seal(&mut self, ring: &AuditRing) {
         let end = ring.next_sequence();
         while self.sealed < end {
-            let record = ring.published(self.sealed);
-            self.last_hash = abi::chain_hash(self.last_hash, &record);
+            let words = ring.published(self.sealed);
+            self.last_hash = abi::chain_hash_words(self.last_hash, &words);
             ring.slot(self.sealed).words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
             self.sealed += 1;
         }
@@ -841,16 +860,53 @@ impl AuditDrain {
         out: &mut Vec<Record>,
         max: usize,
     ) {
+        self.stream_unstreamed(ring, time, vcpu, max, |words| {
+            out.push(zerocopy::transmute!(words.map(u64::to_le)));
+        });
+    }
+
+    /// [`Self::take_unstreamed_into`] handing each record to `each` as [`abi::RecordWords`]
+    /// instead of copying it out, and returning how many it handed. This is the hypervisor's
+    /// stream: each record is read from its slot once, hashed (if it has no hash yet) and
+    /// given to `each` from the same registers and stack words, in the aligned form that
+    /// `Record`'s byte-aligned fields lack on targets without unaligned access.
+    pub fn stream_unstreamed(
+        &mut self,
+        ring: &AuditRing,
+        time: u64,
+        vcpu: u16,
+        max: usize,
+        mut each: impl FnMut(&abi::RecordWords),
+    ) -> usize {
         if self.streamed < ring.dropped() {
             let first = self.streamed;
             self.append_overflow(ring, time, vcpu, first, flag::STREAM_LOSS);
         }
-        self.seal(ring);
+        // Records `first..sealed` have their hash (a reader or a retirement sealed them); the
+        // rest are sealed here, in order, as they are streamed. Retirement stops at `sealed`,
+        // so `first <= sealed`.
         let first = self.streamed.max(ring.dropped());
-        let end = first + (self.sealed - first).min(max as u64);
-        out.extend((first..end).map(|s| ring.slot(s).load()));
+        let end = first + (ring.next_sequence() - first).min(max as u64);
+        for sequence in first..end {
+            let slot = ring.slot(sequence);
+            let sealed = sequence < self.sealed;
+            if !sealed {
+                debug_assert_eq!(sequence, self.sealed);
+                slot.wait_published(sequence);
+            }
+            // One array, filled in place, hashed and handed on (no copies between).
+            let mut words = slot.load_words();
+            if !sealed {
+                self.last_hash = abi::chain_hash_words(self.last_hash, &words);
+                words[HASH_WORD] = self.last_hash;
+                slot.words[HASH_WORD].store(self.last_hash, Ordering::Relaxed);
+                self.sealed += 1;
+            }
+            each(&words);
+        }
         self.streamed = end;
         ring.streamed.store(end, Ordering::Release);
+        (end - first) as usize
     }
 }
 
