@@ -15,7 +15,7 @@ use super::memory::{read_guest, write_guest};
 use super::platform::{AuditSink, DmaDevice, GuestMemory, Iommu, Issued, RightsUpdate};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
 use crate::address::{GuestRange, Ipa, Pa};
-use crate::attributes::{self, Attribute, AttributeManager, Requester};
+use crate::attributes::{self, Attribute, AttributeManager};
 use crate::audit::{DmaDirection, Event, Maintenance};
 use crate::config::DmaMode;
 use crate::dma::{
@@ -49,20 +49,15 @@ pub fn device_info<M, I: Iommu, S>(vm: &Vm<M, I, S>, index: u64) -> Result<Reply
 /// `op` over guest `[ipa, ipa + size)` through the hypervisor's alias of guest RAM, to the end
 /// (the caller bounds `size`): exactly the buffer's lines, partial edge lines of an invalidate
 /// cleaned too. Returns the lines maintained.
+#[inline]
 fn maintain<A: Arch>(
     manager: &AttributeManager,
     cpu: &mut A,
-    line: u64,
     op: CacheOp,
     ipa: u64,
     size: u64,
 ) -> Result<u64, HypercallError> {
-    let mut done = 0;
-    while done < size {
-        let progress = manager.cache_operation(cpu, ipa + done, size - done, op, Requester::Dma)?;
-        done += progress.done;
-    }
-    Ok((ipa + size).div_ceil(line) - ipa / line)
+    Ok(manager.dma_cache_operation(cpu, ipa, size, op)?)
 }
 
 fn memory_type(attribute: Attribute) -> MemoryType {
@@ -258,7 +253,6 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
     held: &mut Held<'_, I>,
     tables: &mut M,
     cpu: &mut A,
-    line: u64,
     device: DmaDevice,
     ipa: u64,
     size: u64,
@@ -315,7 +309,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
         dma::maintenance(direction, Step::Map)
     };
     if let Some(op) = op {
-        if let Err(error) = maintain(held.manager, cpu, line, op, ipa, size) {
+        if let Err(error) = maintain(held.manager, cpu, op, ipa, size) {
             // The device must not get a buffer that was not maintained.
             if held.mappings.remove(handle).is_err() {
                 log::error!("DMA: handle {handle} vanished under the lock");
@@ -453,7 +447,6 @@ where
         &mut held,
         &mut stage2.tables,
         &mut cpu.cpu,
-        vm.dcache_line,
         device,
         ipa,
         size,
@@ -548,7 +541,7 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch>(
         dma::maintenance(mapping.direction, Step::Unmap)
     };
     let (result, cmo_lines) = match op {
-        Some(op) => match maintain(manager, cpu, vm.dcache_line, op, mapping.ipa, mapping.size) {
+        Some(op) => match maintain(manager, cpu, op, mapping.ipa, mapping.size) {
             Ok(lines) => (Ok(()), lines),
             Err(error) => (Err(error), 0),
         },
@@ -679,7 +672,7 @@ where
     let mut maintenance = Maintenance::default();
     let completion = match dma::maintenance(mapping.direction, step) {
         Some(op) if !coherent && !stage2.manager.all_non_cacheable(ipa, size) => {
-            match maintain(&stage2.manager, &mut cpu.cpu, vm.dcache_line, op, ipa, size) {
+            match maintain(&stage2.manager, &mut cpu.cpu, op, ipa, size) {
                 Ok(lines) => {
                     maintenance.cmo = Some(op);
                     maintenance.cmo_lines = lines;
@@ -833,7 +826,6 @@ where
             &mut held,
             &mut stage2.tables,
             &mut cpu.cpu,
-            vm.dcache_line,
             device,
             segment.addr,
             segment.size,
