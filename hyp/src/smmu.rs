@@ -570,18 +570,27 @@ impl Smmu {
     }
 
     /// Queues `commands` and a CMD_SYNC, and waits until the SMMU has consumed the CMD_SYNC,
-    /// which it does only once every earlier command has completed.
+    /// which it does only once every earlier command has completed. One read of CMDQ_CONS
+    /// before the batch (another only when the queue looks full), one write of CMDQ_PROD for
+    /// the whole batch, then CMDQ_CONS polled: when it already equals PROD (an SMMU that was
+    /// quick, QEMU's always) the batch succeeded, since the SMMU stops at an erroneous command
+    /// and CONS cannot pass it; otherwise the bounded wait, which also watches GERROR.
     fn submit(&mut self, commands: impl IntoIterator<Item = Command>) -> Result<(), SmmuError> {
         let registers = self.registers;
         let queue = self.commands;
+        let mut cons = registers.cmdq_cons.get();
         for command in commands
             .into_iter()
             .chain(core::iter::once(Command::sync()))
         {
-            // Room for one more: wait for the SMMU to consume.
-            wait_for("command queue space", || {
-                !queue.is_full(self.command_prod, registers.cmdq_cons.get())
-            })?;
+            if queue.is_full(self.command_prod, cons) {
+                // Room for one more: wait for the SMMU to consume.
+                let prod = self.command_prod;
+                wait_for("command queue space", || {
+                    cons = registers.cmdq_cons.get();
+                    !queue.is_full(prod, cons)
+                })?;
+            }
             let word = queue.slot(self.command_prod) as u64 * 2;
             self.command_queue.write(word, command.0[0]);
             self.command_queue.write(word + 1, command.0[1]);
@@ -594,6 +603,9 @@ impl Smmu {
         arch::dsb_sy();
         registers.cmdq_prod.set(self.command_prod);
         let prod = self.command_prod;
+        if queue.is_empty(prod, registers.cmdq_cons.get()) {
+            return Ok(());
+        }
         let outcome = wait_for("CMD_SYNC", || {
             let cons = registers.cmdq_cons.get();
             queue.is_empty(prod, cons) || self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0
