@@ -178,7 +178,10 @@ pub struct RightsChange {
 
 impl RightsChange {
     /// Whether a valid entry the device may have cached changes (then the SMMU's TLB must be
-    /// invalidated and synchronised): a rewrite or a removal, not a first map.
+    /// invalidated and synchronised): a rewrite or a removal, not a first map. An invalid
+    /// entry faults, and an entry that generates a Translation fault is never cached in a TLB
+    /// (Arm ARM DDI 0487 R_XCLRD; I_WZCBG: making it valid needs no TLBI; Linux's arm-smmu-v3
+    /// sends nothing on map either): docs/design.md, SMMU.
     pub fn needs_tlbi(&self) -> bool {
         self.before.is_some()
     }
