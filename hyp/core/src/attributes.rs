@@ -878,7 +878,8 @@ impl AttributeManager {
         let end = ipa + size;
         let low = ipa & !(line - 1);
         let high = end.next_multiple_of(line);
-        if op == CacheOp::Invalidate {
+        if op == CacheOp::Invalidate && (ipa | end) & (line - 1) != 0 {
+            // Partial edge lines: cleaned and invalidated, the rest invalidated.
             for (stroke_op, start, len) in crate::maintenance::plan(op, ipa, end, line)
                 .into_iter()
                 .flatten()
