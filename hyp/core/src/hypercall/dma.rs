@@ -22,7 +22,7 @@ use crate::dma::{
     self, Mapping, Mappings, PageSpan, RamSpan, RightsChange, SgBudget, SgRequest, StaleRuns, Step,
 };
 use crate::maintenance::{Arch, CacheOp};
-use crate::pagetable::{MemoryType, TableMemory};
+use crate::pagetable::{MemoryType, TableMemory, PAGE_SIZE};
 use alloc::vec::Vec;
 use stagehand_abi::dma_sg::{Segment, HANDLE_OFFSET, SEGMENT_SIZE};
 use stagehand_abi::function;
@@ -73,10 +73,14 @@ fn memory_type(attribute: Attribute) -> MemoryType {
 /// buffer makes one), no vector. The runs whose valid entries change are added to `stale`, for
 /// the caller's IOTLB invalidation and sync. The first error stops the writing (the caller
 /// undoes); the stale runs are still collected, so that whatever was written is invalidated.
+/// A one-page buffer (the span of a driver's typical 4 KiB element) yields at most one change
+/// of that page: it is written at once, with nothing to merge.
 struct RightsWriter<'a, I> {
     manager: &'a AttributeManager,
     iommu: &'a I,
     stream_id: u32,
+    /// The span is one page.
+    one_page: bool,
     pending: Option<RightsUpdate>,
     result: Result<(), HypercallError>,
     stale: &'a mut StaleRuns,
@@ -87,12 +91,14 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
         manager: &'a AttributeManager,
         iommu: &'a I,
         stream_id: u32,
+        span: PageSpan,
         stale: &'a mut StaleRuns,
     ) -> Self {
         Self {
             manager,
             iommu,
             stream_id,
+            one_page: span.size == PAGE_SIZE,
             pending: None,
             result: Ok(()),
             stale,
@@ -114,6 +120,22 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
                 return;
             }
         };
+        if self.one_page {
+            let (attribute, _) = self.manager.attribute_run(change.ipa, PAGE_SIZE);
+            let update = RightsUpdate {
+                ipa: Ipa::new(change.ipa),
+                pa: Pa::new(pa),
+                size: PAGE_SIZE,
+                before: change.before,
+                after: change.after,
+                memory: memory_type(attribute),
+            };
+            self.result = self
+                .iommu
+                .apply_rights(self.stream_id, core::slice::from_ref(&update))
+                .map_err(Into::into);
+            return;
+        }
         let mut offset = 0;
         while offset < change.size {
             let ipa = change.ipa + offset;
@@ -189,7 +211,7 @@ impl<I: Iommu> Held<'_, I> {
         direction: DmaDirection,
         stale: &mut StaleRuns,
     ) -> Result<(), HypercallError> {
-        let mut writer = RightsWriter::new(self.manager, self.iommu, device.stream_id, stale);
+        let mut writer = RightsWriter::new(self.manager, self.iommu, device.stream_id, span, stale);
         let granted = self
             .mappings
             .grant(device.stream_id, span, direction, |c| writer.add(c));
@@ -215,7 +237,8 @@ impl<I: Iommu> Held<'_, I> {
     /// caller keeps the pages pinned.
     fn undo_rights(&mut self, device: DmaDevice, span: PageSpan, direction: DmaDirection) -> bool {
         let mut stale = StaleRuns::new();
-        let mut writer = RightsWriter::new(self.manager, self.iommu, device.stream_id, &mut stale);
+        let mut writer =
+            RightsWriter::new(self.manager, self.iommu, device.stream_id, span, &mut stale);
         let revoked = self
             .mappings
             .revoke(device.stream_id, span, direction, |c| writer.add(c));
@@ -501,12 +524,19 @@ fn revoke<I: Iommu>(
 ) -> Result<Unmapping, HypercallError> {
     let mapping = held.mappings.remove(handle)?;
     if mapping.strict {
-        let mut writer = RightsWriter::new(held.manager, held.iommu, mapping.stream_id, stale_runs);
-        let revoked =
-            held.mappings
-                .revoke(mapping.stream_id, mapping.span(), mapping.direction, |c| {
-                    writer.add(c)
-                });
+        let span = mapping.span();
+        let mut writer = RightsWriter::new(
+            held.manager,
+            held.iommu,
+            mapping.stream_id,
+            span,
+            stale_runs,
+        );
+        let revoked = held
+            .mappings
+            .revoke(mapping.stream_id, span, mapping.direction, |c| {
+                writer.add(c)
+            });
         let written = writer.finish();
         if !revoked || written.is_err() {
             // Rewriting or removing entries allocates nothing, and a live mapping's rights are
