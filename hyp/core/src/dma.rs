@@ -291,6 +291,29 @@ impl DeviceRights {
                 (true, false) => count.checked_sub(1),
             }
         };
+        if range.len() == 1 {
+            // One page (a driver's typical 4 KiB element): the same check and set, no run to
+            // merge.
+            let count = &mut self.counts[range.start];
+            let (Some(read), Some(write)) = (
+                step(count.read, permissions.read),
+                step(count.write, permissions.write),
+            ) else {
+                return Err(Status::Busy);
+            };
+            let before = count.union();
+            *count = Counts { read, write };
+            let after = count.union();
+            if before != after {
+                emit(RightsChange {
+                    ipa: span.ipa,
+                    size: PAGE_SIZE,
+                    before,
+                    after,
+                });
+            }
+            return Ok(());
+        }
         let counts = &mut self.counts[range];
         if counts.iter().any(|c| {
             step(c.read, permissions.read).is_none() || step(c.write, permissions.write).is_none()
@@ -1011,6 +1034,29 @@ mod tests {
         assert_eq!(revoke(&mut table, SID, RAM.ipa, 0x2000, ToDevice), vec![]);
         assert_eq!(table.rights(SID, RAM.ipa), RO);
         assert_eq!(revoke(&mut table, SID + 5, RAM.ipa, 0x10, ToDevice), vec![]);
+        // The one-page path refuses the same way: an underflow (write never granted) and an
+        // overflow change nothing and report nothing.
+        assert_eq!(revoke(&mut table, SID, RAM.ipa, 0x10, FromDevice), vec![]);
+        assert_eq!(table.rights(SID, RAM.ipa), RO);
+        let page = RAM.ipa + 0x5000;
+        grant(&mut table, RAM, SID, page, 8, ToDevice).unwrap();
+        for _ in 1..u16::MAX {
+            assert_eq!(grant(&mut table, RAM, SID, page, 8, ToDevice), Ok(vec![]));
+        }
+        assert_eq!(
+            grant(&mut table, RAM, SID, page, 8, Bidirectional),
+            Err(Status::Busy)
+        );
+        assert_eq!(table.rights(SID, page), RO);
+        assert_eq!(
+            grant(&mut table, RAM, SID, page, 8, FromDevice),
+            Ok(vec![RightsChange {
+                ipa: page,
+                size: PAGE_SIZE,
+                before: RO,
+                after: RW
+            }])
+        );
     }
 
     /// Every interleaving of map and unmap of three buffers on one page keeps the union equal to
