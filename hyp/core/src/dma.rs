@@ -18,7 +18,6 @@ use crate::address::Ipa;
 use crate::audit::DmaDirection;
 use crate::maintenance::CacheOp;
 use crate::pagetable::{Permissions, PAGE_SIZE};
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 use stagehand_abi::{dma_sg, Status};
 
@@ -413,7 +412,7 @@ pub struct Mappings {
     free: u32,
     live: usize,
     quota: usize,
-    rights: BTreeMap<u32, DeviceRights>,
+    rights: Vec<(u32, DeviceRights)>,
 }
 
 impl Default for Mappings {
@@ -430,7 +429,7 @@ impl Mappings {
             free: NO_SLOT,
             live: 0,
             quota: DEFAULT_MAPPING_QUOTA,
-            rights: BTreeMap::new(),
+            rights: Vec::new(),
         }
     }
 
@@ -478,14 +477,24 @@ impl Mappings {
         Ok(())
     }
 
+    /// `stream_id`'s rights table, if prepared (a linear search: a VM has a few strict devices).
+    fn device_rights(&mut self, stream_id: u32) -> Option<&mut DeviceRights> {
+        self.rights
+            .iter_mut()
+            .find(|(id, _)| *id == stream_id)
+            .map(|(_, rights)| rights)
+    }
+
     /// Prepares `stream_id`'s rights table over `ram` (allocated on the device's first mapping),
     /// so that a later [`Self::grant`] allocates nothing.
     ///
     /// # Errors
     /// NO_MEMORY when it cannot be allocated.
     pub fn prepare_rights(&mut self, ram: RamSpan, stream_id: u32) -> Result<(), Status> {
-        if let alloc::collections::btree_map::Entry::Vacant(entry) = self.rights.entry(stream_id) {
-            entry.insert(DeviceRights::new(ram.ipa, (ram.size / PAGE_SIZE) as usize)?);
+        if self.device_rights(stream_id).is_none() {
+            let rights = DeviceRights::new(ram.ipa, (ram.size / PAGE_SIZE) as usize)?;
+            self.rights.try_reserve(1).map_err(|_| Status::NoMemory)?;
+            self.rights.push((stream_id, rights));
         }
         Ok(())
     }
@@ -505,8 +514,7 @@ impl Mappings {
         direction: DmaDirection,
         emit: impl FnMut(RightsChange),
     ) -> Result<(), Status> {
-        self.rights
-            .get_mut(&stream_id)
+        self.device_rights(stream_id)
             .ok_or(Status::NoDevice)?
             .update(span, device_permissions(direction), true, emit)
     }
@@ -521,7 +529,7 @@ impl Mappings {
         direction: DmaDirection,
         emit: impl FnMut(RightsChange),
     ) -> bool {
-        self.rights.get_mut(&stream_id).is_some_and(|rights| {
+        self.device_rights(stream_id).is_some_and(|rights| {
             rights
                 .update(span, device_permissions(direction), false, emit)
                 .is_ok()
@@ -530,7 +538,11 @@ impl Mappings {
 
     /// The rights a strict device holds on the page of `ipa` (the union of its live mappings').
     pub fn rights(&self, stream_id: u32, ipa: u64) -> Option<Permissions> {
-        self.rights.get(&stream_id)?.union(ipa)
+        self.rights
+            .iter()
+            .find(|(id, _)| *id == stream_id)?
+            .1
+            .union(ipa)
     }
 
     /// Adds a mapping and returns its handle.
