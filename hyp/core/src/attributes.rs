@@ -1073,12 +1073,7 @@ impl AttributeManager {
         while region < ipa + size {
             // A region already holding a pinned page is split (pins are never merged over):
             // no walk needed, the common case of a driver's next buffer.
-            if self.region_counts(region).pinned == 0
-                && self
-                    .stage2
-                    .translate(memory, region)
-                    .is_some_and(|t| t.level == 2)
-            {
+            if self.region_counts(region).pinned == 0 && self.is_block(memory, region) {
                 self.split_block(memory, arch, region, 0, &[])?;
             }
             region += BLOCK;
@@ -1090,6 +1085,15 @@ impl AttributeManager {
         }
         self.count_pins(first, count, newly_pinned, true);
         Ok(())
+    }
+
+    /// Whether stage 2 maps the 2 MiB region at `region` with one block (its level-2 entry is
+    /// a valid block): two table reads and the entry, not a walk to the leaf.
+    fn is_block(&self, memory: &impl TableMemory, region: u64) -> bool {
+        self.stage2.slot(memory, region, 2).is_some_and(|(table, index)| {
+            let entry = memory.entry(table, index);
+            entry & VALID != 0 && entry & TABLE_OR_PAGE == 0
+        })
     }
 
     /// Removes a DMA pin from every page of `[ipa, ipa + size)`.
