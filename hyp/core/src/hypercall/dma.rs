@@ -121,7 +121,7 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
             }
         };
         if self.one_page {
-            let (attribute, _) = self.manager.attribute_run(change.ipa, PAGE_SIZE);
+            let attribute = self.manager.attribute_of(change.ipa);
             let update = RightsUpdate {
                 ipa: Ipa::new(change.ipa),
                 pa: Pa::new(pa),
@@ -359,6 +359,9 @@ fn for_each_attribute_run(
     span: PageSpan,
     mut each: impl FnMut(u64, u64, Attribute),
 ) {
+    if span.size == PAGE_SIZE {
+        return each(span.ipa, PAGE_SIZE, manager.attribute_of(span.ipa));
+    }
     let end = span.ipa + span.size;
     let mut start = span.ipa;
     while start < end {
