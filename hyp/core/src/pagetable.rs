@@ -667,6 +667,7 @@ impl<F: Format> DeviceTable<F> {
     /// The level-3 table holding `input`'s entry, from the cache when `input` lies in the
     /// region last reached; else walked (and created when `create`), then cached. `None`
     /// when no table holds it and `create` is false.
+    #[inline]
     fn leaf_table(
         &mut self,
         memory: &mut impl TableMemory,
