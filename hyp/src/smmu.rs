@@ -34,7 +34,7 @@ use hyp_core::hypercall::platform::{
 };
 use hyp_core::inject::Access;
 use hyp_core::noncoherent::{self, CleaningTables};
-use hyp_core::pagetable::{MapError, PageTable, Stage2, TableMemory, PAGE_SIZE};
+use hyp_core::pagetable::{DeviceTable, MapError, Stage2, TableMemory, PAGE_SIZE};
 use stagehand_abi::feature;
 use stagehand_platform::board::Board;
 use stagehand_platform::pci::{self, Bdf, Function};
@@ -108,8 +108,9 @@ pub struct AssignedDevice {
     pub coherent: bool,
     /// The VMID its STE uses.
     pub vmid: u16,
-    /// Strict mode: its own stage-2 table (IOVA = IPA to PA), empty until DMA_MAP fills it.
-    pub stage2: Option<PageTable<Stage2>>,
+    /// Strict mode: its own stage-2 table (IOVA = IPA to PA), empty until DMA_MAP fills it;
+    /// page-granular, with the last leaf table cached (a one-page update is one store).
+    pub stage2: Option<DeviceTable<Stage2>>,
 }
 
 /// Zeroed, naturally aligned heap memory the SMMU reads or writes (tables, queues). Accessed
@@ -385,7 +386,7 @@ fn try_init(
         let mut cpu = Cpu::new();
         for device in &smmu.devices {
             if let Some(table) = &device.stage2 {
-                noncoherent::clean_all_tables(table, &HeapTables, &mut cpu);
+                noncoherent::clean_all_tables(table.table(), &HeapTables, &mut cpu);
             }
         }
         if smmu.devices.iter().any(|d| d.mode == DmaMode::Shared) {
@@ -491,7 +492,7 @@ fn discover(
         let (vmid, stage2) = match policy.mode {
             DmaMode::Strict => {
                 // The guest's geometry: the STE takes the same VTCR fields.
-                let table = PageTable::new(
+                let table = DeviceTable::new(
                     &mut HeapTables,
                     Stage2 { fwb },
                     vm.geometry.start_level,
@@ -539,7 +540,7 @@ impl Smmu {
             (DmaMode::Strict, Some(table)) => Ste::stage2(&Stage2Config {
                 vmid: device.vmid,
                 vtcr,
-                root: table.root(),
+                root: table.table().root(),
                 fwb,
             }),
             // Shared: the guest's own tables (one root, which QEMU walks correctly).
@@ -569,18 +570,27 @@ impl Smmu {
     }
 
     /// Queues `commands` and a CMD_SYNC, and waits until the SMMU has consumed the CMD_SYNC,
-    /// which it does only once every earlier command has completed.
+    /// which it does only once every earlier command has completed. One read of CMDQ_CONS
+    /// before the batch (another only when the queue looks full), one write of CMDQ_PROD for
+    /// the whole batch, then CMDQ_CONS polled: when it already equals PROD (an SMMU that was
+    /// quick, QEMU's always) the batch succeeded, since the SMMU stops at an erroneous command
+    /// and CONS cannot pass it; otherwise the bounded wait, which also watches GERROR.
     fn submit(&mut self, commands: impl IntoIterator<Item = Command>) -> Result<(), SmmuError> {
         let registers = self.registers;
         let queue = self.commands;
+        let mut cons = registers.cmdq_cons.get();
         for command in commands
             .into_iter()
             .chain(core::iter::once(Command::sync()))
         {
-            // Room for one more: wait for the SMMU to consume.
-            wait_for("command queue space", || {
-                !queue.is_full(self.command_prod, registers.cmdq_cons.get())
-            })?;
+            if queue.is_full(self.command_prod, cons) {
+                // Room for one more: wait for the SMMU to consume.
+                let prod = self.command_prod;
+                wait_for("command queue space", || {
+                    cons = registers.cmdq_cons.get();
+                    !queue.is_full(prod, cons)
+                })?;
+            }
             let word = queue.slot(self.command_prod) as u64 * 2;
             self.command_queue.write(word, command.0[0]);
             self.command_queue.write(word + 1, command.0[1]);
@@ -593,6 +603,9 @@ impl Smmu {
         arch::dsb_sy();
         registers.cmdq_prod.set(self.command_prod);
         let prod = self.command_prod;
+        if queue.is_empty(prod, registers.cmdq_cons.get()) {
+            return Ok(());
+        }
         let outcome = wait_for("CMD_SYNC", || {
             let cons = registers.cmdq_cons.get();
             queue.is_empty(prod, cons) || self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0
@@ -894,7 +907,7 @@ impl Iommu for SmmuV3 {
 /// Writes each page of `updates` into a strict device's stage 2: mapped, unmapped, or its
 /// rights rewritten in place.
 fn write_rights(
-    table: &mut PageTable<Stage2>,
+    table: &mut DeviceTable<Stage2>,
     memory: &mut impl TableMemory,
     stream_id: u32,
     updates: &[RightsUpdate],
@@ -904,10 +917,8 @@ fn write_rights(
         while offset < update.size {
             let (ipa, pa) = (update.ipa.get() + offset, update.pa.get() + offset);
             let result = match (update.before, update.after) {
-                (_, None) => table.unmap(memory, ipa, PAGE_SIZE),
-                (None, Some(rights)) => {
-                    table.map(memory, ipa, pa, PAGE_SIZE, update.memory, rights)
-                }
+                (_, None) => table.unmap_page(memory, ipa),
+                (None, Some(rights)) => table.map_page(memory, ipa, pa, update.memory, rights),
                 (Some(_), Some(rights)) => table.set_page(memory, ipa, update.memory, rights),
             };
             if let Err(error) = result {

@@ -450,13 +450,45 @@ pub fn tlb_invalidation(vmid: u16, ipa: u64, size: u64) -> alloc::vec::Vec<Comma
 
 /// The commands of [`tlb_invalidation`] before its CMD_SYNC, one by one, allocating nothing:
 /// what a driver queues for each run ahead of its own single CMD_SYNC.
-pub fn tlb_invalidation_commands(vmid: u16, ipa: u64, size: u64) -> impl Iterator<Item = Command> {
+pub fn tlb_invalidation_commands(vmid: u16, ipa: u64, size: u64) -> TlbInvalidationCommands {
     let pages = size.div_ceil(4096);
-    let wide = pages > TLBI_PAGE_THRESHOLD;
-    let per_page = if wide { 0 } else { pages };
-    wide.then(|| Command::tlbi_s12_vmall(vmid))
-        .into_iter()
-        .chain((0..per_page).map(move |page| Command::tlbi_s2_ipa(vmid, ipa + page * 4096, true)))
+    TlbInvalidationCommands {
+        vmid,
+        ipa,
+        // A wide run is one command, as if it were one page.
+        left: if pages > TLBI_PAGE_THRESHOLD { 1 } else { pages },
+        wide: pages > TLBI_PAGE_THRESHOLD,
+    }
+}
+
+/// The iterator [`tlb_invalidation_commands`] returns: a counter, so that a driver's loop over
+/// it is a few instructions a command (a chain of adapters costs dozens on the unmap path).
+#[derive(Clone, Debug)]
+pub struct TlbInvalidationCommands {
+    vmid: u16,
+    /// The next page's IPA.
+    ipa: u64,
+    /// Commands still to come.
+    left: u64,
+    /// One CMD_TLBI_S12_VMALL instead of per-page commands.
+    wide: bool,
+}
+
+impl Iterator for TlbInvalidationCommands {
+    type Item = Command;
+
+    fn next(&mut self) -> Option<Command> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        if self.wide {
+            return Some(Command::tlbi_s12_vmall(self.vmid));
+        }
+        let command = Command::tlbi_s2_ipa(self.vmid, self.ipa, true);
+        self.ipa += 4096;
+        Some(command)
+    }
 }
 
 /// The kinds of `commands` as an audit record reports them: bits of

@@ -30,6 +30,7 @@ pub type Stroke = (CacheOp, u64, u64);
 /// the line outside the range (a neighbouring object's dirty data) are never lost; only lines
 /// wholly inside the range are invalidated. CLEAN and CLEAN_INVALIDATE lose nothing and cover
 /// the touched lines as they are. Unused strokes are `None`.
+#[inline]
 pub fn plan(op: CacheOp, start: u64, end: u64, line: u64) -> [Option<Stroke>; 3] {
     let low = start & !(line - 1);
     let high = end.next_multiple_of(line);

@@ -623,6 +623,164 @@ impl Format for El2 {
     }
 }
 
+/// A page-granular translation table of a device (a strict device's SMMU stage 2): every leaf is
+/// a 4 KiB page, entries are only mapped, unmapped or rewritten in place, and no table is ever
+/// freed or replaced once linked. That last property is what makes its leaf cache sound: the
+/// level-3 table of the last 2 MiB region written stays the one the walk reaches, so a one-page
+/// update of a region just written is a direct store instead of a walk. Nothing else can edit
+/// the tree (the [`PageTable`] is private; [`Self::table`] lends it read-only). Should a table
+/// ever be freed or replaced (a merge into a block, a teardown), the method doing it must call
+/// [`Self::forget_leaf`] first; debug builds check every cache hit against a walk.
+pub struct DeviceTable<F: Format> {
+    table: PageTable<F>,
+    /// `(input >> 21, level-3 table)` of the last region reached, if any.
+    leaf: Option<(u64, u64)>,
+}
+
+impl<F: Format> DeviceTable<F> {
+    /// An empty table (its root allocated).
+    ///
+    /// # Errors
+    /// [`MapError::OutOfTableMemory`].
+    pub fn new(
+        memory: &mut impl TableMemory,
+        format: F,
+        start_level: usize,
+        input_bits: u32,
+    ) -> Result<Self, MapError> {
+        Ok(Self {
+            table: PageTable::new(memory, format, start_level, input_bits)?,
+            leaf: None,
+        })
+    }
+
+    /// The tree, read-only (walks, the cleaning of every table, the root for the STE).
+    pub fn table(&self) -> &PageTable<F> {
+        &self.table
+    }
+
+    /// Drops the cached leaf table: for any change that could unlink or free a level-3 table.
+    pub fn forget_leaf(&mut self) {
+        self.leaf = None;
+    }
+
+    /// The level-3 table holding `input`'s entry, from the cache when `input` lies in the
+    /// region last reached; else walked (and created when `create`), then cached. `None`
+    /// when no table holds it and `create` is false.
+    #[inline]
+    fn leaf_table(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        create: bool,
+    ) -> Result<Option<u64>, MapError> {
+        if !input.is_multiple_of(PAGE_SIZE) {
+            return Err(MapError::Misaligned);
+        }
+        if input >= 1u64 << self.table.input_bits {
+            return Err(MapError::OutOfRange);
+        }
+        let region = input >> level_shift(2);
+        if let Some((cached, table)) = self.leaf {
+            if cached == region {
+                debug_assert_eq!(
+                    self.table.slot(memory, input, 3).map(|(t, _)| t),
+                    Some(table),
+                    "stale leaf cache"
+                );
+                return Ok(Some(table));
+            }
+        }
+        let table = if create {
+            Some(self.table.table_at(memory, input, 3)?)
+        } else {
+            self.table.slot(memory, input, 3).map(|(table, _)| table)
+        };
+        if let Some(table) = table {
+            self.leaf = Some((region, table));
+        }
+        Ok(table)
+    }
+
+    /// Maps the page at `input` to `output` (creating tables as needed).
+    ///
+    /// # Errors
+    /// [`MapError::AlreadyMapped`] when the page is mapped (nothing is replaced),
+    /// [`MapError::Misaligned`], [`MapError::OutOfRange`], [`MapError::OutOfTableMemory`].
+    pub fn map_page(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        output: u64,
+        memory_type: MemoryType,
+        permissions: Permissions,
+    ) -> Result<(), MapError> {
+        if !output.is_multiple_of(PAGE_SIZE) {
+            return Err(MapError::Misaligned);
+        }
+        if output > ADDRESS_MASK {
+            return Err(MapError::OutOfRange);
+        }
+        let table = self
+            .leaf_table(memory, input, true)?
+            .ok_or(MapError::OutOfRange)?;
+        let slot = index(input, 3);
+        if memory.entry(table, slot) & VALID != 0 {
+            return Err(MapError::AlreadyMapped { address: input });
+        }
+        let descriptor = self
+            .table
+            .leaf_descriptor(output, 3, memory_type, permissions);
+        memory.set_entry(table, slot, descriptor);
+        Ok(())
+    }
+
+    /// Unmaps the page at `input` (nothing to do when it is not mapped). Tables are kept.
+    ///
+    /// # Errors
+    /// [`MapError::Misaligned`], [`MapError::OutOfRange`].
+    pub fn unmap_page(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+    ) -> Result<(), MapError> {
+        if let Some(table) = self.leaf_table(memory, input, false)? {
+            let slot = index(input, 3);
+            if memory.entry(table, slot) != 0 {
+                memory.set_entry(table, slot, 0);
+            }
+        }
+        Ok(())
+    }
+
+    /// Rewrites the mapped page at `input` in place with `memory_type` and `permissions`,
+    /// keeping its output address (no break: see [`PageTable::set_page`]).
+    ///
+    /// # Errors
+    /// [`MapError::OutOfRange`] when the page is not mapped; [`MapError::Misaligned`].
+    pub fn set_page(
+        &mut self,
+        memory: &mut impl TableMemory,
+        input: u64,
+        memory_type: MemoryType,
+        permissions: Permissions,
+    ) -> Result<(), MapError> {
+        let table = self
+            .leaf_table(memory, input, false)?
+            .ok_or(MapError::OutOfRange)?;
+        let slot = index(input, 3);
+        let entry = memory.entry(table, slot);
+        if entry & VALID == 0 {
+            return Err(MapError::OutOfRange);
+        }
+        let descriptor =
+            self.table
+                .leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions);
+        memory.set_entry(table, slot, descriptor);
+        Ok(())
+    }
+}
+
 /// Table memory backed by a vector, for host tests; physical addresses are fake but aligned.
 #[cfg(test)]
 pub(crate) mod fake {
@@ -924,5 +1082,190 @@ mod tests {
         );
         let dev = El2.leaf_attributes(MemoryType::Device, Permissions::RW);
         assert_ne!(dev & EL2_XN, 0);
+    }
+
+    /// The leaf cache gives exactly what the generic walker gives: the same descriptors for
+    /// pages in one region, in another region whose table indices below level 2 are equal, and
+    /// back; unmapping and rewriting through the cache reach the right table too.
+    #[test]
+    fn device_table_leaf_cache_matches_the_walker() {
+        let mut mem = VecMemory::new(64);
+        let mut cached = DeviceTable::new(&mut mem, Stage2 { fwb: true }, 0, 44).unwrap();
+        let mut reference = stage2(true, &mut mem);
+        // Regions 1 GiB apart share every index below level 1: a cache keyed too loosely
+        // would write the second into the first one's table.
+        let pages = [
+            0x4000_0000u64,
+            0x4000_1000,
+            0x8000_0000,
+            0x4000_2000,
+            0x8000_1000,
+            0x4020_0000,
+        ];
+        for (i, &ipa) in pages.iter().enumerate() {
+            let (pa, rights) = (0x9_0000_0000 + i as u64 * PAGE_SIZE, Permissions::RO);
+            cached
+                .map_page(&mut mem, ipa, pa, MemoryType::NormalWriteBack, rights)
+                .unwrap();
+            reference
+                .map(
+                    &mut mem,
+                    ipa,
+                    pa,
+                    PAGE_SIZE,
+                    MemoryType::NormalWriteBack,
+                    rights,
+                )
+                .unwrap();
+        }
+        let same =
+            |mem: &VecMemory, cached: &DeviceTable<Stage2>, reference: &PageTable<Stage2>| {
+                for &ipa in &pages {
+                    assert_eq!(
+                        cached.table().translate(mem, ipa),
+                        reference.translate(mem, ipa),
+                        "{ipa:#x}"
+                    );
+                }
+            };
+        same(&mem, &cached, &reference);
+        assert_eq!(
+            cached.map_page(
+                &mut mem,
+                0x4000_1000,
+                0,
+                MemoryType::NormalWriteBack,
+                Permissions::RW
+            ),
+            Err(MapError::AlreadyMapped {
+                address: 0x4000_1000
+            })
+        );
+        for &ipa in &pages[1..3] {
+            cached
+                .set_page(
+                    &mut mem,
+                    ipa,
+                    MemoryType::NormalNonCacheable,
+                    Permissions::RW,
+                )
+                .unwrap();
+            reference
+                .set_page(
+                    &mut mem,
+                    ipa,
+                    MemoryType::NormalNonCacheable,
+                    Permissions::RW,
+                )
+                .unwrap();
+        }
+        same(&mem, &cached, &reference);
+        for &ipa in &pages[3..] {
+            cached.unmap_page(&mut mem, ipa).unwrap();
+            reference.unmap(&mut mem, ipa, PAGE_SIZE).unwrap();
+        }
+        same(&mem, &cached, &reference);
+        assert_eq!(cached.table().translate(&mem, 0x8000_1000), None);
+        // Unmapping a page of a region without a table creates nothing; rewriting one fails.
+        let tables = mem.tables.len();
+        cached.unmap_page(&mut mem, 0x1_0000_0000).unwrap();
+        assert_eq!(
+            cached.set_page(
+                &mut mem,
+                0x1_0000_0000,
+                MemoryType::NormalWriteBack,
+                Permissions::RW
+            ),
+            Err(MapError::OutOfRange)
+        );
+        assert_eq!(mem.tables.len(), tables);
+        // Hostile addresses.
+        assert_eq!(
+            cached.unmap_page(&mut mem, 0x4000_0010),
+            Err(MapError::Misaligned)
+        );
+        assert_eq!(
+            cached.unmap_page(&mut mem, 1 << 44),
+            Err(MapError::OutOfRange)
+        );
+        assert_eq!(
+            cached.map_page(
+                &mut mem,
+                0x4000_3000,
+                1 << 48,
+                MemoryType::NormalWriteBack,
+                Permissions::RW
+            ),
+            Err(MapError::OutOfRange)
+        );
+    }
+
+    /// A cached leaf table that the tree no longer reaches is never used: after a (test-only)
+    /// unlink of the region's table, `forget_leaf` sends the next update through a walk, which
+    /// builds a new table. Without the forget, debug builds stop at the stale hit.
+    #[test]
+    fn device_table_forgotten_leaf_is_walked_again() {
+        let mut mem = VecMemory::new(64);
+        let mut cached = DeviceTable::new(&mut mem, Stage2 { fwb: true }, 0, 44).unwrap();
+        let rights = Permissions::RW;
+        cached
+            .map_page(
+                &mut mem,
+                0x4000_0000,
+                0x4000_0000,
+                MemoryType::NormalWriteBack,
+                rights,
+            )
+            .unwrap();
+        let (level2, slot) = cached.table().slot(&mem, 0x4000_0000, 2).unwrap();
+        let old_leaf = mem.entry(level2, slot) & ADDRESS_MASK;
+        // What a merge or teardown would do: unlink the level-3 table.
+        mem.set_entry(level2, slot, 0);
+        cached.forget_leaf();
+        cached
+            .map_page(
+                &mut mem,
+                0x4000_1000,
+                0x4000_1000,
+                MemoryType::NormalWriteBack,
+                rights,
+            )
+            .unwrap();
+        let new_leaf = mem.entry(level2, slot) & ADDRESS_MASK;
+        assert_ne!(new_leaf, old_leaf);
+        assert_eq!(cached.table().translate(&mem, 0x4000_0000), None);
+        assert_eq!(
+            cached
+                .table()
+                .translate(&mem, 0x4000_1000)
+                .map(|t| t.output),
+            Some(0x4000_1000)
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "stale leaf cache")]
+    fn device_table_stale_leaf_is_caught_in_debug_builds() {
+        let mut mem = VecMemory::new(64);
+        let mut cached = DeviceTable::new(&mut mem, Stage2 { fwb: true }, 0, 44).unwrap();
+        let rights = Permissions::RW;
+        cached
+            .map_page(
+                &mut mem,
+                0x4000_0000,
+                0x4000_0000,
+                MemoryType::NormalWriteBack,
+                rights,
+            )
+            .unwrap();
+        let (level2, slot) = cached.table().slot(&mem, 0x4000_0000, 2).unwrap();
+        mem.set_entry(level2, slot, 0);
+        let _ = cached.map_page(
+            &mut mem,
+            0x4000_1000,
+            0x4000_1000,
+            MemoryType::NormalWriteBack,
+            rights,
+        );
     }
 }

@@ -27,14 +27,14 @@ impl Cpu {
     }
 }
 
-/// `dc <op>` on every line of `[va, va + len)`: four lines per iteration while at least four
-/// remain (2.5 instructions a line), then one at a time (4 a line). Written in assembly so that
+/// `dc <op>` on every line of `[va, va + len)`: eight lines per iteration while at least eight
+/// remain (2.25 instructions a line), then one at a time (4 a line). Written in assembly so that
 /// the loop is exactly this, whatever the compiler would lay out.
 macro_rules! dc_loop {
     ($op:literal, $va:expr, $len:expr, $line:expr) => {{
         let (va, len, line): (u64, u64, u64) = ($va, $len, $line);
         let end = va + len;
-        let bulk_end = va + (len / (4 * line)) * (4 * line);
+        let bulk_end = va + (len / (8 * line)) * (8 * line);
         // SAFETY: the engine passes a range of the hypervisor's alias of guest RAM, mapped while
         // the attribute lock is held; a cache maintenance instruction does not change memory
         // contents any observer relies on except as the engine intends (IVAC only where the
@@ -51,7 +51,15 @@ macro_rules! dc_loop {
                 concat!("dc ", $op, ", {next}"),
                 "add {next}, {next}, {line}",
                 concat!("dc ", $op, ", {next}"),
-                "add {va}, {va}, {line4}",
+                "add {next}, {next}, {line}",
+                concat!("dc ", $op, ", {next}"),
+                "add {next}, {next}, {line}",
+                concat!("dc ", $op, ", {next}"),
+                "add {next}, {next}, {line}",
+                concat!("dc ", $op, ", {next}"),
+                "add {next}, {next}, {line}",
+                concat!("dc ", $op, ", {next}"),
+                "add {va}, {va}, {line8}",
                 "cmp {va}, {bulk_end}",
                 "b.lo 1b",
                 "2:",
@@ -66,7 +74,7 @@ macro_rules! dc_loop {
                 va = inout(reg) va => _,
                 next = out(reg) _,
                 line = in(reg) line,
-                line4 = in(reg) 4 * line,
+                line8 = in(reg) 8 * line,
                 bulk_end = in(reg) bulk_end,
                 end = in(reg) end,
                 options(nostack),

@@ -15,14 +15,14 @@ use super::memory::{read_guest, write_guest};
 use super::platform::{AuditSink, DmaDevice, GuestMemory, Iommu, Issued, RightsUpdate};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
 use crate::address::{GuestRange, Ipa, Pa};
-use crate::attributes::{self, Attribute, AttributeManager, Requester};
+use crate::attributes::{self, Attribute, AttributeManager};
 use crate::audit::{DmaDirection, Event, Maintenance};
 use crate::config::DmaMode;
 use crate::dma::{
     self, Mapping, Mappings, PageSpan, RamSpan, RightsChange, SgBudget, SgRequest, StaleRuns, Step,
 };
 use crate::maintenance::{Arch, CacheOp};
-use crate::pagetable::{MemoryType, TableMemory};
+use crate::pagetable::{MemoryType, TableMemory, PAGE_SIZE};
 use alloc::vec::Vec;
 use stagehand_abi::dma_sg::{Segment, HANDLE_OFFSET, SEGMENT_SIZE};
 use stagehand_abi::function;
@@ -49,20 +49,15 @@ pub fn device_info<M, I: Iommu, S>(vm: &Vm<M, I, S>, index: u64) -> Result<Reply
 /// `op` over guest `[ipa, ipa + size)` through the hypervisor's alias of guest RAM, to the end
 /// (the caller bounds `size`): exactly the buffer's lines, partial edge lines of an invalidate
 /// cleaned too. Returns the lines maintained.
+#[inline]
 fn maintain<A: Arch>(
     manager: &AttributeManager,
     cpu: &mut A,
-    line: u64,
     op: CacheOp,
     ipa: u64,
     size: u64,
 ) -> Result<u64, HypercallError> {
-    let mut done = 0;
-    while done < size {
-        let progress = manager.cache_operation(cpu, ipa + done, size - done, op, Requester::Dma)?;
-        done += progress.done;
-    }
-    Ok((ipa + size).div_ceil(line) - ipa / line)
+    Ok(manager.dma_cache_operation(cpu, ipa, size, op)?)
 }
 
 fn memory_type(attribute: Attribute) -> MemoryType {
@@ -78,10 +73,14 @@ fn memory_type(attribute: Attribute) -> MemoryType {
 /// buffer makes one), no vector. The runs whose valid entries change are added to `stale`, for
 /// the caller's IOTLB invalidation and sync. The first error stops the writing (the caller
 /// undoes); the stale runs are still collected, so that whatever was written is invalidated.
+/// A one-page buffer (the span of a driver's typical 4 KiB element) yields at most one change
+/// of that page: it is written at once, with nothing to merge.
 struct RightsWriter<'a, I> {
     manager: &'a AttributeManager,
     iommu: &'a I,
     stream_id: u32,
+    /// The span is one page.
+    one_page: bool,
     pending: Option<RightsUpdate>,
     result: Result<(), HypercallError>,
     stale: &'a mut StaleRuns,
@@ -92,12 +91,14 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
         manager: &'a AttributeManager,
         iommu: &'a I,
         stream_id: u32,
+        span: PageSpan,
         stale: &'a mut StaleRuns,
     ) -> Self {
         Self {
             manager,
             iommu,
             stream_id,
+            one_page: span.size == PAGE_SIZE,
             pending: None,
             result: Ok(()),
             stale,
@@ -119,6 +120,22 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
                 return;
             }
         };
+        if self.one_page {
+            let attribute = self.manager.attribute_of(change.ipa);
+            let update = RightsUpdate {
+                ipa: Ipa::new(change.ipa),
+                pa: Pa::new(pa),
+                size: PAGE_SIZE,
+                before: change.before,
+                after: change.after,
+                memory: memory_type(attribute),
+            };
+            self.result = self
+                .iommu
+                .apply_rights(self.stream_id, core::slice::from_ref(&update))
+                .map_err(Into::into);
+            return;
+        }
         let mut offset = 0;
         while offset < change.size {
             let ipa = change.ipa + offset;
@@ -194,7 +211,7 @@ impl<I: Iommu> Held<'_, I> {
         direction: DmaDirection,
         stale: &mut StaleRuns,
     ) -> Result<(), HypercallError> {
-        let mut writer = RightsWriter::new(self.manager, self.iommu, device.stream_id, stale);
+        let mut writer = RightsWriter::new(self.manager, self.iommu, device.stream_id, span, stale);
         let granted = self
             .mappings
             .grant(device.stream_id, span, direction, |c| writer.add(c));
@@ -220,7 +237,8 @@ impl<I: Iommu> Held<'_, I> {
     /// caller keeps the pages pinned.
     fn undo_rights(&mut self, device: DmaDevice, span: PageSpan, direction: DmaDirection) -> bool {
         let mut stale = StaleRuns::new();
-        let mut writer = RightsWriter::new(self.manager, self.iommu, device.stream_id, &mut stale);
+        let mut writer =
+            RightsWriter::new(self.manager, self.iommu, device.stream_id, span, &mut stale);
         let revoked = self
             .mappings
             .revoke(device.stream_id, span, direction, |c| writer.add(c));
@@ -258,7 +276,6 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
     held: &mut Held<'_, I>,
     tables: &mut M,
     cpu: &mut A,
-    line: u64,
     device: DmaDevice,
     ipa: u64,
     size: u64,
@@ -315,7 +332,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
         dma::maintenance(direction, Step::Map)
     };
     if let Some(op) = op {
-        if let Err(error) = maintain(held.manager, cpu, line, op, ipa, size) {
+        if let Err(error) = maintain(held.manager, cpu, op, ipa, size) {
             // The device must not get a buffer that was not maintained.
             if held.mappings.remove(handle).is_err() {
                 log::error!("DMA: handle {handle} vanished under the lock");
@@ -342,6 +359,9 @@ fn for_each_attribute_run(
     span: PageSpan,
     mut each: impl FnMut(u64, u64, Attribute),
 ) {
+    if span.size == PAGE_SIZE {
+        return each(span.ipa, PAGE_SIZE, manager.attribute_of(span.ipa));
+    }
     let end = span.ipa + span.size;
     let mut start = span.ipa;
     while start < end {
@@ -453,7 +473,6 @@ where
         &mut held,
         &mut stage2.tables,
         &mut cpu.cpu,
-        vm.dcache_line,
         device,
         ipa,
         size,
@@ -508,12 +527,19 @@ fn revoke<I: Iommu>(
 ) -> Result<Unmapping, HypercallError> {
     let mapping = held.mappings.remove(handle)?;
     if mapping.strict {
-        let mut writer = RightsWriter::new(held.manager, held.iommu, mapping.stream_id, stale_runs);
-        let revoked =
-            held.mappings
-                .revoke(mapping.stream_id, mapping.span(), mapping.direction, |c| {
-                    writer.add(c)
-                });
+        let span = mapping.span();
+        let mut writer = RightsWriter::new(
+            held.manager,
+            held.iommu,
+            mapping.stream_id,
+            span,
+            stale_runs,
+        );
+        let revoked = held
+            .mappings
+            .revoke(mapping.stream_id, span, mapping.direction, |c| {
+                writer.add(c)
+            });
         let written = writer.finish();
         if !revoked || written.is_err() {
             // Rewriting or removing entries allocates nothing, and a live mapping's rights are
@@ -548,7 +574,7 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch>(
         dma::maintenance(mapping.direction, Step::Unmap)
     };
     let (result, cmo_lines) = match op {
-        Some(op) => match maintain(manager, cpu, vm.dcache_line, op, mapping.ipa, mapping.size) {
+        Some(op) => match maintain(manager, cpu, op, mapping.ipa, mapping.size) {
             Ok(lines) => (Ok(()), lines),
             Err(error) => (Err(error), 0),
         },
@@ -679,7 +705,7 @@ where
     let mut maintenance = Maintenance::default();
     let completion = match dma::maintenance(mapping.direction, step) {
         Some(op) if !coherent && !stage2.manager.all_non_cacheable(ipa, size) => {
-            match maintain(&stage2.manager, &mut cpu.cpu, vm.dcache_line, op, ipa, size) {
+            match maintain(&stage2.manager, &mut cpu.cpu, op, ipa, size) {
                 Ok(lines) => {
                     maintenance.cmo = Some(op);
                     maintenance.cmo_lines = lines;
@@ -833,7 +859,6 @@ where
             &mut held,
             &mut stage2.tables,
             &mut cpu.cpu,
-            vm.dcache_line,
             device,
             segment.addr,
             segment.size,
