@@ -404,6 +404,20 @@ impl<F: Format> PageTable<F> {
         permissions: Permissions,
     ) -> Result<(), MapError> {
         let (table, index) = self.slot(memory, input, 3).ok_or(MapError::OutOfRange)?;
+        self.rewrite_page_entry(memory, table, index, memory_type, permissions)
+    }
+
+    /// Rewrites the valid page entry `index` of level-3 table `table` in place (see
+    /// [`Self::set_page`]); [`MapError::OutOfRange`] when it is not valid.
+    #[inline]
+    fn rewrite_page_entry(
+        &self,
+        memory: &mut impl TableMemory,
+        table: u64,
+        index: usize,
+        memory_type: MemoryType,
+        permissions: Permissions,
+    ) -> Result<(), MapError> {
         let entry = memory.entry(table, index);
         if entry & VALID == 0 {
             return Err(MapError::OutOfRange);
@@ -768,16 +782,8 @@ impl<F: Format> DeviceTable<F> {
         let table = self
             .leaf_table(memory, input, false)?
             .ok_or(MapError::OutOfRange)?;
-        let slot = index(input, 3);
-        let entry = memory.entry(table, slot);
-        if entry & VALID == 0 {
-            return Err(MapError::OutOfRange);
-        }
-        let descriptor =
-            self.table
-                .leaf_descriptor(entry & ADDRESS_MASK, 3, memory_type, permissions);
-        memory.set_entry(table, slot, descriptor);
-        Ok(())
+        self.table
+            .rewrite_page_entry(memory, table, index(input, 3), memory_type, permissions)
     }
 }
 
