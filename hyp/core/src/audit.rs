@@ -778,11 +778,24 @@ impl AuditDrain {
     /// (a batch, so a full ring takes this path once per batch, not once per record) and writes
     /// an overflow record for the loss unless one is held already.
     pub fn make_room(&mut self, ring: &AuditRing, time: u64, vcpu: u16) {
-        self.retire(ring, (ring.capacity() / 16).max(2));
+        self.retire(ring, Self::room_batch(ring));
         let ring_overflow_held = self.newest_overflow.is_some_and(|s| s >= ring.dropped());
         if !ring_overflow_held {
             self.report_losses(ring, time, vcpu);
         }
+    }
+
+    /// Records [`make_room`](Self::make_room) retires at a time.
+    fn room_batch(ring: &AuditRing) -> usize {
+        (ring.capacity() / 16).max(2)
+    }
+
+    /// Whether [`make_room`](Self::make_room) would now retire records the host stream has not
+    /// had yet. If not, the records waiting for the stream can go on waiting (for an idle vCPU,
+    /// a reader or the high water): a full ring is the steady state of a busy log, whose oldest
+    /// records were streamed long ago.
+    pub fn make_room_needs_stream(&self, ring: &AuditRing) -> bool {
+        self.streamed.max(ring.dropped()) < ring.dropped() + Self::room_batch(ring) as u64
     }
 
     /// Retires the oldest `count` records held (fewer if the ring holds fewer).
@@ -1314,6 +1327,26 @@ mod tests {
             let expected: Vec<u64> = (0..EACH).map(|i| thread << 32 | i).collect();
             assert_eq!(tags, expected);
         }
+    }
+
+    /// Making room needs the stream only while the records it would retire have not been
+    /// streamed: a full ring whose old end was streamed lets the rest wait.
+    #[test]
+    fn making_room_waits_for_the_stream_only_for_unstreamed_old_records() {
+        let ring = AuditRing::new(1, 8);
+        let mut drain = AuditDrain::new();
+        for tag in 0..8 {
+            assert_eq!(ring.record(0, 0, &Event::Mark { tag }), Ok(tag));
+        }
+        assert!(drain.make_room_needs_stream(&ring));
+        assert_eq!(drain.stream_unstreamed(&ring, 0, 0, 3, |_| {}), 3);
+        // A batch is two records here, both streamed.
+        assert!(!drain.make_room_needs_stream(&ring));
+        drain.make_room(&ring, 0, 0);
+        assert_eq!(ring.dropped(), 2);
+        while ring.record(0, 0, &Event::Mark { tag: 9 }).is_ok() {}
+        // Records 2 and 3 go next; 3 has not been streamed.
+        assert!(drain.make_room_needs_stream(&ring));
     }
 
     /// A full ring refuses a record without taking a number; the drain side retires the oldest
