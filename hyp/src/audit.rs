@@ -10,8 +10,9 @@
 //! guest starts or stops, and, synchronously on every recording vCPU, when the records waiting
 //! reach [`HIGH_WATER`] (so that a guest that never idles, or whose vCPUs record faster than one
 //! drain streams, loses nothing: they wait for the stream instead). A vCPU that finds the ring
-//! full streams what waits if the oldest records are among it, then retires the oldest records (counted and reported losses of the
-//! ring, never of the stream unless a running guest owns the UART). One drain at a time (the
+//! full streams what waits only if the oldest records are among it, then retires the oldest
+//! records (counted and reported losses of the ring, never of the stream unless a running guest
+//! owns the UART). One drain at a time (the
 //! drain side's lock) seals and streams records in sequence order, so lines never interleave or
 //! reorder; recording vCPUs never wait for it below the high water. When the hypervisor shares
 //! its UART with the guest, records wait in the ring while the guest runs and are streamed when
