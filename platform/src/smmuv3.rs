@@ -456,7 +456,11 @@ pub fn tlb_invalidation_commands(vmid: u16, ipa: u64, size: u64) -> TlbInvalidat
         vmid,
         ipa,
         // A wide run is one command, as if it were one page.
-        left: if pages > TLBI_PAGE_THRESHOLD { 1 } else { pages },
+        left: if pages > TLBI_PAGE_THRESHOLD {
+            1
+        } else {
+            pages
+        },
         wide: pages > TLBI_PAGE_THRESHOLD,
     }
 }

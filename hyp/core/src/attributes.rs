@@ -1090,10 +1090,12 @@ impl AttributeManager {
     /// Whether stage 2 maps the 2 MiB region at `region` with one block (its level-2 entry is
     /// a valid block): two table reads and the entry, not a walk to the leaf.
     fn is_block(&self, memory: &impl TableMemory, region: u64) -> bool {
-        self.stage2.slot(memory, region, 2).is_some_and(|(table, index)| {
-            let entry = memory.entry(table, index);
-            entry & VALID != 0 && entry & TABLE_OR_PAGE == 0
-        })
+        self.stage2
+            .slot(memory, region, 2)
+            .is_some_and(|(table, index)| {
+                let entry = memory.entry(table, index);
+                entry & VALID != 0 && entry & TABLE_OR_PAGE == 0
+            })
     }
 
     /// Removes a DMA pin from every page of `[ipa, ipa + size)`.
