@@ -275,24 +275,11 @@ void sh_mappings_free(struct sh_device *d)
 
 long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr)
 {
-	unsigned int stalled = 0;
+	/* The header's range loop: resumes after INCOMPLETE, bounded when no progress is made. */
+	long status = stagehand_set_attr_range(ipa, size, attr);
 
-	for (;;) {
-		struct sh_ret r = sh_call(STAGEHAND_FN_MEM_SET_ATTR, ipa, size, attr, 0, 0);
-
-		if (r.status != STAGEHAND_INCOMPLETE) {
-			sh_count_refusal(r.status);
-			return r.status;
-		}
-		if (r.x1 == 0 || r.x1 >= size) {
-			if (++stalled >= STAGEHAND_MAX_STALLED_CALLS)
-				return STAGEHAND_INCOMPLETE;
-			continue;
-		}
-		stalled = 0;
-		ipa += r.x1;
-		size -= r.x1;
-	}
+	sh_count_refusal(status);
+	return status;
 }
 
 /* DMA_MAP of [phys, phys + size) for d; the IOVA, or DMA_MAPPING_ERROR. */
