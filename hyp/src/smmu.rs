@@ -603,19 +603,22 @@ impl Smmu {
         arch::dsb_sy();
         registers.cmdq_prod.set(self.command_prod);
         let prod = self.command_prod;
-        if queue.is_empty(prod, registers.cmdq_cons.get()) {
-            return Ok(());
+        if !queue.is_empty(prod, registers.cmdq_cons.get()) {
+            let outcome = wait_for("CMD_SYNC", || {
+                let cons = registers.cmdq_cons.get();
+                queue.is_empty(prod, cons) || self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0
+            });
+            if self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0 {
+                let error = CommandError::from_code(registers.cmdq_cons.read(CMDQ_CONS::ERR) as u8);
+                self.handle_global_errors();
+                return Err(SmmuError::Command(error));
+            }
+            outcome?;
         }
-        let outcome = wait_for("CMD_SYNC", || {
-            let cons = registers.cmdq_cons.get();
-            queue.is_empty(prod, cons) || self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0
-        });
-        if self.global_errors() & smmuv3::GERROR_CMDQ_ERR != 0 {
-            let error = CommandError::from_code(registers.cmdq_cons.read(CMDQ_CONS::ERR) as u8);
-            self.handle_global_errors();
-            return Err(SmmuError::Command(error));
-        }
-        outcome
+        // The CMD_SYNC was seen complete: what the caller does next (the CPU-side invalidate
+        // and the unpin of an unmap, I4) must not be performed before that read.
+        arch::dsb_sy();
+        Ok(())
     }
 
     fn global_errors(&self) -> u32 {
