@@ -32,11 +32,12 @@ enum sh_kind { SH_STREAMING, SH_COHERENT, SH_PAGES };
 
 struct sh_mapping {
 	struct hlist_node node;  /* in its bucket of the device's table, or on the free list */
-	struct hlist_node large; /* on the device's list of large mappings, if it is one */
+	struct hlist_node large_node; /* on the device's list of large mappings, if it is one */
 	u64 start, size;         /* IOVA and bytes */
 	u64 handle;
 	u8 dir;
 	u8 kind;
+	bool large;              /* on the large list: decided once, at insert */
 };
 
 /* Entries are allocated this many at a time (a chunk fits in 4 KiB) and never freed while the
@@ -53,7 +54,7 @@ struct sh_chunk {
 /* Largest buffer one mapping may hold (the hypervisor's limit, docs/abi.md). */
 #define SH_MAX_MAPPING SZ_16M
 
-static struct sh_device *sh_device_of(struct device *dev)
+static __always_inline struct sh_device *sh_device_of(struct device *dev)
 {
 	unsigned int i;
 
@@ -64,7 +65,7 @@ static struct sh_device *sh_device_of(struct device *dev)
 }
 
 /* Linux's directions have the ABI's values; spelt out so that the two stay independent. */
-static u64 sh_direction(enum dma_data_direction dir)
+static __always_inline u64 sh_direction(enum dma_data_direction dir)
 {
 	switch (dir) {
 	case DMA_TO_DEVICE:
@@ -76,12 +77,12 @@ static u64 sh_direction(enum dma_data_direction dir)
 	}
 }
 
-static struct hlist_head *sh_bucket(struct sh_device *d, u64 addr)
+static __always_inline struct hlist_head *sh_bucket(struct sh_device *d, u64 addr)
 {
 	return &d->buckets[hash_64(addr >> PAGE_SHIFT, SH_HASH_BITS)];
 }
 
-static bool sh_is_large(const struct sh_mapping *m)
+static __always_inline bool sh_is_large(const struct sh_mapping *m)
 {
 	return ((m->start + m->size - 1) >> PAGE_SHIFT) - (m->start >> PAGE_SHIFT) >= SH_NEAR_PAGES;
 }
@@ -121,11 +122,12 @@ static struct sh_mapping *sh_entry_get(struct sh_device *d)
 	return m;
 }
 
-static void sh_insert_locked(struct sh_device *d, struct sh_mapping *m)
+static __always_inline void sh_insert_locked(struct sh_device *d, struct sh_mapping *m)
 {
 	hlist_add_head(&m->node, sh_bucket(d, m->start));
-	if (sh_is_large(m))
-		hlist_add_head(&m->large, &d->large);
+	m->large = sh_is_large(m);
+	if (m->large)
+		hlist_add_head(&m->large_node, &d->large);
 	d->live++;
 }
 
@@ -143,7 +145,7 @@ static void sh_insert(struct sh_device *d, struct sh_mapping *m)
  * Records a new mapping in d's table, taking a free entry; false without memory for one. The
  * fast path of DMA_MAP: one lock round trip, no allocation.
  */
-static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 dir, u8 kind)
+static __always_inline bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 dir, u8 kind)
 {
 	struct sh_mapping *m;
 	unsigned long flags;
@@ -157,7 +159,7 @@ static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 d
 			return false;
 	}
 	m = hlist_entry(d->free.first, struct sh_mapping, node);
-	hlist_del(&m->node);
+	__hlist_del(&m->node);
 	m->start = start;
 	m->size = size;
 	m->handle = handle;
@@ -169,7 +171,7 @@ static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 d
 }
 
 /* Puts m, out of the table, back on d's free list. */
-static void sh_put_locked(struct sh_device *d, struct sh_mapping *m)
+static __always_inline void sh_put_locked(struct sh_device *d, struct sh_mapping *m)
 {
 	hlist_add_head(&m->node, &d->free);
 }
@@ -183,16 +185,20 @@ static void sh_put(struct sh_device *d, struct sh_mapping *m)
 	spin_unlock_irqrestore(&d->lock, flags);
 }
 
-static void sh_remove_locked(struct sh_device *d, struct sh_mapping *m)
+/*
+ * Unlinks without hlist_del()'s poisoning (here and when an entry leaves the free list): the
+ * entry is linked again at once, which overwrites the poison before anything could see it.
+ */
+static __always_inline void sh_remove_locked(struct sh_device *d, struct sh_mapping *m)
 {
-	hlist_del(&m->node);
-	if (sh_is_large(m))
-		hlist_del(&m->large);
+	__hlist_del(&m->node);
+	if (m->large)
+		hlist_del(&m->large_node);
 	d->live--;
 }
 
 /* Removes the mapping [addr, addr + size) of direction dir; its handle, or 0 if none. */
-static u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
+static __always_inline u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
 {
 	struct sh_mapping *m, *any = NULL;
 	u64 handle;
@@ -215,7 +221,7 @@ static u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
 	return handle;
 }
 
-static u64 sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
+static __always_inline u64 sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
 {
 	unsigned long flags;
 	u64 handle;
@@ -239,7 +245,7 @@ static struct sh_mapping *sh_find_containing_locked(struct sh_device *d, u64 add
 		hlist_for_each_entry(m, &d->buckets[hash_64(page - i, SH_HASH_BITS)], node)
 			if (m->start <= addr && last <= m->start + m->size - 1)
 				return m;
-	hlist_for_each_entry(m, &d->large, large)
+	hlist_for_each_entry(m, &d->large, large_node)
 		if (m->start <= addr && last <= m->start + m->size - 1)
 			return m;
 	return NULL;
@@ -283,8 +289,26 @@ long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr)
 	return status;
 }
 
+/*
+ * The warnings of the map and unmap paths, out of line: a local whose address is passed to
+ * printk (%pa) would give the fast path a stack canary to set and check.
+ */
+static noinline __cold void sh_warn_map(struct sh_device *d, phys_addr_t phys, size_t size,
+					long status)
+{
+	pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n", size,
+			    &phys, dev_name(d->dev), status);
+}
+
+static noinline __cold void sh_warn_unknown(struct sh_device *d, const char *what,
+					    dma_addr_t addr, size_t size)
+{
+	pr_warn_ratelimited("stagehand: %s: %s of %zu bytes at %pad that is not mapped\n",
+			    dev_name(d->dev), what, size, &addr);
+}
+
 /* DMA_MAP of [phys, phys + size) for d; the IOVA, or DMA_MAPPING_ERROR. */
-static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
+static __always_inline dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 			 enum dma_data_direction dir, enum sh_kind kind)
 {
 	struct sh_ret r;
@@ -295,8 +319,7 @@ static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 	sh_count(maps);
 	if (unlikely(r.status != STAGEHAND_SUCCESS)) {
 		sh_count_refusal(r.status);
-		pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n",
-				    size, &phys, dev_name(d->dev), r.status);
+		sh_warn_map(d, phys, size, r.status);
 		return DMA_MAPPING_ERROR;
 	}
 	if (unlikely(!sh_record(d, r.x1, size, r.x2, dir, kind))) {
@@ -308,20 +331,19 @@ static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 	return r.x1;
 }
 
-static void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
+static __always_inline void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
 		     enum dma_data_direction dir)
 {
 	u64 handle = sh_take(d, addr, size, dir);
 	struct sh_ret r;
 
 	if (unlikely(!handle)) {
-		pr_warn_ratelimited("stagehand: %s: unmap of %zu bytes at %pad that is not mapped\n",
-				    dev_name(d->dev), size, &addr);
+		sh_warn_unknown(d, "unmap", addr, size);
 		return;
 	}
 	r = sh_call(STAGEHAND_FN_DMA_UNMAP, handle, 0, 0, 0, 0);
 	sh_count(unmaps);
-	if (unlikely(sh_count_refusal(r.status)))
+	if (unlikely(r.status != STAGEHAND_SUCCESS) && sh_count_refusal(r.status))
 		pr_warn_ratelimited("stagehand: DMA_UNMAP of handle %llu refused: %ld\n", handle,
 				    r.status);
 }
@@ -346,8 +368,7 @@ static void sh_sync(struct sh_device *d, dma_addr_t addr, size_t size, u64 targe
 	spin_unlock_irqrestore(&d->lock, flags);
 	if (!handle) {
 		sh_count(unknown_mappings);
-		pr_warn_ratelimited("stagehand: %s: sync of %zu bytes at %pad that is not mapped\n",
-				    dev_name(d->dev), size, &addr);
+		sh_warn_unknown(d, "sync", addr, size);
 		return;
 	}
 	r = sh_call(STAGEHAND_FN_DMA_SYNC, handle, offset, size, target, 0);
