@@ -19,6 +19,7 @@
 #include <linux/hash.h>
 #include <linux/ktime.h>
 #include <linux/mm.h>
+#include <linux/perf_event.h>
 #include <linux/scatterlist.h>
 #include <linux/seq_file.h>
 #include <linux/slab.h>
@@ -30,12 +31,13 @@
 enum sh_kind { SH_STREAMING, SH_COHERENT, SH_PAGES };
 
 struct sh_mapping {
-	struct hlist_node node;  /* in its bucket of the device's table, or on the free list */
-	struct hlist_node large; /* on the device's list of large mappings, if it is one */
-	u64 start, size;         /* IOVA and bytes */
+	struct hlist_node node;       /* in its bucket of the device's table, or on the free list */
+	struct hlist_node large_node; /* on the device's list of large mappings, if it is one */
+	u64 start, size;              /* IOVA and bytes */
 	u64 handle;
 	u8 dir;
 	u8 kind;
+	bool large; /* on the large list: decided once, at insert, not recomputed at removal */
 };
 
 /* Entries are allocated this many at a time (a chunk fits in 4 KiB) and never freed while the
@@ -52,7 +54,12 @@ struct sh_chunk {
 /* Largest buffer one mapping may hold (the hypervisor's limit, docs/abi.md). */
 #define SH_MAX_MAPPING SZ_16M
 
-static struct sh_device *sh_device_of(struct device *dev)
+/*
+ * The helpers of the map and unmap paths are __always_inline: sh_map_page and sh_unmap_page
+ * then each run as one function, without the nested call frames, register spills and pointer
+ * authentication of five levels of calls (45 EL1 instructions a pair, by the selftest).
+ */
+static __always_inline struct sh_device *sh_device_of(struct device *dev)
 {
 	unsigned int i;
 
@@ -63,7 +70,7 @@ static struct sh_device *sh_device_of(struct device *dev)
 }
 
 /* Linux's directions have the ABI's values; spelt out so that the two stay independent. */
-static u64 sh_direction(enum dma_data_direction dir)
+static __always_inline u64 sh_direction(enum dma_data_direction dir)
 {
 	switch (dir) {
 	case DMA_TO_DEVICE:
@@ -75,12 +82,12 @@ static u64 sh_direction(enum dma_data_direction dir)
 	}
 }
 
-static struct hlist_head *sh_bucket(struct sh_device *d, u64 addr)
+static __always_inline struct hlist_head *sh_bucket(struct sh_device *d, u64 addr)
 {
 	return &d->buckets[hash_64(addr >> PAGE_SHIFT, SH_HASH_BITS)];
 }
 
-static bool sh_is_large(const struct sh_mapping *m)
+static __always_inline bool sh_is_large(const struct sh_mapping *m)
 {
 	return ((m->start + m->size - 1) >> PAGE_SHIFT) - (m->start >> PAGE_SHIFT) >= SH_NEAR_PAGES;
 }
@@ -120,11 +127,12 @@ static struct sh_mapping *sh_entry_get(struct sh_device *d)
 	return m;
 }
 
-static void sh_insert_locked(struct sh_device *d, struct sh_mapping *m)
+static __always_inline void sh_insert_locked(struct sh_device *d, struct sh_mapping *m)
 {
 	hlist_add_head(&m->node, sh_bucket(d, m->start));
-	if (sh_is_large(m))
-		hlist_add_head(&m->large, &d->large);
+	m->large = sh_is_large(m);
+	if (m->large)
+		hlist_add_head(&m->large_node, &d->large);
 	d->live++;
 }
 
@@ -142,7 +150,8 @@ static void sh_insert(struct sh_device *d, struct sh_mapping *m)
  * Records a new mapping in d's table, taking a free entry; false without memory for one. The
  * fast path of DMA_MAP: one lock round trip, no allocation.
  */
-static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 dir, u8 kind)
+static __always_inline bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle,
+				       u8 dir, u8 kind)
 {
 	struct sh_mapping *m;
 	unsigned long flags;
@@ -156,7 +165,7 @@ static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 d
 			return false;
 	}
 	m = hlist_entry(d->free.first, struct sh_mapping, node);
-	hlist_del(&m->node);
+	__hlist_del(&m->node);
 	m->start = start;
 	m->size = size;
 	m->handle = handle;
@@ -168,7 +177,7 @@ static bool sh_record(struct sh_device *d, u64 start, u64 size, u64 handle, u8 d
 }
 
 /* Puts m, out of the table, back on d's free list. */
-static void sh_put_locked(struct sh_device *d, struct sh_mapping *m)
+static __always_inline void sh_put_locked(struct sh_device *d, struct sh_mapping *m)
 {
 	hlist_add_head(&m->node, &d->free);
 }
@@ -182,16 +191,20 @@ static void sh_put(struct sh_device *d, struct sh_mapping *m)
 	spin_unlock_irqrestore(&d->lock, flags);
 }
 
-static void sh_remove_locked(struct sh_device *d, struct sh_mapping *m)
+/*
+ * Unlinks without hlist_del()'s poisoning (here and when an entry leaves the free list): the
+ * entry is linked again at once, which overwrites the poison before anything could see it.
+ */
+static __always_inline void sh_remove_locked(struct sh_device *d, struct sh_mapping *m)
 {
-	hlist_del(&m->node);
-	if (sh_is_large(m))
-		hlist_del(&m->large);
+	__hlist_del(&m->node);
+	if (m->large)
+		hlist_del(&m->large_node);
 	d->live--;
 }
 
 /* Removes the mapping [addr, addr + size) of direction dir; its handle, or 0 if none. */
-static u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
+static __always_inline u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
 {
 	struct sh_mapping *m, *any = NULL;
 	u64 handle;
@@ -214,7 +227,7 @@ static u64 sh_take_locked(struct sh_device *d, u64 addr, size_t size, u8 dir)
 	return handle;
 }
 
-static u64 sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
+static __always_inline u64 sh_take(struct sh_device *d, u64 addr, size_t size, u8 dir)
 {
 	unsigned long flags;
 	u64 handle;
@@ -238,7 +251,7 @@ static struct sh_mapping *sh_find_containing_locked(struct sh_device *d, u64 add
 		hlist_for_each_entry(m, &d->buckets[hash_64(page - i, SH_HASH_BITS)], node)
 			if (m->start <= addr && last <= m->start + m->size - 1)
 				return m;
-	hlist_for_each_entry(m, &d->large, large)
+	hlist_for_each_entry(m, &d->large, large_node)
 		if (m->start <= addr && last <= m->start + m->size - 1)
 			return m;
 	return NULL;
@@ -282,9 +295,27 @@ long sh_set_attr(phys_addr_t ipa, size_t size, u64 attr)
 	return status;
 }
 
+/*
+ * The warnings of the map and unmap paths, out of line: a local whose address is passed to
+ * printk (%pa) would give the fast path a stack canary to set and check.
+ */
+static noinline __cold void sh_warn_map(struct sh_device *d, phys_addr_t phys, size_t size,
+					long status)
+{
+	pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n", size,
+			    &phys, dev_name(d->dev), status);
+}
+
+static noinline __cold void sh_warn_unknown(struct sh_device *d, const char *what,
+					    dma_addr_t addr, size_t size)
+{
+	pr_warn_ratelimited("stagehand: %s: %s of %zu bytes at %pad that is not mapped\n",
+			    dev_name(d->dev), what, size, &addr);
+}
+
 /* DMA_MAP of [phys, phys + size) for d; the IOVA, or DMA_MAPPING_ERROR. */
-static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
-			 enum dma_data_direction dir, enum sh_kind kind)
+static __always_inline dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
+					 enum dma_data_direction dir, enum sh_kind kind)
 {
 	struct sh_ret r;
 
@@ -294,8 +325,7 @@ static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 	sh_count(maps);
 	if (unlikely(r.status != STAGEHAND_SUCCESS)) {
 		sh_count_refusal(r.status);
-		pr_warn_ratelimited("stagehand: DMA_MAP of %zu bytes at %pa for %s refused: %ld\n",
-				    size, &phys, dev_name(d->dev), r.status);
+		sh_warn_map(d, phys, size, r.status);
 		return DMA_MAPPING_ERROR;
 	}
 	if (unlikely(!sh_record(d, r.x1, size, r.x2, dir, kind))) {
@@ -307,20 +337,19 @@ static dma_addr_t sh_map(struct sh_device *d, phys_addr_t phys, size_t size,
 	return r.x1;
 }
 
-static void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
-		     enum dma_data_direction dir)
+static __always_inline void sh_unmap(struct sh_device *d, dma_addr_t addr, size_t size,
+				     enum dma_data_direction dir)
 {
 	u64 handle = sh_take(d, addr, size, dir);
 	struct sh_ret r;
 
 	if (unlikely(!handle)) {
-		pr_warn_ratelimited("stagehand: %s: unmap of %zu bytes at %pad that is not mapped\n",
-				    dev_name(d->dev), size, &addr);
+		sh_warn_unknown(d, "unmap", addr, size);
 		return;
 	}
 	r = sh_call(STAGEHAND_FN_DMA_UNMAP, handle, 0, 0, 0, 0);
 	sh_count(unmaps);
-	if (unlikely(sh_count_refusal(r.status)))
+	if (unlikely(r.status != STAGEHAND_SUCCESS) && sh_count_refusal(r.status))
 		pr_warn_ratelimited("stagehand: DMA_UNMAP of handle %llu refused: %ld\n", handle,
 				    r.status);
 }
@@ -345,8 +374,7 @@ static void sh_sync(struct sh_device *d, dma_addr_t addr, size_t size, u64 targe
 	spin_unlock_irqrestore(&d->lock, flags);
 	if (!handle) {
 		sh_count(unknown_mappings);
-		pr_warn_ratelimited("stagehand: %s: sync of %zu bytes at %pad that is not mapped\n",
-				    dev_name(d->dev), size, &addr);
+		sh_warn_unknown(d, "sync", addr, size);
 		return;
 	}
 	r = sh_call(STAGEHAND_FN_DMA_SYNC, handle, offset, size, target, 0);
@@ -888,9 +916,6 @@ static s64 sh_syncs(void)
 	return c.syncs;
 }
 
-/* map+unmap pairs the selftest times. */
-#define SH_TIMED_PAIRS 1000
-
 /*
  * Lets the hypervisor stream the audit records waiting: AUDIT_READ drains the log before it
  * answers, and reading from past the newest record copies nothing (docs/abi.md). The timed
@@ -900,6 +925,183 @@ static s64 sh_syncs(void)
 static void sh_drain_audit(void *scratch)
 {
 	sh_call(STAGEHAND_FN_AUDIT_READ, virt_to_phys(scratch), 128, U64_MAX, 0, 0);
+}
+
+/*
+ * map+unmap pairs per timed round, and rounds of each timed loop. Short rounds, several of
+ * them: QEMU's instruction count is one for all vCPUs, so a round in which another vCPU ran
+ * (an idle vCPU woken, streaming this vCPU's audit records at EL2) counts its work too, and the
+ * cheapest round is the one in which none did. On one vCPU every round gives the same count.
+ */
+#define SH_TIMED_PAIRS 500
+#define SH_TIMED_ROUNDS 5
+
+/* What the selftest times: the hypercalls alone, the module's ops, the DMA API. */
+enum sh_loop { SH_LOOP_BARE, SH_LOOP_BARE_PAGE, SH_LOOP_OPS, SH_LOOP_API, SH_LOOPS };
+
+static const char *const sh_loop_names[SH_LOOPS] = {
+	"bare hypercalls", "bare page FROM_DEVICE", "module's ops", "DMA API",
+};
+
+/* The cheapest round of a loop: nanoseconds and EL1 instructions, each per pair. */
+struct sh_timing {
+	s64 ns, insns;
+};
+
+/*
+ * EL1 instructions this task retires, from the PMU through perf (INST_RETIRED). The hypervisor
+ * sets MDCR_EL2.HPMD, so nothing at EL2 is counted: unlike the clock, the count leaves out the
+ * hypervisor, whose cost per call depends on the state of its audit ring (see sh_selftest_timing).
+ * QEMU's TCG counts instructions only under -icount; elsewhere there is no such counter and the
+ * selftest falls back to the clock.
+ */
+static struct perf_event *sh_insns_counter(void)
+{
+	struct perf_event_attr attr = {
+		.type = PERF_TYPE_HARDWARE,
+		.size = sizeof(attr),
+		.config = PERF_COUNT_HW_INSTRUCTIONS,
+		.exclude_user = 1,
+		.exclude_hv = 1,
+		.pinned = 1,
+	};
+	struct perf_event *e = perf_event_create_kernel_counter(&attr, -1, current, NULL, NULL);
+
+	return IS_ERR(e) ? NULL : e;
+}
+
+static u64 sh_insns(struct perf_event *e)
+{
+	u64 enabled, running;
+
+	return e ? perf_event_read_value(e, &enabled, &running) : 0;
+}
+
+/*
+ * One round of SH_TIMED_PAIRS map+unmap pairs of kind `loop` on d over buf (256-byte buffers
+ * sharing pages, 16 to a page, or one whole page), with interrupts masked so that no timer
+ * tick lands in it; false if a call was refused. The round starts on a drained audit log, so
+ * that its records (two a pair) stay below the high water and it pays for no stream.
+ */
+static bool sh_time_loop(struct sh_device *d, u8 *buf, enum sh_loop loop, struct perf_event *e,
+			 s64 *ns, s64 *insns)
+{
+	struct device *dev = d->dev;
+	u8 *page_buf = PTR_ALIGN(buf, PAGE_SIZE);
+	unsigned long flags;
+	bool ok = true;
+	u64 count;
+	ktime_t start;
+	int i;
+
+	sh_drain_audit(buf);
+	count = sh_insns(e);
+	local_irq_save(flags);
+	start = ktime_get();
+	for (i = 0; i < SH_TIMED_PAIRS && ok; i++) {
+		u8 *cpu_addr = buf + (i % 32) * 256;
+		struct sh_ret r;
+		dma_addr_t addr;
+
+		switch (loop) {
+		case SH_LOOP_BARE:
+		case SH_LOOP_BARE_PAGE:
+			if (loop == SH_LOOP_BARE)
+				r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id,
+					    virt_to_phys(cpu_addr), 256, STAGEHAND_DMA_TO_DEVICE, 0);
+			else
+				r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id,
+					    virt_to_phys(page_buf), PAGE_SIZE,
+					    STAGEHAND_DMA_FROM_DEVICE, 0);
+			ok = r.status == STAGEHAND_SUCCESS;
+			if (ok)
+				ok = sh_call(STAGEHAND_FN_DMA_UNMAP, r.x2, 0, 0, 0, 0).status ==
+				     STAGEHAND_SUCCESS;
+			break;
+		case SH_LOOP_OPS:
+			/* What the DMA API would call, less its own dispatch. */
+			addr = sh_dma_ops.map_page(dev, virt_to_page(cpu_addr),
+						   offset_in_page(cpu_addr), 256, DMA_TO_DEVICE, 0);
+			ok = addr != DMA_MAPPING_ERROR;
+			if (ok)
+				sh_dma_ops.unmap_page(dev, addr, 256, DMA_TO_DEVICE, 0);
+			break;
+		default:
+			addr = dma_map_single(dev, cpu_addr, 256, DMA_TO_DEVICE);
+			ok = !dma_mapping_error(dev, addr);
+			if (ok)
+				dma_unmap_single(dev, addr, 256, DMA_TO_DEVICE);
+			break;
+		}
+	}
+	*ns = ktime_to_ns(ktime_sub(ktime_get(), start));
+	local_irq_restore(flags);
+	*insns = sh_insns(e) - count;
+	return ok;
+}
+
+/* What sh_selftest_timing measured. */
+struct sh_timings {
+	struct sh_timing best[SH_LOOPS];
+	s64 stream; /* ns streaming the last DMA API round's records, per pair */
+	bool counted; /* an instruction counter was there: the insns figures are real */
+};
+
+/*
+ * Times map+unmap pairs on d. Under -icount shift=0 a nanosecond is an instruction, EL2's
+ * included. The module's own cost is what a pair through the DMA API (and through the module's
+ * ops called directly, without Linux's dispatch) retires at EL1 beyond a bare pair of
+ * hypercalls: counting at EL1 only leaves out the hypervisor, whose work per call is larger
+ * once its audit ring has filled up (each record then also retires old ones), so a difference
+ * of clocks charges the module with wherever in the selftest the ring happened to fill. Each
+ * loop runs SH_TIMED_ROUNDS times, interleaved, and its cheapest round counts. A refused pair
+ * fails the selftest (false, the loop's name in *failed).
+ */
+static bool sh_selftest_timing(struct sh_device *d, u8 *buf, struct sh_timings *t,
+			       const char **failed)
+{
+	struct perf_event *e = sh_insns_counter();
+	s64 ns, insns;
+	ktime_t start;
+	int loop, round;
+	bool ok = true;
+
+	t->counted = e;
+	for (loop = 0; loop < SH_LOOPS; loop++)
+		t->best[loop] = (struct sh_timing){ S64_MAX, S64_MAX };
+	for (round = 0; round < SH_TIMED_ROUNDS && ok; round++) {
+		for (loop = 0; loop < SH_LOOPS && ok; loop++) {
+			ok = sh_time_loop(d, buf, loop, e, &ns, &insns);
+			*failed = sh_loop_names[loop];
+			t->best[loop].ns = min(t->best[loop].ns, ns / SH_TIMED_PAIRS);
+			t->best[loop].insns = min(t->best[loop].insns, insns / SH_TIMED_PAIRS);
+		}
+	}
+	/* What streaming the last DMA API round's records costs (two a pair; zero under audit=off). */
+	start = ktime_get();
+	sh_drain_audit(buf);
+	t->stream = ktime_to_ns(ktime_sub(ktime_get(), start)) / SH_TIMED_PAIRS;
+	if (e)
+		perf_event_release_kernel(e);
+	return ok;
+}
+
+static void sh_print_timings(struct seq_file *m, const struct sh_timings *t)
+{
+	const struct sh_timing *api = &t->best[SH_LOOP_API], *ops = &t->best[SH_LOOP_OPS];
+	const struct sh_timing *bare = &t->best[SH_LOOP_BARE];
+
+	seq_printf(m, "%d map+unmap pairs, cheapest of %d rounds: per pair %lld ns through the DMA API (%lld maps/s; %lld maps/s with their audit records streamed), %lld ns bare hypercalls, %lld ns streaming its two records; bare pair of a page FROM_DEVICE %lld ns; ",
+		   SH_TIMED_PAIRS, SH_TIMED_ROUNDS, api->ns, api->ns ? NSEC_PER_SEC / api->ns : 0,
+		   api->ns + t->stream ? NSEC_PER_SEC / (api->ns + t->stream) : 0, bare->ns,
+		   t->stream, t->best[SH_LOOP_BARE_PAGE].ns);
+	if (t->counted)
+		seq_printf(m, "EL1 instructions per pair: %lld through the DMA API, %lld through the module's ops, %lld bare; the module's own %lld (%lld with Linux's DMA API dispatch)",
+			   api->insns, ops->insns, bare->insns, ops->insns - bare->insns,
+			   api->insns - bare->insns);
+	else
+		seq_printf(m, "no instruction counter (QEMU has one only under -icount); by the clock the module's own %lld ns (%lld ns with Linux's DMA API dispatch)",
+			   ops->ns - bare->ns, api->ns - bare->ns);
 }
 
 #define SH_CHECK(cond, ...)                             \
@@ -928,9 +1130,9 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 	struct page *pages = NULL;
 	void *coherent = NULL;
 	dma_addr_t addr, handle = 0;
-	s64 elapsed, bare, bare_page, stream;
-	ktime_t start;
-	u8 *buf, *page_buf;
+	struct sh_timings timings;
+	const char *failed = "";
+	u8 *buf;
 	int n, i;
 
 	seq_printf(m, "%s: ", dev_name(dev));
@@ -990,67 +1192,16 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 				 !(r.x2 & STAGEHAND_PAGE_PINNED),
 			 "freed coherent memory: attribute %llu, flags %#llx", r.x1, r.x2);
 	}
-
-	/*
-	 * The commonest pair, 256-byte buffers sharing pages (16 per page): first the bare
-	 * hypercalls, then through the DMA API. Under -icount shift=0 a nanosecond is one
-	 * instruction, so the difference per pair is the module's own cost (and the DMA API's
-	 * dispatch, which the kernel's own ops have too).
-	 */
-	sh_drain_audit(buf);
-	start = ktime_get();
-	for (i = 0; i < SH_TIMED_PAIRS; i++) {
-		struct sh_ret r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id,
-					  virt_to_phys(buf + (i % 32) * 256), 256,
-					  STAGEHAND_DMA_TO_DEVICE, 0);
-
-		SH_CHECK(r.status == STAGEHAND_SUCCESS, "DMA_MAP %d of %d refused: %ld", i,
-			 SH_TIMED_PAIRS, r.status);
-		r = sh_call(STAGEHAND_FN_DMA_UNMAP, r.x2, 0, 0, 0, 0);
-		SH_CHECK(r.status == STAGEHAND_SUCCESS, "DMA_UNMAP %d of %d refused: %ld", i,
-			 SH_TIMED_PAIRS, r.status);
-	}
-	bare = ktime_to_ns(ktime_sub(ktime_get(), start));
-	/* And the pair a block read makes per page: a whole page, FROM_DEVICE. */
-	page_buf = PTR_ALIGN(buf, PAGE_SIZE);
-	sh_drain_audit(buf);
-	start = ktime_get();
-	for (i = 0; i < SH_TIMED_PAIRS; i++) {
-		struct sh_ret r = sh_call(STAGEHAND_FN_DMA_MAP, d->stream_id, virt_to_phys(page_buf),
-					  PAGE_SIZE, STAGEHAND_DMA_FROM_DEVICE, 0);
-
-		SH_CHECK(r.status == STAGEHAND_SUCCESS, "DMA_MAP of a page %d of %d refused: %ld",
-			 i, SH_TIMED_PAIRS, r.status);
-		r = sh_call(STAGEHAND_FN_DMA_UNMAP, r.x2, 0, 0, 0, 0);
-		SH_CHECK(r.status == STAGEHAND_SUCCESS, "DMA_UNMAP of a page %d of %d refused: %ld",
-			 i, SH_TIMED_PAIRS, r.status);
-	}
-	bare_page = ktime_to_ns(ktime_sub(ktime_get(), start));
-	sh_drain_audit(buf);
-	start = ktime_get();
-	for (i = 0; i < SH_TIMED_PAIRS; i++) {
-		addr = dma_map_single(dev, buf + (i % 32) * 256, 256, DMA_TO_DEVICE);
-		SH_CHECK(!dma_mapping_error(dev, addr), "dma_map_single %d of %d refused", i,
-			 SH_TIMED_PAIRS);
-		dma_unmap_single(dev, addr, 256, DMA_TO_DEVICE);
-	}
-	elapsed = ktime_to_ns(ktime_sub(ktime_get(), start));
-	/* What streaming that loop's records costs (two a pair; zero under audit=off). */
-	start = ktime_get();
-	sh_drain_audit(buf);
-	stream = ktime_to_ns(ktime_sub(ktime_get(), start));
+	SH_CHECK(sh_selftest_timing(d, buf, &timings, &failed), "timed %s pair refused", failed);
 	after = sh_snapshot(d);
 	SH_CHECK(after.live == before.live && after.unknown == before.unknown &&
 			 after.refused == before.refused,
 		 "mappings %lld -> %lld, unknown %lld -> %lld, refused %lld -> %lld", before.live,
 		 after.live, before.unknown, after.unknown, before.refused, after.refused);
-	seq_printf(m, "PASS map_single, sync_single, map_sg, sync_sg, alloc_pages, alloc (%s), get_sgtable; %d map+unmap pairs in %lld us (%lld maps/s; %lld maps/s with their audit records streamed); per pair %lld ns through the DMA API, %lld ns bare hypercalls, %lld ns the module's own, %lld ns streaming its two records; bare pair of a page FROM_DEVICE %lld ns\n",
-		   sh_coherent(d) ? "coherent" : "NC, effective 0x44", SH_TIMED_PAIRS,
-		   elapsed / 1000, elapsed ? SH_TIMED_PAIRS * 1000000000LL / elapsed : 0,
-		   elapsed + stream ? SH_TIMED_PAIRS * 1000000000LL / (elapsed + stream) : 0,
-		   elapsed / SH_TIMED_PAIRS, bare / SH_TIMED_PAIRS,
-		   (elapsed - bare) / SH_TIMED_PAIRS, stream / SH_TIMED_PAIRS,
-		   bare_page / SH_TIMED_PAIRS);
+	seq_printf(m, "PASS map_single, sync_single, map_sg, sync_sg, alloc_pages, alloc (%s), get_sgtable; ",
+		   sh_coherent(d) ? "coherent" : "NC, effective 0x44");
+	sh_print_timings(m, &timings);
+	seq_putc(m, '\n');
 out:
 	if (coherent)
 		dma_free_coherent(dev, 5000, coherent, handle);
