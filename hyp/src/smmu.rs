@@ -754,8 +754,9 @@ fn audit_lost_events(vcpu: usize, audit: &impl AuditSink) {
 /// Submits the TLB invalidation of each run `(ipa, size)` for `vmid`
 /// (`smmuv3::tlb_invalidation_commands`, which host tests pin down) with [`Smmu::submit`]'s one
 /// CMD_SYNC, queuing the commands as they are made (no vector), and returns what the audit
-/// record counts, the CMD_SYNC included.
-fn invalidate(smmu: &mut Smmu, vmid: u16, runs: &[(Ipa, u64)]) -> (Result<(), SmmuError>, Issued) {
+/// record counts, the CMD_SYNC included. (Nothing is counted on failure: the callers report
+/// no commands then.)
+fn invalidate(smmu: &mut Smmu, vmid: u16, runs: &[(Ipa, u64)]) -> Result<Issued, SmmuError> {
     let mut issued = Issued {
         count: 1,
         kinds: stagehand_abi::audit::smmu_command::SYNC,
@@ -767,8 +768,8 @@ fn invalidate(smmu: &mut Smmu, vmid: u16, runs: &[(Ipa, u64)]) -> (Result<(), Sm
             issued.count += 1;
             issued.kinds |= smmuv3::command_kinds(core::slice::from_ref(command));
         });
-    let submitted = smmu.submit(commands);
-    (submitted, issued)
+    smmu.submit(commands)?;
+    Ok(issued)
 }
 
 impl SmmuV3 {
@@ -860,13 +861,12 @@ impl Iommu for SmmuV3 {
         }
         let mut smmu = self.state.lock();
         let vmid = Self::vmid_of(&smmu, stream_id)?;
-        let (submitted, issued) = invalidate(&mut smmu, vmid, runs);
+        let submitted = invalidate(&mut smmu, vmid, runs);
         self.note_loss(&smmu);
         submitted.map_err(|error| {
             log::error!("SMMU: TLB invalidation failed: {error}");
             IommuError::NotConfirmed
-        })?;
-        Ok(issued)
+        })
     }
 
     fn invalidate_shared(&self, ipa: Ipa, size: u64) -> Issued {
@@ -879,10 +879,10 @@ impl Iommu for SmmuV3 {
         else {
             return Issued::default();
         };
-        let (submitted, issued) = invalidate(&mut smmu, vmid, &[(ipa, size)]);
+        let submitted = invalidate(&mut smmu, vmid, &[(ipa, size)]);
         self.note_loss(&smmu);
         match submitted {
-            Ok(()) => issued,
+            Ok(issued) => issued,
             Err(error) => {
                 // A device could still use a stale translation: say so loudly.
                 log::error!("SMMU: TLB invalidation for shared devices failed: {error}");

@@ -177,7 +177,8 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
         }
     }
 
-    fn finish(mut self) -> Result<(), HypercallError> {
+    /// Writes what is pending. (By reference: moving the writer into a call is a copy of it.)
+    fn finish(&mut self) -> Result<(), HypercallError> {
         self.flush();
         self.result
     }
@@ -191,6 +192,28 @@ struct Mapped {
     size: u64,
     span: PageSpan,
     op: Option<CacheOp>,
+}
+
+impl Mapped {
+    /// The buffer `[ipa, ipa + size)` (checked by [`map_buffer`], which gave `handle`).
+    fn new(handle: u64, ipa: u64, size: u64, device: DmaDevice, direction: DmaDirection) -> Self {
+        Self {
+            handle,
+            ipa,
+            size,
+            span: dma::check_buffer(ipa, size).unwrap_or(PageSpan { ipa, size: 0 }),
+            op: map_maintenance(device, direction),
+        }
+    }
+}
+
+/// The maintenance a map of `device`'s buffer in `direction` needs.
+fn map_maintenance(device: DmaDevice, direction: DmaDirection) -> Option<CacheOp> {
+    if device.coherent {
+        None
+    } else {
+        dma::maintenance(direction, Step::Map)
+    }
 }
 
 /// The locks and handles a map or unmap works with.
@@ -268,7 +291,8 @@ impl<I: Iommu> Held<'_, I> {
 /// table: the allocations a map may need are made here); then the steps that may fail, each
 /// undone if a later one fails: the pin (block splits), the device's rights and table entries
 /// (table memory); then what cannot fail: the handle (slot reserved), the maintenance (range
-/// checked). The IOTLB invalidations of entries widened in place are added to `stale_runs`,
+/// checked). Returns the handle (the caller builds its [`Mapped`]: a returned struct is a
+/// copy). The IOTLB invalidations of entries widened in place are added to `stale_runs`,
 /// for the caller's one sync before it returns to the guest (the device cannot use the buffer
 /// before it learns of it).
 #[allow(clippy::too_many_arguments)]
@@ -281,7 +305,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
     size: u64,
     direction: DmaDirection,
     stale_runs: &mut StaleRuns,
-) -> Result<Mapped, HypercallError> {
+) -> Result<u64, HypercallError> {
     // Check all.
     let span = dma::check_buffer(ipa, size)?;
     held.manager.check(span.ipa, span.size)?;
@@ -326,12 +350,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
             return Err(error.into());
         }
     };
-    let op = if device.coherent {
-        None
-    } else {
-        dma::maintenance(direction, Step::Map)
-    };
-    if let Some(op) = op {
+    if let Some(op) = map_maintenance(device, direction) {
         if let Err(error) = maintain(held.manager, cpu, op, ipa, size) {
             // The device must not get a buffer that was not maintained.
             if held.mappings.remove(handle).is_err() {
@@ -343,13 +362,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
             return Err(error);
         }
     }
-    Ok(Mapped {
-        handle,
-        ipa,
-        size,
-        span,
-        op,
-    })
+    Ok(handle)
 }
 
 /// Calls `each(start, bytes, attribute)` for the runs of pages of one attribute in `span`
@@ -469,7 +482,7 @@ where
         iommu: &vm.iommu,
     };
     let mut stale_runs = StaleRuns::new();
-    let mapped = map_buffer(
+    let handle = map_buffer(
         &mut held,
         &mut stage2.tables,
         &mut cpu.cpu,
@@ -479,6 +492,7 @@ where
         direction,
         &mut stale_runs,
     )?;
+    let mapped = Mapped::new(handle, ipa, size, device, direction);
     let issued = match vm
         .iommu
         .invalidate_strict(device.stream_id, stale_runs.as_slice())
@@ -865,7 +879,7 @@ where
             direction,
             &mut stale_runs,
         ) {
-            Ok(mapped) => mapped,
+            Ok(handle) => Mapped::new(handle, segment.addr, segment.size, device, direction),
             Err(error) => {
                 stopped = Some((error, segment.addr, segment.size));
                 break;
