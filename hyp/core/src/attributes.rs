@@ -90,6 +90,10 @@ struct RegionCounts {
     non_cacheable: u16,
     /// Pages with at least one pin.
     pinned: u16,
+    /// Known to be mapped by a table of pages: set when a pin finds or makes it so, cleared
+    /// when a merge makes it one block again (the only change that makes a block of a split
+    /// region). A pin of a page in a region known split skips the walk that looks for a block.
+    split: bool,
 }
 
 /// What MEM_GET_ATTR reports.
@@ -792,6 +796,7 @@ impl AttributeManager {
             ipa: region,
             non_cacheable: target_nc,
         });
+        self.region_counts(region).split = false;
         self.clean_entry(arch, table, index);
         self.complete_stores(arch);
         memory.free(old_table);
@@ -945,11 +950,17 @@ impl AttributeManager {
                 let from = self.page_index(ipa);
                 let to = self.page_index(((ipa & !(BLOCK - 1)) + BLOCK).min(self.ram.ipa_end()));
                 let region = &self.pages[from..to];
+                let kept = self.regions[(ipa / BLOCK - self.ram.ipa / BLOCK) as usize];
                 let counted = RegionCounts {
                     non_cacheable: region.iter().filter(|p| p.non_cacheable).count() as u16,
                     pinned: region.iter().filter(|p| p.pins > 0).count() as u16,
+                    split: kept.split,
                 };
-                let kept = self.regions[(ipa / BLOCK - self.ram.ipa / BLOCK) as usize];
+                if kept.split && t.level == 2 {
+                    return Err(format!(
+                        "2 MiB region {ipa:#x} is counted split but is one block"
+                    ));
+                }
                 if kept != counted {
                     return Err(format!(
                         "2 MiB region {ipa:#x}: counts {kept:?}, ledger {counted:?}"
@@ -1062,6 +1073,9 @@ impl AttributeManager {
         size: u64,
     ) -> Result<(), Status> {
         self.check_range(ipa, size)?;
+        if size == PAGE_SIZE {
+            return self.pin_page(memory, arch, ipa);
+        }
         let (first, count) = (self.page_index(ipa), (size / PAGE_SIZE) as usize);
         if self.pages[first..first + count]
             .iter()
@@ -1071,11 +1085,7 @@ impl AttributeManager {
         }
         let mut region = ipa & !(BLOCK - 1);
         while region < ipa + size {
-            // A region already holding a pinned page is split (pins are never merged over):
-            // no walk needed, the common case of a driver's next buffer.
-            if self.region_counts(region).pinned == 0 && self.is_block(memory, region) {
-                self.split_block(memory, arch, region, 0, &[])?;
-            }
+            self.make_split(memory, arch, region)?;
             region += BLOCK;
         }
         let mut newly_pinned = 0;
@@ -1084,6 +1094,51 @@ impl AttributeManager {
             page.pins += 1;
         }
         self.count_pins(first, count, newly_pinned, true);
+        Ok(())
+    }
+
+    /// [`Self::pin`] of the one page at `ipa` (guest RAM, checked by the caller): a driver's
+    /// typical buffer, without the range's loops.
+    fn pin_page(
+        &mut self,
+        memory: &mut impl TableMemory,
+        arch: &mut impl Arch,
+        ipa: u64,
+    ) -> Result<(), Status> {
+        let index = self.page_index(ipa);
+        match self.pages[index].pins {
+            u16::MAX => return Err(Status::Busy),
+            0 => {
+                self.make_split(memory, arch, ipa & !(BLOCK - 1))?;
+                self.region_counts(ipa).pinned += 1;
+            }
+            _ => {}
+        }
+        self.pages[index].pins += 1;
+        Ok(())
+    }
+
+    /// Splits the 2 MiB region at `region` if one block maps it. A region holding a pinned
+    /// page, or known split, is not a block (pins are never merged over): no walk needed, the
+    /// common case of a driver's next buffer.
+    ///
+    /// # Errors
+    /// NO_MEMORY when the block cannot be split.
+    fn make_split(
+        &mut self,
+        memory: &mut impl TableMemory,
+        arch: &mut impl Arch,
+        region: u64,
+    ) -> Result<(), Status> {
+        let counts = *self.region_counts(region);
+        if counts.split || counts.pinned > 0 {
+            debug_assert!(!self.is_block(memory, region), "a block counted split");
+            return Ok(());
+        }
+        if self.is_block(memory, region) {
+            self.split_block(memory, arch, region, 0, &[])?;
+        }
+        self.region_counts(region).split = true;
         Ok(())
     }
 
@@ -1100,15 +1155,26 @@ impl AttributeManager {
 
     /// Removes a DMA pin from every page of `[ipa, ipa + size)`.
     pub fn unpin(&mut self, ipa: u64, size: u64) {
-        if self.check_range(ipa, size).is_ok() {
-            let (first, count) = (self.page_index(ipa), (size / PAGE_SIZE) as usize);
-            let mut unpinned = 0;
-            for page in &mut self.pages[first..first + count] {
-                unpinned += u16::from(page.pins == 1);
-                page.pins = page.pins.saturating_sub(1);
-            }
-            self.count_pins(first, count, unpinned, false);
+        if self.check_range(ipa, size).is_err() {
+            return;
         }
+        let (first, count) = (self.page_index(ipa), (size / PAGE_SIZE) as usize);
+        if count == 1 {
+            // One page: no loop, and its region's count directly.
+            let page = &mut self.pages[first];
+            let unpinned = page.pins == 1;
+            page.pins = page.pins.saturating_sub(1);
+            if unpinned {
+                self.region_counts(ipa).pinned -= 1;
+            }
+            return;
+        }
+        let mut unpinned = 0;
+        for page in &mut self.pages[first..first + count] {
+            unpinned += u16::from(page.pins == 1);
+            page.pins = page.pins.saturating_sub(1);
+        }
+        self.count_pins(first, count, unpinned, false);
     }
 
     /// Updates the regions' pinned-page counts after pages `first..first + count` changed pins:
