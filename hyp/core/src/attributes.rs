@@ -406,6 +406,7 @@ impl AttributeManager {
     }
 
     /// The counts of the 2 MiB region holding `ipa` (guest RAM).
+    #[inline]
     fn region_counts(&mut self, ipa: u64) -> &mut RegionCounts {
         &mut self.regions[(ipa / BLOCK - self.ram.ipa / BLOCK) as usize]
     }
@@ -1124,6 +1125,7 @@ impl AttributeManager {
     ///
     /// # Errors
     /// NO_MEMORY when the block cannot be split.
+    #[inline]
     fn make_split(
         &mut self,
         memory: &mut impl TableMemory,
