@@ -199,6 +199,9 @@ pub struct SmmuV3 {
     event_cons: AtomicU32,
     /// Whether some device is in strict mode (FEATURES).
     any_strict: bool,
+    /// The devices that may do DMA (not blocked), as DMA_MAP looks them up: fixed at boot, so
+    /// read without the lock.
+    dma_devices: Vec<DmaDevice>,
     /// A command submission saw event-queue writes aborted: the next drain must run (and
     /// record the loss) even if no event is new.
     loss_pending: AtomicBool,
@@ -444,6 +447,16 @@ fn try_init(
         registers,
         event_cons: AtomicU32::new(smmu.event_cons),
         any_strict: smmu.devices.iter().any(|d| d.mode == DmaMode::Strict),
+        dma_devices: smmu
+            .devices
+            .iter()
+            .filter(|d| d.mode != DmaMode::Blocked)
+            .map(|d| DmaDevice {
+                stream_id: d.stream_id,
+                strict: d.mode == DmaMode::Strict,
+                coherent: d.coherent,
+            })
+            .collect(),
         loss_pending: AtomicBool::new(false),
         state: spin::Mutex::new(smmu),
     })
@@ -830,15 +843,10 @@ impl Iommu for SmmuV3 {
     }
 
     fn dma_device(&self, stream_id: u32) -> Option<DmaDevice> {
-        let smmu = self.state.lock();
-        smmu.devices
+        self.dma_devices
             .iter()
-            .find(|d| d.stream_id == stream_id && d.mode != DmaMode::Blocked)
-            .map(|d| DmaDevice {
-                stream_id,
-                strict: d.mode == DmaMode::Strict,
-                coherent: d.coherent,
-            })
+            .find(|d| d.stream_id == stream_id)
+            .copied()
     }
 
     /// Writes rights changes into a strict device's stage 2, page by page: a page without

@@ -471,7 +471,7 @@ where
     // register read when there are none).
     vm.iommu.drain_events(cpu.vcpu, &vm.audit);
     let direction = dma::direction(direction).ok_or(HypercallError::InvalidParameter)?;
-    dma::check_buffer(ipa, size)?;
+    let span = dma::check_buffer(ipa, size)?;
     let device = dma_device(&vm.iommu, device)?;
     let mut stage2 = vm.stage2.write();
     let stage2 = &mut *stage2;
@@ -492,7 +492,13 @@ where
         direction,
         &mut stale_runs,
     )?;
-    let mapped = Mapped::new(handle, ipa, size, device, direction);
+    let mapped = Mapped {
+        handle,
+        ipa,
+        size,
+        span,
+        op: map_maintenance(device, direction),
+    };
     let issued = match vm
         .iommu
         .invalidate_strict(device.stream_id, stale_runs.as_slice())
