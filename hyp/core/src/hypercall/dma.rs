@@ -14,7 +14,7 @@
 use super::memory::{read_guest, write_guest};
 use super::platform::{AuditSink, DmaDevice, GuestMemory, Iommu, Issued, RightsUpdate};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
-use crate::address::{GuestRange, Ipa, Pa};
+use crate::address::{Ipa, Pa};
 use crate::attributes::{self, Attribute, AttributeManager};
 use crate::audit::{DmaDirection, Event, Maintenance};
 use crate::config::DmaMode;
@@ -113,12 +113,9 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
             return;
         }
         // The runs come from checked buffers inside RAM: one check gives the PA of the run.
-        let pa = match GuestRange::new(self.manager.ram(), Ipa::new(change.ipa), change.size) {
-            Ok(run) => run.pa().get(),
-            Err(error) => {
-                self.result = Err(error.into());
-                return;
-            }
+        let Some(pa) = self.manager.ram().pa_of(change.ipa, change.size) else {
+            self.result = Err(HypercallError::OutOfRange);
+            return;
         };
         if self.one_page {
             let attribute = self.manager.attribute_of(change.ipa);
@@ -530,6 +527,8 @@ where
 #[repr(C)]
 struct Unmapping {
     handle: u64,
+    /// The mapping's pages.
+    span: PageSpan,
     mapping: Mapping,
 }
 
@@ -546,8 +545,8 @@ fn revoke<I: Iommu>(
     stale_runs: &mut StaleRuns,
 ) -> Result<Unmapping, HypercallError> {
     let mapping = held.mappings.remove(handle)?;
+    let span = mapping.span();
     if mapping.strict {
-        let span = mapping.span();
         let mut writer = RightsWriter::new(
             held.manager,
             held.iommu,
@@ -570,7 +569,11 @@ fn revoke<I: Iommu>(
             );
         }
     }
-    Ok(Unmapping { handle, mapping })
+    Ok(Unmapping {
+        handle,
+        span,
+        mapping,
+    })
 }
 
 /// Phase 3 of an unmap, after the IOMMU's sync: the invalidate a non-coherent device's
@@ -601,8 +604,7 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch>(
         None => (Ok(()), 0),
     };
     if result.is_ok() {
-        let span = mapping.span();
-        manager.unpin(span.ipa, span.size);
+        manager.unpin(unmapping.span.ipa, unmapping.span.size);
     }
     // Built in place (no local copy of the maintenance moved into the record: on a
     // strict-alignment target that move is a byte copy).
