@@ -496,10 +496,14 @@ where
         span,
         op: map_maintenance(device, direction),
     };
-    let issued = match vm
-        .iommu
-        .invalidate_strict(device.stream_id, stale_runs.as_slice())
-    {
+    // Usually nothing to invalidate (the buffer's entries were invalid before): no IOMMU call.
+    let invalidated = if stale_runs.is_empty() {
+        Ok(Issued::default())
+    } else {
+        vm.iommu
+            .invalidate_strict(device.stream_id, stale_runs.as_slice())
+    };
+    let issued = match invalidated {
         Ok(issued) => issued,
         Err(error) => {
             // The IOMMU did not confirm the widened rights: the mapping is not handed out. Its
