@@ -1886,6 +1886,112 @@ mod tests {
     }
 
     #[test]
+    fn a_region_merged_after_its_pins_went_is_split_again_by_the_next_pin() {
+        let mut f = fixture(true);
+        let page = R0 + 7 * PAGE_SIZE;
+        f.manager
+            .pin(&mut f.memory, &mut f.arch, page, PAGE_SIZE)
+            .unwrap();
+        f.manager.unpin(page, PAGE_SIZE);
+        // Known split: a pin of another page of the region walks nothing and writes nothing.
+        f.arch.clear();
+        f.manager
+            .pin(&mut f.memory, &mut f.arch, R0, PAGE_SIZE)
+            .unwrap();
+        assert!(f.arch.ops.is_empty(), "{:?}", f.arch.ops);
+        f.manager.unpin(R0, PAGE_SIZE);
+        // An attribute change there and back merges the region into one block again...
+        f.set(R0, PAGE_SIZE, Attribute::NonCacheable).unwrap();
+        assert!(
+            f.set(R0, PAGE_SIZE, Attribute::WriteBack)
+                .unwrap()
+                .maintenance
+                .merged
+        );
+        assert!(f.manager.get(&f.memory, page).unwrap().block_mapped);
+        f.check();
+        // ...which the next pin, of one page or of a range, splits again.
+        for size in [PAGE_SIZE, 3 * PAGE_SIZE] {
+            f.arch.clear();
+            f.manager
+                .pin(&mut f.memory, &mut f.arch, page, size)
+                .unwrap();
+            assert_eq!(
+                f.arch.writes(),
+                [Break { ipa: R0, level: 2 }, Table { ipa: R0 }]
+            );
+            assert!(!f.manager.get(&f.memory, page).unwrap().block_mapped);
+            f.check();
+            f.manager.unpin(page, size);
+            f.set(R0, PAGE_SIZE, Attribute::NonCacheable).unwrap();
+            f.set(R0, PAGE_SIZE, Attribute::WriteBack).unwrap();
+            assert!(f.manager.get(&f.memory, page).unwrap().block_mapped);
+        }
+    }
+
+    #[test]
+    fn a_one_page_pin_and_unpin_agree_with_the_range_path() {
+        // The same pages pinned one by one (the one-page path) and as one range, in two
+        // fixtures: the same writes, pins, blocks and region counts after each step.
+        let mut one = fixture(false);
+        let mut range = fixture(false);
+        let first = R1 - 2 * PAGE_SIZE; // across the two regions
+        for page in 0..4 {
+            one.manager
+                .pin(
+                    &mut one.memory,
+                    &mut one.arch,
+                    first + page * PAGE_SIZE,
+                    PAGE_SIZE,
+                )
+                .unwrap();
+        }
+        range
+            .manager
+            .pin(&mut range.memory, &mut range.arch, first, 4 * PAGE_SIZE)
+            .unwrap();
+        assert_eq!(one.arch.writes(), range.arch.writes());
+        assert_eq!(one.manager.regions, range.manager.regions);
+        for page in 0..4 {
+            let ipa = first + page * PAGE_SIZE;
+            assert_eq!(
+                one.manager.get(&one.memory, ipa),
+                range.manager.get(&range.memory, ipa)
+            );
+        }
+        one.check();
+        range.check();
+        for page in 0..4 {
+            one.manager.unpin(first + page * PAGE_SIZE, PAGE_SIZE);
+        }
+        range.manager.unpin(first, 4 * PAGE_SIZE);
+        assert_eq!(one.manager.regions, range.manager.regions);
+        assert_eq!(one.manager.pages, range.manager.pages);
+        one.check();
+        range.check();
+        // A pin count at its limit answers BUSY on both paths and changes nothing.
+        let ipa = R0 + PAGE_SIZE;
+        let index = one.manager.page_index(ipa);
+        one.manager.pages[index].pins = u16::MAX;
+        let before = one.manager.pages.clone();
+        assert_eq!(
+            one.manager
+                .pin(&mut one.memory, &mut one.arch, ipa, PAGE_SIZE),
+            Err(Status::Busy)
+        );
+        assert_eq!(
+            one.manager.pin(
+                &mut one.memory,
+                &mut one.arch,
+                ipa - PAGE_SIZE,
+                2 * PAGE_SIZE
+            ),
+            Err(Status::Busy)
+        );
+        assert_eq!(one.manager.pages, before);
+    }
+
+    #[test]
     fn attribute_runs_split_a_range_where_the_attribute_changes() {
         let mut f = fixture(false);
         f.set(R0 + 2 * PAGE_SIZE, 3 * PAGE_SIZE, Attribute::NonCacheable)
@@ -2198,8 +2304,8 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Step {
         Set { page: u64, pages: u64, nc: bool },
-        Pin { page: u64 },
-        Unpin { page: u64 },
+        Pin { page: u64, pages: u64 },
+        Unpin { page: u64, pages: u64 },
         Cmo { offset: u64, len: u64, op: u8 },
     }
 
@@ -2207,8 +2313,11 @@ mod tests {
         let pages = RAM.size / PAGE_SIZE;
         prop_oneof![
             4 => (0..pages, 1..1200u64, any::<bool>()).prop_map(|(page, pages, nc)| Step::Set { page, pages, nc }),
-            1 => (0..pages).prop_map(|page| Step::Pin { page }),
-            1 => (0..pages).prop_map(|page| Step::Unpin { page }),
+            // One page (a driver's typical buffer, its own path) twice as often as a range.
+            2 => (0..pages).prop_map(|page| Step::Pin { page, pages: 1 }),
+            1 => (0..pages, 2..600u64).prop_map(|(page, pages)| Step::Pin { page, pages }),
+            2 => (0..pages).prop_map(|page| Step::Unpin { page, pages: 1 }),
+            1 => (0..pages, 2..600u64).prop_map(|(page, pages)| Step::Unpin { page, pages }),
             1 => (0..RAM.size, 1..20_000u64, 1..4u8).prop_map(|(offset, len, op)| Step::Cmo { offset, len, op }),
         ]
     }
@@ -2279,15 +2388,21 @@ mod tests {
                             }
                         }
                     }
-                    Step::Pin { page } => {
+                    Step::Pin { page, pages } => {
+                        let pages = pages.min(total as u64 - page) as usize;
                         f.arch.clear();
-                        f.manager.pin(&mut f.memory, &mut f.arch, RAM.ipa + page * PAGE_SIZE, PAGE_SIZE).unwrap();
+                        f.manager.pin(&mut f.memory, &mut f.arch, RAM.ipa + page * PAGE_SIZE, pages as u64 * PAGE_SIZE).unwrap();
                         no_pinned_page_broken(&f.arch.ops, &model_pins)?;
-                        model_pins[page as usize] += 1;
+                        for pins in &mut model_pins[page as usize..page as usize + pages] {
+                            *pins += 1;
+                        }
                     }
-                    Step::Unpin { page } => {
-                        f.manager.unpin(RAM.ipa + page * PAGE_SIZE, PAGE_SIZE);
-                        model_pins[page as usize] = model_pins[page as usize].saturating_sub(1);
+                    Step::Unpin { page, pages } => {
+                        let pages = pages.min(total as u64 - page) as usize;
+                        f.manager.unpin(RAM.ipa + page * PAGE_SIZE, pages as u64 * PAGE_SIZE);
+                        for pins in &mut model_pins[page as usize..page as usize + pages] {
+                            *pins = pins.saturating_sub(1);
+                        }
                     }
                     Step::Cmo { offset, len, op } => {
                         let op = [CacheOp::Clean, CacheOp::Invalidate, CacheOp::CleanInvalidate][op as usize - 1];
