@@ -199,6 +199,9 @@ pub struct SmmuV3 {
     event_cons: AtomicU32,
     /// Whether some device is in strict mode (FEATURES).
     any_strict: bool,
+    /// The devices that may do DMA (not blocked), as DMA_MAP looks them up: fixed at boot, so
+    /// read without the lock.
+    dma_devices: Vec<DmaDevice>,
     /// A command submission saw event-queue writes aborted: the next drain must run (and
     /// record the loss) even if no event is new.
     loss_pending: AtomicBool,
@@ -444,6 +447,16 @@ fn try_init(
         registers,
         event_cons: AtomicU32::new(smmu.event_cons),
         any_strict: smmu.devices.iter().any(|d| d.mode == DmaMode::Strict),
+        dma_devices: smmu
+            .devices
+            .iter()
+            .filter(|d| d.mode != DmaMode::Blocked)
+            .map(|d| DmaDevice {
+                stream_id: d.stream_id,
+                strict: d.mode == DmaMode::Strict,
+                coherent: d.coherent,
+            })
+            .collect(),
         loss_pending: AtomicBool::new(false),
         state: spin::Mutex::new(smmu),
     })
@@ -576,29 +589,46 @@ impl Smmu {
     /// quick, QEMU's always) the batch succeeded, since the SMMU stops at an erroneous command
     /// and CONS cannot pass it; otherwise the bounded wait, which also watches GERROR.
     fn submit(&mut self, commands: impl IntoIterator<Item = Command>) -> Result<(), SmmuError> {
+        let mut cons = self.registers.cmdq_cons.get();
+        for command in commands {
+            self.queue(command, &mut cons)?;
+        }
+        self.sync(&mut cons)
+    }
+
+    /// Writes `command` into the next slot of the command queue (not yet published), waiting
+    /// for room when it looks full; `cons` is CMDQ_CONS as last read. A plain loop over
+    /// commands calls it, so that queuing one costs a few instructions (an iterator chain of
+    /// the commands and the CMD_SYNC cost dozens on the unmap path).
+    #[inline(always)]
+    fn queue(&mut self, command: Command, cons: &mut u32) -> Result<(), SmmuError> {
         let registers = self.registers;
         let queue = self.commands;
-        let mut cons = registers.cmdq_cons.get();
-        for command in commands
-            .into_iter()
-            .chain(core::iter::once(Command::sync()))
-        {
-            if queue.is_full(self.command_prod, cons) {
-                // Room for one more: wait for the SMMU to consume.
-                let prod = self.command_prod;
-                wait_for("command queue space", || {
-                    cons = registers.cmdq_cons.get();
-                    !queue.is_full(prod, cons)
-                })?;
-            }
-            let word = queue.slot(self.command_prod) as u64 * 2;
-            self.command_queue.write(word, command.0[0]);
-            self.command_queue.write(word + 1, command.0[1]);
-            if !self.coherent {
-                arch::clean_range(self.command_queue.pa + word * 8, smmuv3::COMMAND_BYTES);
-            }
-            self.command_prod = queue.next(self.command_prod);
+        if queue.is_full(self.command_prod, *cons) {
+            // Room for one more: wait for the SMMU to consume.
+            let prod = self.command_prod;
+            wait_for("command queue space", || {
+                *cons = registers.cmdq_cons.get();
+                !queue.is_full(prod, *cons)
+            })?;
         }
+        let word = queue.slot(self.command_prod) as u64 * 2;
+        self.command_queue.write(word, command.0[0]);
+        self.command_queue.write(word + 1, command.0[1]);
+        if !self.coherent {
+            arch::clean_range(self.command_queue.pa + word * 8, smmuv3::COMMAND_BYTES);
+        }
+        self.command_prod = queue.next(self.command_prod);
+        Ok(())
+    }
+
+    /// The end of a [`Self::submit`]: queues the CMD_SYNC, publishes the batch and waits for
+    /// the SMMU to consume it.
+    #[inline(always)]
+    fn sync(&mut self, cons: &mut u32) -> Result<(), SmmuError> {
+        self.queue(Command::sync(), cons)?;
+        let registers = self.registers;
+        let queue = self.commands;
         // The commands must be in memory before the SMMU reads PROD.
         arch::dsb_sy();
         registers.cmdq_prod.set(self.command_prod);
@@ -754,21 +784,23 @@ fn audit_lost_events(vcpu: usize, audit: &impl AuditSink) {
 /// Submits the TLB invalidation of each run `(ipa, size)` for `vmid`
 /// (`smmuv3::tlb_invalidation_commands`, which host tests pin down) with [`Smmu::submit`]'s one
 /// CMD_SYNC, queuing the commands as they are made (no vector), and returns what the audit
-/// record counts, the CMD_SYNC included.
-fn invalidate(smmu: &mut Smmu, vmid: u16, runs: &[(Ipa, u64)]) -> (Result<(), SmmuError>, Issued) {
+/// record counts, the CMD_SYNC included. (Nothing is counted on failure: the callers report
+/// no commands then.)
+fn invalidate(smmu: &mut Smmu, vmid: u16, runs: &[(Ipa, u64)]) -> Result<Issued, SmmuError> {
     let mut issued = Issued {
         count: 1,
         kinds: stagehand_abi::audit::smmu_command::SYNC,
     };
-    let commands = runs
-        .iter()
-        .flat_map(|&(ipa, size)| smmuv3::tlb_invalidation_commands(vmid, ipa.get(), size))
-        .inspect(|command| {
+    let mut cons = smmu.registers.cmdq_cons.get();
+    for &(ipa, size) in runs {
+        for command in smmuv3::tlb_invalidation_commands(vmid, ipa.get(), size) {
             issued.count += 1;
-            issued.kinds |= smmuv3::command_kinds(core::slice::from_ref(command));
-        });
-    let submitted = smmu.submit(commands);
-    (submitted, issued)
+            issued.kinds |= smmuv3::command_kinds(core::slice::from_ref(&command));
+            smmu.queue(command, &mut cons)?;
+        }
+    }
+    smmu.sync(&mut cons)?;
+    Ok(issued)
 }
 
 impl SmmuV3 {
@@ -811,15 +843,10 @@ impl Iommu for SmmuV3 {
     }
 
     fn dma_device(&self, stream_id: u32) -> Option<DmaDevice> {
-        let smmu = self.state.lock();
-        smmu.devices
+        self.dma_devices
             .iter()
-            .find(|d| d.stream_id == stream_id && d.mode != DmaMode::Blocked)
-            .map(|d| DmaDevice {
-                stream_id,
-                strict: d.mode == DmaMode::Strict,
-                coherent: d.coherent,
-            })
+            .find(|d| d.stream_id == stream_id)
+            .copied()
     }
 
     /// Writes rights changes into a strict device's stage 2, page by page: a page without
@@ -860,13 +887,12 @@ impl Iommu for SmmuV3 {
         }
         let mut smmu = self.state.lock();
         let vmid = Self::vmid_of(&smmu, stream_id)?;
-        let (submitted, issued) = invalidate(&mut smmu, vmid, runs);
+        let submitted = invalidate(&mut smmu, vmid, runs);
         self.note_loss(&smmu);
         submitted.map_err(|error| {
             log::error!("SMMU: TLB invalidation failed: {error}");
             IommuError::NotConfirmed
-        })?;
-        Ok(issued)
+        })
     }
 
     fn invalidate_shared(&self, ipa: Ipa, size: u64) -> Issued {
@@ -879,10 +905,10 @@ impl Iommu for SmmuV3 {
         else {
             return Issued::default();
         };
-        let (submitted, issued) = invalidate(&mut smmu, vmid, &[(ipa, size)]);
+        let submitted = invalidate(&mut smmu, vmid, &[(ipa, size)]);
         self.note_loss(&smmu);
         match submitted {
-            Ok(()) => issued,
+            Ok(issued) => issued,
             Err(error) => {
                 // A device could still use a stale translation: say so loudly.
                 log::error!("SMMU: TLB invalidation for shared devices failed: {error}");

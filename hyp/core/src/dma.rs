@@ -461,22 +461,33 @@ impl Mappings {
     ///
     /// # Errors
     /// NO_MEMORY when the quota is reached or the slab cannot grow.
+    #[inline]
     pub fn reserve(&mut self) -> Result<(), Status> {
         if !self.has_room(1) {
             return Err(Status::NoMemory);
         }
         if self.free == NO_SLOT && self.slots.len() == self.slots.capacity() {
-            // Double, up to the quota; at least one more.
-            let more = self
-                .slots
-                .len()
-                .min(self.quota.saturating_sub(self.slots.len()))
-                .max(1);
-            self.slots
-                .try_reserve_exact(more)
-                .map_err(|_| Status::NoMemory)?;
+            return self.grow();
         }
         Ok(())
+    }
+
+    /// Makes room for one more slot when every slot is live: doubles the slab, up to the quota
+    /// (at least one more). Out of line: a map seldom needs it.
+    ///
+    /// # Errors
+    /// NO_MEMORY when the slab cannot grow.
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) -> Result<(), Status> {
+        let more = self
+            .slots
+            .len()
+            .min(self.quota.saturating_sub(self.slots.len()))
+            .max(1);
+        self.slots
+            .try_reserve_exact(more)
+            .map_err(|_| Status::NoMemory)
     }
 
     /// `stream_id`'s rights table, if prepared (a linear search: a VM has a few strict devices).

@@ -14,7 +14,7 @@
 use super::memory::{read_guest, write_guest};
 use super::platform::{AuditSink, DmaDevice, GuestMemory, Iommu, Issued, RightsUpdate};
 use super::{Completion, HypercallError, PerCpu, Reply, Vm};
-use crate::address::{GuestRange, Ipa, Pa};
+use crate::address::{Ipa, Pa};
 use crate::attributes::{self, Attribute, AttributeManager};
 use crate::audit::{DmaDirection, Event, Maintenance};
 use crate::config::DmaMode;
@@ -113,12 +113,9 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
             return;
         }
         // The runs come from checked buffers inside RAM: one check gives the PA of the run.
-        let pa = match GuestRange::new(self.manager.ram(), Ipa::new(change.ipa), change.size) {
-            Ok(run) => run.pa().get(),
-            Err(error) => {
-                self.result = Err(error.into());
-                return;
-            }
+        let Some(pa) = self.manager.ram().pa_of(change.ipa, change.size) else {
+            self.result = Err(HypercallError::OutOfRange);
+            return;
         };
         if self.one_page {
             let attribute = self.manager.attribute_of(change.ipa);
@@ -177,7 +174,8 @@ impl<'a, I: Iommu> RightsWriter<'a, I> {
         }
     }
 
-    fn finish(mut self) -> Result<(), HypercallError> {
+    /// Writes what is pending. (By reference: moving the writer into a call is a copy of it.)
+    fn finish(&mut self) -> Result<(), HypercallError> {
         self.flush();
         self.result
     }
@@ -191,6 +189,28 @@ struct Mapped {
     size: u64,
     span: PageSpan,
     op: Option<CacheOp>,
+}
+
+impl Mapped {
+    /// The buffer `[ipa, ipa + size)` (checked by [`map_buffer`], which gave `handle`).
+    fn new(handle: u64, ipa: u64, size: u64, device: DmaDevice, direction: DmaDirection) -> Self {
+        Self {
+            handle,
+            ipa,
+            size,
+            span: dma::check_buffer(ipa, size).unwrap_or(PageSpan { ipa, size: 0 }),
+            op: map_maintenance(device, direction),
+        }
+    }
+}
+
+/// The maintenance a map of `device`'s buffer in `direction` needs.
+fn map_maintenance(device: DmaDevice, direction: DmaDirection) -> Option<CacheOp> {
+    if device.coherent {
+        None
+    } else {
+        dma::maintenance(direction, Step::Map)
+    }
 }
 
 /// The locks and handles a map or unmap works with.
@@ -268,7 +288,8 @@ impl<I: Iommu> Held<'_, I> {
 /// table: the allocations a map may need are made here); then the steps that may fail, each
 /// undone if a later one fails: the pin (block splits), the device's rights and table entries
 /// (table memory); then what cannot fail: the handle (slot reserved), the maintenance (range
-/// checked). The IOTLB invalidations of entries widened in place are added to `stale_runs`,
+/// checked). Returns the handle (the caller builds its [`Mapped`]: a returned struct is a
+/// copy). The IOTLB invalidations of entries widened in place are added to `stale_runs`,
 /// for the caller's one sync before it returns to the guest (the device cannot use the buffer
 /// before it learns of it).
 #[allow(clippy::too_many_arguments)]
@@ -281,7 +302,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
     size: u64,
     direction: DmaDirection,
     stale_runs: &mut StaleRuns,
-) -> Result<Mapped, HypercallError> {
+) -> Result<u64, HypercallError> {
     // Check all.
     let span = dma::check_buffer(ipa, size)?;
     held.manager.check(span.ipa, span.size)?;
@@ -326,12 +347,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
             return Err(error.into());
         }
     };
-    let op = if device.coherent {
-        None
-    } else {
-        dma::maintenance(direction, Step::Map)
-    };
-    if let Some(op) = op {
+    if let Some(op) = map_maintenance(device, direction) {
         if let Err(error) = maintain(held.manager, cpu, op, ipa, size) {
             // The device must not get a buffer that was not maintained.
             if held.mappings.remove(handle).is_err() {
@@ -343,13 +359,7 @@ fn map_buffer<A: Arch, M: TableMemory, I: Iommu>(
             return Err(error);
         }
     }
-    Ok(Mapped {
-        handle,
-        ipa,
-        size,
-        span,
-        op,
-    })
+    Ok(handle)
 }
 
 /// Calls `each(start, bytes, attribute)` for the runs of pages of one attribute in `span`
@@ -458,7 +468,7 @@ where
     // register read when there are none).
     vm.iommu.drain_events(cpu.vcpu, &vm.audit);
     let direction = dma::direction(direction).ok_or(HypercallError::InvalidParameter)?;
-    dma::check_buffer(ipa, size)?;
+    let span = dma::check_buffer(ipa, size)?;
     let device = dma_device(&vm.iommu, device)?;
     let mut stage2 = vm.stage2.write();
     let stage2 = &mut *stage2;
@@ -469,7 +479,7 @@ where
         iommu: &vm.iommu,
     };
     let mut stale_runs = StaleRuns::new();
-    let mapped = map_buffer(
+    let handle = map_buffer(
         &mut held,
         &mut stage2.tables,
         &mut cpu.cpu,
@@ -479,10 +489,21 @@ where
         direction,
         &mut stale_runs,
     )?;
-    let issued = match vm
-        .iommu
-        .invalidate_strict(device.stream_id, stale_runs.as_slice())
-    {
+    let mapped = Mapped {
+        handle,
+        ipa,
+        size,
+        span,
+        op: map_maintenance(device, direction),
+    };
+    // Usually nothing to invalidate (the buffer's entries were invalid before): no IOMMU call.
+    let invalidated = if stale_runs.is_empty() {
+        Ok(Issued::default())
+    } else {
+        vm.iommu
+            .invalidate_strict(device.stream_id, stale_runs.as_slice())
+    };
+    let issued = match invalidated {
         Ok(issued) => issued,
         Err(error) => {
             // The IOMMU did not confirm the widened rights: the mapping is not handed out. Its
@@ -510,6 +531,8 @@ where
 #[repr(C)]
 struct Unmapping {
     handle: u64,
+    /// The mapping's pages.
+    span: PageSpan,
     mapping: Mapping,
 }
 
@@ -526,8 +549,8 @@ fn revoke<I: Iommu>(
     stale_runs: &mut StaleRuns,
 ) -> Result<Unmapping, HypercallError> {
     let mapping = held.mappings.remove(handle)?;
+    let span = mapping.span();
     if mapping.strict {
-        let span = mapping.span();
         let mut writer = RightsWriter::new(
             held.manager,
             held.iommu,
@@ -550,7 +573,11 @@ fn revoke<I: Iommu>(
             );
         }
     }
-    Ok(Unmapping { handle, mapping })
+    Ok(Unmapping {
+        handle,
+        span,
+        mapping,
+    })
 }
 
 /// Phase 3 of an unmap, after the IOMMU's sync: the invalidate a non-coherent device's
@@ -581,8 +608,7 @@ fn finish_unmap<M, I, S: AuditSink, A: Arch>(
         None => (Ok(()), 0),
     };
     if result.is_ok() {
-        let span = mapping.span();
-        manager.unpin(span.ipa, span.size);
+        manager.unpin(unmapping.span.ipa, unmapping.span.size);
     }
     // Built in place (no local copy of the maintenance moved into the record: on a
     // strict-alignment target that move is a byte copy).
@@ -865,7 +891,7 @@ where
             direction,
             &mut stale_runs,
         ) {
-            Ok(mapped) => mapped,
+            Ok(handle) => Mapped::new(handle, segment.addr, segment.size, device, direction),
             Err(error) => {
                 stopped = Some((error, segment.addr, segment.size));
                 break;
