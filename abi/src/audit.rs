@@ -313,9 +313,11 @@ impl SipState {
     fn finish(mut self, message_bytes: u64) -> u64 {
         self.compress(message_bytes << 56);
         self.0[2] ^= 0xff;
-        for _ in 0..4 {
-            self.round();
-        }
+        // Written out, as the compressions are.
+        self.round();
+        self.round();
+        self.round();
+        self.round();
         self.0[0] ^ self.0[1] ^ self.0[2] ^ self.0[3]
     }
 }
@@ -559,6 +561,13 @@ pub trait LineSink {
     /// them are zero.
     fn push(&mut self, word: u64, count: u32);
 
+    /// [`LineSink::push`] of constant text (known when the writer is compiled): a sink may
+    /// take its bytes from elsewhere than the word.
+    #[inline(always)]
+    fn text(&mut self, word: u64, count: u32) {
+        self.push(word, count);
+    }
+
     /// Makes room for [`MAX_RESERVATION`] bytes beyond every reservation (a FIFO waits until
     /// it is empty). Pieces no reservation covers, at most that many bytes, go out between two
     /// of these: then the sink has again at least the room it counted on.
@@ -636,9 +645,9 @@ impl<S: LineSink> LineWriter<'_, S> {
     fn text(&mut self, text: Packed) {
         let len = text.len as u32;
         self.reserve(len);
-        self.push(text.words[0], len.min(8));
+        self.0.text(text.words[0], len.min(8));
         if len > 8 {
-            self.push(text.words[1], len - 8);
+            self.0.text(text.words[1], len - 8);
         }
     }
 
@@ -730,9 +739,9 @@ macro_rules! named {
         match $value {
             $(value if value == $names[$i].0 => {
                 let name = const { Packed::new($names[$i].1) };
-                $writer.push(name.words[0], (name.len as u32).min(8));
+                $writer.0.text(name.words[0], (name.len as u32).min(8));
                 if name.len > 8 {
-                    $writer.push(name.words[1], name.len as u32 - 8);
+                    $writer.0.text(name.words[1], name.len as u32 - 8);
                 }
             })*
             // Below 256: within the reservation.

@@ -150,14 +150,90 @@ pub struct FifoLine<'a, F: TransmitFifo> {
     fifo: &'a F,
     /// Bytes the FIFO has room for at least.
     room: u32,
+    /// [`FREQUENT`], as values the compiler cannot see through.
+    frequent: [u8; FREQUENT.len()],
 }
+
+/// The characters the line's constant text repeats most (a space and a `=` per field, the
+/// `0x` of hex values, `-` for "none"...). A store to the FIFO takes its byte from a register;
+/// as constants, the compiler would put each into one again before every store (a move per
+/// byte). A [`FifoLine`] holds these in registers for the whole line instead.
+const FREQUENT: [u8; 16] = *b" =sx0aidte-clonm";
 
 const _: () = assert!(FIFO_DEPTH as u32 >= stagehand_abi::audit::MAX_RESERVATION);
 
 impl<'a, F: TransmitFifo> FifoLine<'a, F> {
     /// A line starting at the FIFO's current state (its room unknown until the first wait).
+    #[inline(always)]
     pub fn new(fifo: &'a F) -> Self {
-        FifoLine { fifo, room: 0 }
+        // Each is `zero | character`: a register the compiler must keep (or reload), never
+        // re-create from a constant.
+        let zero = core::hint::black_box(0u8);
+        macro_rules! opaque {
+            ($($i:literal)*) => { [$(zero | FREQUENT[$i]),*] };
+        }
+        FifoLine {
+            fifo,
+            room: 0,
+            frequent: opaque!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15),
+        }
+    }
+
+    /// `byte` of constant text, from a register of [`FREQUENT`] when it is one of them.
+    #[inline(always)]
+    fn constant(&self, byte: u8) -> u8 {
+        // A comparison per entry, written out: `byte` is a constant where this is inlined,
+        // so they fold to the one register or to the constant.
+        macro_rules! index {
+            ($($i:literal)*) => {
+                match byte {
+                    $(_ if byte == FREQUENT[$i] => $i,)*
+                    _ => return byte,
+                }
+            };
+        }
+        let index = index!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+        self.frequent[index]
+    }
+}
+
+/// Puts the low `$count` (at most 8) bytes of `$word`, the first lowest, each through `$map`:
+/// a store per byte, taken from the word without a reload. A whole word (constant text and
+/// most digits) is 8 stores; other counts go by their bits, a test-and-branch each, rather
+/// than a search for the count.
+macro_rules! put_bytes {
+    ($line:ident, $word:expr, $count:expr, $map:ident) => {{
+        let (word, count): (u64, u32) = ($word, $count);
+        if count >= 8 {
+            put!($line, $map, word: 0 1 2 3 4 5 6 7);
+        } else {
+            let mut rest = word;
+            if count & 4 != 0 {
+                put!($line, $map, rest: 0 1 2 3);
+                rest >>= 32;
+            }
+            if count & 2 != 0 {
+                put!($line, $map, rest: 0 1);
+                rest >>= 16;
+            }
+            if count & 1 != 0 {
+                put!($line, $map, rest: 0);
+            }
+        }
+    }};
+}
+
+/// The bytes `$i` of `$word`, through `$map`, into the FIFO.
+macro_rules! put {
+    ($line:ident, $map:ident, $word:ident: $($i:literal)*) => {{
+        $($line.fifo.put($line.$map(($word >> (8 * $i)) as u8));)*
+    }};
+}
+
+impl<F: TransmitFifo> FifoLine<'_, F> {
+    #[inline(always)]
+    fn variable(&self, byte: u8) -> u8 {
+        byte
     }
 }
 
@@ -173,28 +249,12 @@ impl<F: TransmitFifo> stagehand_abi::audit::LineSink for FifoLine<'_, F> {
 
     #[inline(always)]
     fn push(&mut self, word: u64, count: u32) {
-        // A store per byte, taken from the word without a reload. A whole word (constant text
-        // and most digits) is 8 stores; other counts go by their bits, a test-and-branch each,
-        // rather than a search for the count.
-        macro_rules! put {
-            ($word:ident: $($i:literal)*) => {{ $(self.fifo.put(($word >> (8 * $i)) as u8);)* }};
-        }
-        if count >= 8 {
-            put!(word: 0 1 2 3 4 5 6 7);
-        } else {
-            let mut rest = word;
-            if count & 4 != 0 {
-                put!(rest: 0 1 2 3);
-                rest >>= 32;
-            }
-            if count & 2 != 0 {
-                put!(rest: 0 1);
-                rest >>= 16;
-            }
-            if count & 1 != 0 {
-                put!(rest: 0);
-            }
-        }
+        put_bytes!(self, word, count, variable);
+    }
+
+    #[inline(always)]
+    fn text(&mut self, word: u64, count: u32) {
+        put_bytes!(self, word, count, constant);
     }
 
     /// An empty FIFO has room for everything: what is pushed next, then what was counted on.
