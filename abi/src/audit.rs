@@ -544,14 +544,15 @@ pub const MAX_RESERVATION: u32 = 16;
 
 /// Where [`write_line`] puts a line: pieces of up to 8 bytes, in order.
 ///
-/// A sink with little room (a UART's FIFO) is told ahead how much is coming: [`write_line`]
-/// reserves room before every piece, in amounts that depend on the place in the line only,
-/// never on the record (a field's usual widest value). Such a sink can count its room at
-/// compile time and wait at fixed points instead of counting every piece. The rare value
+/// A sink with little room (a UART's FIFO) is told ahead how much is coming: the text every
+/// line has at that place comes as [`LineSink::text`], of known length, and [`write_line`]
+/// reserves room before every other piece, in amounts that depend on the place in the line
+/// only, never on the record (a field's usual widest value). Such a sink can count its room
+/// at compile time and wait at fixed points instead of counting every piece. The rare value
 /// wider than its reservation (a long number) goes out between [`LineSink::settle`]s.
 pub trait LineSink {
-    /// The pieces from here to the next reservation hold at most `bytes` bytes, at most
-    /// [`MAX_RESERVATION`] (a piece may be cut short: fewer is fine).
+    /// The pieces other than [`LineSink::text`] from here to the next reservation hold at
+    /// most `bytes` bytes, at most [`MAX_RESERVATION`] (fewer is fine).
     #[inline(always)]
     fn reserve(&mut self, bytes: u32) {
         let _ = bytes;
@@ -561,8 +562,15 @@ pub trait LineSink {
     /// them are zero.
     fn push(&mut self, word: u64, count: u32);
 
-    /// [`LineSink::push`] of constant text (known when the writer is compiled): a sink may
-    /// take its bytes from elsewhere than the word.
+    /// [`LineSink::push`] of a constant (known when the writer is compiled: an enumeration's
+    /// name, within a reservation): a sink may take its bytes from elsewhere than the word.
+    #[inline(always)]
+    fn constant(&mut self, word: u64, count: u32) {
+        self.push(word, count);
+    }
+
+    /// [`LineSink::constant`] of the text every line has at this place (the keys of the
+    /// fields): no reservation covers it, the sink counts its bytes itself.
     #[inline(always)]
     fn text(&mut self, word: u64, count: u32) {
         self.push(word, count);
@@ -640,14 +648,23 @@ impl<S: LineSink> LineWriter<'_, S> {
         self.0.reserve(bytes);
     }
 
-    /// Up to 16 bytes of constant text.
+    /// Up to 16 bytes of the text every line has at this place.
     #[inline(always)]
     fn text(&mut self, text: Packed) {
         let len = text.len as u32;
-        self.reserve(len);
         self.0.text(text.words[0], len.min(8));
         if len > 8 {
             self.0.text(text.words[1], len - 8);
+        }
+    }
+
+    /// Up to 16 bytes of constant text, within a reservation.
+    #[inline(always)]
+    fn constant(&mut self, text: Packed) {
+        let len = text.len as u32;
+        self.0.constant(text.words[0], len.min(8));
+        if len > 8 {
+            self.0.constant(text.words[1], len - 8);
         }
     }
 
@@ -703,6 +720,12 @@ impl<S: LineSink> LineWriter<'_, S> {
     #[inline(always)]
     fn hex(&mut self, value: u64, width: u32, max_digits: u32) {
         self.reserve(max_digits.min(8));
+        self.hex_reserved(value, width);
+    }
+
+    /// [`Self::hex`] within a reservation of 8 digits.
+    #[inline(always)]
+    fn hex_reserved(&mut self, value: u64, width: u32) {
         if value < 10 && width == 1 {
             // Flags, kinds and most details are 0.
             self.push(value + b'0' as u64, 1);
@@ -738,11 +761,7 @@ macro_rules! named {
         $writer.reserve(const { widest_name(&$names) });
         match $value {
             $(value if value == $names[$i].0 => {
-                let name = const { Packed::new($names[$i].1) };
-                $writer.0.text(name.words[0], (name.len as u32).min(8));
-                if name.len > 8 {
-                    $writer.0.text(name.words[1], name.len as u32 - 8);
-                }
+                $writer.constant(const { Packed::new($names[$i].1) })
             })*
             // Below 256: within the reservation.
             value => $writer.decimal_below_10e8(value as u32),
@@ -841,11 +860,15 @@ pub fn write_line(words: &RecordWords, sink: &mut impl LineSink, crlf: bool) {
     w.decimal(field(0x3c, 32), 10);
     w.text(text!(":0x"));
     w.hex(field(0x4c, 16), 1, 4);
+    w.text(text!(" sid="));
+    // The same reservation either way: the room counted after it does not depend on the
+    // record.
+    w.reserve(2 + 8);
     match field(0x48, 32) as u32 {
-        NO_STREAM => w.text(text!(" sid=-")),
+        NO_STREAM => w.constant(text!("-")),
         sid => {
-            w.text(text!(" sid=0x"));
-            w.hex(sid as u64, 1, 8);
+            w.constant(text!("0x"));
+            w.hex_reserved(sid as u64, 1);
         }
     }
     w.text(text!(" access="));

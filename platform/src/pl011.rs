@@ -181,7 +181,7 @@ impl<'a, F: TransmitFifo> FifoLine<'a, F> {
 
     /// `byte` of constant text, from a register of [`FREQUENT`] when it is one of them.
     #[inline(always)]
-    fn constant(&self, byte: u8) -> u8 {
+    fn constant_byte(&self, byte: u8) -> u8 {
         // A comparison per entry, written out: `byte` is a constant where this is inlined,
         // so they fold to the one register or to the constant.
         macro_rules! index {
@@ -232,7 +232,7 @@ macro_rules! put {
 
 impl<F: TransmitFifo> FifoLine<'_, F> {
     #[inline(always)]
-    fn variable(&self, byte: u8) -> u8 {
+    fn variable_byte(&self, byte: u8) -> u8 {
         byte
     }
 }
@@ -249,12 +249,29 @@ impl<F: TransmitFifo> stagehand_abi::audit::LineSink for FifoLine<'_, F> {
 
     #[inline(always)]
     fn push(&mut self, word: u64, count: u32) {
-        put_bytes!(self, word, count, variable);
+        put_bytes!(self, word, count, variable_byte);
     }
 
     #[inline(always)]
+    fn constant(&mut self, word: u64, count: u32) {
+        put_bytes!(self, word, count, constant_byte);
+    }
+
+    /// Split at the FIFO's wait when it has room for part of it only: text fills the FIFO
+    /// to the last byte (its length, like the room, is known at compile time).
+    #[inline(always)]
     fn text(&mut self, word: u64, count: u32) {
-        put_bytes!(self, word, count, constant);
+        if self.room < count {
+            let first = self.room;
+            put_bytes!(self, word, first, constant_byte);
+            self.fifo.wait_until_empty();
+            self.room = FIFO_DEPTH as u32;
+            put_bytes!(self, word >> (8 * first), count - first, constant_byte);
+            self.room -= count - first;
+        } else {
+            put_bytes!(self, word, count, constant_byte);
+            self.room -= count;
+        }
     }
 
     /// An empty FIFO has room for everything: what is pushed next, then what was counted on.
