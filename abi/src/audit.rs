@@ -562,6 +562,13 @@ pub trait LineSink {
     /// them are zero.
     fn push(&mut self, word: u64, count: u32);
 
+    /// [`LineSink::push`] of the last `count` (1 to 8) of the 8 bytes of `word`: a number's
+    /// digits after its leading zeros, without shifting them down first.
+    #[inline(always)]
+    fn push_tail(&mut self, word: u64, count: u32) {
+        self.push(word >> (8 * (8 - count)), count);
+    }
+
     /// [`LineSink::push`] of a constant (known when the writer is compiled: an enumeration's
     /// name, within a reservation): a sink may take its bytes from elsewhere than the word.
     #[inline(always)]
@@ -674,7 +681,7 @@ impl<S: LineSink> LineWriter<'_, S> {
         let digits = decimal_digits8(value);
         // Leading zero digits are the low zero bytes; a zero value keeps one.
         let zeros = (digits | 1 << 56).trailing_zeros() / 8;
-        self.push((digits + ZEROS) >> (8 * zeros), 8 - zeros);
+        self.0.push_tail(digits + ZEROS, 8 - zeros);
     }
 
     /// `value` in decimal, which has at most `max_digits` digits (its type's): up to 8 are
@@ -731,13 +738,13 @@ impl<S: LineSink> LineWriter<'_, S> {
             self.push(value + b'0' as u64, 1);
         } else if value >> 32 == 0 {
             let count = (8 - (value as u32).leading_zeros() / 4).max(width).max(1);
-            self.push(hex_digits8(value as u32) >> (8 * (8 - count)), count);
+            self.0.push_tail(hex_digits8(value as u32), count);
         } else {
             let count = 16 - value.leading_zeros() / 4;
-            let high = hex_digits8((value >> 32) as u32) >> (8 * (16 - count));
+            let high = hex_digits8((value >> 32) as u32);
             let low = hex_digits8(value as u32);
             self.0.settle();
-            self.push(high, count - 8);
+            self.0.push_tail(high, count - 8);
             self.push(low, 8);
             self.0.settle();
         }

@@ -252,6 +252,22 @@ impl<F: TransmitFifo> stagehand_abi::audit::LineSink for FifoLine<'_, F> {
         put_bytes!(self, word, count, variable_byte);
     }
 
+    /// A jump on the count into stores of that many bytes: cheaper than shifting the digits
+    /// down and going by the count's bits.
+    #[inline(always)]
+    fn push_tail(&mut self, word: u64, count: u32) {
+        match count {
+            8 => put!(self, variable_byte, word: 0 1 2 3 4 5 6 7),
+            7 => put!(self, variable_byte, word: 1 2 3 4 5 6 7),
+            6 => put!(self, variable_byte, word: 2 3 4 5 6 7),
+            5 => put!(self, variable_byte, word: 3 4 5 6 7),
+            4 => put!(self, variable_byte, word: 4 5 6 7),
+            3 => put!(self, variable_byte, word: 5 6 7),
+            2 => put!(self, variable_byte, word: 6 7),
+            _ => put!(self, variable_byte, word: 7),
+        }
+    }
+
     #[inline(always)]
     fn constant(&mut self, word: u64, count: u32) {
         put_bytes!(self, word, count, constant_byte);
