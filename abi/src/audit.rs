@@ -1302,6 +1302,54 @@ mod tests {
         std::string::String::from_utf8(bytes).unwrap()
     }
 
+    /// Every number field at every digit-count boundary, decimal and hex (0, 9 and 10, 99
+    /// and 100, ..., 15 and 16, 0xff and 0x100, ..., the type's maximum): the edges of the
+    /// writer's paths (one digit, up to 8 digits within the reservation, the longer ones
+    /// sent unplanned, the 17- to 20-digit decimals in two parts).
+    #[test]
+    fn the_fast_line_writer_matches_core_fmt_at_every_digit_count() {
+        let mut values = std::vec![0, 1, u64::MAX, u64::MAX - 1];
+        for digits in 1..20 {
+            let power = 10u64.pow(digits);
+            values.extend([power - 1, power, power + 1]);
+        }
+        for digits in 1..16 {
+            let power = 1u64 << (4 * digits);
+            values.extend([power - 1, power, power + 1]);
+        }
+        // Each value in every field in turn, the others left as they are, and in all at once.
+        let offsets = [
+            0x00, 0x08, 0x10, 0x18, 0x1a, 0x04, 0x1c, 0x20, 0x28, 0x40, 0x38, 0x3c,
+        ]
+        .into_iter()
+        .chain([0x4c, 0x48, 0x50, 0x58, 0x60, 0x68, 0x78]);
+        let widths = |offset: usize| match offset {
+            0x00 | 0x18 | 0x1a | 0x4c => 2,
+            0x04 | 0x1c | 0x38 | 0x3c | 0x48 => 4,
+            _ => 8,
+        };
+        let check = |record: &Record| {
+            let mut line = [0u64; MAX_LINE / 8];
+            let len = format_stream_line_words(&record.words(), &mut line);
+            assert_eq!(line_text(&line, len), reference::line(record) + "\r\n");
+        };
+        for value in values {
+            let mut all = sample();
+            for offset in offsets.clone() {
+                let width = widths(offset);
+                let bytes = &value.to_le_bytes()[..width];
+                let mut one = sample();
+                one.as_mut_bytes()[offset..offset + width].copy_from_slice(bytes);
+                check(&one);
+                all.as_mut_bytes()[offset..offset + width].copy_from_slice(bytes);
+                // The status, negated too.
+                one.status = I64::new((value as i64).wrapping_neg());
+                check(&one);
+            }
+            check(&all);
+        }
+    }
+
     #[test]
     fn the_widest_streamed_line_fits_with_room_to_spare() {
         let mut r = Record::new_zeroed();

@@ -361,21 +361,31 @@ mod tests {
         (fifo, line_bytes(&line, len).to_vec())
     }
 
+    /// The waits of a line whose values all fit their reservations (with and without a
+    /// StreamID): about one per 7 to 8 bytes sent.
+    fn fixed_waits() -> usize {
+        let short = Record::empty(stagehand_abi::audit::kind::CMO);
+        let mut with_stream = short;
+        with_stream.stream_id = 0x10.into();
+        [short, with_stream]
+            .map(|record| {
+                let (fifo, line) = stream(&record);
+                let waits = *fifo.waits.borrow();
+                assert!(waits <= line.len().div_ceil(7), "{waits} waits");
+                waits
+            })
+            .into_iter()
+            .max()
+            .unwrap()
+    }
+
     /// Lines written straight into the FIFO are the buffered lines, byte for byte, and never
     /// overfill it. The waits are at fixed places in the line (a line of short values waits
     /// once per FIFO's worth of room its fields reserve: a wait per 7 to 8 bytes it sends),
     /// plus two or three for each long value.
     #[test]
     fn fifo_lines_are_the_buffered_lines() {
-        let short = Record::empty(stagehand_abi::audit::kind::CMO);
-        let mut with_stream = short;
-        with_stream.stream_id = 0x10.into();
-        let fixed_waits = [short, with_stream].map(|record| {
-            let (fifo, line) = stream(&record);
-            let waits = *fifo.waits.borrow();
-            assert!(waits <= line.len().div_ceil(7), "{waits} waits");
-            waits
-        });
+        let fixed_waits = fixed_waits();
         let mut state = 0x2545_f491_4f6c_dd1du64;
         for round in 0..2000 {
             let mut bytes = [0u8; 128];
@@ -395,7 +405,33 @@ mod tests {
             let (fifo, line) = stream(&record);
             assert_eq!(&fifo.sent.borrow()[..], &line[..]);
             let waits = *fifo.waits.borrow();
-            assert!(waits <= fixed_waits[1] + unplanned_waits(&record));
+            assert!(waits <= fixed_waits + unplanned_waits(&record));
+        }
+    }
+
+    /// Values at every digit-count boundary, decimal and hex, in every field at once: each
+    /// long value goes out unplanned, between waits, and none overfills the FIFO.
+    #[test]
+    fn fifo_lines_at_every_digit_count() {
+        let mut values = std::vec![0, 1, u64::MAX];
+        values.extend((1..20).flat_map(|digits| {
+            let power = 10u64.pow(digits);
+            [power - 1, power]
+        }));
+        values.extend((1..16).flat_map(|digits| {
+            let power = 1u64 << (4 * digits);
+            [power - 1, power]
+        }));
+        for value in values {
+            let mut bytes = [0u8; 128];
+            for chunk in bytes.chunks_mut(8) {
+                chunk.copy_from_slice(&value.to_le_bytes());
+            }
+            bytes[2] = stagehand_abi::audit::kind::GUEST_START;
+            let record = Record::parse(&bytes).unwrap();
+            let (fifo, line) = stream(&record);
+            assert_eq!(&fifo.sent.borrow()[..], &line[..]);
+            assert!(*fifo.waits.borrow() <= fixed_waits() + unplanned_waits(&record));
         }
     }
 }
