@@ -643,7 +643,7 @@ impl LineSink for LineBuffer<'_> {
 /// Text and numbers of the line form, as pieces for a [`LineSink`]: the drain formats every
 /// record, on a recording guest's time at the high water. Each method reserves the room its
 /// pieces need (see [`LineSink`]): the usual widest value, at most 8 digits; a longer number
-/// goes out unplanned.
+/// goes out unplanned, between [`LineSink::settle`]s.
 struct LineWriter<'a, S: LineSink>(&'a mut S);
 
 impl<S: LineSink> LineWriter<'_, S> {
@@ -724,8 +724,9 @@ impl<S: LineSink> LineWriter<'_, S> {
     }
 
     /// At least `width` hex digits (1 or 8) of `value`, which has at most `max_digits` (its
-    /// type's), no prefix: up to 8 digits are reserved, 9 to 16 go out unplanned. All eight or
-    /// sixteen are converted and the leading zeros beyond `width` shifted out.
+    /// type's), no prefix: up to 8 digits are reserved, 9 to 16 go out unplanned (between
+    /// [`LineSink::settle`]s). All eight or sixteen are converted and the leading zeros beyond
+    /// `width` left out.
     #[inline(always)]
     fn hex(&mut self, value: u64, width: u32, max_digits: u32) {
         self.reserve(max_digits.min(8));
