@@ -493,7 +493,8 @@ const fn widest_name(names: &[(u8, &str)]) -> u32 {
     widest as u32
 }
 
-/// ASCII `0` in every byte of a word.
+/// ASCII `0` in every byte of a word: ORed into digits 0 to 15 (no carries), it is an
+/// immediate operand, where an addition would need it in a register first.
 const ZEROS: u64 = 0x3030_3030_3030_3030;
 
 /// The 8 decimal digits of `value` (below 10^8, leading zeros included), most significant
@@ -519,7 +520,7 @@ fn hex_digits8(value: u32) -> u64 {
     // Byte i holds nibble i, the least significant first: the line wants the most first.
     nibbles = nibbles.swap_bytes();
     let letters = ((nibbles + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
-    nibbles + ZEROS + letters * (b'a' - b'0' - 10) as u64
+    (nibbles | ZEROS) + letters * (b'a' - b'0' - 10) as u64
 }
 
 /// A line as aligned little-endian words (byte `i` is byte `i % 8` of word `i / 8`): the form
@@ -683,7 +684,7 @@ impl<S: LineSink> LineWriter<'_, S> {
         let digits = decimal_digits8(value);
         // Leading zero digits are the low zero bytes; a zero value keeps one.
         let zeros = (digits | 1 << 56).trailing_zeros() / 8;
-        self.0.push_tail(digits + ZEROS, 8 - zeros);
+        self.0.push_tail(digits | ZEROS, 8 - zeros);
     }
 
     /// `value` in decimal, which has at most `max_digits` digits (its type's): up to 8 are
@@ -699,14 +700,14 @@ impl<S: LineSink> LineWriter<'_, S> {
             self.decimal_below_10e8(value as u32);
         } else {
             let high = value / E8;
-            let low = decimal_digits8((value % E8) as u32) + ZEROS;
+            let low = decimal_digits8((value % E8) as u32) | ZEROS;
             self.0.settle();
             if high < E8 {
                 self.decimal_below_10e8(high as u32);
             } else {
                 // 17 to 20 digits: at most 12, then 8.
                 self.decimal_below_10e8((high / E8) as u32);
-                self.push(decimal_digits8((high % E8) as u32) + ZEROS, 8);
+                self.push(decimal_digits8((high % E8) as u32) | ZEROS, 8);
                 self.0.settle();
             }
             self.push(low, 8);
