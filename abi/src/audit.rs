@@ -255,7 +255,10 @@ pub fn chain_hash(previous: u64, record: &Record) -> u64 {
 /// read straight from the ring, where `Record`'s byte-aligned fields cost a load per byte on
 /// targets without unaligned access).
 pub fn chain_hash_words(previous: u64, words: &RecordWords) -> u64 {
-    let mut state = SipState::new(HASH_KEY);
+    // The initial state, loaded from memory: as constants, the compiler builds each word
+    // with four moves.
+    static INITIAL: SipState = SipState::new(HASH_KEY);
+    let mut state = SipState(core::hint::black_box(&INITIAL).0);
     state.compress(previous);
     // Written out: the loop's own counting would be a tenth of the cost.
     macro_rules! compress {
@@ -274,8 +277,7 @@ pub type RecordWords = [u64; RECORD_SIZE / 8];
 struct SipState([u64; 4]);
 
 impl SipState {
-    #[inline(always)]
-    fn new(key: (u64, u64)) -> SipState {
+    const fn new(key: (u64, u64)) -> SipState {
         SipState([
             key.0 ^ 0x736f_6d65_7073_6575,
             key.1 ^ 0x646f_7261_6e64_6f6d,
@@ -313,9 +315,11 @@ impl SipState {
     fn finish(mut self, message_bytes: u64) -> u64 {
         self.compress(message_bytes << 56);
         self.0[2] ^= 0xff;
-        for _ in 0..4 {
-            self.round();
-        }
+        // Written out, as the compressions are.
+        self.round();
+        self.round();
+        self.round();
+        self.round();
         self.0[0] ^ self.0[1] ^ self.0[2] ^ self.0[3]
     }
 }
@@ -443,23 +447,16 @@ pub const LINE_MARKER: &str = "AUDIT v";
 /// Longest line [`Record::format_line`] writes (the widest value in every field stays below).
 pub const MAX_LINE: usize = 512;
 
-/// Up to 16 bytes of text as two little-endian words (first byte lowest) and a length: a
-/// constant piece of the line, or a name of an enumeration value (`value`).
+/// Up to 16 bytes of constant text as two little-endian words (first byte lowest) and a
+/// length.
 #[derive(Clone, Copy)]
 struct Packed {
     words: [u64; 2],
     len: u8,
-    value: u8,
 }
 
 impl Packed {
-    const NONE: Packed = Packed {
-        words: [0; 2],
-        len: 0,
-        value: 0,
-    };
-
-    const fn new(text: &str, value: u8) -> Packed {
+    const fn new(text: &str) -> Packed {
         let bytes = text.as_bytes();
         assert!(!bytes.is_empty() && bytes.len() <= 16);
         let mut words = [0u64; 2];
@@ -471,7 +468,6 @@ impl Packed {
         Packed {
             words,
             len: bytes.len() as u8,
-            value,
         }
     }
 }
@@ -479,38 +475,26 @@ impl Packed {
 /// Constant text of the line, packed at compile time.
 macro_rules! text {
     ($text:expr) => {
-        const { Packed::new($text, 0) }
+        const { Packed::new($text) }
     };
 }
 
-/// The names of a one-byte enumeration, indexed by the value's low four bits (the values of
-/// each table differ there: checked at compile time). Values without a name are written in
-/// decimal.
-struct NameTable([Packed; 16]);
-
-impl NameTable {
-    const fn new(names: &[(u8, &str)]) -> NameTable {
-        let mut table = [Packed::NONE; 16];
-        let mut i = 0;
-        while i < names.len() {
-            let (value, name) = names[i];
-            let slot = (value & 15) as usize;
-            assert!(table[slot].len == 0, "two names share their low four bits");
-            table[slot] = Packed::new(name, value);
-            i += 1;
+/// Bytes a one-byte enumeration of `names` takes at most in a line: its longest name, or
+/// three decimal digits for a value without one.
+const fn widest_name(names: &[(u8, &str)]) -> u32 {
+    let mut widest = 3;
+    let mut i = 0;
+    while i < names.len() {
+        if names[i].1.len() > widest {
+            widest = names[i].1.len();
         }
-        NameTable(table)
+        i += 1;
     }
+    widest as u32
 }
 
-const KIND_TABLE: NameTable = NameTable::new(&KINDS);
-const ATTR_TABLE: NameTable = NameTable::new(&ATTR_NAMES);
-const CMO_TABLE: NameTable = NameTable::new(&CMO_NAMES);
-const TLBI_TABLE: NameTable = NameTable::new(&TLBI_NAMES);
-const ACCESS_TABLE: NameTable = NameTable::new(&ACCESS_NAMES);
-const DIRECTION_TABLE: NameTable = NameTable::new(&DIRECTION_NAMES);
-
-/// ASCII `0` in every byte of a word.
+/// ASCII `0` in every byte of a word: ORed into digits 0 to 15 (no carries), it is an
+/// immediate operand, where an addition would need it in a register first.
 const ZEROS: u64 = 0x3030_3030_3030_3030;
 
 /// The 8 decimal digits of `value` (below 10^8, leading zeros included), most significant
@@ -536,7 +520,7 @@ fn hex_digits8(value: u32) -> u64 {
     // Byte i holds nibble i, the least significant first: the line wants the most first.
     nibbles = nibbles.swap_bytes();
     let letters = ((nibbles + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
-    nibbles + ZEROS + letters * (b'a' - b'0' - 10) as u64
+    (nibbles | ZEROS) + letters * (b'a' - b'0' - 10) as u64
 }
 
 /// A line as aligned little-endian words (byte `i` is byte `i % 8` of word `i / 8`): the form
@@ -557,11 +541,56 @@ pub fn line_byte(line: &LineWords, index: usize) -> u8 {
     (line[index / 8] >> (8 * (index % 8))) as u8
 }
 
+/// The most bytes one [`LineSink::reserve`] covers, or pushed between two
+/// [`LineSink::settle`]s: the transmit FIFO depth of every PL011 revision.
+pub const MAX_RESERVATION: u32 = 16;
+
 /// Where [`write_line`] puts a line: pieces of up to 8 bytes, in order.
+///
+/// A sink with little room (a UART's FIFO) is told ahead how much is coming: the text every
+/// line has at that place comes as [`LineSink::text`], of known length, and [`write_line`]
+/// reserves room before every other piece, in amounts that depend on the place in the line
+/// only, never on the record (a field's usual widest value). Such a sink can count its room
+/// at compile time and wait at fixed points instead of counting every piece. The rare value
+/// wider than its reservation (a long number) goes out between [`LineSink::settle`]s.
 pub trait LineSink {
+    /// The pieces other than [`LineSink::text`] from here to the next reservation hold at
+    /// most `bytes` bytes, at most [`MAX_RESERVATION`] (fewer is fine).
+    #[inline(always)]
+    fn reserve(&mut self, bytes: u32) {
+        let _ = bytes;
+    }
+
     /// Appends the low `count` (at most 8) bytes of `word`, the first lowest; the bytes above
     /// them are zero.
     fn push(&mut self, word: u64, count: u32);
+
+    /// [`LineSink::push`] of the last `count` (1 to 8) of the 8 bytes of `word`: a number's
+    /// digits after its leading zeros, without shifting them down first.
+    #[inline(always)]
+    fn push_tail(&mut self, word: u64, count: u32) {
+        self.push(word >> (8 * (8 - count)), count);
+    }
+
+    /// [`LineSink::push`] of a constant (known when the writer is compiled: an enumeration's
+    /// name, within a reservation): a sink may take its bytes from elsewhere than the word.
+    #[inline(always)]
+    fn constant(&mut self, word: u64, count: u32) {
+        self.push(word, count);
+    }
+
+    /// [`LineSink::constant`] of the text every line has at this place (the keys of the
+    /// fields): no reservation covers it, the sink counts its bytes itself.
+    #[inline(always)]
+    fn text(&mut self, word: u64, count: u32) {
+        self.push(word, count);
+    }
+
+    /// Makes room for [`MAX_RESERVATION`] bytes beyond every reservation (a FIFO waits until
+    /// it is empty). Pieces no reservation covers, at most that many bytes, go out between two
+    /// of these: then the sink has again at least the room it counted on.
+    #[inline(always)]
+    fn settle(&mut self) {}
 }
 
 /// A [`LineSink`] into [`LineWords`], without `core::fmt` and with few instructions per byte.
@@ -613,7 +642,9 @@ impl LineSink for LineBuffer<'_> {
 }
 
 /// Text and numbers of the line form, as pieces for a [`LineSink`]: the drain formats every
-/// record, on a recording guest's time at the high water.
+/// record, on a recording guest's time at the high water. Each method reserves the room its
+/// pieces need (see [`LineSink`]): the usual widest value, at most 8 digits; a longer number
+/// goes out unplanned, between [`LineSink::settle`]s.
 struct LineWriter<'a, S: LineSink>(&'a mut S);
 
 impl<S: LineSink> LineWriter<'_, S> {
@@ -622,28 +653,46 @@ impl<S: LineSink> LineWriter<'_, S> {
         self.0.push(word, count);
     }
 
-    /// Up to 16 bytes packed in two words.
+    #[inline(always)]
+    fn reserve(&mut self, bytes: u32) {
+        self.0.reserve(bytes);
+    }
+
+    /// Up to 16 bytes of the text every line has at this place.
     #[inline(always)]
     fn text(&mut self, text: Packed) {
         let len = text.len as u32;
-        self.push(text.words[0], len.min(8));
+        self.0.text(text.words[0], len.min(8));
         if len > 8 {
-            self.push(text.words[1], len - 8);
+            self.0.text(text.words[1], len - 8);
         }
     }
 
-    /// `value` below 10^8 without leading zeros.
+    /// Up to 16 bytes of constant text, within a reservation.
+    #[inline(always)]
+    fn constant(&mut self, text: Packed) {
+        let len = text.len as u32;
+        self.0.constant(text.words[0], len.min(8));
+        if len > 8 {
+            self.0.constant(text.words[1], len - 8);
+        }
+    }
+
+    /// `value` below 10^8 without leading zeros, within a reservation.
     #[inline(always)]
     fn decimal_below_10e8(&mut self, value: u32) {
         let digits = decimal_digits8(value);
         // Leading zero digits are the low zero bytes; a zero value keeps one.
         let zeros = (digits | 1 << 56).trailing_zeros() / 8;
-        self.push((digits + ZEROS) >> (8 * zeros), 8 - zeros);
+        self.0.push_tail(digits | ZEROS, 8 - zeros);
     }
 
+    /// `value` in decimal, which has at most `max_digits` digits (its type's): up to 8 are
+    /// reserved, a longer value goes out unplanned (between [`LineSink::settle`]s).
     #[inline(always)]
-    fn decimal(&mut self, value: u64) {
+    fn decimal(&mut self, value: u64, max_digits: u32) {
         const E8: u64 = 100_000_000;
+        self.reserve(max_digits.min(8));
         if value < 10 {
             // Most counts are single digits.
             self.push(value + b'0' as u64, 1);
@@ -651,57 +700,84 @@ impl<S: LineSink> LineWriter<'_, S> {
             self.decimal_below_10e8(value as u32);
         } else {
             let high = value / E8;
+            let low = decimal_digits8((value % E8) as u32) | ZEROS;
+            self.0.settle();
             if high < E8 {
                 self.decimal_below_10e8(high as u32);
             } else {
+                // 17 to 20 digits: at most 12, then 8.
                 self.decimal_below_10e8((high / E8) as u32);
-                self.push(decimal_digits8((high % E8) as u32) + ZEROS, 8);
+                self.push(decimal_digits8((high % E8) as u32) | ZEROS, 8);
+                self.0.settle();
             }
-            self.push(decimal_digits8((value % E8) as u32) + ZEROS, 8);
+            self.push(low, 8);
+            self.0.settle();
         }
     }
 
     #[inline(always)]
     fn signed(&mut self, value: i64) {
+        self.reserve(1);
         if value < 0 {
             self.push(b'-' as u64, 1);
         }
-        self.decimal(value.unsigned_abs());
+        self.decimal(value.unsigned_abs(), 20);
     }
 
-    /// At least `width` hex digits (1, 8 or 16) of `value`, no prefix: all eight or sixteen
-    /// are converted and the leading zeros beyond `width` shifted out.
+    /// At least `width` hex digits (1 or 8) of `value`, which has at most `max_digits` (its
+    /// type's), no prefix: up to 8 digits are reserved, 9 to 16 go out unplanned (between
+    /// [`LineSink::settle`]s). All eight or sixteen are converted and the leading zeros beyond
+    /// `width` left out.
     #[inline(always)]
-    fn hex(&mut self, value: u64, width: u32) {
+    fn hex(&mut self, value: u64, width: u32, max_digits: u32) {
+        self.reserve(max_digits.min(8));
+        self.hex_reserved(value, width);
+    }
+
+    /// [`Self::hex`] within a reservation of 8 digits.
+    #[inline(always)]
+    fn hex_reserved(&mut self, value: u64, width: u32) {
         if value < 10 && width == 1 {
             // Flags, kinds and most details are 0.
             self.push(value + b'0' as u64, 1);
-        } else if value >> 32 == 0 && width <= 8 {
+        } else if value >> 32 == 0 {
             let count = (8 - (value as u32).leading_zeros() / 4).max(width).max(1);
-            self.push(hex_digits8(value as u32) >> (8 * (8 - count)), count);
+            self.0.push_tail(hex_digits8(value as u32), count);
         } else {
-            // 9 to 16 digits.
-            let count = (16 - value.leading_zeros() / 4).max(width);
-            self.push(
-                hex_digits8((value >> 32) as u32) >> (8 * (16 - count)),
-                count - 8,
-            );
-            self.push(hex_digits8(value as u32), 8);
+            let count = 16 - value.leading_zeros() / 4;
+            let high = hex_digits8((value >> 32) as u32);
+            let low = hex_digits8(value as u32);
+            self.0.settle();
+            self.0.push_tail(high, count - 8);
+            self.push(low, 8);
+            self.0.settle();
         }
     }
 
-    /// A one-byte enumeration by name, or in decimal when it has none.
+    /// All 16 hex digits of `value`.
     #[inline(always)]
-    fn named(&mut self, value: u8, table: &NameTable) {
-        let name = table.0[(value & 15) as usize];
-        if name.len != 0 && name.value == value {
-            let len = name.len as u32;
-            self.push(name.words[0], len.min(8));
-            self.push(name.words[1], len.saturating_sub(8));
-        } else {
-            self.decimal(value as u64);
-        }
+    fn hex16(&mut self, value: u64) {
+        self.reserve(16);
+        self.push(hex_digits8((value >> 32) as u32), 8);
+        self.push(hex_digits8(value as u32), 8);
     }
+}
+
+/// A one-byte enumeration by its name in `names` (a table of this module), or in decimal
+/// when it has none. Written out as one comparison with a constant per name, which the
+/// compiler turns into a jump to that name's constant text.
+macro_rules! named {
+    ($writer:ident, $value:expr, $names:ident: $($i:literal)*) => {{
+        const { assert!($names.len() == [$($i),*].len(), "every name listed") };
+        $writer.reserve(const { widest_name(&$names) });
+        match $value {
+            $(value if value == $names[$i].0 => {
+                $writer.constant(const { Packed::new($names[$i].1) })
+            })*
+            // Below 256: within the reservation.
+            value => $writer.decimal_below_10e8(value as u32),
+        }
+    }};
 }
 
 impl Record {
@@ -760,62 +836,66 @@ pub fn write_line(words: &RecordWords, sink: &mut impl LineSink, crlf: bool) {
     let byte = |offset: usize| field(offset, 8) as u8;
     let mut w = LineWriter(sink);
     w.text(text!(LINE_MARKER));
-    w.decimal(field(0x00, 16));
+    w.decimal(field(0x00, 16), 5);
     w.text(text!(" seq="));
-    w.decimal(field(0x08, 64));
+    w.decimal(field(0x08, 64), 20);
     w.text(text!(" t="));
-    w.decimal(field(0x10, 64));
+    w.decimal(field(0x10, 64), 20);
     w.text(text!(" vm="));
-    w.decimal(field(0x18, 16));
+    w.decimal(field(0x18, 16), 5);
     w.text(text!(" vcpu="));
-    w.decimal(field(0x1a, 16));
+    w.decimal(field(0x1a, 16), 5);
     w.text(text!(" kind="));
-    w.named(byte(0x02), &KIND_TABLE);
+    named!(w, byte(0x02), KINDS: 0 1 2 3 4 5 6 7 8 9 10 11 12 13);
     w.text(text!(" flags=0x"));
-    w.hex(field(0x04, 32), 1);
+    w.hex(field(0x04, 32), 1, 8);
     w.text(text!(" fn=0x"));
-    w.hex(field(0x1c, 32), 8);
+    w.hex(field(0x1c, 32), 8, 8);
     w.text(text!(" ipa=0x"));
-    w.hex(field(0x20, 64), 1);
+    w.hex(field(0x20, 64), 1, 16);
     w.text(text!(" size=0x"));
-    w.hex(field(0x28, 64), 1);
+    w.hex(field(0x28, 64), 1, 16);
     w.text(text!(" old="));
-    w.named(byte(0x30), &ATTR_TABLE);
+    named!(w, byte(0x30), ATTR_NAMES: 0 1 2);
     w.text(text!(" new="));
-    w.named(byte(0x31), &ATTR_TABLE);
+    named!(w, byte(0x31), ATTR_NAMES: 0 1 2);
     w.text(text!(" cmo="));
-    w.named(byte(0x32), &CMO_TABLE);
+    named!(w, byte(0x32), CMO_NAMES: 0 1 2 3);
     w.text(text!(":"));
-    w.decimal(field(0x40, 64));
+    w.decimal(field(0x40, 64), 20);
     w.text(text!(" tlbi="));
-    w.named(byte(0x33), &TLBI_TABLE);
+    named!(w, byte(0x33), TLBI_NAMES: 0 1 2);
     w.text(text!(":"));
-    w.decimal(field(0x38, 32));
+    w.decimal(field(0x38, 32), 10);
     w.text(text!(" smmu="));
-    w.decimal(field(0x3c, 32));
+    w.decimal(field(0x3c, 32), 10);
     w.text(text!(":0x"));
-    w.hex(field(0x4c, 16), 1);
+    w.hex(field(0x4c, 16), 1, 4);
+    w.text(text!(" sid="));
+    // The same reservation either way: the room counted after it does not depend on the
+    // record.
+    w.reserve(2 + 8);
     match field(0x48, 32) as u32 {
-        NO_STREAM => w.text(text!(" sid=-")),
+        NO_STREAM => w.constant(text!("-")),
         sid => {
-            w.text(text!(" sid=0x"));
-            w.hex(sid as u64, 1);
+            w.constant(text!("0x"));
+            w.hex_reserved(sid as u64, 1);
         }
     }
     w.text(text!(" access="));
-    w.named(byte(0x34), &ACCESS_TABLE);
+    named!(w, byte(0x34), ACCESS_NAMES: 0 1 2 3);
     w.text(text!(" dir="));
-    w.named(byte(0x35), &DIRECTION_TABLE);
+    named!(w, byte(0x35), DIRECTION_NAMES: 0 1 2 3);
     w.text(text!(" status="));
     w.signed(field(0x50, 64) as i64);
     w.text(text!(" detail=0x"));
-    w.hex(field(0x58, 64), 1);
+    w.hex(field(0x58, 64), 1, 16);
     w.text(text!(" tag=0x"));
-    w.hex(field(0x60, 64), 1);
+    w.hex(field(0x60, 64), 1, 16);
     w.text(text!(" dropped="));
-    w.decimal(field(0x68, 64));
+    w.decimal(field(0x68, 64), 20);
     w.text(text!(" hash=0x"));
-    w.hex(field(0x78, 64), 16);
+    w.hex16(field(0x78, 64));
     if crlf {
         w.text(text!("\r\n"));
     }
@@ -1224,6 +1304,54 @@ mod tests {
     fn line_text(line: &LineWords, len: usize) -> std::string::String {
         let bytes: std::vec::Vec<u8> = (0..len).map(|i| line_byte(line, i)).collect();
         std::string::String::from_utf8(bytes).unwrap()
+    }
+
+    /// Every number field at every digit-count boundary, decimal and hex (0, 9 and 10, 99
+    /// and 100, ..., 15 and 16, 0xff and 0x100, ..., the type's maximum): the edges of the
+    /// writer's paths (one digit, up to 8 digits within the reservation, the longer ones
+    /// sent unplanned, the 17- to 20-digit decimals in two parts).
+    #[test]
+    fn the_fast_line_writer_matches_core_fmt_at_every_digit_count() {
+        let mut values = std::vec![0, 1, u64::MAX, u64::MAX - 1];
+        for digits in 1..20 {
+            let power = 10u64.pow(digits);
+            values.extend([power - 1, power, power + 1]);
+        }
+        for digits in 1..16 {
+            let power = 1u64 << (4 * digits);
+            values.extend([power - 1, power, power + 1]);
+        }
+        // Each value in every field in turn, the others left as they are, and in all at once.
+        let offsets = [
+            0x00, 0x08, 0x10, 0x18, 0x1a, 0x04, 0x1c, 0x20, 0x28, 0x40, 0x38, 0x3c,
+        ]
+        .into_iter()
+        .chain([0x4c, 0x48, 0x50, 0x58, 0x60, 0x68, 0x78]);
+        let widths = |offset: usize| match offset {
+            0x00 | 0x18 | 0x1a | 0x4c => 2,
+            0x04 | 0x1c | 0x38 | 0x3c | 0x48 => 4,
+            _ => 8,
+        };
+        let check = |record: &Record| {
+            let mut line = [0u64; MAX_LINE / 8];
+            let len = format_stream_line_words(&record.words(), &mut line);
+            assert_eq!(line_text(&line, len), reference::line(record) + "\r\n");
+        };
+        for value in values {
+            let mut all = sample();
+            for offset in offsets.clone() {
+                let width = widths(offset);
+                let bytes = &value.to_le_bytes()[..width];
+                let mut one = sample();
+                one.as_mut_bytes()[offset..offset + width].copy_from_slice(bytes);
+                check(&one);
+                all.as_mut_bytes()[offset..offset + width].copy_from_slice(bytes);
+                // The status, negated too.
+                one.status = I64::new((value as i64).wrapping_neg());
+                check(&one);
+            }
+            check(&all);
+        }
     }
 
     #[test]

@@ -85,8 +85,8 @@ pub fn write_audit_record(record: &RecordWords) {
     let _guard = CONSOLE.lock.lock();
     // SAFETY: `base` was stored by `init`, whose contract keeps it mapped.
     let uart = unsafe { uart_at(base) };
-    if CONSOLE.shared_with_guest.load(Ordering::Relaxed) {
-        // Not our FIFO settings: byte by byte.
+    if CONSOLE.shared_with_guest.load(Ordering::Relaxed) || !uart.fifos_enabled() {
+        // Not our FIFO settings, or no FIFO: byte by byte.
         let mut line = [0; MAX_LINE / 8];
         let len = format_line_words(record, &mut line);
         uart.write_str(core::str::from_utf8(line_bytes(&line, len)).unwrap_or(""));
