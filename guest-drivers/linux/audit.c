@@ -171,6 +171,7 @@ static int sh_counters_show(struct seq_file *m, void *v)
 	seq_printf(m, "allocs %llu\nfrees %llu\npage-allocs %llu\npage-frees %llu\n", c.allocs,
 		   c.frees, c.page_allocs, c.page_frees);
 	seq_printf(m, "unknown-mappings %llu\n", c.unknown_mappings);
+	seq_printf(m, "skip-sync-cleans %llu\n", c.skip_sync_cleans);
 	for (i = 0; i < SH_STATUS_SLOTS; i++)
 		refused += c.refused[i];
 	seq_printf(m, "refused %llu\n", refused);

@@ -393,13 +393,33 @@ static dma_addr_t sh_map_page(struct device *dev, struct page *page, unsigned lo
 	return sh_map(d, phys, size, dir, SH_STREAMING);
 }
 
+/*
+ * DMA_ATTR_SKIP_CPU_SYNC on an unmap says the CPU may have written the buffer since it took it
+ * back (page_pool unmaps this way a page it hands to the network stack, whose writes must
+ * survive). DMA_UNMAP of a non-coherent device's FROM_DEVICE or BIDIRECTIONAL buffer always
+ * invalidates its lines, which would throw those writes away: clean the lines first, so that
+ * the invalidate drops only lines memory already holds. (The IOVA is the IPA.)
+ */
+static void sh_clean_for_skipped_sync(struct sh_device *d, dma_addr_t addr, size_t size,
+				      enum dma_data_direction dir, unsigned long attrs)
+{
+	int widened;
+
+	if (likely(!(attrs & DMA_ATTR_SKIP_CPU_SYNC)) || sh_coherent(d) || dir == DMA_TO_DEVICE)
+		return;
+	sh_count(skip_sync_cleans);
+	sh_count_refusal(stagehand_cache_op_range(addr, size, STAGEHAND_CACHE_CLEAN, &widened));
+}
+
 static void sh_unmap_page(struct device *dev, dma_addr_t addr, size_t size,
 			  enum dma_data_direction dir, unsigned long attrs)
 {
 	struct sh_device *d = sh_device_of(dev);
 
-	if (d)
-		sh_unmap(d, addr, size, dir);
+	if (!d)
+		return;
+	sh_clean_for_skipped_sync(d, addr, size, dir, attrs);
+	sh_unmap(d, addr, size, dir);
 }
 
 /* Segments per DMA_MAP_SG/DMA_UNMAP_SG array: one call's worth. */
@@ -562,6 +582,8 @@ static void sh_unmap_sg(struct device *dev, struct scatterlist *sgl, int nents,
 	if (!d || nents <= 0)
 		return;
 	sh_count(sg_unmaps);
+	for_each_sg(sgl, sg, nents, i)
+		sh_clean_for_skipped_sync(d, sg_dma_address(sg), sg_dma_len(sg), dir, attrs);
 	array = kmalloc_array(SH_SG_CHUNK, sizeof(*array), GFP_ATOMIC);
 	handles = kmalloc_array(nents, sizeof(*handles), GFP_ATOMIC);
 	if (!array || !handles) {
@@ -916,6 +938,14 @@ static s64 sh_syncs(void)
 	return c.syncs;
 }
 
+static s64 sh_skip_sync_cleans(void)
+{
+	struct sh_counters c;
+
+	sh_counters_sum(&c);
+	return c.skip_sync_cleans;
+}
+
 /*
  * Lets the hypervisor stream the audit records waiting: AUDIT_READ drains the log before it
  * answers, and reading from past the newest record copies nothing (docs/abi.md). The timed
@@ -1124,7 +1154,7 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 {
 	struct device *dev = d->dev;
 	struct sh_snapshot before = sh_snapshot(d), after;
-	s64 syncs = sh_syncs();
+	s64 syncs = sh_syncs(), cleans;
 	struct scatterlist sgl[3];
 	struct sg_table sgt = {};
 	struct page *pages = NULL;
@@ -1146,6 +1176,21 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 	dma_sync_single_for_device(dev, addr, 1000, DMA_FROM_DEVICE);
 	dma_unmap_single(dev, addr, 1000, DMA_FROM_DEVICE);
 
+	/*
+	 * A CPU write after the buffer was taken back, then an unmap that skips the sync: for a
+	 * non-coherent device the module cleans the buffer before DMA_UNMAP invalidates it (a
+	 * refused clean fails the refusal count below).
+	 */
+	cleans = sh_skip_sync_cleans();
+	addr = dma_map_single_attrs(dev, buf + 100, 1000, DMA_FROM_DEVICE, DMA_ATTR_SKIP_CPU_SYNC);
+	SH_CHECK(!dma_mapping_error(dev, addr), "dma_map_single_attrs refused");
+	dma_sync_single_for_cpu(dev, addr, 1000, DMA_FROM_DEVICE);
+	buf[200] = 0x5a;
+	dma_unmap_single_attrs(dev, addr, 1000, DMA_FROM_DEVICE, DMA_ATTR_SKIP_CPU_SYNC);
+	SH_CHECK(sh_skip_sync_cleans() == cleans + !sh_coherent(d),
+		 "%lld cleans before an unmap that skips the sync, expected %d",
+		 sh_skip_sync_cleans() - cleans, !sh_coherent(d));
+
 	sg_init_table(sgl, 3);
 	sg_set_buf(&sgl[0], buf + 8, 64);
 	sg_set_buf(&sgl[1], buf + 72, 2000);
@@ -1160,7 +1205,7 @@ void sh_selftest_api(struct sh_device *d, struct seq_file *m)
 	dma_sync_sg_for_device(dev, sgl, 3, DMA_BIDIRECTIONAL);
 	dma_unmap_sg(dev, sgl, 3, DMA_BIDIRECTIONAL);
 	if (!sh_coherent(d))
-		SH_CHECK(sh_syncs() == syncs + 8, "%lld DMA_SYNC calls, expected 8",
+		SH_CHECK(sh_syncs() == syncs + 9, "%lld DMA_SYNC calls, expected 9",
 			 sh_syncs() - syncs);
 
 	pages = dma_alloc_pages(dev, 2 * PAGE_SIZE, &handle, DMA_TO_DEVICE, GFP_KERNEL);

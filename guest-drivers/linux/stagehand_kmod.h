@@ -44,6 +44,7 @@ struct sh_counters {
 	u64 maps, unmaps, syncs, sg_maps, sg_unmaps, sg_segments, sg_calls;
 	u64 allocs, frees, page_allocs, page_frees;
 	u64 unknown_mappings; /* unmap or sync of an address the module never mapped */
+	u64 skip_sync_cleans; /* cleans before an unmap with DMA_ATTR_SKIP_CPU_SYNC */
 	u64 refused[SH_STATUS_SLOTS];
 };
 DECLARE_PER_CPU(struct sh_counters, sh_counters);
