@@ -6,10 +6,12 @@
 //! Recording an event on a call's path only writes it into the ring ([`HypAudit::record`]): a
 //! reserved slot and its stores. Its hash, its text line and the UART write happen later, in
 //! [`HypAudit::drain`],
-//! which runs when a vCPU idles (the guest's WFI traps), before AUDIT_READ answers, when the
-//! guest starts or stops, and, synchronously on every recording vCPU, when the records waiting
-//! reach [`HIGH_WATER`] (so that a guest that never idles, or whose vCPUs record faster than one
-//! drain streams, loses nothing: they wait for the stream instead). A vCPU that finds the ring
+//! which runs when a vCPU idles (the guest's WFI traps; it stops early when an interrupt for
+//! the guest is pending), before AUDIT_READ answers, when the guest starts or stops, and,
+//! synchronously on every recording vCPU, when the records waiting reach [`HIGH_WATER`]: it
+//! then streams batches until they are below it again (so that a guest that never idles, or
+//! whose vCPUs record faster than one drain streams, loses nothing: they wait for the stream
+//! instead, a batch or two per call, never the whole backlog). A vCPU that finds the ring
 //! full streams what waits only if the oldest records are among it, then retires the oldest
 //! records (counted and reported losses of the ring, never of the stream unless a running guest
 //! owns the UART). One drain at a time (the
@@ -116,12 +118,30 @@ impl HypAudit {
             Err(RingFull) => self.record_when_full(vcpu as u16, event),
         };
         if self.ring.unstreamed() >= HIGH_WATER {
-            // Every recording vCPU waits for the drain at the high water: vCPUs that record
-            // faster than one drain streams would otherwise overrun the ring and lose records
-            // from the stream.
-            self.drain_all(vcpu);
+            self.drain_below_high_water(vcpu as u16);
         }
         Some(sequence)
+    }
+
+    /// Every recording vCPU at the high water waits for the drain and streams until the records
+    /// waiting are below it again: vCPUs that record faster than one drain streams would
+    /// otherwise overrun the ring and lose records from the stream. It streams a batch or two,
+    /// not everything waiting: on a 115,200-baud UART a line takes about 20 ms, and a call
+    /// that streamed half the ring would hold its vCPU at EL2 for tens of seconds.
+    #[cold]
+    #[inline(never)]
+    fn drain_below_high_water(&self, vcpu: u16) {
+        let mut drain = self.drain_side.lock();
+        if self.may_stream() {
+            drain.stream_batches(
+                &self.ring,
+                now(),
+                vcpu,
+                BATCH,
+                |ring| ring.unstreamed() >= HIGH_WATER,
+                crate::console::write_audit_record,
+            );
+        }
     }
 
     /// A full ring: streams what waits if the records about to be retired are among it (so
@@ -164,11 +184,23 @@ impl HypAudit {
         Some(sequence)
     }
 
-    /// Seals the records waiting and writes their lines to the UART, oldest first, unless
-    /// another vCPU is draining (it takes these too) or a running guest owns the UART.
+    /// The idle vCPU's drain: seals the records waiting and writes their lines to the UART,
+    /// oldest first, until none wait or an interrupt for the guest is pending (then the guest
+    /// runs, and the rest waits for its next idle), unless another vCPU is draining (it takes
+    /// these too) or a running guest owns the UART.
     pub fn drain(&self, vcpu: usize) {
+        if !self.may_stream() {
+            return;
+        }
         if let Some(mut drain) = self.drain_side.try_lock() {
-            self.stream_locked(&mut drain, vcpu as u16);
+            drain.stream_batches(
+                &self.ring,
+                now(),
+                vcpu as u16,
+                BATCH,
+                |_| !crate::arch::interrupt_pending(),
+                crate::console::write_audit_record,
+            );
         }
     }
 
@@ -178,16 +210,20 @@ impl HypAudit {
         self.stream_locked(&mut self.drain_side.lock(), vcpu as u16);
     }
 
+    /// Streams everything waiting, and what arrives meanwhile (bounded: the recording vCPUs
+    /// stop at the high water, waiting for this lock).
     fn stream_locked(&self, drain: &mut AuditDrain, vcpu: u16) {
         if !self.may_stream() {
             return;
         }
-        // Batches, so that records coming in meanwhile are taken too, yet one look at the
-        // ring does not stream for ever.
-        while drain.stream_unstreamed(&self.ring, now(), vcpu, BATCH, |record| {
-            crate::console::write_audit_record(record);
-        }) != 0
-        {}
+        drain.stream_batches(
+            &self.ring,
+            now(),
+            vcpu,
+            BATCH,
+            |_| true,
+            crate::console::write_audit_record,
+        );
     }
 }
 

@@ -117,6 +117,16 @@ pub fn wait_for_interrupt() {
     unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
 }
 
+/// Whether an interrupt (IRQ, FIQ or SError) is pending for this CPU: ISR_EL1 read at EL2,
+/// where it shows the physical ones, which are the guest's (they are not routed to EL2). Deferred
+/// work that runs while the guest idles stops when this says the guest has something to do.
+pub fn interrupt_pending() -> bool {
+    let isr: u64;
+    // SAFETY: reading ISR_EL1 has no side effects.
+    unsafe { asm!("mrs {}, isr_el1", out(reg) isr, options(nomem, nostack, preserves_flags)) };
+    isr & 0x1c0 != 0 // A, I, F
+}
+
 /// The exception level this code runs at (CurrentEL.EL).
 pub fn current_el() -> u64 {
     CurrentEL.read(CurrentEL::EL)
